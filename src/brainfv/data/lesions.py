@@ -1,0 +1,251 @@
+"""Artificial lesions: shapes, placement in white matter, insertion into cohort volumes.
+
+A lesion is a soft-edged shape (:data:`SHAPES`) of a given diameter (mm) and
+contrast, inserted at a white-matter location deep enough that the whole shape
+(plus ``depth_margin_mm``) lies in WM, and at least ``min_gap_mm`` from other
+lesions of the same subject. Contrast is *relative to the local tissue*: the raw
+T1 intensity is multiplied by ``1 + contrast * profile`` (``contrast = -0.2``
+lowers the T1 signal by 20 % at the core, as in hypo-intense lesions). Volumes
+in the store are z-scored, so the change is applied on the subject's raw scale
+(``norm_mean``/``norm_std`` in the participants table) and renormalised with
+the same parameters.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, InputDataError
+from ..utils import Progress, atomic_path, get_logger, stable_seed
+
+__all__ = ["SHAPES", "shape_distance", "lesion_profile", "place_lesions", "insert_lesion",
+           "synthesize_lesions", "random_rotation"]
+
+SHAPES = ("sphere", "cube", "ellipsoid", "cross")
+#: semi-axes of the ellipsoid relative to its radius; bar half-width of the cross relative to its radius
+ELLIPSOID_AXES = (1.0, 0.55, 0.55)
+CROSS_WIDTH = 0.34
+
+
+def random_rotation(rng):
+    """A uniformly random 3D rotation matrix (QR of a Gaussian matrix)."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q
+
+
+def shape_distance(shape, xyz, radius):
+    """Approximate signed distance (mm; < 0 inside) of points ``xyz`` (..., 3) to a shape of ``radius``.
+
+    ``sphere``: ball; ``cube``: half side = radius; ``ellipsoid``: semi-axes
+    radius × :data:`ELLIPSOID_AXES`; ``cross``: three orthogonal bars of half
+    length = radius and half width = radius × :data:`CROSS_WIDTH` (non-convex).
+    """
+    a = np.abs(xyz)
+    if shape == "sphere":
+        return np.linalg.norm(xyz, axis=-1) - radius
+    if shape == "cube":
+        return a.max(axis=-1) - radius
+    if shape == "ellipsoid":
+        axes = radius * np.asarray(ELLIPSOID_AXES)
+        return (np.linalg.norm(xyz / axes, axis=-1) - 1.0) * axes.min()
+    if shape == "cross":
+        w = radius * CROSS_WIDTH
+        bars = []
+        for k in range(3):
+            others = [j for j in range(3) if j != k]
+            bars.append(np.maximum(a[..., k] - radius, np.maximum(a[..., others[0]], a[..., others[1]]) - w))
+        return np.minimum(np.minimum(bars[0], bars[1]), bars[2])
+    raise ConfigError(f"unknown lesion shape {shape!r}; known shapes: {list(SHAPES)}")
+
+
+def lesion_profile(shape, radius_mm, voxel_size, edge_mm=1.0, rotation=None, offset_vox=(0, 0, 0)):
+    """The soft lesion profile (0..1) on a local voxel patch centred on the lesion.
+
+    Returns ``(profile, half)`` where ``profile`` has side ``2 * half + 1`` voxels.
+    ``offset_vox`` is the sub-voxel position of the centre. The edge is a
+    logistic ramp of width ``edge_mm`` (partial volume and a soft border).
+    """
+    half = int(np.ceil((radius_mm + 3 * max(edge_mm, 1e-3)) / voxel_size)) + 1
+    ax = np.arange(-half, half + 1, dtype=np.float32)
+    g = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1)
+    xyz = (g - np.asarray(offset_vox, dtype=np.float32)) * voxel_size
+    if rotation is not None:
+        xyz = xyz @ np.asarray(rotation, dtype=np.float32)  # world -> shape frame
+    d = shape_distance(shape, xyz, radius_mm)
+    edge = max(edge_mm, 0.25 * voxel_size)
+    prof = 1.0 / (1.0 + np.exp(np.clip(d / (edge / 4.0), -50, 50)))
+    return prof.astype(np.float32), half
+
+
+def _extent(shape, radius):
+    """Radius of the ball enclosing the shape (for depth and gap checks)."""
+    return {"sphere": radius, "cube": radius * np.sqrt(3), "ellipsoid": radius,
+            "cross": radius * np.sqrt(1 + 2 * CROSS_WIDTH ** 2)}[shape]
+
+
+def place_lesions(wm_prob, shapes, radii, voxel_size, rng, wm_threshold=0.5, depth_margin_mm=1.0,
+                  min_gap_mm=3.0, subject=None):
+    """Choose lesion centres (voxel indices) inside white matter.
+
+    A centre is valid where the distance to the nearest non-WM voxel is at least
+    the shape's enclosing radius plus ``depth_margin_mm``, and its distance to
+    every lesion already placed is at least the sum of their radii plus
+    ``min_gap_mm``. Raises :class:`InputDataError` naming the subject when a
+    lesion does not fit.
+    """
+    from scipy import ndimage
+
+    wm = wm_prob >= wm_threshold
+    depth = ndimage.distance_transform_edt(wm) * voxel_size
+    placed = []
+    for shape, r in zip(shapes, radii):
+        ext = _extent(shape, r)
+        cand = np.argwhere(depth >= ext + depth_margin_mm)
+        if placed:
+            for (c, e) in placed:
+                far = np.linalg.norm((cand - c) * voxel_size, axis=1) >= ext + e + min_gap_mm
+                cand = cand[far]
+        if len(cand) == 0:
+            raise InputDataError(
+                f"subject {subject!r}: no white-matter location fits a {shape} lesion of radius {r:.1f} mm "
+                f"(depth margin {depth_margin_mm} mm, gap {min_gap_mm} mm, {len(placed)} already placed); "
+                f"lower lesions.diameter_mm or lesions.count, or the WM threshold")
+        c = cand[rng.integers(len(cand))]
+        placed.append((c, ext))
+    return [c for c, _ in placed]
+
+
+def insert_lesion(z, profile, half, centre, contrast, norm_mean, norm_std):
+    """Insert one lesion into a z-scored volume in place; returns the profile pasted on the full grid's slices.
+
+    The raw intensity ``raw = z * std + mean`` is multiplied by ``1 + contrast * profile``.
+    """
+    sl_dst, sl_src = [], []
+    for c, n in zip(centre, z.shape):
+        lo, hi = c - half, c + half + 1
+        sl_dst.append(slice(max(lo, 0), min(hi, n)))
+        sl_src.append(slice(max(lo, 0) - lo, (2 * half + 1) - (hi - min(hi, n))))
+    sl_dst, sl_src = tuple(sl_dst), tuple(sl_src)
+    p = profile[sl_src]
+    raw = z[sl_dst] * norm_std + norm_mean
+    z[sl_dst] = np.where(z[sl_dst] != 0, ((raw * (1 + contrast * p)) - norm_mean) / norm_std, 0)
+    return sl_dst, p
+
+
+def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
+    """Create the lesion dataset from a prepared cohort (see module docstring).
+
+    ``cfg`` is the full config (``lesions`` and ``seed`` are used). Writes to
+    ``out_dir``: ``volumes.npy``, ``lesion_masks.npy`` (uint8, 1 inside lesions),
+    ``participants.tsv`` (cohort columns + ``lesion`` label + ``n_lesions``),
+    ``lesions.tsv`` (one row per lesion), ``lesion_frequency.nii.gz``, and copies
+    of the grid ``reference.nii.gz``/``mask.nii.gz``.
+    """
+    import shutil
+
+    import pandas as pd
+
+    from .store import Dataset, VolumeWriter, open_volumes
+
+    log = log or get_logger().info
+    lc = cfg["lesions"]
+    seed = int(cfg["seed"])
+    cohort = Dataset(cohort_dir)
+    parts = cohort.participants
+    grid = cohort.grid
+    vols = cohort.volumes
+    wms = open_volumes(Path(cohort_dir) / "wm.npy")
+    vs = grid.voxel_size
+    scheme = lc["labelling"]
+    shapes_cfg = lc["shapes"]
+    for s in shapes_cfg + [lc.get("shape_a", "sphere"), lc.get("shape_b", "cross")]:
+        if s not in SHAPES:
+            raise ConfigError(f"lesions.shapes: unknown shape {s!r}; known: {list(SHAPES)}")
+    dmin, dmax = lc["diameter_mm"]
+    cmin, cmax = lc["contrast"]
+    nmin, nmax = lc["count"]
+    if not (0 < dmin <= dmax):
+        raise ConfigError(f"lesions.diameter_mm must be [min, max] with 0 < min <= max, got {lc['diameter_mm']}")
+    if not (1 <= nmin <= nmax):
+        raise ConfigError(f"lesions.count must be [min, max] with 1 <= min <= max, got {lc['count']}")
+
+    # balanced labels within every split (and sex), from the seed
+    labels = np.zeros(len(parts), dtype=int)
+    for key, grp in parts.groupby(["split", "sex"]):
+        rng = np.random.default_rng(stable_seed(seed, "lesion-label", *key))
+        idx = rng.permutation(grp.index.to_numpy())
+        k = int(round(len(idx) * lc.get("fraction_positive", 0.5)))
+        labels[idx[:k]] = 1
+    if scheme == "presence":
+        names = {0: "absent", 1: "present"}
+    elif scheme == "shapes":
+        names = {0: lc.get("shape_a", "sphere"), 1: lc.get("shape_b", "cross")}
+    else:
+        raise ConfigError(f"lesions.labelling must be 'presence' or 'shapes', got {scheme!r}")
+
+    rows, lesion_rows = [], []
+    freq = np.zeros(grid.shape, np.float32)
+    prog = Progress(len(parts), "synthesize_lesions subjects", log=log, unit="subj")
+    with VolumeWriter(Path(out_dir) / "volumes.npy", len(parts), grid.shape) as vw, \
+            VolumeWriter(Path(out_dir) / "lesion_masks.npy", len(parts), grid.shape, dtype=np.uint8) as mw:
+        for pos, (_, p) in enumerate(parts.iterrows()):
+            sub = p["subject"]
+            rng = np.random.default_rng(stable_seed(seed, "lesions", sub))
+            z = np.array(vols[int(p["index"])], dtype=np.float32)
+            lesion_mask = np.zeros(grid.shape, np.float32)
+            y = int(labels[pos])
+            if scheme == "presence" and y == 0:
+                n_les = 0
+            else:
+                n_les = int(rng.integers(nmin, nmax + 1))
+            if scheme == "shapes":
+                shapes = [names[y]] * n_les
+            else:
+                shapes = [shapes_cfg[int(rng.integers(len(shapes_cfg)))] for _ in range(n_les)]
+            radii = [float(rng.uniform(dmin, dmax)) / 2 for _ in range(n_les)]
+            wm = np.asarray(wms[int(p["index"])], dtype=np.float32) / 255.0
+            centres = place_lesions(wm, shapes, radii, vs, rng, lc.get("wm_threshold", 0.5),
+                                    lc.get("depth_margin_mm", 1.0), lc.get("min_gap_mm", 3.0), subject=sub)
+            for k, (shape, r, c) in enumerate(zip(shapes, radii, centres)):
+                contrast = float(rng.uniform(cmin, cmax))
+                rot = random_rotation(rng) if (lc.get("random_orientation", True) and shape != "sphere") else None
+                prof, half = lesion_profile(shape, r, vs, lc.get("edge_mm", 1.0), rot)
+                sl, pp = insert_lesion(z, prof, half, tuple(int(v) for v in c), contrast,
+                                       float(p["norm_mean"]), float(p["norm_std"]))
+                lesion_mask[sl] = np.maximum(lesion_mask[sl], pp)
+                xyz = grid.world_coords(c)
+                lesion_rows.append({
+                    "subject": sub, "lesion_id": k, "shape": shape, "radius_mm": round(r, 3),
+                    "diameter_mm": round(2 * r, 3), "contrast": round(contrast, 4),
+                    "x_mm": xyz[0], "y_mm": xyz[1], "z_mm": xyz[2], "i": int(c[0]), "j": int(c[1]),
+                    "k": int(c[2]), "volume_mm3": round(float((pp >= 0.5).sum()) * vs ** 3, 1)})
+            binary = lesion_mask >= 0.5
+            freq += binary
+            vw.append(z)
+            mw.append(binary.astype(np.uint8))
+            row = p.to_dict()
+            row.update(index=pos, cohort_index=int(p["index"]), lesion=names[y], lesion_label=y,
+                       n_lesions=n_les, lesion_shapes=",".join(shapes))
+            rows.append(row)
+            prog.update()
+
+    out_dir = Path(out_dir)
+    pd_parts = pd.DataFrame(rows)
+    with atomic_path(out_dir / "participants.tsv") as tmp:
+        pd_parts.to_csv(tmp, sep="\t", index=False)
+    cols = ["subject", "lesion_id", "shape", "radius_mm", "diameter_mm", "contrast", "x_mm", "y_mm", "z_mm",
+            "i", "j", "k", "volume_mm3"]
+    with atomic_path(out_dir / "lesions.tsv") as tmp:
+        pd.DataFrame(lesion_rows, columns=cols).to_csv(tmp, sep="\t", index=False)
+    with atomic_path(out_dir / "lesion_frequency.nii.gz") as tmp:
+        grid.to_nifti(freq / max(len(parts), 1)).to_filename(tmp)
+    for name in ("reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz"):
+        with atomic_path(out_dir / name) as tmp:
+            shutil.copyfile(Path(cohort_dir) / name, tmp)
+    counts = pd_parts.groupby(["split", "lesion"]).size().unstack(fill_value=0)
+    log(f"lesion dataset ready: {len(pd_parts)} subjects, {len(lesion_rows)} lesions; split x label:\n{counts}")
+    return pd_parts

@@ -1,0 +1,1 @@
+"""Comparison metrics, tables and figures of the study."""
