@@ -52,9 +52,36 @@ def dataset_dir(name):
     return f"{R}/data/{name}"
 
 
+def task_dataset_dir(task):
+    if task not in config["tasks"]:
+        raise ValueError(f"unknown task {task!r}; tasks in config: {list(config['tasks'])}")
+    return dataset_dir(config["tasks"][task]["dataset"])
+
+
+def task_training(task):
+    """The training section with the task's own overrides applied."""
+    merged = {**config["training"], **(config["tasks"][task].get("training") or {})}
+    merged.pop("replicates", None)
+    return merged
+
+
+def job_mem_mb(attempt, batch=1):
+    """Memory for a heavy job: scales with grid voxels and batch, doubled on each retry."""
+    g = config["grid"]
+    vox = 1.0
+    for lo, hi in g["bbox_mm"]:
+        vox *= max(1.0, (hi - lo) / g["voxel_size"])
+    return int(1500 + config["compute"]["mem_mb_per_mvox"] * vox / 1e6 * max(batch, 1)) * attempt
+
+
+def model_targets():
+    n = config["training"]["replicates"]
+    return [f"{R}/models/{t}/rep-{r}/learning_curve.png" for t in config["tasks"] for r in range(n)]
+
+
 def data_targets():
     return [f"{R}/data/cohort/qc.png", f"{R}/data/lesions/examples.png"]
 
 
 def all_targets():
-    return data_targets()
+    return data_targets() + model_targets()

@@ -128,3 +128,28 @@ def lesion_examples_figure(dataset_dir, path, n=4):
     label = str(parts["cohort"].iloc[0])
     return subject_montage(vlist, titles, path, f"Artificial lesions — {label} — red: lesion mask",
                            overlays=olist, centres=centres)
+
+
+def learning_curve_figure(history, metrics, path, title):
+    """Loss and validation balanced accuracy per epoch, with the test result in the legend."""
+    plt = _mpl()
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a1.plot(history["epoch"], history["train_loss"], "o-", ms=3, label="train")
+    a1.plot(history["epoch"], history["val_loss"], "o-", ms=3, label="validation")
+    a1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    a1.legend()
+    a2.plot(history["epoch"], history["train_accuracy"], "o-", ms=3, label="train accuracy")
+    a2.plot(history["epoch"], history["val_balanced_accuracy"], "o-", ms=3, label="val balanced acc.")
+    best = int(metrics["best_epoch"])
+    t = metrics["test"]
+    a2.axvline(best, color="0.5", ls="--", lw=1)
+    a2.set(xlabel="epoch", ylabel="accuracy", ylim=(0.3, 1.02),
+           title=f"test: bal. acc {t['balanced_accuracy']:.2f}, AUC {t['roc_auc']:.2f} (best epoch {best})")
+    a2.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    sns.reset_orig()
+    return save(fig, path)

@@ -1,0 +1,63 @@
+"""Torch-free description of the paper-style CNN's layers, so the DAG can list units cheaply.
+
+The model (:class:`brainfv.models.BrainCNN`) names its modules::
+
+    block{i}.conv  block{i}.norm  block{i}.act  block{i}.pool     i = 1..len(channels)
+    fc  fc_act                                                    if hidden > 0
+    classifier                                                    n_classes units (logits)
+
+A unit is addressed as ``layer:channel``, e.g. ``block3.norm:12`` or ``classifier:1``.
+"""
+from __future__ import annotations
+
+from .errors import ConfigError, UnitError
+
+__all__ = ["DEFAULT_ARCH", "layer_units", "n_units", "resolve_units"]
+
+DEFAULT_ARCH = {
+    "channels": [8, 16, 32, 64],
+    "kernel_size": 3,
+    "norm": "batch",
+    "activation": "relu",
+    "dropout": 0.3,
+    "hidden": 0,
+    "n_classes": 2,
+}
+
+
+def layer_units(arch):
+    """``{layer name: number of units}`` for every addressable layer of the architecture."""
+    a = {**DEFAULT_ARCH, **(arch or {})}
+    out = {}
+    for i, c in enumerate(a["channels"], start=1):
+        for part in ("conv", "norm", "act", "pool"):
+            out[f"block{i}.{part}"] = int(c)
+    if a.get("hidden"):
+        out["fc"] = out["fc_act"] = int(a["hidden"])
+    out["classifier"] = int(a["n_classes"])
+    return out
+
+
+def n_units(arch, layer):
+    units = layer_units(arch)
+    if layer not in units:
+        raise UnitError(f"layer {layer!r} is not in the model; layers: {list(units)}")
+    return units[layer]
+
+
+def resolve_units(spec, n, where="units"):
+    """Unit indices from a config spec: ``"all"``, an int N (first N) or a list of indices."""
+    if spec == "all":
+        return list(range(n))
+    if isinstance(spec, bool):
+        raise ConfigError(f"{where}: expected 'all', a count or a list of channels, got {spec!r}")
+    if isinstance(spec, int):
+        if spec < 1:
+            raise ConfigError(f"{where}: unit count must be >= 1, got {spec}")
+        return list(range(min(spec, n)))
+    if isinstance(spec, (list, tuple)):
+        bad = [u for u in spec if not (isinstance(u, int) and 0 <= u < n)]
+        if bad:
+            raise ConfigError(f"{where}: channels {bad} out of range 0..{n - 1}")
+        return list(spec)
+    raise ConfigError(f"{where}: expected 'all', a count or a list of channels, got {spec!r}")

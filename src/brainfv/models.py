@@ -1,0 +1,113 @@
+"""The paper-style 3D CNN with stable, readable layer names (see :mod:`brainfv.arch`).
+
+Eitel et al.'s lab used four conv layers (8/32/64/64 channels) with ELU and 3D
+dropout on 182×218×182 volumes, then FC→100→output. The default here is a
+lighter conv–BN–ReLU–maxpool stack (8-16-32-64) with global average pooling for
+the 3 mm laptop grid; every piece is a config value.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arch import DEFAULT_ARCH
+from .errors import ConfigError
+
+__all__ = ["ConvBlock", "BrainCNN", "build_model", "save_checkpoint", "load_checkpoint"]
+
+_ACT = {"relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "gelu": nn.GELU}
+
+
+class ConvBlock(nn.Module):
+    """Conv3d → norm → activation → MaxPool3d(2), with modules named conv/norm/act/pool."""
+
+    def __init__(self, cin, cout, kernel_size=3, norm="batch", activation="relu", spatial_dropout=0.0):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, kernel_size, padding=kernel_size // 2, bias=norm != "batch")
+        if norm == "batch":
+            self.norm = nn.BatchNorm3d(cout)
+        elif norm == "instance":
+            self.norm = nn.InstanceNorm3d(cout, affine=True)
+        elif norm in (None, "none"):
+            self.norm = nn.Identity()
+        else:
+            raise ConfigError(f"model.norm must be batch, instance or none; got {norm!r}")
+        if activation not in _ACT:
+            raise ConfigError(f"model.activation must be one of {list(_ACT)}; got {activation!r}")
+        self.act = _ACT[activation]()
+        self.drop = nn.Dropout3d(spatial_dropout) if spatial_dropout else nn.Identity()
+        self.pool = nn.MaxPool3d(2)
+
+    def forward(self, x):
+        return self.pool(self.drop(self.act(self.norm(self.conv(x)))))
+
+
+class BrainCNN(nn.Module):
+    """Stack of :class:`ConvBlock` s, global average pooling, dropout, optional hidden FC, classifier."""
+
+    def __init__(self, channels=(8, 16, 32, 64), kernel_size=3, norm="batch", activation="relu", dropout=0.3,
+                 hidden=0, n_classes=2, in_channels=1, spatial_dropout=0.0):
+        super().__init__()
+        self.arch = dict(channels=list(channels), kernel_size=kernel_size, norm=norm, activation=activation,
+                         dropout=dropout, hidden=hidden, n_classes=n_classes, in_channels=in_channels,
+                         spatial_dropout=spatial_dropout)
+        cin = in_channels
+        self.n_blocks = len(channels)
+        for i, c in enumerate(channels, start=1):
+            self.add_module(f"block{i}", ConvBlock(cin, c, kernel_size, norm, activation, spatial_dropout))
+            cin = c
+        self.gap = nn.AdaptiveAvgPool3d(1)
+        self.dropout = nn.Dropout(dropout)
+        if hidden:
+            self.fc = nn.Linear(cin, hidden)
+            self.fc_act = _ACT[activation]()
+            cin = hidden
+        self.classifier = nn.Linear(cin, n_classes)
+
+    def forward(self, x):
+        for i in range(1, self.n_blocks + 1):
+            x = getattr(self, f"block{i}")(x)
+        x = self.dropout(torch.flatten(self.gap(x), 1))
+        if hasattr(self, "fc"):
+            x = self.fc_act(self.fc(x))
+        return self.classifier(x)
+
+
+def build_model(arch=None, n_classes=None):
+    """A :class:`BrainCNN` from an architecture dict (config ``model`` section)."""
+    a = {**DEFAULT_ARCH, **(arch or {})}
+    if n_classes is not None:
+        a["n_classes"] = n_classes
+    known = set(BrainCNN.__init__.__code__.co_varnames[1:BrainCNN.__init__.__code__.co_argcount])
+    unknown = set(a) - known
+    if unknown:
+        raise ConfigError(f"model: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    return BrainCNN(**a)
+
+
+def save_checkpoint(path, model, **meta):
+    """Save weights + architecture + metadata (classes, grid, task...) atomically."""
+    from .utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "arch": model.arch, "meta": meta}, tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a model saved by :func:`save_checkpoint`: returns ``(model in eval mode, meta)``.
+
+    One call, no Snakemake needed::
+
+        model, meta = brainfv.models.load_checkpoint("results/models/lesion/model.pt")
+        meta["classes"], meta["grid"]  # class names, and the grid/normalisation it expects
+    """
+    from .errors import InputDataError
+
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise InputDataError(f"model checkpoint not found: {path}") from None
+    model = BrainCNN(**ck["arch"])
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    return model, ck["meta"]

@@ -1,0 +1,343 @@
+"""Training and evaluation of a task's CNN, streaming volumes from the on-disk store.
+
+* memory does not depend on the cohort size (volumes are read row by row from a memmap);
+* shuffling and augmentation are seeded by ``(seed, epoch, subject)``, dropout by a
+  saved RNG state, so a job killed part-way resumes from its last epoch checkpoint and
+  ends with the same model as an uninterrupted run (on CPU);
+* class-balanced cross-entropy, AdamW with linear warm-up then cosine decay, early
+  stopping on validation balanced accuracy; on CUDA mixed precision and cudnn.benchmark.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError, InputDataError
+from .utils import atomic_path, get_logger, stable_seed, write_json
+
+__all__ = ["DEFAULT_TRAINING", "VolumeDataset", "task_labels", "train_task", "evaluate", "binary_metrics",
+           "pick_device"]
+
+DEFAULT_TRAINING = {
+    "epochs": 30,
+    "batch_size": 4,
+    "lr": 3.0e-3,
+    "weight_decay": 1.0e-2,
+    "warmup_epochs": 1,
+    "patience": 10,
+    "augment": {"shift_vox": 2, "flip": False, "intensity": 0.1},
+    "num_workers": 0,
+    "device": "auto",
+}
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class VolumeDataset(torch.utils.data.Dataset):
+    """Volumes ``rows`` of a ``volumes.npy`` store with integer ``labels``, read lazily.
+
+    Augmentation (training only): random integer shift of up to ``shift_vox`` voxels
+    (zero-filled), optional left-right flip, random intensity scale and offset of
+    relative size ``intensity``; its randomness derives from ``(seed, epoch, row)``.
+    """
+
+    def __init__(self, volumes_path, rows, labels, augment=None, seed=0):
+        self.path = str(volumes_path)
+        self.rows = np.asarray(rows, dtype=int)
+        self.labels = np.asarray(labels, dtype=int)
+        self.augment = augment or None
+        self.seed = seed
+        self.epoch = 0
+        self._mm = None
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if self._mm is None:  # opened lazily, once per worker process
+            self._mm = np.load(self.path, mmap_mode="r")
+        vol = np.array(self._mm[self.rows[i]], dtype=np.float32)
+        if self.augment:
+            vol = _augment(vol, self.augment, np.random.default_rng(stable_seed(self.seed, self.epoch, self.rows[i])))
+        return torch.from_numpy(vol)[None], int(self.labels[i])
+
+
+def _augment(vol, aug, rng):
+    s = int(aug.get("shift_vox", 0))
+    if s > 0:
+        shift = rng.integers(-s, s + 1, size=3)
+        out = np.zeros_like(vol)
+        src = tuple(slice(max(-d, 0), n - max(d, 0)) for d, n in zip(shift, vol.shape))
+        dst = tuple(slice(max(d, 0), n - max(-d, 0)) for d, n in zip(shift, vol.shape))
+        out[dst] = vol[src]
+        vol = out
+    if aug.get("flip") and rng.random() < 0.5:
+        vol = vol[::-1].copy()
+    a = float(aug.get("intensity", 0))
+    if a > 0:
+        inside = vol != 0
+        vol = np.where(inside, vol * (1 + rng.uniform(-a, a)) + rng.uniform(-a, a), 0).astype(np.float32)
+    return vol
+
+
+def task_labels(participants, target, task="task"):
+    """Class names and integer labels of ``target``; rows with an unusable label are dropped.
+
+    Returns ``(classes, table with a 'y' column)``. Classes are the sorted distinct
+    values in the training split; raises :class:`InputDataError` for a missing
+    column, an empty split or a single class in training.
+    """
+    if target not in participants.columns:
+        raise InputDataError(f"task {task!r}: target column {target!r} not in participants "
+                             f"(columns: {list(participants.columns)})")
+    df = participants[participants[target].notna()].copy()
+    df[target] = df[target].astype(str)
+    train = df[df["split"] == "train"]
+    classes = sorted(train[target].unique())
+    if len(classes) < 2:
+        raise InputDataError(f"task {task!r}: the training split has {len(classes)} class(es) of {target!r} "
+                             f"({classes}); need at least 2")
+    dropped = df[~df[target].isin(classes)]
+    df = df[df[target].isin(classes)].copy()
+    df["y"] = df[target].map({c: i for i, c in enumerate(classes)}).astype(int)
+    for split in ("train", "val", "test"):
+        if (df["split"] == split).sum() == 0:
+            raise InputDataError(f"task {task!r}: the {split} split is empty")
+    return classes, df, dropped
+
+
+def binary_metrics(y, prob, n_classes):
+    """Accuracy, balanced accuracy, ROC AUC (one-vs-rest mean), confusion matrix, n per class."""
+    y = np.asarray(y, int)
+    prob = np.asarray(prob, float)
+    pred = prob.argmax(1)
+    cm = np.zeros((n_classes, n_classes), int)
+    np.add.at(cm, (y, pred), 1)
+    recall = [cm[c, c] / cm[c].sum() for c in range(n_classes) if cm[c].sum() > 0]
+    aucs = []
+    for c in range(n_classes if n_classes > 2 else 1):
+        cls = 1 if n_classes == 2 else c
+        pos, neg = prob[y == cls, cls], prob[y != cls, cls]
+        if len(pos) and len(neg):
+            # Mann-Whitney U with ties counted half
+            diff = pos[:, None] - neg[None, :]
+            aucs.append(float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size))
+    return {
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        "balanced_accuracy": float(np.mean(recall)) if recall else float("nan"),
+        "roc_auc": float(np.mean(aucs)) if aucs else float("nan"),
+        "confusion_matrix": cm.tolist(),
+        "n_per_class": cm.sum(1).tolist(),
+        "n": int(len(y)),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, n_classes, amp=False):
+    """Mean loss, metrics and per-sample probabilities of ``model`` on ``loader``."""
+    model.eval()
+    ys, probs, loss_sum = [], [], 0.0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True, memory_format=torch.channels_last_3d), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+        probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
+        ys.append(y.cpu().numpy())
+    y = np.concatenate(ys)
+    p = np.concatenate(probs)
+    m = binary_metrics(y, p, n_classes)
+    m["loss"] = loss_sum / max(len(y), 1)
+    return m, p
+
+
+def _lr_lambda(warmup, total):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+def _config_hash(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpoint_dir, log=None,
+               replicate=0, stop_after_epoch=None):
+    """Train one model for ``task`` on a dataset folder; write the outputs into ``out_dir``.
+
+    Outputs: ``model.pt`` (best validation state, loadable with
+    :func:`brainfv.models.load_checkpoint`), ``metrics.json`` (test and validation
+    metrics, timing), ``predictions.tsv`` (test subjects), ``history.tsv`` (per epoch).
+    A per-epoch checkpoint in ``checkpoint_dir`` (not a rule output) makes the job
+    resumable. ``stop_after_epoch`` simulates a kill (tests).
+    """
+    import pandas as pd
+
+    from .data.store import Dataset
+    from .models import build_model, save_checkpoint
+
+    log = log or get_logger().info
+    tr = {**DEFAULT_TRAINING, **(training or {})}
+    tr["augment"] = {**DEFAULT_TRAINING["augment"], **(tr.get("augment") or {})}
+    ds = Dataset(dataset_dir)
+    parts = ds.participants
+    classes, df, dropped = task_labels(parts, target, task)
+    if len(dropped):
+        log(f"task {task}: leaving out {len(dropped)} subjects whose {target!r} is not a training class "
+            f"({sorted(dropped[target].astype(str).unique())})")
+    grid = ds.grid
+    vol_path = ds.root / "volumes.npy"
+    if tuple(ds.volumes.shape[1:]) != tuple(grid.shape):
+        raise InputDataError(f"{vol_path}: volumes of shape {ds.volumes.shape[1:]} do not match the grid "
+                             f"{grid.shape} of {ds.root / 'reference.nii.gz'}")
+    run_seed = stable_seed(seed, "train", task, replicate)
+    device = pick_device(tr["device"])
+    amp = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    splits = {s: df[df["split"] == s] for s in ("train", "val", "test")}
+    counts = {s: d["y"].value_counts().reindex(range(len(classes)), fill_value=0).tolist() for s, d in splits.items()}
+    log(f"task {task} (replicate {replicate}): target {target!r}, classes {classes}, n per class {counts}, "
+        f"device {device}, grid {grid.shape}")
+
+    def loader(split, augment, shuffle_epoch=None):
+        d = splits[split]
+        dset = VolumeDataset(vol_path, d["index"].to_numpy(), d["y"].to_numpy(),
+                             tr["augment"] if augment else None, run_seed)
+        return dset
+
+    train_set = loader("train", True)
+    eval_kw = dict(batch_size=tr["batch_size"], num_workers=tr["num_workers"], pin_memory=amp)
+    val_loader = torch.utils.data.DataLoader(loader("val", False), shuffle=False, **eval_kw)
+    test_loader = torch.utils.data.DataLoader(loader("test", False), shuffle=False, **eval_kw)
+
+    torch.manual_seed(run_seed)
+    # channels-last 3D convolutions: 2.6x the CPU throughput of the default layout (benchmarks/training.py)
+    model = build_model(arch, n_classes=len(classes)).to(device, memory_format=torch.channels_last_3d)
+    n_train = counts["train"]
+    weights = torch.tensor([sum(n_train) / (len(classes) * max(c, 1)) for c in n_train], dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
+    opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"])
+    steps_per_epoch = math.ceil(len(train_set) / tr["batch_size"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(tr["warmup_epochs"] * steps_per_epoch, tr["epochs"] * steps_per_epoch))
+
+    ckpt_dir = Path(checkpoint_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = ckpt_dir / "last.pt"
+    key = _config_hash({"arch": arch, "training": tr, "seed": run_seed, "classes": classes,
+                        "n": len(df), "dataset": str(Path(dataset_dir).resolve())})
+    history, best, best_state, start_epoch, bad_epochs = [], -1.0, None, 0, 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck.get("key") == key:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            sched.load_state_dict(ck["sched"])
+            torch.set_rng_state(ck["rng"])
+            history, best, best_state = ck["history"], ck["best"], ck["best_state"]
+            start_epoch, bad_epochs = ck["epoch"] + 1, ck["bad_epochs"]
+            log(f"resuming from {ckpt_path} after epoch {start_epoch}")
+        else:
+            log(f"ignoring checkpoint {ckpt_path}: it was made with another config")
+
+    t_start = time.perf_counter()
+    epoch_times = []
+    for epoch in range(start_epoch, tr["epochs"]):
+        if bad_epochs >= tr["patience"]:
+            break
+        t0 = time.perf_counter()
+        model.train()
+        train_set.set_epoch(epoch)
+        g = torch.Generator().manual_seed(stable_seed(run_seed, "shuffle", epoch))
+        train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=g, drop_last=False,
+                                                   **eval_kw)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True, memory_format=torch.channels_last_3d), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+        val, _ = evaluate(model, val_loader, device, len(classes), amp)
+        dt = time.perf_counter() - t0
+        epoch_times.append(dt)
+        rec = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+               "val_balanced_accuracy": val["balanced_accuracy"], "val_roc_auc": val["roc_auc"],
+               "lr": opt.param_groups[0]["lr"], "seconds": dt, "samples_per_s": seen / dt}
+        history.append(rec)
+        if val["balanced_accuracy"] > best + 1e-9:
+            best, best_state, bad_epochs = val["balanced_accuracy"], copy.deepcopy(model.state_dict()), 0
+        else:
+            bad_epochs += 1
+        remaining = tr["epochs"] - epoch - 1
+        log(f"epoch {epoch + 1}/{tr['epochs']} loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.3f} | "
+            f"val loss {val['loss']:.4f} bacc {val['balanced_accuracy']:.3f} auc {val['roc_auc']:.3f} | "
+            f"{rec['samples_per_s']:.1f} vol/s {dt:.1f}s/epoch ETA {remaining * np.mean(epoch_times):.0f}s"
+            + (" *" if bad_epochs == 0 else ""))
+        with atomic_path(ckpt_path) as tmp:
+            torch.save({"key": key, "model": model.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "rng": torch.get_rng_state(), "history": history,
+                        "best": best, "best_state": best_state, "epoch": epoch, "bad_epochs": bad_epochs}, tmp)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            log(f"stopping after epoch {epoch + 1} as asked (simulated interruption)")
+            return None
+    if bad_epochs >= tr["patience"]:
+        log(f"early stopping: no val balanced-accuracy gain for {tr['patience']} epochs")
+
+    model.load_state_dict(best_state)
+    test, test_prob = evaluate(model, test_loader, device, len(classes), amp)
+    val, _ = evaluate(model, val_loader, device, len(classes), amp)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best_epoch = int(np.argmax([h["val_balanced_accuracy"] for h in history])) + 1
+    meta = {"task": task, "target": target, "classes": classes, "replicate": replicate, "seed": run_seed,
+            "grid": {"shape": list(grid.shape), "voxel_size": grid.voxel_size, "origin": list(grid.origin)},
+            "normalisation": "z-score within brain mask", "dataset": str(dataset_dir), "best_epoch": best_epoch}
+    save_checkpoint(out_dir / "model.pt", model.cpu(), **meta)
+    metrics = {"task": task, "target": target, "classes": classes, "replicate": replicate, "test": test,
+               "val": val, "best_epoch": best_epoch, "epochs_run": len(history),
+               "train_seconds": float(sum(h["seconds"] for h in history)),
+               "mean_samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
+               "device": str(device), "cohort": str(parts["cohort"].iloc[0]) if "cohort" in parts else ""}
+    write_json(metrics, out_dir / "metrics.json")
+    te = splits["test"]
+    pred = pd.DataFrame({"subject": te["subject"].to_numpy(), "split": "test", "label": te[target].to_numpy(),
+                         "y": te["y"].to_numpy(), "predicted": [classes[i] for i in test_prob.argmax(1)]})
+    for i, c in enumerate(classes):
+        pred[f"p_{c}"] = test_prob[:, i]
+    with atomic_path(out_dir / "predictions.tsv") as tmp:
+        pred.to_csv(tmp, sep="\t", index=False)
+    with atomic_path(out_dir / "history.tsv") as tmp:
+        pd.DataFrame(history).to_csv(tmp, sep="\t", index=False)
+    log(f"task {task}: test balanced accuracy {test['balanced_accuracy']:.3f}, accuracy {test['accuracy']:.3f}, "
+        f"AUC {test['roc_auc']:.3f} (best epoch {best_epoch}, {time.perf_counter() - t_start:.0f}s)")
+    return metrics
