@@ -166,6 +166,29 @@ def evaluate(model, loader, device, n_classes, amp=False):
     return m, p
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model, loader, device):
+    """Recompute BatchNorm running statistics as exact averages over ``loader`` ("precise BN").
+
+    With small batches the exponential running averages lag the weights, and an eval-mode
+    model then misplaces its decision threshold (high AUC, chance-level accuracy).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    for x, _ in loader:
+        model(x.to(device, non_blocking=True, memory_format=torch.channels_last_3d))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
+
+
 def _lr_lambda(warmup, total):
     def f(step):
         if step < warmup:
@@ -230,6 +253,10 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
     train_set = loader("train", True)
     eval_kw = dict(batch_size=tr["batch_size"], num_workers=tr["num_workers"], pin_memory=amp)
     val_loader = torch.utils.data.DataLoader(loader("val", False), shuffle=False, **eval_kw)
+    bn_set = loader("train", False)
+    bn_loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(bn_set, range(min(len(bn_set), tr.get("bn_volumes", 64)))),
+        shuffle=False, batch_size=max(tr["batch_size"], 8), num_workers=tr["num_workers"])
     test_loader = torch.utils.data.DataLoader(loader("test", False), shuffle=False, **eval_kw)
 
     torch.manual_seed(run_seed)
@@ -248,7 +275,7 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
     ckpt_path = ckpt_dir / "last.pt"
     key = _config_hash({"arch": arch, "training": tr, "seed": run_seed, "classes": classes,
                         "n": len(df), "dataset": str(Path(dataset_dir).resolve())})
-    history, best, best_state, start_epoch, bad_epochs = [], -1.0, None, 0, 0
+    history, best, best_state, start_epoch, bad_epochs = [], (-1.0, -float("inf")), None, 0, 0
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ck.get("key") == key:
@@ -286,6 +313,7 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(y)
+        recalibrate_batchnorm(model, bn_loader, device)
         val, _ = evaluate(model, val_loader, device, len(classes), amp)
         dt = time.perf_counter() - t0
         epoch_times.append(dt)
@@ -294,8 +322,9 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
                "val_balanced_accuracy": val["balanced_accuracy"], "val_roc_auc": val["roc_auc"],
                "lr": opt.param_groups[0]["lr"], "seconds": dt, "samples_per_s": seen / dt}
         history.append(rec)
-        if val["balanced_accuracy"] > best + 1e-9:
-            best, best_state, bad_epochs = val["balanced_accuracy"], copy.deepcopy(model.state_dict()), 0
+        score = (val["balanced_accuracy"], -val["loss"])  # ties broken by validation loss
+        if best_state is None or score > tuple(best):
+            best, best_state, bad_epochs = score, copy.deepcopy(model.state_dict()), 0
         else:
             bad_epochs += 1
         remaining = tr["epochs"] - epoch - 1
@@ -318,7 +347,8 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
     val, _ = evaluate(model, val_loader, device, len(classes), amp)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    best_epoch = int(np.argmax([h["val_balanced_accuracy"] for h in history])) + 1
+    best_epoch = max(range(len(history)), key=lambda i: (history[i]["val_balanced_accuracy"],
+                                                         -history[i]["val_loss"])) + 1
     meta = {"task": task, "target": target, "classes": classes, "replicate": replicate, "seed": run_seed,
             "grid": {"shape": list(grid.shape), "voxel_size": grid.voxel_size, "origin": list(grid.origin)},
             "normalisation": "z-score within brain mask", "dataset": str(dataset_dir), "best_epoch": best_epoch}

@@ -3,6 +3,10 @@ import sys
 from pathlib import Path
 
 R = config["results"]
+# brainfv.arch is torch-free: the DAG can list a layer's units without importing torch
+_SRC = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).resolve().parents[1] / "src"
+if _SRC.is_dir() and str(_SRC) not in sys.path:
+    sys.path.insert(0, str(_SRC))
 
 
 def env(name):
@@ -79,9 +83,42 @@ def model_targets():
     return [f"{R}/models/{t}/rep-{r}/learning_curve.png" for t in config["tasks"] for r in range(n)]
 
 
+FEATVIZ_PARAM_KEYS = ("task", "layer", "regularizer", "units", "objective", "preset", "steps", "lr", "n_seeds",
+                      "n_real", "device", "seed", "dataset_dir")
+
+
+def task_layers(task):
+    """The featviz layer specs that apply to ``task``."""
+    return [s for s in config["featviz"]["layers"] if task in s.get("tasks", config["tasks"])]
+
+
+def layer_spec(task, layer):
+    for s in task_layers(task):
+        if s["layer"] == layer:
+            return s
+    raise ValueError(f"layer {layer!r} is not visualised for task {task!r} (config key featviz.layers); "
+                     f"layers: {[s['layer'] for s in task_layers(task)]}")
+
+
+def layer_unit_list(task, layer):
+    """Unit indices of ``layer`` from config, checked against the architecture (no torch import)."""
+    from brainfv.arch import layer_units, resolve_units
+
+    units = layer_units(config["model"])
+    if layer not in units:
+        raise ValueError(f"config key featviz.layers: layer {layer!r} is not in the model; layers: {list(units)}")
+    return resolve_units(layer_spec(task, layer).get("units", "all"), units[layer],
+                         where=f"featviz.layers[{layer}].units")
+
+
+def featviz_targets():
+    return [f"{R}/featviz/{t}/{s['layer']}/{r}/units.tsv" for t in config["tasks"] for s in task_layers(t)
+            for r in config["featviz"]["regularizers"]]
+
+
 def data_targets():
     return [f"{R}/data/cohort/qc.png", f"{R}/data/lesions/examples.png"]
 
 
 def all_targets():
-    return data_targets() + model_targets()
+    return data_targets() + model_targets() + featviz_targets()

@@ -289,10 +289,8 @@ def prepare_cohort(cfg, out_dir, log=None):
         records, problems = (bids_records if source == "bids" else csv_records)(ccfg[source], coding)
         for sub, reason in problems:
             if on_missing != "skip":
-                raise InputDataError(f"{reason} (set cohort.on_missing: skip to leave such subjects out)"
-                                     if sub in reason else
-                                     f"subject {sub!r}: {reason} (set cohort.on_missing: skip to leave such "
-                                     f"subjects out)")
+                who = "" if reason.startswith("subject ") else f"subject {sub!r}: "
+                raise InputDataError(f"{who}{reason} (set cohort.on_missing: skip to leave such subjects out)")
             log(f"SKIP subject {sub}: {reason}")
             qc_rows.append({"subject": sub, "status": "skipped", "reason": reason})
         n = len(records)

@@ -87,36 +87,43 @@ def _extent(shape, radius):
             "cross": radius * np.sqrt(1 + 2 * CROSS_WIDTH ** 2)}[shape]
 
 
-def place_lesions(wm_prob, shapes, radii, voxel_size, rng, wm_threshold=0.5, depth_margin_mm=1.0,
-                  min_gap_mm=3.0, subject=None):
+def place_lesions(wm_prob, shapes, radii, voxel_size, rng, wm_threshold=0.5, depth_margin_mm=0.0,
+                  min_gap_mm=3.0, subject=None, min_radius=None, log=None):
     """Choose lesion centres (voxel indices) inside white matter.
 
-    A centre is valid where the distance to the nearest non-WM voxel is at least
-    the shape's enclosing radius plus ``depth_margin_mm``, and its distance to
-    every lesion already placed is at least the sum of their radii plus
-    ``min_gap_mm``. Raises :class:`InputDataError` naming the subject when a
-    lesion does not fit.
+    A centre is valid where the distance to the nearest non-WM voxel is at least the
+    lesion's radius plus ``depth_margin_mm``, and its distance to every lesion already
+    placed is at least the sum of their enclosing radii plus ``min_gap_mm``. A lesion
+    that does not fit is shrunk in 10 % steps down to ``min_radius``; if it still does
+    not fit, :class:`InputDataError` names the subject. Returns ``(centres, radii)``.
     """
     from scipy import ndimage
 
     wm = wm_prob >= wm_threshold
     depth = ndimage.distance_transform_edt(wm) * voxel_size
-    placed = []
+    placed, out_r = [], []
     for shape, r in zip(shapes, radii):
-        ext = _extent(shape, r)
-        cand = np.argwhere(depth >= ext + depth_margin_mm)
-        if placed:
+        r0 = r
+        floor = min(r, min_radius if min_radius is not None else r)
+        while True:
+            ext = _extent(shape, r)
+            cand = np.argwhere(depth >= r + depth_margin_mm)
             for (c, e) in placed:
-                far = np.linalg.norm((cand - c) * voxel_size, axis=1) >= ext + e + min_gap_mm
-                cand = cand[far]
+                cand = cand[np.linalg.norm((cand - c) * voxel_size, axis=1) >= ext + e + min_gap_mm]
+            if len(cand) or r <= floor:
+                break
+            r = max(floor, r * 0.9)
         if len(cand) == 0:
             raise InputDataError(
                 f"subject {subject!r}: no white-matter location fits a {shape} lesion of radius {r:.1f} mm "
                 f"(depth margin {depth_margin_mm} mm, gap {min_gap_mm} mm, {len(placed)} already placed); "
                 f"lower lesions.diameter_mm or lesions.count, or the WM threshold")
+        if r < r0 and log:
+            log(f"subject {subject}: {shape} lesion shrunk from radius {r0:.1f} to {r:.1f} mm to fit in WM")
         c = cand[rng.integers(len(cand))]
         placed.append((c, ext))
-    return [c for c, _ in placed]
+        out_r.append(r)
+    return [c for c, _ in placed], out_r
 
 
 def insert_lesion(z, profile, half, centre, contrast, norm_mean, norm_std):
@@ -173,13 +180,15 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     if not (1 <= nmin <= nmax):
         raise ConfigError(f"lesions.count must be [min, max] with 1 <= min <= max, got {lc['count']}")
 
-    # balanced labels within every split (and sex), from the seed
+    # labels balanced within every split (systematic sampling over the split's subjects ordered by sex)
     labels = np.zeros(len(parts), dtype=int)
-    for key, grp in parts.groupby(["split", "sex"]):
-        rng = np.random.default_rng(stable_seed(seed, "lesion-label", *key))
-        idx = rng.permutation(grp.index.to_numpy())
-        k = int(round(len(idx) * lc.get("fraction_positive", 0.5)))
-        labels[idx[:k]] = 1
+    frac = float(lc.get("fraction_positive", 0.5))
+    for split, grp in parts.groupby("split"):
+        rng = np.random.default_rng(stable_seed(seed, "lesion-label", split))
+        order = np.concatenate([rng.permutation(g.index.to_numpy()) for _, g in grp.groupby("sex")])
+        u = rng.random()
+        k = np.arange(len(order))
+        labels[order] = (np.floor((k + 1) * frac + u) - np.floor(k * frac + u)).astype(int)
     if scheme == "presence":
         names = {0: "absent", 1: "present"}
     elif scheme == "shapes":
@@ -208,8 +217,9 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
                 shapes = [shapes_cfg[int(rng.integers(len(shapes_cfg)))] for _ in range(n_les)]
             radii = [float(rng.uniform(dmin, dmax)) / 2 for _ in range(n_les)]
             wm = np.asarray(wms[int(p["index"])], dtype=np.float32) / 255.0
-            centres = place_lesions(wm, shapes, radii, vs, rng, lc.get("wm_threshold", 0.5),
-                                    lc.get("depth_margin_mm", 1.0), lc.get("min_gap_mm", 3.0), subject=sub)
+            centres, radii = place_lesions(wm, shapes, radii, vs, rng, lc.get("wm_threshold", 0.5),
+                                           lc.get("depth_margin_mm", 0.0), lc.get("min_gap_mm", 3.0), subject=sub,
+                                           min_radius=dmin / 2, log=log)
             for k, (shape, r, c) in enumerate(zip(shapes, radii, centres)):
                 contrast = float(rng.uniform(cmin, cmax))
                 rot = random_rotation(rng) if (lc.get("random_orientation", True) and shape != "sphere") else None

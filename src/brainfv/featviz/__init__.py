@@ -1,0 +1,22 @@
+"""3D activation maximization for any ``nn.Module``.
+
+Pieces compose as in Lucid/Lucent ``optvis``, in 3D and batched over units:
+
+- :mod:`~brainfv.featviz.units`        address units as ``layer:channel``, capture (and truncate at) layers
+- :mod:`~brainfv.featviz.param`        voxel, Fourier (1/f^decay) and MACO (phase-only) parametrisations
+- :mod:`~brainfv.featviz.transforms`   jitter, random scale/rotation, Gaussian blur (differentiable, seeded)
+- :mod:`~brainfv.featviz.regularizers` L1, L2, total variation, frequency penalty; presets from config
+- :mod:`~brainfv.featviz.objectives`   channel, neuron, class logit/probability; ``+``, ``*``, ``-``
+- :mod:`~brainfv.featviz.render`       the batched optimisation loop (one batch element per unit)
+- :mod:`~brainfv.featviz.metrics`      image statistics of the results
+
+Example::
+
+    from brainfv.featviz import render, objectives
+    obj = objectives.channel("block3.norm", [0, 1, 2, 3])
+    res = render(model, obj, shape=(52, 64, 52), preset={"param": "fourier", "jitter": 3}, steps=256)
+    res.images  # (4, 52, 64, 52)
+"""
+from . import objectives  # noqa: F401
+from .render import render, RenderResult, Preset  # noqa: F401
+from .units import parse_unit, get_module, capture_activations  # noqa: F401

@@ -1,0 +1,92 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from brainfv.arch import layer_units
+from brainfv.errors import InputDataError
+from brainfv.models import build_model, load_checkpoint
+from brainfv.training import binary_metrics, train_task
+from conftest import toy_dataset
+
+FAST = {"epochs": 6, "batch_size": 4, "lr": 3e-3, "patience": 50, "augment": {"shift_vox": 0, "intensity": 0}}
+ARCH = {"channels": [4, 8], "dropout": 0.0}
+
+
+def test_model_shapes_and_layer_names():
+    m = build_model({"channels": [8, 16, 32, 64]})
+    names = dict(m.named_modules())
+    for layer in layer_units({"channels": [8, 16, 32, 64]}):
+        assert layer in names, layer
+    assert m(torch.zeros(2, 1, 52, 64, 52)).shape == (2, 2)
+    assert layer_units({"channels": [8, 16]})["block2.conv"] == 16
+    assert build_model({"hidden": 100}).fc.out_features == 100
+
+
+def test_toy_set_is_learned(tmp_path):
+    root = toy_dataset(tmp_path / "toy", n=24)
+    m = train_task(root, "toy", "label", ARCH, FAST, 0, tmp_path / "out", tmp_path / "ck")
+    hist = pd.read_csv(tmp_path / "out" / "history.tsv", sep="\t")
+    assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
+    assert m["test"]["accuracy"] == 1.0 and m["test"]["balanced_accuracy"] == 1.0
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["test"]["confusion_matrix"] == m["test"]["confusion_matrix"]
+    pred = pd.read_csv(tmp_path / "out" / "predictions.tsv", sep="\t")
+    assert len(pred) == m["test"]["n"] and (pred["label"] == pred["predicted"]).all()
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    root = toy_dataset(tmp_path / "toy", n=16)
+    train_task(root, "toy", "label", ARCH, {**FAST, "epochs": 1}, 0, tmp_path / "out", tmp_path / "ck")
+    model, meta = load_checkpoint(tmp_path / "out" / "model.pt")
+    model2, _ = load_checkpoint(tmp_path / "out" / "model.pt")
+    x = torch.randn(3, 1, 12, 14, 12)
+    assert torch.equal(model(x), model2(x))
+    assert meta["classes"] == ["A", "B"] and meta["grid"]["shape"] == [12, 14, 12]
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    root = toy_dataset(tmp_path / "toy", n=16, separable=False)
+    tr = {**FAST, "epochs": 4, "augment": {"shift_vox": 1, "intensity": 0.1}}
+    arch = {**ARCH, "dropout": 0.3}
+    full = train_task(root, "toy", "label", arch, tr, 3, tmp_path / "a", tmp_path / "cka")
+    assert train_task(root, "toy", "label", arch, tr, 3, tmp_path / "b", tmp_path / "ckb", stop_after_epoch=2) is None
+    assert not (tmp_path / "b" / "model.pt").exists()
+    resumed = train_task(root, "toy", "label", arch, tr, 3, tmp_path / "b", tmp_path / "ckb")
+    ha = pd.read_csv(tmp_path / "a" / "history.tsv", sep="\t")
+    hb = pd.read_csv(tmp_path / "b" / "history.tsv", sep="\t")
+    assert np.allclose(ha["train_loss"], hb["train_loss"]) and np.allclose(ha["val_loss"], hb["val_loss"])
+    ma, _ = load_checkpoint(tmp_path / "a" / "model.pt")
+    mb, _ = load_checkpoint(tmp_path / "b" / "model.pt")
+    for (k, a), (_, b) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert full["test"] == resumed["test"]
+
+
+def test_bad_training_inputs(tmp_path):
+    root = toy_dataset(tmp_path / "toy", n=16)
+    with pytest.raises(InputDataError, match="target column 'age' not in participants"):
+        train_task(root, "toy", "age", ARCH, FAST, 0, tmp_path / "o", tmp_path / "c")
+    parts = pd.read_csv(root / "participants.tsv", sep="\t")
+    one = parts.copy()
+    one.loc[one["split"] == "train", "label"] = "A"
+    one.to_csv(root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputDataError, match="training split has 1 class"):
+        train_task(root, "toy", "label", ARCH, FAST, 0, tmp_path / "o", tmp_path / "c")
+    empty = parts.copy()
+    empty.loc[empty["split"] == "val", "split"] = "train"
+    empty.to_csv(root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputDataError, match="val split is empty"):
+        train_task(root, "toy", "label", ARCH, FAST, 0, tmp_path / "o", tmp_path / "c")
+    parts.to_csv(root / "participants.tsv", sep="\t", index=False)
+    np.save(root / "volumes.npy", np.zeros((16, 10, 10, 10), np.float32))
+    with pytest.raises(InputDataError, match="do not match the grid"):
+        train_task(root, "toy", "label", ARCH, FAST, 0, tmp_path / "o", tmp_path / "c")
+
+
+def test_metrics():
+    m = binary_metrics([0, 0, 1, 1], np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]]), 2)
+    assert m["accuracy"] == 0.75 and m["balanced_accuracy"] == 0.75 and m["roc_auc"] == 1.0
+    assert m["confusion_matrix"] == [[1, 1], [0, 2]]

@@ -1,0 +1,80 @@
+"""Feature visualization: one job per task × layer × regularizer, all units of the layer batched."""
+
+FV = f"{R}/featviz/{{task}}/{{layer}}/{{regularizer}}"
+
+
+def featviz_params(wc, units=None):
+    spec = layer_spec(wc.task, wc.layer)
+    fv = config["featviz"]
+    return {
+        "task": wc.task,
+        "layer": wc.layer,
+        "regularizer": wc.regularizer,
+        "units": units if units is not None else layer_unit_list(wc.task, wc.layer),
+        "objective": spec.get("objective", "channel"),
+        "preset": config["featviz"]["regularizers"][wc.regularizer],
+        "steps": fv["steps"],
+        "lr": fv["lr"],
+        "n_seeds": fv["seeds"],
+        "n_real": fv["n_real"],
+        "device": fv["device"],
+        "seed": config["seed"],
+        "dataset_dir": task_dataset_dir(wc.task),
+    }
+
+
+rule visualize:
+    input:
+        model=f"{R}/models/{{task}}/rep-0/model.pt",
+        volumes=lambda wc: f"{task_dataset_dir(wc.task)}/volumes.npy",
+    output:
+        nifti=f"{FV}/units.nii.gz",
+        table=f"{FV}/units.tsv",
+        trajectory=f"{FV}/trajectory.tsv",
+    params:
+        **{k: (lambda wc, k=k: featviz_params(wc)[k]) for k in FEATVIZ_PARAM_KEYS},
+    wildcard_constraints:
+        layer=r"[^/]+",
+        regularizer=r"[^/]+",
+    log:
+        f"{R}/logs/visualize/{{task}}_{{layer}}_{{regularizer}}.log",
+    benchmark:
+        f"{R}/benchmarks/visualize/{{task}}_{{layer}}_{{regularizer}}.tsv"
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=lambda wc, attempt: job_mem_mb(attempt, batch=3 * len(layer_unit_list(wc.task, wc.layer)) * config["featviz"]["seeds"]),
+        runtime=lambda wc, attempt: 60 * attempt,
+        gpu=config["compute"]["gpu"],
+    retries: 1
+    group:
+        "featviz_{task}"
+    conda:
+        env("torch-gpu" if config["compute"]["gpu"] else "torch-cpu")
+    script:
+        "../scripts/visualize.py"
+
+
+rule visualize_unit:
+    """One unit alone (same seeds as in the batched job, so the same volume): request
+    results/featviz/{task}/{layer}/{regularizer}/unit-{unit}.nii.gz"""
+    input:
+        model=f"{R}/models/{{task}}/rep-0/model.pt",
+        volumes=lambda wc: f"{task_dataset_dir(wc.task)}/volumes.npy",
+    output:
+        nifti=f"{FV}/unit-{{unit}}.nii.gz",
+        table=f"{FV}/unit-{{unit}}.tsv",
+    params:
+        **{k: (lambda wc, k=k: featviz_params(wc, [int(wc.unit)])[k]) for k in FEATVIZ_PARAM_KEYS},
+    wildcard_constraints:
+        layer=r"[^/]+",
+        regularizer=r"[^/]+",
+        unit=r"\d+",
+    log:
+        f"{R}/logs/visualize/{{task}}_{{layer}}_{{regularizer}}_unit-{{unit}}.log",
+    threads: config["compute"]["threads"]
+    resources:
+        gpu=config["compute"]["gpu"],
+    conda:
+        env("torch-gpu" if config["compute"]["gpu"] else "torch-cpu")
+    script:
+        "../scripts/visualize.py"
