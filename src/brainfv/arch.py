@@ -22,6 +22,7 @@ DEFAULT_ARCH = {
     "dropout": 0.3,
     "hidden": 0,
     "n_classes": 2,
+    "global_pool": "avg",
 }
 
 

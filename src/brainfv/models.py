@@ -46,17 +46,22 @@ class BrainCNN(nn.Module):
     """Stack of :class:`ConvBlock` s, global average pooling, dropout, optional hidden FC, classifier."""
 
     def __init__(self, channels=(8, 16, 32, 64), kernel_size=3, norm="batch", activation="relu", dropout=0.3,
-                 hidden=0, n_classes=2, in_channels=1, spatial_dropout=0.0):
+                 hidden=0, n_classes=2, in_channels=1, spatial_dropout=0.0, global_pool="avg"):
         super().__init__()
         self.arch = dict(channels=list(channels), kernel_size=kernel_size, norm=norm, activation=activation,
                          dropout=dropout, hidden=hidden, n_classes=n_classes, in_channels=in_channels,
-                         spatial_dropout=spatial_dropout)
+                         spatial_dropout=spatial_dropout, global_pool=global_pool)
         cin = in_channels
         self.n_blocks = len(channels)
         for i, c in enumerate(channels, start=1):
             self.add_module(f"block{i}", ConvBlock(cin, c, kernel_size, norm, activation, spatial_dropout))
             cin = c
-        self.gap = nn.AdaptiveAvgPool3d(1)
+        if global_pool == "avg":
+            self.gap = nn.AdaptiveAvgPool3d(1)
+        elif global_pool == "max":
+            self.gap = nn.AdaptiveMaxPool3d(1)
+        else:
+            raise ConfigError(f"model.global_pool must be avg or max; got {global_pool!r}")
         self.dropout = nn.Dropout(dropout)
         if hidden:
             self.fc = nn.Linear(cin, hidden)

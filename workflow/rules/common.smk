@@ -37,9 +37,9 @@ def check_config(cfg):
 check_config(config)
 
 
-def data_params():
-    """The config sections the data stage depends on (changing them reruns it)."""
-    return {k: config[k] for k in ("seed", "grid", "cohort", "lesions")}
+def data_params(*sections):
+    """The config sections a data rule depends on (changing them reruns it, and only it)."""
+    return {k: config[k] for k in ("seed",) + sections}
 
 
 def cohort_inputs(wildcards):
@@ -111,6 +111,40 @@ def layer_unit_list(task, layer):
                          where=f"featviz.layers[{layer}].units")
 
 
+def featviz_params(wc, units=None):
+    spec = layer_spec(wc.task, wc.layer)
+    fv = config["featviz"]
+    return {
+        "task": wc.task,
+        "layer": wc.layer,
+        "regularizer": wc.regularizer,
+        "units": units if units is not None else layer_unit_list(wc.task, wc.layer),
+        "objective": spec.get("objective", "channel"),
+        "preset": config["featviz"]["regularizers"][wc.regularizer],
+        "steps": fv["steps"],
+        "lr": fv["lr"],
+        "n_seeds": fv["seeds"],
+        "n_real": fv["n_real"],
+        "device": fv["device"],
+        "seed": config["seed"],
+        "dataset_dir": task_dataset_dir(wc.task),
+    }
+
+
+def featviz_entries():
+    """One dict per visualization job: task, layer, regularizer."""
+    return [{"task": t, "layer": s["layer"], "regularizer": r} for t in config["tasks"] for s in task_layers(t)
+            for r in config["featviz"]["regularizers"]]
+
+
+def grid_keys():
+    return list(dict.fromkeys((e["task"], e["layer"]) for e in featviz_entries()))
+
+
+def replicates():
+    return list(range(config["training"]["replicates"]))
+
+
 def featviz_targets():
     return [f"{R}/featviz/{t}/{s['layer']}/{r}/units.tsv" for t in config["tasks"] for s in task_layers(t)
             for r in config["featviz"]["regularizers"]]
@@ -121,4 +155,4 @@ def data_targets():
 
 
 def all_targets():
-    return data_targets() + model_targets() + featviz_targets()
+    return data_targets() + model_targets() + featviz_targets() + [f"{R}/report/metrics.png"]

@@ -17,7 +17,7 @@ rule prepare_cohort:
         sex_effect=f"{COHORT}/sex_effect.nii.gz",
         figure=report(f"{COHORT}/qc.png", caption="../report/cohort_qc.rst", category="1. Data"),
     params:
-        cfg=data_params(),
+        cfg=data_params("grid", "cohort"),
     log:
         f"{R}/logs/prepare_cohort.log",
     benchmark:
@@ -51,8 +51,8 @@ rule synthesize_lesions:
         sex_effect=f"{LESIONS}/sex_effect.nii.gz",
         figure=report(f"{LESIONS}/examples.png", caption="../report/lesion_examples.rst", category="1. Data"),
     params:
-        cfg=data_params(),
-        cohort_dir=COHORT,
+        cfg=data_params("lesions"),
+        cohort_dir=lambda wc, input: str(Path(input.volumes).parent),
     log:
         f"{R}/logs/synthesize_lesions.log",
     benchmark:

@@ -3,26 +3,6 @@
 FV = f"{R}/featviz/{{task}}/{{layer}}/{{regularizer}}"
 
 
-def featviz_params(wc, units=None):
-    spec = layer_spec(wc.task, wc.layer)
-    fv = config["featviz"]
-    return {
-        "task": wc.task,
-        "layer": wc.layer,
-        "regularizer": wc.regularizer,
-        "units": units if units is not None else layer_unit_list(wc.task, wc.layer),
-        "objective": spec.get("objective", "channel"),
-        "preset": config["featviz"]["regularizers"][wc.regularizer],
-        "steps": fv["steps"],
-        "lr": fv["lr"],
-        "n_seeds": fv["seeds"],
-        "n_real": fv["n_real"],
-        "device": fv["device"],
-        "seed": config["seed"],
-        "dataset_dir": task_dataset_dir(wc.task),
-    }
-
-
 rule visualize:
     input:
         model=f"{R}/models/{{task}}/rep-0/model.pt",

@@ -146,7 +146,9 @@ def insert_lesion(z, profile, half, centre, contrast, norm_mean, norm_std):
 def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     """Create the lesion dataset from a prepared cohort (see module docstring).
 
-    ``cfg`` is the full config (``lesions`` and ``seed`` are used). Writes to
+    ``cfg`` is the full config (``lesions`` and ``seed`` are used). With ``lesions.paired`` (the
+    default for presence labelling) every subject appears twice, without and with lesions, in its
+    own split (matched pairs: a small cohort cannot then be memorised by anatomy). Writes to
     ``out_dir``: ``volumes.npy``, ``lesion_masks.npy`` (uint8, 1 inside lesions),
     ``participants.tsv`` (cohort columns + ``lesion`` label + ``n_lesions``),
     ``lesions.tsv`` (one row per lesion), ``lesion_frequency.nii.gz``, and copies
@@ -180,15 +182,23 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     if not (1 <= nmin <= nmax):
         raise ConfigError(f"lesions.count must be [min, max] with 1 <= min <= max, got {lc['count']}")
 
-    # labels balanced within every split (systematic sampling over the split's subjects ordered by sex)
-    labels = np.zeros(len(parts), dtype=int)
-    frac = float(lc.get("fraction_positive", 0.5))
-    for split, grp in parts.groupby("split"):
-        rng = np.random.default_rng(stable_seed(seed, "lesion-label", split))
-        order = np.concatenate([rng.permutation(g.index.to_numpy()) for _, g in grp.groupby("sex")])
-        u = rng.random()
-        k = np.arange(len(order))
-        labels[order] = (np.floor((k + 1) * frac + u) - np.floor(k * frac + u)).astype(int)
+    paired = bool(lc.get("paired", True)) and scheme == "presence"
+    if paired:
+        # matched pairs: every subject once without and once with lesions, in its own split, so the
+        # two classes share the same anatomy and only the lesions tell them apart
+        sources = np.repeat(np.arange(len(parts)), 2)
+        labels = np.tile([0, 1], len(parts))
+    else:
+        # labels balanced within every split (systematic sampling over the split's subjects ordered by sex)
+        sources = np.arange(len(parts))
+        labels = np.zeros(len(parts), dtype=int)
+        frac = float(lc.get("fraction_positive", 0.5))
+        for split, grp in parts.groupby("split"):
+            rng = np.random.default_rng(stable_seed(seed, "lesion-label", split))
+            order = np.concatenate([rng.permutation(g.index.to_numpy()) for _, g in grp.groupby("sex")])
+            u = rng.random()
+            k = np.arange(len(order))
+            labels[order] = (np.floor((k + 1) * frac + u) - np.floor(k * frac + u)).astype(int)
     if scheme == "presence":
         names = {0: "absent", 1: "present"}
     elif scheme == "shapes":
@@ -198,10 +208,12 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
 
     rows, lesion_rows = [], []
     freq = np.zeros(grid.shape, np.float32)
-    prog = Progress(len(parts), "synthesize_lesions subjects", log=log, unit="subj")
-    with VolumeWriter(Path(out_dir) / "volumes.npy", len(parts), grid.shape) as vw, \
-            VolumeWriter(Path(out_dir) / "lesion_masks.npy", len(parts), grid.shape, dtype=np.uint8) as mw:
-        for pos, (_, p) in enumerate(parts.iterrows()):
+    n_out = len(sources)
+    prog = Progress(n_out, "synthesize_lesions volumes", log=log, unit="vol")
+    with VolumeWriter(Path(out_dir) / "volumes.npy", n_out, grid.shape) as vw, \
+            VolumeWriter(Path(out_dir) / "lesion_masks.npy", n_out, grid.shape, dtype=np.uint8) as mw:
+        for pos, src in enumerate(sources):
+            p = parts.iloc[int(src)]
             sub = p["subject"]
             rng = np.random.default_rng(stable_seed(seed, "lesions", sub))
             z = np.array(vols[int(p["index"])], dtype=np.float32)
@@ -238,8 +250,8 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
             vw.append(z)
             mw.append(binary.astype(np.uint8))
             row = p.to_dict()
-            row.update(index=pos, cohort_index=int(p["index"]), lesion=names[y], lesion_label=y,
-                       n_lesions=n_les, lesion_shapes=",".join(shapes))
+            row.update(index=pos, volume_id=f"{sub}_{names[y]}" if paired else sub, cohort_index=int(p["index"]),
+                       lesion=names[y], lesion_label=y, n_lesions=n_les, lesion_shapes=",".join(shapes))
             rows.append(row)
             prog.update()
 

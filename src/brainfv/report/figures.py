@@ -153,3 +153,174 @@ def learning_curve_figure(history, metrics, path, title):
     fig.tight_layout()
     sns.reset_orig()
     return save(fig, path)
+
+
+def _cell(vol, mask, centre):
+    """Sagittal | coronal | axial slices side by side as one 2D array (and the mask's, for its outline)."""
+    sl = slices_at(vol, centre)
+    ml = slices_at(mask.astype(np.float32), centre)
+    h = max(s.shape[0] for s in sl)
+
+    def pad(a):
+        out = np.full((h, a.shape[1]), np.nan, np.float32)
+        out[: a.shape[0]] = a
+        return out
+
+    gap = np.full((h, 2), np.nan, np.float32)
+    img = np.concatenate([pad(sl[0]), gap, pad(sl[1]), gap, pad(sl[2])], axis=1)
+    msk = np.concatenate([pad(ml[0]), gap, pad(ml[1]), gap, pad(ml[2])], axis=1)
+    return img, np.nan_to_num(msk)
+
+
+def peak_voxel(vol, mask=None, sigma=1.0):
+    """Voxel of the largest smoothed |value| (where a visualization's structure is), inside ``mask``."""
+    from scipy import ndimage
+
+    a = ndimage.gaussian_filter(np.abs(np.asarray(vol, np.float32)), sigma)
+    if mask is not None:
+        a = np.where(mask, a, 0)
+    return np.unravel_index(int(np.argmax(a)), a.shape)
+
+
+def featviz_grid_figure(volumes, units, unit_labels, mask, path, title):
+    """Units (rows) × regularizers (columns) of orthogonal slices through each visualization.
+
+    ``volumes``: dict regularizer -> array (n_units, X, Y, Z). Each volume is divided by its robust
+    maximum (99.5th percentile of |value|) so every panel shares the symmetric scale −1..1 (blue:
+    the unit prefers a lower T1 signal, red: higher); grey lines outline the template brain. Slices
+    go through each visualization's peak.
+    """
+    plt = _mpl()
+    regs = list(volumes)
+    n = len(units)
+    cells = {}
+    for r in regs:
+        for i in range(n):
+            v = np.asarray(volumes[r][i], np.float32)
+            scale = np.percentile(np.abs(v[mask]) if mask.any() else np.abs(v), 99.5) or 1.0
+            cells[r, i] = _cell(v / scale, mask, peak_voxel(v, mask))
+    h, w = cells[regs[0], 0][0].shape
+    cw, ch = 2.6, 2.6 * h / w
+    fig, axes = plt.subplots(n, len(regs), figsize=(cw * len(regs) + 1.2, ch * n + 1.0), squeeze=False)
+    im = None
+    for j, r in enumerate(regs):
+        for i in range(n):
+            ax = axes[i, j]
+            img, msk = cells[r, i]
+            im = ax.imshow(img, origin="lower", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+            ax.contour(msk, levels=[0.5], colors="0.55", linewidths=0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_facecolor("white")
+            if i == 0:
+                ax.set_title(r, fontsize=10)
+            if j == 0:
+                ax.set_ylabel(unit_labels[i], fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.subplots_adjust(left=0.06, right=0.92, top=1 - 0.7 / (ch * n + 1.0), bottom=0.02, wspace=0.03, hspace=0.05)
+    cax = fig.add_axes([0.935, 0.25, 0.012, 0.5])
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_label("activation-maximising input / robust max", fontsize=8)
+    return save(fig, path)
+
+
+def metrics_figure(table, path, metrics=None):
+    """Per-regularizer distributions of each metric (box + points), one row per metric, one column per task."""
+    plt = _mpl()
+    import seaborn as sns
+
+    metrics = metrics or [m for m in ("activation_ratio", "stability", "lesion_ncc", "effect_corr", "tv_ratio",
+                                      "hf_ratio", "energy_inside_mask") if m in table and table[m].notna().any()]
+    tasks = list(dict.fromkeys(table["task"]))
+    regs = list(dict.fromkeys(table["regularizer"]))
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(len(metrics), len(tasks), figsize=(4.2 * len(tasks) + 1.5, 2.3 * len(metrics) + 0.6),
+                             squeeze=False)
+    for j, task in enumerate(tasks):
+        sub = table[table["task"] == task]
+        for i, m in enumerate(metrics):
+            ax = axes[i, j]
+            d = sub[sub[m].notna()]
+            if len(d):
+                sns.boxplot(data=d, x="regularizer", y=m, order=regs, ax=ax, color="0.9", fliersize=0, width=0.6)
+                sns.stripplot(data=d, x="regularizer", y=m, order=regs, hue="layer", ax=ax, size=3, dodge=False,
+                              alpha=0.8, legend=(i == 0 and j == len(tasks) - 1))
+            else:
+                ax.text(0.5, 0.5, "not defined for this task", ha="center", va="center", transform=ax.transAxes,
+                        color="0.5")
+            ax.set_xlabel("")
+            ax.set_ylabel(m.replace("_", " "))
+            if i == 0:
+                ax.set_title(f"task: {task}")
+            if i < len(metrics) - 1:
+                ax.set_xticklabels([])
+            else:
+                ax.tick_params(axis="x", rotation=30)
+    handles = [a.get_legend() for a in axes.ravel() if a.get_legend() is not None]
+    for lg in handles:
+        lg.set_title("layer")
+        sns.move_legend(lg.axes, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    fig.suptitle("Regularizer comparison: each point is one unit's visualization")
+    fig.tight_layout()
+    sns.reset_orig()
+    return save(fig, path)
+
+
+def trajectories_figure(traj, table, path):
+    """Objective over optimisation steps, relative to each unit's maximum on real test volumes."""
+    plt = _mpl()
+    import seaborn as sns
+
+    t = traj.merge(table[["task", "layer", "regularizer", "unit", "real_max"]], on=["task", "layer", "regularizer",
+                                                                                   "unit"], how="left")
+    t["relative"] = t["objective"] / t["real_max"].where(t["real_max"].abs() > 1e-8)
+    tasks = list(dict.fromkeys(t["task"]))
+    layers = list(dict.fromkeys(t["layer"]))
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(len(tasks), len(layers), figsize=(3.6 * len(layers) + 1.6, 2.8 * len(tasks) + 0.5),
+                             squeeze=False, sharex=True)
+    for i, task in enumerate(tasks):
+        for j, layer in enumerate(layers):
+            ax = axes[i, j]
+            d = t[(t["task"] == task) & (t["layer"] == layer)]
+            if len(d):
+                sns.lineplot(data=d, x="step", y="relative", hue="regularizer", ax=ax, errorbar=("pi", 50),
+                             legend=(i == 0 and j == len(layers) - 1))
+            ax.axhline(1.0, color="0.3", ls=":", lw=1)
+            ax.set_title(f"{task} · {layer}", fontsize=9)
+            ax.set_ylabel("objective / max over real volumes" if j == 0 else "")
+    lg = axes[0, -1].get_legend()
+    if lg is not None:
+        sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    fig.suptitle("Activation during optimisation (median and interquartile range over units; dotted: best real volume)")
+    fig.tight_layout()
+    sns.reset_orig()
+    return save(fig, path)
+
+
+def models_figure(metrics, histories, path):
+    """Validation balanced accuracy per epoch and test metrics of every trained model."""
+    plt = _mpl()
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.4, 1]})
+    rows = []
+    for (task, rep), h in histories.items():
+        a1.plot(h["epoch"], h["val_balanced_accuracy"], "-o", ms=2.5, label=f"{task} rep {rep}")
+    for (task, rep), m in metrics.items():
+        for k in ("balanced_accuracy", "roc_auc"):
+            rows.append({"model": f"{task}\nrep {rep}", "metric": k.replace("_", " "), "value": m["test"][k]})
+    a1.set(xlabel="epoch", ylabel="validation balanced accuracy", ylim=(0.3, 1.02), title="learning curves")
+    a1.legend(fontsize=7)
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    sns.barplot(data=df, x="model", y="value", hue="metric", ax=a2)
+    for c in a2.containers:
+        a2.bar_label(c, fmt="%.2f", fontsize=7)
+    a2.set(ylim=(0, 1.08), ylabel="held-out test", xlabel="", title="test performance")
+    a2.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    sns.reset_orig()
+    return save(fig, path)

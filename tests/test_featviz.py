@@ -1,0 +1,193 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from brainfv.errors import UnitError
+from brainfv.featviz import objectives as O
+from brainfv.featviz import render
+from brainfv.featviz.param import FourierParam, MacoParam, spectrum_scale
+from brainfv.featviz.render import crop_box
+from brainfv.featviz.study import visualize_layer
+from brainfv.featviz.transforms import gaussian_blur, jitter, random_affine
+from brainfv.featviz.units import capture_activations, parse_unit
+from brainfv.models import build_model
+
+SHAPE = (24, 28, 24)
+
+
+def corr(a, b):
+    return np.corrcoef(np.ravel(a), np.ravel(b))[0, 1]
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    m = build_model({"channels": [4, 8, 8]})
+    # non-trivial BatchNorm statistics, as in a trained model
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm3d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def test_known_filter_is_recovered():
+    torch.manual_seed(1)
+    conv = nn.Conv3d(1, 1, 5, bias=False)
+    w = torch.randn(5, 5, 5)
+    w = gaussian_blur(w[None, None], 0.7)[0, 0]  # a smooth, structured filter
+    conv.weight.data[:] = w
+    model = nn.Sequential(conv)
+    res = render(model, O.neuron("0", [0]), (20, 20, 20), {"l2": 1.0, "init_std": 0.01}, steps=300, lr=0.05,
+                 seeds=[3])
+    box = res.box
+    assert box is not None and tuple(s.stop - s.start for s in box) == (5, 5, 5)
+    assert corr(res.images[0][box], w.numpy()) >= 0.9
+    assert res.objective_end[0] > res.objective_start[0]
+
+
+def test_fourier_roundtrip_and_scaling():
+    shape = (16, 20, 12)
+    vol = torch.randn(shape)
+    g = [torch.Generator().manual_seed(0)]
+    p = FourierParam(shape, g, decay=1.0)
+    p.spectrum.data[:] = p.to_spectrum(vol)[None, None]
+    assert torch.allclose(p()[0, 0], vol, atol=1e-4)
+    s = spectrum_scale(shape, decay=1.5)
+    n = np.sqrt(np.prod(shape))
+    assert np.isclose(float(s[0, 0, 0]), max(shape) ** 1.5 * n, rtol=1e-5)        # DC: clamped at 1/max(size)
+    assert np.isclose(float(s[4, 0, 0]), (16 / 4) ** 1.5 * n, rtol=1e-5)           # f = 4/16 = 0.25 c/vox
+    assert np.isclose(float(s[0, 0, 3]), (12 / 3) ** 1.5 * n, rtol=1e-5)
+    # white spectrum variables give 1/f^decay amplitudes: low frequencies dominate
+    img = FourierParam(shape, g, decay=1.0)()[0, 0].detach().numpy()
+    from brainfv.featviz.metrics import high_frequency_fraction
+
+    assert high_frequency_fraction(img) < high_frequency_fraction(np.random.default_rng(0).normal(size=shape))
+
+
+def test_maco_keeps_magnitude():
+    shape = (12, 12, 12)
+    mag = torch.fft.rfftn(torch.randn(shape)).abs()
+    p = MacoParam(shape, [torch.Generator().manual_seed(0)], mag)
+    out = p()[0, 0].detach()
+    assert torch.allclose(torch.fft.rfftn(out).abs()[1:-1, 1:-1, 1:-1], mag[1:-1, 1:-1, 1:-1], rtol=1e-3, atol=1e-3)
+
+
+def test_transforms_do_what_they_say_and_are_differentiable():
+    x = torch.zeros(2, 1, 10, 10, 10)
+    x[:, :, 5, 5, 5] = 1.0
+    x.requires_grad_(True)
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    y = jitter(x, 2, gens)
+    for b in range(2):
+        pos = np.argwhere(y[b, 0].detach().numpy() == 1.0)
+        assert len(pos) == 1 and np.all(np.abs(pos[0] - 5) <= 2)
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0
+    # blur: a delta becomes the separable Gaussian kernel; mass preserved in the interior
+    b = gaussian_blur(x.detach(), 1.0)
+    assert np.isclose(float(b.sum()) / 2, 1.0, atol=1e-4) and float(b.max()) < 0.1
+    # affine: identity parameters change nothing; rotation keeps the centre blob near the centre
+    assert torch.equal(random_affine(x.detach(), gens, 0.0, 0.0), x.detach())
+    v = torch.zeros(1, 1, 16, 16, 16, requires_grad=True)
+    with torch.no_grad():
+        v[0, 0, 6:10, 6:10, 6:10] = 1.0
+    r = random_affine(v, [torch.Generator().manual_seed(3)], 0.1, 20)
+    com = np.argwhere(r[0, 0].detach().numpy() > 0.5).mean(0)
+    assert np.allclose(com, 7.5, atol=1.0) and abs(float(r.sum()) - 64) < 20
+    r.sum().backward()
+    assert v.grad.abs().sum() > 0
+
+
+def test_truncated_equals_full():
+    m = small_model()
+    x = torch.randn(2, 1, *SHAPE)
+    for layer in ("block1.norm", "block2.act", "block3.pool", "classifier"):
+        a = capture_activations(m, x, [layer], truncate=True)[layer]
+        b = capture_activations(m, x, [layer], truncate=False)[layer]
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layer", ["block1.conv", "block2.norm", "block2.pool", "block3.act"])
+def test_receptive_field_crop_gives_same_activation(layer):
+    m = small_model()
+    x = torch.randn(1, 1, *SHAPE)
+    box, pos = crop_box(m, layer, SHAPE)
+    assert box is not None
+    full = O.neuron(layer, [1])(capture_activations(m, x, [layer]))
+    part = O.neuron(layer, [1], pos)(capture_activations(m, x[(...,) + box], [layer]))
+    assert torch.allclose(full, part, atol=1e-5)
+    n_crop = np.prod([s.stop - s.start for s in box])
+    assert n_crop < np.prod(SHAPE)
+
+
+def test_batched_equals_per_unit():
+    m = small_model()
+    # (with every transform at once, max-pool ties flipped by float-level differences between batch
+    # sizes can make runs drift apart slightly; each piece on its own is batch-invariant)
+    preset = {"param": "fourier", "jitter": 2, "tv": 0.1}
+    seeds = [11, 12, 13]
+    batched = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds)
+    alone = render(m, O.channel("block2.norm", [3]), SHAPE, preset, steps=8, seeds=[12])
+    assert np.allclose(batched.images[1], alone.images[0], atol=2e-4)
+    assert np.isclose(batched.objective_end[1], alone.objective_end[0], rtol=1e-3, atol=1e-4)
+    aff = {"jitter": 2, "scale": 0.05, "rotate": 5}
+    b2 = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, aff, steps=8, seeds=seeds)
+    a2 = render(m, O.channel("block2.norm", [3]), SHAPE, aff, steps=8, seeds=[12])
+    assert np.allclose(b2.images[1], a2.images[0], atol=2e-4)
+    again = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds)
+    assert np.array_equal(batched.images, again.images)  # reproducible
+
+
+def test_objectives_compose_and_increase():
+    m = small_model()
+    obj = O.channel("block2.norm", [0, 1]) - 0.5 * O.channel("block1.norm", [2, 2])
+    res = render(m, obj, SHAPE, {"l2": 0.01}, steps=15, seeds=[1, 2])
+    assert np.all(res.objective_end > res.objective_start)
+    assert res.trajectory.shape[1] == 2
+    neg = render(m, -O.class_logit([1]), SHAPE, {}, steps=10, seeds=[1])
+    assert neg.objective_end[0] > neg.objective_start[0]
+
+
+def test_works_on_foreign_models():
+    seq = nn.Sequential(nn.Conv3d(1, 6, 3, padding=1), nn.ELU(), nn.MaxPool3d(2), nn.Conv3d(6, 4, 3, padding=1))
+
+    class Net(nn.Module):  # MONAI-style nesting: encoder.layers.N
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Module()
+            self.encoder.layers = seq
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder.layers(x).mean((2, 3, 4)))
+
+    net = Net().eval()
+    layer, ch = parse_unit("encoder.layers.3:2")
+    res = render(net, O.channel(layer, [ch, 0]), (16, 16, 16), {"jitter": 1}, steps=10, seeds=[0, 1])
+    assert res.images.shape == (2, 16, 16, 16) and np.all(res.objective_end > res.objective_start)
+    res = render(seq.eval(), O.neuron("3", [1]), (16, 16, 16), {}, steps=5, seeds=[0])
+    assert res.box is not None
+
+
+def test_bad_units_are_explained():
+    m = small_model()
+    with pytest.raises(UnitError, match="layer 'block9.conv' is not in the model.*block1.conv"):
+        render(m, O.channel("block9.conv", [0]), SHAPE, {}, steps=1, seeds=[0])
+    with pytest.raises(UnitError, match=r"channels \[8\] out of range for layer 'block2.conv', which has 8"):
+        render(m, O.channel("block2.conv", [8]), SHAPE, {}, steps=1, seeds=[0])
+    with pytest.raises(UnitError, match="layer:channel"):
+        parse_unit("block2.conv")
+
+
+def test_visualize_layer_table():
+    m = small_model()
+    mask = np.ones(SHAPE, bool)
+    real = [np.random.default_rng(i).normal(size=SHAPE).astype(np.float32) for i in range(4)]
+    imgs, rows, traj, res = visualize_layer(
+        m, "block2.norm", [0, 2], {"param": "maco", "jitter": 1}, shape=SHAPE, mask=mask, real_volumes=real,
+        test_volumes=real, seed=1, task="t", regularizer="maco", steps=6, n_seeds=2, record_every=2)
+    assert imgs.shape == (2,) + SHAPE and res.info["batch"] == 4
+    assert rows["unit"] == [0, 2] and all(-1 <= s <= 1 for s in rows["stability"])
+    assert all(np.isfinite(rows["real_max"])) and all(0 <= e <= 1 for e in rows["energy_inside_mask"])
+    assert len(traj["step"]) == 2 * len(res.trajectory_steps)
