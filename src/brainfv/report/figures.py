@@ -100,31 +100,43 @@ def cohort_qc_figure(dataset_dir, path, n_per_sex=3):
 
 
 def lesion_examples_figure(dataset_dir, path, n=4):
-    """Lesioned subjects (mask overlay, slices through a lesion) and lesion-free ones."""
+    """Lesioned volumes (mask overlay, slices through a lesion), and lesion-free ones at the same slices.
+
+    With matched pairs, the lesion-free rows are the twins of the first lesioned subjects.
+    """
     import pandas as pd
 
     from ..data.store import Dataset, open_volumes
 
     ds = Dataset(dataset_dir)
     parts = ds.participants
+    if "volume_id" not in parts:
+        parts["volume_id"] = parts["subject"]
     les = pd.read_csv(ds.root / "lesions.tsv", sep="\t", dtype={"subject": str})
+    if "volume_id" not in les:
+        les["volume_id"] = les["subject"]
     vols = ds.volumes
     masks = open_volumes(ds.root / "lesion_masks.npy")
     with_les = parts[parts["n_lesions"] > 0].head(n)
-    without = parts[parts["n_lesions"] == 0].head(max(1, n // 2))
+    twins = parts[(parts["n_lesions"] == 0) & parts["subject"].isin(with_les["subject"])].head(max(1, n // 2))
+    if len(twins) == 0:
+        twins = parts[parts["n_lesions"] == 0].head(max(1, n // 2))
+    centre_of = {}
     vlist, olist, titles, centres = [], [], [], []
-    for r in pd.concat([with_les, without]).itertuples():
+    for r in pd.concat([with_les, twins]).itertuples():
         vlist.append(np.asarray(vols[int(r.index)]))
         olist.append(np.asarray(masks[int(r.index)]).astype(np.float32))
-        sub_les = les[les["subject"] == r.subject]
+        sub_les = les[les["volume_id"] == r.volume_id]
         if len(sub_les):
             first = sub_les.iloc[0]
-            centres.append((int(first.i), int(first.j), int(first.k)))
-            titles.append(f"{r.subject}: {r.n_lesions}× {r.lesion_shapes.split(',')[0]}…\n"
-                          f"label {r.lesion}")
+            c = (int(first.i), int(first.j), int(first.k))
+            centre_of[r.subject] = c
+            shapes = ", ".join(sub_les["shape"].tolist())
+            titles.append(f"{r.subject}: {r.lesion}\n{len(sub_les)} lesion(s): {shapes}")
         else:
-            centres.append(tuple(s // 2 for s in vlist[-1].shape))
-            titles.append(f"{r.subject}: label {r.lesion}")
+            c = centre_of.get(r.subject, tuple(s // 2 for s in vlist[-1].shape))
+            titles.append(f"{r.subject}: {r.lesion}\n(same slices, no lesion)")
+        centres.append(c)
     label = str(parts["cohort"].iloc[0])
     return subject_montage(vlist, titles, path, f"Artificial lesions — {label} — red: lesion mask",
                            overlays=olist, centres=centres)
