@@ -191,3 +191,12 @@ def test_visualize_layer_table():
     assert rows["unit"] == [0, 2] and all(-1 <= s <= 1 for s in rows["stability"])
     assert all(np.isfinite(rows["real_max"])) and all(0 <= e <= 1 for e in rows["energy_inside_mask"])
     assert len(traj["step"]) == 2 * len(res.trajectory_steps)
+
+
+def test_init_from_mean_volume():
+    m = small_model()
+    real = [np.random.default_rng(i).normal(size=SHAPE).astype(np.float32) for i in range(3)]
+    imgs, rows, _, res = visualize_layer(
+        m, "block1.norm", [0], {"init": "volume", "init_std": 0.0}, shape=SHAPE, mask=np.ones(SHAPE, bool),
+        real_volumes=real, test_volumes=[], seed=1, task="t", regularizer="mean", steps=1, n_seeds=1, lr=1e-6)
+    assert corr(imgs[0], np.mean(real, 0)) > 0.999

@@ -60,7 +60,7 @@ def cohort(tmp_path_factory):
 
 def test_synthesize_lesions(cohort, tmp_path):
     cdir, cfg = cohort
-    cfg = {**cfg, "lesions": {**cfg["lesions"], "diameter_mm": [8, 12], "count": [1, 2]}}
+    cfg = {**cfg, "lesions": {**cfg["lesions"], "diameter_mm": [8, 12], "count": [1, 2], "paired": False}}
     parts = synthesize_lesions(cdir, cfg, tmp_path)
     les = pd.read_csv(tmp_path / "lesions.tsv", sep="\t", dtype={"subject": str})
     # labels balanced within each split
@@ -94,3 +94,19 @@ def test_shape_labelling(cohort, tmp_path):
     parts = synthesize_lesions(cdir, cfg, tmp_path)
     assert set(parts["lesion"]) == {"sphere", "cross"}
     assert (parts["lesion_shapes"] == parts["lesion"]).all()
+
+
+def test_matched_pairs(cohort, tmp_path):
+    """Paired presence labelling: every subject once without and once with lesions, same split."""
+    cdir, cfg = cohort
+    cfg = {**cfg, "lesions": {**cfg["lesions"], "paired": True, "diameter_mm": [8, 12], "count": [1, 2]}}
+    parts = synthesize_lesions(cdir, cfg, tmp_path)
+    cohort_parts = Dataset(cdir).participants
+    assert len(parts) == 2 * len(cohort_parts)
+    for sub, g in parts.groupby("subject"):
+        assert sorted(g["lesion"]) == ["absent", "present"] and g["split"].nunique() == 1
+        absent = g[g["lesion"] == "absent"].iloc[0]
+        assert np.array_equal(np.asarray(Dataset(tmp_path).volumes[absent["index"]]),
+                              np.asarray(Dataset(cdir).volumes[absent["cohort_index"]]))
+    les = pd.read_csv(tmp_path / "lesions.tsv", sep="\t", dtype={"subject": str})
+    assert les["volume_id"].str.endswith("_present").all()

@@ -158,10 +158,23 @@ def test_tiny_study_end_to_end(tmp_path):
     assert img.shape == ref.shape + (2,) and (img.affine == ref.affine).all()
     # a single unit on request: same seeds, so the same volume as in the batched job
     target = res / "featviz/lesion/block2.norm/fourier/unit-1.nii.gz"
-    smk("--cores", "2", "--configfile", "config/test.yaml", "--config", f"results={res}", str(target))
+    smk(str(target), "--cores", "2", "--configfile", "config/test.yaml", "--config", f"results={res}")
     import numpy as np
 
     assert np.allclose(nib.load(target).get_fdata()[..., 0], img.get_fdata()[..., 1], atol=1e-3)
+    # the report: every figure listed in the HTML
+    report = tmp_path / "report.html"
+    smk("--report", str(report), "--configfile", "config/test.yaml", "--config", f"results={res}")
+    html = report.read_text(errors="replace")
+    for fig in ("metrics.png", "trajectories.png", "models.png", "featviz_lesion_classifier.png", "qc.png",
+                "examples.png", "learning_curve.png"):
+        assert fig in html, fig
+    for fig in res.glob("report/*.png"):
+        from matplotlib.image import imread
+
+        assert imread(fig).shape[0] > 200, fig
+    table = __import__("pandas").read_csv(res / "report/comparison.tsv", sep="\t")
+    assert set(table["regularizer"]) == {"fourier", "maco"} and table["lesion_ncc"].notna().any()
     # nothing to do on a rerun (cached outputs)
     p = smk("-n", "--configfile", "config/test.yaml", "--config", f"results={res}")
     assert "Nothing to be done" in p.stdout + p.stderr

@@ -62,8 +62,11 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     seeds = unit_seeds(seed, task, layer, regularizer, units, n_seeds)
     channels = units * n_seeds
     obj = make_objective(layer, channels, objective)
+    init_volume = None
+    if (preset or {}).get("init") == "volume":  # start from the mean training image
+        init_volume = np.mean([np.asarray(v, np.float32) for v in real_volumes], axis=0)
     res = render(model, obj, shape, preset, steps=steps, lr=lr, seeds=seeds, device=device, mask=mask,
-                 real_volumes=real_volumes, log=log, record_every=record_every)
+                 real_volumes=real_volumes, init_volume=init_volume, log=log, record_every=record_every)
     n = len(units)
     imgs = res.images.reshape(n_seeds, n, *shape)
     real = real_activations(model, test_volumes, layer, units, objective, device) if len(test_volumes) else None

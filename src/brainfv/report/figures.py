@@ -39,11 +39,11 @@ def slices_at(vol, centre):
     return [vol[i, :, :].T, vol[:, j, :].T, vol[:, :, k].T]
 
 
-def orthoslices(axes, vol, centre, cmap="gray", vmin=None, vmax=None, overlay=None, overlay_cmap="autumn_r",
+def orthoslices(axes, vol, centre, cmap="gray", vmin=None, vmax=None, overlay=None, overlay_color="red",
                 outline=None):
     """Draw sagittal/coronal/axial slices of ``vol`` on three ``axes``.
 
-    ``overlay`` (same shape, e.g. a lesion mask) is drawn semi-transparently where > 0;
+    ``overlay`` (same shape, e.g. a lesion mask) is outlined in ``overlay_color``;
     ``outline`` (a brain mask) is drawn as a contour for orientation.
     """
     ims = []
@@ -51,9 +51,8 @@ def orthoslices(axes, vol, centre, cmap="gray", vmin=None, vmax=None, overlay=No
                               slices_at(overlay, centre) if overlay is not None else [None] * 3,
                               slices_at(outline, centre) if outline is not None else [None] * 3):
         ims.append(ax.imshow(sl, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest"))
-        if ol is not None:
-            ax.imshow(np.ma.masked_where(ol <= 0, ol), origin="lower", cmap=overlay_cmap, alpha=0.6,
-                      vmin=0, vmax=1, interpolation="nearest")
+        if ol is not None and (ol > 0.5).any():  # outline, so the lesion itself stays visible
+            ax.contour(ol.astype(float), levels=[0.5], colors=[overlay_color], linewidths=1.0)
         if om is not None:
             ax.contour(om.astype(float), levels=[0.5], colors="0.6", linewidths=0.6)
         ax.set_xticks([])
@@ -138,7 +137,7 @@ def lesion_examples_figure(dataset_dir, path, n=4):
             titles.append(f"{r.subject}: {r.lesion}\n(same slices, no lesion)")
         centres.append(c)
     label = str(parts["cohort"].iloc[0])
-    return subject_montage(vlist, titles, path, f"Artificial lesions — {label} — red: lesion mask",
+    return subject_montage(vlist, titles, path, f"Artificial lesions — {label} — red outline: lesion mask",
                            overlays=olist, centres=centres)
 
 
