@@ -17,6 +17,7 @@ venv: $(BIN)/.installed
 
 study: venv
 	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --report results/report.html
 
 test: venv
 	$(BIN)/python -m pytest tests

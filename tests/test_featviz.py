@@ -200,3 +200,12 @@ def test_init_from_mean_volume():
         m, "block1.norm", [0], {"init": "volume", "init_std": 0.0}, shape=SHAPE, mask=np.ones(SHAPE, bool),
         real_volumes=real, test_volumes=[], seed=1, task="t", regularizer="mean", steps=1, n_seeds=1, lr=1e-6)
     assert corr(imgs[0], np.mean(real, 0)) > 0.999
+
+
+def test_micro_batches_do_not_change_the_result():
+    m = small_model()
+    preset = {"param": "fourier", "jitter": 1, "tv": 0.1}
+    a = render(m, O.channel("block2.norm", [0, 1, 2]), SHAPE, preset, steps=5, seeds=[4, 5, 6], micro_batch=1)
+    b = render(m, O.channel("block2.norm", [0, 1, 2]), SHAPE, preset, steps=5, seeds=[4, 5, 6], micro_batch=3)
+    assert np.allclose(a.images, b.images, atol=2e-4)
+    assert np.allclose(a.objective_end, b.objective_end, rtol=1e-3, atol=1e-4)

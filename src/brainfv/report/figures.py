@@ -241,7 +241,8 @@ def metrics_figure(table, path, metrics=None):
     import seaborn as sns
 
     metrics = metrics or [m for m in ("activation_ratio", "stability", "lesion_ncc", "effect_corr", "tv_ratio",
-                                      "hf_ratio", "energy_inside_mask") if m in table and table[m].notna().any()]
+                                      "hf_ratio", "energy_inside_mask")
+                          if m in table and table[m].notna().any() and np.nanstd(table[m].to_numpy(float)) > 1e-9]
     tasks = list(dict.fromkeys(table["task"]))
     regs = list(dict.fromkeys(table["regularizer"]))
     sns.set_theme(style="whitegrid", context="paper")
@@ -272,7 +273,7 @@ def metrics_figure(table, path, metrics=None):
         lg.set_title("layer")
         sns.move_legend(lg.axes, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.suptitle("Regularizer comparison: each point is one unit's visualization")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     sns.reset_orig()
     return save(fig, path)
 
@@ -304,7 +305,7 @@ def trajectories_figure(traj, table, path):
     if lg is not None:
         sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.suptitle("Activation during optimisation (median and interquartile range over units; dotted: best real volume)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     sns.reset_orig()
     return save(fig, path)
 
