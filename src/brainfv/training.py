@@ -70,8 +70,10 @@ class VolumeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if self._mm is None:  # opened lazily, once per worker process
-            self._mm = np.load(self.path, mmap_mode="r")
-        vol = np.array(self._mm[self.rows[i]], dtype=np.float32)
+            from .data.store import VolumeReader
+
+            self._mm = VolumeReader(self.path)
+        vol = np.asarray(self._mm[self.rows[i]], dtype=np.float32)
         if self.augment:
             vol = _augment(vol, self.augment, np.random.default_rng(stable_seed(self.seed, self.epoch, self.rows[i])))
         return torch.from_numpy(vol)[None], int(self.labels[i])

@@ -2,12 +2,13 @@
 
 A dataset folder holds::
 
-    volumes.npy        float32 (n_subjects, X, Y, Z), read lazily (np.load(mmap_mode="r"))
+    volumes.npy        float32 (n_subjects, X, Y, Z), a standard .npy read one volume at a time
     participants.tsv   one row per subject; ``index`` is the row in volumes.npy
     reference.nii.gz   the grid (its affine is the study grid), the mean image
     mask.nii.gz        the brain mask on the grid
 
-Memory use does not depend on the number of subjects: writers hold one volume.
+Memory use does not depend on the number of subjects: writers and readers hold one volume (plain
+positioned file I/O, not memory maps, whose touched pages would count as process memory).
 """
 from __future__ import annotations
 
@@ -18,14 +19,16 @@ import numpy as np
 
 from ..errors import InputDataError
 
-__all__ = ["VolumeWriter", "open_volumes", "Dataset"]
+__all__ = ["VolumeWriter", "VolumeReader", "open_volumes", "Dataset"]
 
 
 class VolumeWriter:
     """Write ``n`` volumes of ``shape`` into ``path`` (``.npy``) one at a time, atomically.
 
-    The file appears at ``path`` only after :meth:`close` succeeded; if fewer
-    than ``n`` rows were kept (skipped subjects) the file is compacted.
+    Volumes are appended with plain file writes (no memory map), so the writer's memory does not
+    grow with the number of subjects. The file appears at ``path`` only after :meth:`close`
+    succeeded; if fewer than ``n`` volumes were written (skipped subjects) it is rewritten with the
+    right header, copying volume by volume.
     """
 
     def __init__(self, path, n, shape, dtype=np.float32):
@@ -34,37 +37,36 @@ class VolumeWriter:
         self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}.npy")
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
-        self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=(n,) + self.shape)
+        self.n = int(n)
+        self.fh = open(self.tmp, "wb")
+        _write_header(self.fh, (self.n,) + self.shape, self.dtype)
         self.n_written = 0
 
     def append(self, vol):
         vol = np.asarray(vol)
         if vol.shape != self.shape:
             raise ValueError(f"volume shape {vol.shape} != store shape {self.shape}")
-        self.mm[self.n_written] = vol.astype(self.dtype, copy=False)
+        if self.n_written >= self.n:
+            raise ValueError(f"store {self.path} holds {self.n} volumes; cannot append more")
+        self.fh.write(np.ascontiguousarray(vol, dtype=self.dtype).tobytes())
         self.n_written += 1
         return self.n_written - 1
 
     def close(self):
-        n_alloc = self.mm.shape[0]
-        self.mm.flush()
-        if self.n_written < n_alloc:
+        self.fh.close()
+        if self.n_written < self.n:
+            src = VolumeReader(self.tmp, n=self.n_written)
             compact = self.tmp.with_name(self.tmp.stem + "-c.npy")
-            out = np.lib.format.open_memmap(compact, mode="w+", dtype=self.dtype,
-                                            shape=(self.n_written,) + self.shape)
-            for i in range(self.n_written):
-                out[i] = self.mm[i]
-            out.flush()
-            del out
-            del self.mm
+            with open(compact, "wb") as out:
+                _write_header(out, (self.n_written,) + self.shape, self.dtype)
+                for i in range(self.n_written):
+                    out.write(src[i].tobytes())
             os.replace(compact, self.tmp)
-        else:
-            del self.mm
         os.replace(self.tmp, self.path)
 
     def abort(self):
-        if hasattr(self, "mm"):
-            del self.mm
+        if not self.fh.closed:
+            self.fh.close()
         if self.tmp.exists():
             self.tmp.unlink()
 
@@ -78,12 +80,72 @@ class VolumeWriter:
             self.abort()
 
 
+def _write_header(fh, shape, dtype):
+    np.lib.format.write_array_header_2_0(
+        fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+
+
+class VolumeReader:
+    """Read-only, random access to the volumes of a ``.npy`` store, one volume per read.
+
+    Unlike a memory map, the pages it reads do not stay mapped into the process, so reading every
+    volume of a large cohort does not grow the process's memory. ``reader[i]`` returns a new array.
+    """
+
+    def __init__(self, path, n=None):
+        self.path = str(path)
+        with open(self.path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(fh)
+            self.offset = fh.tell()
+        if fortran:
+            raise InputDataError(f"{path}: Fortran-ordered store is not supported")
+        self.dtype = np.dtype(dtype)
+        self.shape = (int(n) if n is not None else shape[0],) + tuple(shape[1:])
+        self.item_shape = tuple(shape[1:])
+        self.nbytes_item = int(np.prod(self.item_shape)) * self.dtype.itemsize
+        self._fd = None
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"volume {i} out of range (store has {len(self)})")
+        if self._fd is None:  # opened lazily: a reader can be pickled into DataLoader workers
+            self._fd = os.open(self.path, os.O_RDONLY)
+        buf = os.pread(self._fd, self.nbytes_item, self.offset + i * self.nbytes_item)
+        return np.frombuffer(buf, dtype=self.dtype).reshape(self.item_shape).copy()
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_fd"] = None
+        return d
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
 def open_volumes(path):
-    """Open a store's volumes read-only as a memmap (nothing is loaded)."""
+    """Open a store's volumes for reading (:class:`VolumeReader`; nothing is loaded up front)."""
     path = Path(path)
     if not path.exists():
         raise InputDataError(f"volume store not found: {path}")
-    return np.load(path, mmap_mode="r")
+    return VolumeReader(path)
 
 
 class Dataset:
