@@ -83,7 +83,7 @@ def model_targets():
     return [f"{R}/models/{t}/rep-{r}/learning_curve.png" for t in config["tasks"] for r in range(n)]
 
 
-FEATVIZ_PARAM_KEYS = ("task", "layer", "regularizer", "units", "objective", "preset", "steps", "lr", "n_seeds",
+FEATVIZ_PARAM_KEYS = ("only_unit", "task", "layer", "regularizer", "units", "objective", "preset", "steps", "lr", "n_seeds",
                       "n_real", "device", "seed", "dataset_dir")
 
 
@@ -111,14 +111,21 @@ def layer_unit_list(task, layer):
                          where=f"featviz.layers[{layer}].units")
 
 
-def featviz_params(wc, units=None):
+def featviz_params(wc, unit=None):
+    """Params of a visualize job; for one ``unit``, the same request as its layer's job (so the same
+    numbers) with ``only_unit`` telling the script which volume to write, or the unit alone if the
+    config does not list it."""
     spec = layer_spec(wc.task, wc.layer)
     fv = config["featviz"]
+    units = layer_unit_list(wc.task, wc.layer)
+    if unit is not None and unit not in units:
+        units = [unit]
     return {
+        "only_unit": unit,
         "task": wc.task,
         "layer": wc.layer,
         "regularizer": wc.regularizer,
-        "units": units if units is not None else layer_unit_list(wc.task, wc.layer),
+        "units": units,
         "objective": spec.get("objective", "channel"),
         "preset": config["featviz"]["regularizers"][wc.regularizer],
         "steps": fv["steps"],

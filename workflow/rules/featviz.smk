@@ -35,8 +35,9 @@ rule visualize:
 
 
 rule visualize_unit:
-    """One unit alone (same seeds as in the batched job, so the same volume): request
-    results/featviz/{task}/{layer}/{regularizer}/unit-{unit}.nii.gz"""
+    """One unit as a target: results/featviz/{task}/{layer}/{regularizer}/unit-{unit}.nii.gz.
+    A unit listed in the config is computed exactly as in its layer's job (same request, seeds
+    and micro-batches, so the same volume); any other unit of the layer is optimised alone."""
     input:
         model=f"{R}/models/{{task}}/rep-0/model.pt",
         volumes=lambda wc: f"{task_dataset_dir(wc.task)}/volumes.npy",
@@ -44,7 +45,7 @@ rule visualize_unit:
         nifti=f"{FV}/unit-{{unit}}.nii.gz",
         table=f"{FV}/unit-{{unit}}.tsv",
     params:
-        **{k: (lambda wc, k=k: featviz_params(wc, [int(wc.unit)])[k]) for k in FEATVIZ_PARAM_KEYS},
+        **{k: (lambda wc, k=k: featviz_params(wc, int(wc.unit))[k]) for k in FEATVIZ_PARAM_KEYS},
     wildcard_constraints:
         layer=r"[^/]+",
         regularizer=r"[^/]+",

@@ -34,6 +34,10 @@ def main(snakemake, log):
         model, p.layer, p.units, p.preset, shape=grid.shape, mask=ds.mask, real_volumes=real, test_volumes=test,
         seed=p.seed, task=p.task, regularizer=p.regularizer, steps=p.steps, lr=p.lr, n_seeds=p.n_seeds,
         objective=p.objective, device=device, log=log)
+    if p.only_unit is not None:  # visualize_unit: keep the requested unit only
+        j = list(p.units).index(p.only_unit)
+        imgs = imgs[j:j + 1]
+        rows = {k: v[j:j + 1] for k, v in rows.items()}
     img = grid.to_nifti(np.moveaxis(imgs, 0, -1))
     img.header["descrip"] = f"brainfv {p.task} {p.layer} {p.regularizer}"[:79].encode()
     with atomic_path(snakemake.output.nifti) as tmp:

@@ -54,8 +54,10 @@ def _channels(channels, b, device, rows=None):
     if isinstance(channels, int):
         return torch.full((b,), channels, dtype=torch.long, device=device)
     ch = list(channels)
-    if rows is not None:
+    if isinstance(rows, slice):
         ch = ch[rows]
+    elif rows is not None:  # explicit element indices (e.g. a chunk padded with repeats)
+        ch = [ch[r] for r in rows]
     idx = torch.as_tensor(ch, dtype=torch.long, device=device)
     if len(idx) != b:
         raise ValueError(f"{len(idx)} channels for a batch of {b}")

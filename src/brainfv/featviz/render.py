@@ -119,8 +119,10 @@ def render(model, objective, shape, preset=None, steps=256, lr=0.05, seeds=None,
         far less work); the result is placed back into a full-size volume.
     truncate : stop each forward pass at the deepest layer the objective reads.
     micro_batch : evaluate the network on chunks of this many elements per step (default: 2 on the
-        CPU, where small channels-last batches run fastest per volume; the whole batch on CUDA).
-        Elements are independent, so the result does not depend on it.
+        CPU, where channels-last batches of 2 run 2.2x faster per volume than 1 and 1.3x faster than 8;
+        the whole batch on CUDA). Elements are independent: with ``micro_batch=1`` a unit gives
+        bit-identical results alone or in a batch; larger micro-batches use other CPU kernels, whose
+        last-bit differences max-pool ties can amplify over many steps.
     """
     preset = preset if isinstance(preset, Preset) else Preset.from_dict(preset)
     log = log or (lambda m: None)
@@ -204,21 +206,22 @@ def render(model, objective, shape, preset=None, steps=256, lr=0.05, seeds=None,
     for step in range(steps):
         img = image()
         # the network runs on chunks of the batch; gradients meet at the image, then flow into the parameters
-        leaf = img.detach().requires_grad_(True)
+        # (one leaf per chunk: gradients stay chunk-sized instead of materialising the whole batch)
+        leaves = [c.detach().requires_grad_(True) for c in img.split(mb)]
         objs = []
-        for rows in chunks:
-            x = leaf[rows]
+        for rows, leaf in zip(chunks, leaves):
+            x = leaf
             if preset.pre_blur > 0:
                 x = gaussian_blur(x, preset.pre_blur)
             x = jitter(x, preset.jitter, gens[rows])
             x = random_affine(x, gens[rows], preset.scale, preset.rotate)
             obj_c = score(x, rows)
-            loss = -(obj_c - R.penalty(leaf[rows], preset.weights)).sum()
+            loss = -(obj_c - R.penalty(leaf, preset.weights)).sum()
             loss.backward()
             objs.append(obj_c.detach())
         obj = torch.cat(objs)
         opt.zero_grad(set_to_none=True)
-        img.backward(leaf.grad)
+        img.backward(torch.cat([leaf.grad for leaf in leaves]))
         opt.step()
         if preset.blur_every and preset.blur_sigma > 0 and (step + 1) % preset.blur_every == 0 \
                 and hasattr(param, "blur_"):

@@ -14,16 +14,18 @@ __all__ = ["jitter", "random_affine", "gaussian_blur", "gaussian_kernel1d"]
 
 
 def jitter(x, n, gens):
-    """Shift each volume by a random integer offset in ``[-n, n]`` per axis (zeros enter at the border)."""
+    """Shift each volume by a random integer offset in ``[-n, n]`` per axis (zeros enter at the border).
+
+    Implemented as one pad per element whose negative side crops, so the backward pass only touches
+    that element's voxels (slicing a padded batch would materialise a full-size gradient per element).
+    """
     if n <= 0:
         return x
-    xp = F.pad(x, (n,) * 6)
-    X, Y, Z = x.shape[-3:]
     out = []
-    for b, g in enumerate(gens):
-        dx, dy, dz = (int(v) for v in torch.randint(0, 2 * n + 1, (3,), generator=g))
-        out.append(xp[b, :, dx:dx + X, dy:dy + Y, dz:dz + Z])
-    return torch.stack(out)
+    for xb, g in zip(x.split(1), gens):
+        dx, dy, dz = (int(v) - n for v in torch.randint(0, 2 * n + 1, (3,), generator=g))
+        out.append(F.pad(xb, (dz, -dz, dy, -dy, dx, -dx)))
+    return torch.cat(out)
 
 
 def random_affine(x, gens, scale=0.0, degrees=0.0):
