@@ -138,10 +138,21 @@ def featviz_params(wc, unit=None):
     }
 
 
+def regularizer_names():
+    """The presets to run: featviz.run_regularizers (checked) or every preset."""
+    fv = config["featviz"]
+    names = fv.get("run_regularizers") or list(fv["regularizers"])
+    unknown = [n for n in names if n not in fv["regularizers"]]
+    if unknown:
+        raise ValueError(f"config key featviz.run_regularizers: unknown presets {unknown}; "
+                         f"presets: {list(fv['regularizers'])}")
+    return names
+
+
 def featviz_entries():
     """One dict per visualization job: task, layer, regularizer."""
     return [{"task": t, "layer": s["layer"], "regularizer": r} for t in config["tasks"] for s in task_layers(t)
-            for r in config["featviz"]["regularizers"]]
+            for r in regularizer_names()]
 
 
 def grid_keys():
@@ -154,7 +165,7 @@ def replicates():
 
 def featviz_targets():
     return [f"{R}/featviz/{t}/{s['layer']}/{r}/units.tsv" for t in config["tasks"] for s in task_layers(t)
-            for r in config["featviz"]["regularizers"]]
+            for r in regularizer_names()]
 
 
 def data_targets():
