@@ -60,5 +60,9 @@ def test_tiny_study_on_slurm_matches_local(tmp_path):
             assert np.array_equal(np.load(a), np.load(b)), rel
         elif rel.name.endswith(".nii.gz"):
             assert np.allclose(nib.load(a).get_fdata(), nib.load(b).get_fdata(), atol=1e-4), rel
-        elif rel.suffix == ".tsv" and "featviz" not in rel.parts and rel.name not in ("comparison.tsv", "summary.tsv"):
-            assert a.read_text() == b.read_text(), rel
+        elif rel.suffix == ".tsv":
+            import pandas as pd
+
+            timing = ["seconds", "samples_per_s", "steps_per_s"]  # wall-clock columns legitimately differ
+            ta, tb = (pd.read_csv(f, sep="\t").drop(columns=timing, errors="ignore") for f in (a, b))
+            pd.testing.assert_frame_equal(ta, tb, check_exact=False, rtol=1e-4, atol=1e-4, obj=str(rel))
