@@ -246,11 +246,10 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
     log(f"task {task} (replicate {replicate}): target {target!r}, classes {classes}, n per class {counts}, "
         f"device {device}, grid {grid.shape}")
 
-    def loader(split, augment, shuffle_epoch=None):
+    def loader(split, augment):
         d = splits[split]
-        dset = VolumeDataset(vol_path, d["index"].to_numpy(), d["y"].to_numpy(),
+        return VolumeDataset(vol_path, d["index"].to_numpy(), d["y"].to_numpy(),
                              tr["augment"] if augment else None, run_seed)
-        return dset
 
     train_set = loader("train", True)
     eval_kw = dict(batch_size=tr["batch_size"], num_workers=tr["num_workers"], pin_memory=amp)

@@ -22,6 +22,7 @@ from ..errors import ConfigError, InputDataError
 from ..utils import atomic_path, get_logger, Progress, stable_seed
 from .grid import Grid, load_volume
 from .store import VolumeWriter
+from .template import template_on_grid
 
 __all__ = ["normalise", "assign_splits", "map_sex", "bids_records", "csv_records", "prepare_cohort",
            "DEFAULT_SEX_CODING"]
@@ -271,7 +272,7 @@ def prepare_cohort(cfg, out_dir, log=None):
     seed = int(cfg["seed"])
     source = ccfg["source"]
     log(f"cohort source={source}; grid {grid.shape} at {grid.voxel_size} mm ({grid.n_voxels} voxels)")
-    tpl = template_on_grid_cached(grid)
+    tpl = template_on_grid(grid)
     coding = ccfg.get("sex_coding") or DEFAULT_SEX_CODING
     on_missing = ccfg.get("on_missing", "error")
     qc_rows = []
@@ -379,13 +380,3 @@ def _empirical_effect(volumes_path, parts):
         means[sex] = acc / max(len(idx), 1)
     return (means["M"] - means["F"]).astype(np.float32)
 
-
-_TPL_CACHE = {}
-
-
-def template_on_grid_cached(grid):
-    from .template import template_on_grid
-
-    if grid not in _TPL_CACHE:
-        _TPL_CACHE[grid] = template_on_grid(grid)
-    return _TPL_CACHE[grid]

@@ -104,7 +104,7 @@ class SyntheticCohort:
         aff = self.grid.affine
         subj = tio.Subject(
             t1=tio.ScalarImage(tensor=torch.from_numpy(t1[None]), affine=aff),
-            wm=tio.ScalarImage(tensor=torch.from_numpy(self.tpl["wm"][None]), affine=aff),
+            wm=tio.ScalarImage(tensor=torch.from_numpy(self.tpl["wm"][None].copy()), affine=aff),
             mask=tio.ScalarImage(tensor=torch.from_numpy(self.tpl["mask"][None].astype(np.float32)), affine=aff),
         )
         transforms = [tio.Affine(scales=(scale,) * 3, degrees=degrees, translation=translation,

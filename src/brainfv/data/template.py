@@ -19,10 +19,12 @@ def _template_1mm():
     return t1, gm, wm, mask
 
 
+@functools.lru_cache(maxsize=4)
 def template_on_grid(grid):
     """The template T1 (0..1), GM and WM probabilities and the brain mask on ``grid``.
 
-    Returns a dict of float32 arrays ``t1, gm, wm`` and a bool array ``mask``.
+    Returns a dict of float32 arrays ``t1, gm, wm`` and a bool array ``mask`` (cached per grid:
+    treat as read-only).
     """
     t1, gm, wm, mask = _template_1mm()
     out = {

@@ -34,18 +34,15 @@ def unit_seeds(seed, task, layer, regularizer, units, n_seeds):
 
 @torch.no_grad()
 def real_activations(model, volumes, layer, units, kind="channel", device="cpu", batch=4):
-    """Objective values of ``units`` on real volumes: array (n_volumes, n_units)."""
+    """Objective values of ``units`` on real volumes: array (n_volumes, n_units), one forward per batch."""
+    from .units import capture_activations
+
+    objs = [make_objective(layer, u, kind) for u in units]
     out = []
     for i in range(0, len(volumes), batch):
         x = torch.as_tensor(np.stack([np.asarray(v, np.float32) for v in volumes[i:i + batch]]))[:, None]
-        x = x.to(device)
-        vals = []
-        for u in units:
-            obj = make_objective(layer, u, kind)
-            from .units import capture_activations
-
-            vals.append(obj(capture_activations(model, x, [layer])).float().cpu().numpy())
-        out.append(np.stack(vals, 1))
+        acts = capture_activations(model, x.to(device), [layer])
+        out.append(np.stack([o(acts).float().cpu().numpy() for o in objs], 1))
     return np.concatenate(out)
 
 

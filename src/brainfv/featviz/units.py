@@ -118,8 +118,6 @@ def receptive_field(model, layer, input_shape, device="cpu"):
                 stride[a] *= s[a]
         elif not isinstance(m, pointwise):
             return None
-        if name == layer or name.startswith(layer + "."):
-            pass
     return tuple(zip(size, stride, offset))
 
 
