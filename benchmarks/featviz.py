@@ -6,6 +6,7 @@
     straightforward per-unit loop that runs the full network with a forward hook, one unit at a time
     (how Lucent works), for the same units, steps and preset; for a mid-level layer with 8 units and for
     an early layer's neurons with receptive-field cropping;
+(c) time per step of the same request at CPU micro-batch sizes 1, 2 and 8 (the default is 2);
 (b) the loop's overhead: time per step of ``render`` versus the bare forward+backward of the truncated
     network on the same batch (transforms, parametrisation and regularizers should cost <= 25 % extra).
 """
@@ -102,6 +103,11 @@ def main():
                                        real_volumes=real))
         print(f"(b) {layer}, batch {len(units)}, {name} {preset}: {1000 * loop / a.steps:.0f} ms/step vs bare "
               f"truncated forward+backward {1000 * base / a.steps:.0f} ms/step -> overhead {100 * (loop / base - 1):+.0f}%")
+    preset = {"param": "fourier", "jitter": 2}
+    times = {mb: timed(lambda: render(model, O.channel(layer, units), SHAPE, preset, steps=a.steps, seeds=units,
+                                      micro_batch=mb))[0] for mb in (1, 2, 8)}
+    print(f"(c) {layer}, batch {len(units)}, micro-batch 1/2/8: "
+          + " / ".join(f"{1000 * t / a.steps:.0f}" for t in times.values()) + " ms/step")
 
 
 if __name__ == "__main__":
