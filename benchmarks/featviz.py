@@ -8,7 +8,7 @@
     an early layer's neurons with receptive-field cropping;
 (c) time per step of the same request at CPU micro-batch sizes 1, 2 and 8 (the default is 2);
 (b) the loop's overhead: time per step of ``render`` versus the bare forward+backward of the truncated
-    network on the same batch (transforms, parametrisation and regularizers should cost <= 25 % extra).
+    (and simplified, see ``brainfv.featviz.simplify``) network on the same batch (transforms, parametrisation and regularizers should cost <= 25 % extra).
 """
 import argparse
 import sys
@@ -58,6 +58,7 @@ def main():
 
     from brainfv.featviz import objectives as O
     from brainfv.featviz import render
+    from brainfv.featviz.simplify import simplify_for_featviz
     from brainfv.featviz.units import capture_activations
     from brainfv.models import build_model, load_checkpoint
 
@@ -87,7 +88,8 @@ def main():
     # (b) overhead of the loop vs the bare truncated forward+backward on the same batch
     layer, units = "block3.norm", list(range(8))
     x = torch.randn((len(units), 1) + SHAPE).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
-    cl = model.to(memory_format=torch.channels_last_3d)
+    cl, _ = simplify_for_featviz(model, keep=[layer])  # the network the loop runs (BatchNorm folded, ...)
+    cl = cl.to(memory_format=torch.channels_last_3d)
 
     def bare():  # the same micro-batches of 2 as the loop, nothing else
         for _ in range(a.steps):

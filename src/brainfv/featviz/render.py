@@ -1,6 +1,7 @@
 """The optimisation loop: all units of a request in one batch, truncated forward, seeded per unit."""
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field, fields
 
@@ -9,6 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from . import regularizers as R
+from .simplify import simplify_for_featviz
 from .param import build_param, mean_amplitude_spectrum
 from .transforms import gaussian_blur, jitter, random_affine
 from .units import capture_activations, check_channels, receptive_field
@@ -102,12 +104,12 @@ def crop_box(model, layer, input_shape, position=None, device="cpu"):
 
 def render(model, objective, shape, preset=None, steps=256, lr=0.05, seeds=None, device=None, mask=None,
            real_volumes=None, init_volume=None, crop=True, record_every=8, log=None, amp=None,
-           truncate=True, verify_crop=True, micro_batch=None):
+           truncate=True, verify_crop=True, micro_batch=None, simplify=True):
     """Optimise one input volume per batch element to maximise ``objective``.
 
     Parameters
     ----------
-    model : nn.Module taking ``(B, 1, X, Y, Z)``; put in eval mode, weights frozen.
+    model : nn.Module taking ``(B, 1, X, Y, Z)``; a frozen eval-mode copy is optimised against.
     objective : :class:`~brainfv.featviz.objectives.Objective` (its channel list sets the batch size).
     shape : (X, Y, Z) input shape.
     preset : :class:`Preset` or dict.
@@ -123,6 +125,9 @@ def render(model, objective, shape, preset=None, steps=256, lr=0.05, seeds=None,
         the whole batch on CUDA). Elements are independent: with ``micro_batch=1`` a unit gives
         bit-identical results alone or in a batch; larger micro-batches use other CPU kernels, whose
         last-bit differences max-pool ties can amplify over many steps.
+    simplify : run a simplified copy of the network (BatchNorm folded into convolutions, activations
+        moved after max-pooling; see :mod:`~brainfv.featviz.simplify`): the same activations at the
+        objective's layers for less work. The caller's model is not modified either way.
     """
     preset = preset if isinstance(preset, Preset) else Preset.from_dict(preset)
     log = log or (lambda m: None)
@@ -131,10 +136,14 @@ def render(model, objective, shape, preset=None, steps=256, lr=0.05, seeds=None,
     channels = objective.info.get("channels")
     B = len(seeds) if seeds is not None else (len(channels) if channels is not None and not isinstance(channels, int) else 1)
     seeds = list(seeds) if seeds is not None else list(range(B))
+    layer = objective.info.get("layer")
+    if simplify:
+        model, _ = simplify_for_featviz(model, keep=objective.layers, log=log)
+    else:
+        model = copy.deepcopy(model).eval()
     model = model.eval().to(memory_format=torch.channels_last_3d)
     for p in model.parameters():
         p.requires_grad_(False)
-    layer = objective.info.get("layer")
     if layer is not None and channels is not None:
         check_channels(model, layer, [channels] if isinstance(channels, int) else channels,
                        (1,) + tuple(shape), device)
