@@ -1,6 +1,6 @@
 """Feature-visualization speed, measured in one run and printed as ratios.
 
-    .venv/bin/python benchmarks/featviz.py [--model results/models/lesion/rep-0/model.pt] [--steps 20]
+    .venv/bin/python benchmarks/featviz.py [--model results/models/lesion/rep-0/model.pt] [--steps 20] [--repeats 3]
 
 (a) brainfv's batched loop (all units in one batch, forward truncated at the target layer) versus a
     straightforward per-unit loop that runs the full network with a forward hook, one unit at a time
@@ -44,13 +44,25 @@ def lucent_style(model, layer, units, steps, neuron=False, lr=0.05, seed=0):
         h.remove()
 
 
-def timed(fn, repeats=3):
-    ts = []
+def interleaved(fns, steps, repeats=3, warmup_steps=2):
+    """Time ``fn(steps)`` for each named fn, one of each per round after a short warm-up round (first calls
+    pay for kernel selection and allocation); returns ``{name: median seconds}`` and the per-round times."""
+    for fn in fns.values():
+        fn(warmup_steps)
+    rounds = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)), ts
+        r = {}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(steps)
+            r[name] = time.perf_counter() - t0
+        rounds.append(r)
+    return {n: float(np.median([r[n] for r in rounds])) for n in fns}, rounds
+
+
+def median_ratio(rounds, num, den):
+    """Median over rounds of ``num / den`` measured in the same round (robust to a noisy shared machine)."""
+    return float(np.median([r[num] / r[den] for r in rounds]))
 
 
 def main():
@@ -66,6 +78,7 @@ def main():
     ap.add_argument("--model", default=str(ROOT / "results/models/lesion/rep-0/model.pt"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if Path(a.model).exists():
@@ -76,40 +89,53 @@ def main():
         model, src = build_model({}).eval(), "random weights"
     for p in model.parameters():
         p.requires_grad_(False)
-    print(f"model: {src}; grid {SHAPE}; {a.steps} steps; {a.threads} threads; medians of 3 runs")
+    print(f"model: {src}; grid {SHAPE}; {a.steps} steps; {a.threads} threads; after a warm-up round, "
+          f"{a.repeats} interleaved rounds: medians, and median of the per-round ratios")
     cases = [("block3.norm", list(range(8)), False), ("block1.norm", list(range(8)), True)]
     for layer, units, neuron in cases:
         obj = (O.neuron if neuron else O.channel)(layer, units)
-        ours, _ = timed(lambda: render(model, obj, SHAPE, {}, steps=a.steps, seeds=units))
-        theirs, _ = timed(lambda: lucent_style(model, layer, units, a.steps, neuron), repeats=1 if neuron else 3)
+        fns = {"brainfv": lambda n: render(model, obj, SHAPE, {}, steps=n, seeds=units),
+               "per-unit": lambda n: lucent_style(model, layer, units, n, neuron)}
+        if not neuron:  # what the network simplification (brainfv.featviz.simplify) contributes
+            fns["unsimplified"] = lambda n: render(model, obj, SHAPE, {}, steps=n, seeds=units, simplify=False)
+        med, rounds = interleaved(fns, a.steps, a.repeats)
         kind = "neuron objective, receptive-field crop" if neuron else "channel objective"
-        print(f"(a) {layer}, {len(units)} units, {kind}: brainfv {ours:.2f}s vs per-unit full network "
-              f"{theirs:.2f}s -> {theirs / ours:.1f}x faster")
+        print(f"(a) {layer}, {len(units)} units, {kind}: brainfv {med['brainfv']:.2f}s vs per-unit full network "
+              f"{med['per-unit']:.2f}s -> {median_ratio(rounds, 'per-unit', 'brainfv'):.1f}x faster")
+        if not neuron:
+            print(f"    without the network simplification: {med['unsimplified']:.2f}s -> "
+                  f"{median_ratio(rounds, 'per-unit', 'unsimplified'):.1f}x; simplification alone "
+                  f"{median_ratio(rounds, 'unsimplified', 'brainfv'):.2f}x")
     # (b) overhead of the loop vs the bare truncated forward+backward on the same batch
     layer, units = "block3.norm", list(range(8))
     x = torch.randn((len(units), 1) + SHAPE).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
     cl, _ = simplify_for_featviz(model, keep=[layer])  # the network the loop runs (BatchNorm folded, ...)
     cl = cl.to(memory_format=torch.channels_last_3d)
 
-    def bare():  # the same micro-batches of 2 as the loop, nothing else
-        for _ in range(a.steps):
+    def bare(n):  # the same micro-batches of 2 as the loop, nothing else
+        for _ in range(n):
             for i in range(0, len(units), 2):
                 capture_activations(cl, x[i:i + 2], [layer])[layer].mean().backward()
 
-    base, _ = timed(bare)
-    for name, preset in (("fourier (default preset)", {"param": "fourier", "jitter": 2}),
-                         ("maco", {"param": "maco", "jitter": 2}),
-                         ("all at once", {"param": "fourier", "jitter": 2, "scale": 0.05, "rotate": 5, "tv": 0.1})):
-        real = [np.random.default_rng(i).normal(size=SHAPE).astype(np.float32) for i in range(4)]
-        loop, _ = timed(lambda: render(model, O.channel(layer, units), SHAPE, preset, steps=a.steps, seeds=units,
-                                       real_volumes=real))
-        print(f"(b) {layer}, batch {len(units)}, {name} {preset}: {1000 * loop / a.steps:.0f} ms/step vs bare "
-              f"truncated forward+backward {1000 * base / a.steps:.0f} ms/step -> overhead {100 * (loop / base - 1):+.0f}%")
+    real = [np.random.default_rng(i).normal(size=SHAPE).astype(np.float32) for i in range(4)]
+    presets = {"fourier (default preset)": {"param": "fourier", "jitter": 2},
+               "maco": {"param": "maco", "jitter": 2},
+               "all at once": {"param": "fourier", "jitter": 2, "scale": 0.05, "rotate": 5, "tv": 0.1}}
+    fns = {"bare": bare}
+    for name, preset in presets.items():
+        fns[name] = lambda n, preset=preset: render(model, O.channel(layer, units), SHAPE, preset, steps=n,
+                                                    seeds=units, real_volumes=real)
+    med, rounds = interleaved(fns, a.steps, a.repeats)
+    for name, preset in presets.items():
+        print(f"(b) {layer}, batch {len(units)}, {name} {preset}: {1000 * med[name] / a.steps:.0f} ms/step vs bare "
+              f"truncated forward+backward {1000 * med['bare'] / a.steps:.0f} ms/step -> overhead "
+              f"{100 * (median_ratio(rounds, name, 'bare') - 1):+.0f}%")
     preset = {"param": "fourier", "jitter": 2}
-    times = {mb: timed(lambda: render(model, O.channel(layer, units), SHAPE, preset, steps=a.steps, seeds=units,
-                                      micro_batch=mb))[0] for mb in (1, 2, 8)}
+    med, _ = interleaved({mb: lambda n, mb=mb: render(model, O.channel(layer, units), SHAPE, preset, steps=n,
+                                                      seeds=units, micro_batch=mb) for mb in (1, 2, 8)},
+                         a.steps, a.repeats)
     print(f"(c) {layer}, batch {len(units)}, micro-batch 1/2/8: "
-          + " / ".join(f"{1000 * t / a.steps:.0f}" for t in times.values()) + " ms/step")
+          + " / ".join(f"{1000 * t / a.steps:.0f}" for t in med.values()) + " ms/step")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def test_transforms_do_what_they_say_and_are_differentiable():
         v[0, 0, 6:10, 6:10, 6:10] = 1.0
     r = random_affine(v, [torch.Generator().manual_seed(3)], 0.1, 20)
     com = np.argwhere(r[0, 0].detach().numpy() > 0.5).mean(0)
-    assert np.allclose(com, 7.5, atol=1.0) and abs(float(r.sum()) - 64) < 20
+    assert np.allclose(com, 7.5, atol=1.0) and abs(float(r.detach().sum()) - 64) < 20
     r.sum().backward()
     assert v.grad.abs().sum() > 0
 

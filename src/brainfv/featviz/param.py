@@ -143,7 +143,8 @@ class MacoParam(_Ranged):
         self.phase = nn.Parameter(phase[:, None].contiguous())
 
     def forward(self):
-        spec = torch.polar(self.magnitude.expand_as(self.phase), self.phase)
+        # the same as torch.polar(magnitude, phase), whose backward is twice as slow on the CPU
+        spec = torch.complex(self.magnitude * torch.cos(self.phase), self.magnitude * torch.sin(self.phase))
         return self.constrain(torch.fft.irfftn(spec, s=self.shape, dim=(-3, -2, -1)))
 
 

@@ -110,5 +110,5 @@ def simplify_for_featviz(model, keep=(), log=None):
                 _set_module(model, n.target, nn.Identity())
                 changes.append(f"{n.target} after {cur.target}")
     if changes:
-        log("featviz network simplified (exact): " + "; ".join(changes))
+        log("featviz network simplified (same activations, less work): " + "; ".join(changes))
     return model, changes
