@@ -137,10 +137,8 @@ def render(model, objective, shape, preset=None, steps=256, lr=0.05, seeds=None,
     B = len(seeds) if seeds is not None else (len(channels) if channels is not None and not isinstance(channels, int) else 1)
     seeds = list(seeds) if seeds is not None else list(range(B))
     layer = objective.info.get("layer")
-    if simplify:
-        model, _ = simplify_for_featviz(model, keep=objective.layers, log=log)
-    else:
-        model = copy.deepcopy(model).eval()
+    # a copy either way: the caller's model keeps its mode, memory format and requires_grad flags
+    model = simplify_for_featviz(model, keep=objective.layers, log=log)[0] if simplify else copy.deepcopy(model)
     model = model.eval().to(memory_format=torch.channels_last_3d)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Exact, featviz-only simplifications of a frozen eval-mode network.
+"""Activation-preserving, featviz-only simplifications of a frozen eval-mode network.
 
 Activation maximization runs the same frozen network forward and backward hundreds of times. Two
 rewrites give the same activations at every requested layer (up to float rounding) for less work:
@@ -58,7 +58,6 @@ def _set_module(root, name, new):
 def simplify_for_featviz(model, keep=(), log=None):
     """A simplified eval-mode copy of ``model`` for optimising inputs; ``keep``: layers read by name.
 
-    Always returns a copy, so the caller's model (and its parameters' flags) stay as they were.
     Returns ``(model, changes)`` where ``changes`` lists what was rewritten, e.g.
     ``["fold block1.norm into block1.conv", "block1.act after block1.pool"]``.
     """
