@@ -49,25 +49,10 @@ def toy(tmp_path):
 
 
 def small_config(**over):
-    """A full config (schema defaults applied) for a fast 8 mm grid."""
-    import yaml
-    from jsonschema import Draft202012Validator, validators
-
-    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
-
-    def extend(cls):
-        validate_props = cls.VALIDATORS["properties"]
-
-        def set_defaults(validator, properties, instance, schema):
-            for prop, sub in properties.items():
-                if "default" in sub:
-                    instance.setdefault(prop, sub["default"])
-            yield from validate_props(validator, properties, instance, schema)
-
-        return validators.extend(cls, {"properties": set_defaults})
+    """A full config (schema defaults applied by brainfv.config) for a fast 8 mm grid."""
+    from brainfv.config import check, complete
 
     cfg = {"grid": {"voxel_size": 8.0}, "cohort": {"synthetic": {"n_subjects": 12}}}
     for k, v in over.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    extend(Draft202012Validator)(schema).validate(cfg)
-    return cfg
+    return check(complete(cfg))

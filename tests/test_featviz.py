@@ -269,3 +269,53 @@ def test_simplify_leaves_what_it_cannot_prove():
     flags = [p.requires_grad for p in m.parameters()]
     render(m, O.channel("block2.norm", [0]), SHAPE, {}, steps=1, seeds=[0])
     assert [p.requires_grad for p in m.parameters()] == flags and isinstance(m.block1.norm, nn.BatchNorm3d)
+
+
+def _objective_on(model, obj, images):
+    """The objective evaluated on full-size images with the unmodified model (the reference)."""
+    with torch.no_grad():
+        x = torch.as_tensor(images)[:, None]
+        return obj(capture_activations(model, x, obj.layers)).numpy()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: -O.neuron("block2.norm", [1, 3]),
+    lambda: 2.5 * O.neuron("block2.norm", [1, 3]),
+    lambda: O.neuron("block2.norm", [1, 3]) * 0.5 - 1.0,
+    lambda: O.neuron("block2.norm", [1, 3]) + O.channel("block1.norm", [0, 2]),
+    lambda: O.neuron("block2.norm", [1, 3]) - O.neuron("block1.norm", [0, 0]),
+])
+@pytest.mark.parametrize("micro_batch", [1, 2])
+def test_composed_objectives_are_optimised_as_written(make, micro_batch):
+    """Crop, truncation and micro-batches never change what is optimised: the objective reported equals the
+    composed objective recomputed on the full-size result, and it increased."""
+    m = small_model()
+    obj = make()
+    res = render(m, obj, SHAPE, {"jitter": 1}, steps=6, lr=0.1, seeds=[1, 2], micro_batch=micro_batch)
+    assert np.allclose(res.objective_end, _objective_on(m, obj, res.images), rtol=1e-3, atol=1e-4)
+    assert res.objective_end.mean() > res.objective_start.mean()
+    whole_maps = obj.footprint is None
+    assert (res.box is None) == whole_maps  # neuron-only objectives are cropped, whatever the operators
+
+
+def test_negated_neuron_lowers_the_activation():
+    m = small_model()
+    plain = O.neuron("block2.norm", [2])
+    up = render(m, plain, SHAPE, {}, steps=8, lr=0.1, seeds=[5])
+    down = render(m, -plain, SHAPE, {}, steps=8, lr=0.1, seeds=[5])
+    assert up.box is not None and down.box is not None
+    act_up, act_down = _objective_on(m, plain, up.images)[0], _objective_on(m, plain, down.images)[0]
+    start = up.objective_start[0]
+    assert act_up > start > act_down  # the same start (same seed), opposite directions
+
+
+def test_crop_plan_covers_every_neuron_of_a_sum():
+    from brainfv.featviz.crop import plan_crop
+
+    m = small_model()
+    a = O.neuron("block2.norm", [0], (2, 2, 2))
+    b = O.neuron("block2.norm", [0], (4, 4, 4))
+    plan = plan_crop(m, a + b, SHAPE)
+    plan_a = plan_crop(m, a, SHAPE)
+    assert plan is not None and all(p.start <= q.start and p.stop >= q.stop for p, q in zip(plan.box, plan_a.box))
+    assert plan_crop(m, a + O.channel("block2.norm", [0]), SHAPE) is None  # a whole map: no crop

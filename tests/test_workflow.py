@@ -148,9 +148,9 @@ def test_tiny_study_end_to_end(tmp_path):
     parts = (res / "data/cohort/participants.tsv").read_text()
     assert "synthetic" in parts
     for t in ("sex", "lesion"):
-        for r in (0, 1):
-            m = json.loads((res / f"models/{t}/rep-{r}/metrics.json").read_text())
-            assert m["test"]["n"] > 0
+        for role in ("main", "transfer"):
+            m = json.loads((res / f"models/{t}/{role}/metrics.json").read_text())
+            assert m["test"]["n"] > 0 and m["role"] == role
     import nibabel as nib
 
     img = nib.load(res / "featviz/lesion/block2.norm/fourier/units.nii.gz")

@@ -10,32 +10,23 @@ A unit is addressed as ``layer:channel``, e.g. ``block3.norm:12`` or ``classifie
 """
 from __future__ import annotations
 
+from .config import ModelConfig
 from .errors import ConfigError, UnitError
 
-__all__ = ["DEFAULT_ARCH", "layer_units", "n_units", "resolve_units"]
-
-DEFAULT_ARCH = {
-    "channels": [8, 16, 32, 64],
-    "kernel_size": 3,
-    "norm": "batch",
-    "activation": "relu",
-    "dropout": 0.3,
-    "hidden": 0,
-    "n_classes": 2,
-    "global_pool": "avg",
-}
+__all__ = ["layer_units", "n_units", "resolve_units"]
 
 
-def layer_units(arch):
-    """``{layer name: number of units}`` for every addressable layer of the architecture."""
-    a = {**DEFAULT_ARCH, **(arch or {})}
+def layer_units(arch, n_classes=2):
+    """``{layer name: number of units}`` for every addressable layer of the architecture (config ``model``;
+    the classifier's units are the classes, known once the data is: ``n_classes``)."""
+    a = ModelConfig.from_config({k: v for k, v in (arch or {}).items() if k != "n_classes"}, "model")
     out = {}
-    for i, c in enumerate(a["channels"], start=1):
+    for i, c in enumerate(a.channels, start=1):
         for part in ("conv", "norm", "act", "pool"):
             out[f"block{i}.{part}"] = int(c)
-    if a.get("hidden"):
-        out["fc"] = out["fc_act"] = int(a["hidden"])
-    out["classifier"] = int(a["n_classes"])
+    if a.hidden:
+        out["fc"] = out["fc_act"] = int(a.hidden)
+    out["classifier"] = int((arch or {}).get("n_classes", n_classes))
     return out
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import DEFAULT_ARCH
+from .config import ModelConfig
 from .errors import ConfigError
 
 __all__ = ["ConvBlock", "BrainCNN", "build_model", "save_checkpoint", "load_checkpoint"]
 
+_DEFAULT = ModelConfig()  # the schema's defaults
 _ACT = {"relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "gelu": nn.GELU}
 
 
@@ -43,10 +44,14 @@ class ConvBlock(nn.Module):
 
 
 class BrainCNN(nn.Module):
-    """Stack of :class:`ConvBlock` s, global average pooling, dropout, optional hidden FC, classifier."""
+    """Stack of :class:`ConvBlock` s, global pooling, dropout, optional hidden FC, classifier.
 
-    def __init__(self, channels=(8, 16, 32, 64), kernel_size=3, norm="batch", activation="relu", dropout=0.3,
-                 hidden=0, n_classes=2, in_channels=1, spatial_dropout=0.0, global_pool="avg"):
+    Defaults are the config schema's (:class:`brainfv.config.ModelConfig`); ``n_classes`` comes from the data.
+    """
+
+    def __init__(self, channels=tuple(_DEFAULT.channels), kernel_size=_DEFAULT.kernel_size, norm=_DEFAULT.norm,
+                 activation=_DEFAULT.activation, dropout=_DEFAULT.dropout, hidden=_DEFAULT.hidden, n_classes=2,
+                 in_channels=1, spatial_dropout=_DEFAULT.spatial_dropout, global_pool=_DEFAULT.global_pool):
         super().__init__()
         self.arch = dict(channels=list(channels), kernel_size=kernel_size, norm=norm, activation=activation,
                          dropout=dropout, hidden=hidden, n_classes=n_classes, in_channels=in_channels,
@@ -78,16 +83,10 @@ class BrainCNN(nn.Module):
         return self.classifier(x)
 
 
-def build_model(arch=None, n_classes=None):
-    """A :class:`BrainCNN` from an architecture dict (config ``model`` section)."""
-    a = {**DEFAULT_ARCH, **(arch or {})}
-    if n_classes is not None:
-        a["n_classes"] = n_classes
-    known = set(BrainCNN.__init__.__code__.co_varnames[1:BrainCNN.__init__.__code__.co_argcount])
-    unknown = set(a) - known
-    if unknown:
-        raise ConfigError(f"model: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    return BrainCNN(**a)
+def build_model(arch=None, n_classes=2):
+    """A :class:`BrainCNN` from an architecture dict (config ``model`` section, validated against the schema)."""
+    a = ModelConfig.from_config(arch, "model").as_dict()
+    return BrainCNN(**a, n_classes=n_classes)
 
 
 def save_checkpoint(path, model, **meta):

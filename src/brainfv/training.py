@@ -1,11 +1,17 @@
 """Training and evaluation of a task's CNN, streaming volumes from the on-disk store.
 
-* memory does not depend on the cohort size (volumes are read row by row from a memmap);
-* shuffling and augmentation are seeded by ``(seed, epoch, subject)``, dropout by a
-  saved RNG state, so a job killed part-way resumes from its last epoch checkpoint and
-  ends with the same model as an uninterrupted run (on CPU);
-* class-balanced cross-entropy, AdamW with linear warm-up then cosine decay, early
-  stopping on validation balanced accuracy; on CUDA mixed precision and cudnn.benchmark.
+The pieces, each usable alone: :func:`make_loaders` (seeded, streaming data loaders),
+:class:`Checkpointer` (a resumable per-epoch state keyed on what the model is made from),
+:func:`fit` (the epochs), :func:`evaluate`, :func:`write_outputs`; :func:`train_task` composes them
+and :func:`train_job` is the workflow's ``train_model`` rule.
+
+* memory does not depend on the cohort size (volumes are read one at a time from the store);
+* shuffling and augmentation are seeded by ``(seed, epoch, subject)``, dropout by a saved RNG state,
+  so a job killed part-way resumes from its last epoch checkpoint and ends with the same model as an
+  uninterrupted run (on CPU); the checkpoint is keyed on the config, the seed, the code version and the
+  dataset's content, and removed once the model is written;
+* class-balanced cross-entropy, AdamW with linear warm-up then cosine decay, early stopping on
+  validation balanced accuracy; on CUDA bf16 autocast and cuDNN autotuning (restored afterwards).
 """
 from __future__ import annotations
 
@@ -14,35 +20,24 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, InputDataError
+from . import __version__
+from .config import TrainingConfig
+from .device import compute_settings, pick_device
+from .errors import InputDataError
 from .utils import atomic_path, get_logger, stable_seed, write_json
 
-__all__ = ["DEFAULT_TRAINING", "VolumeDataset", "task_labels", "train_task", "evaluate", "binary_metrics",
-           "pick_device"]
+__all__ = ["VolumeDataset", "task_labels", "make_loaders", "Checkpointer", "checkpoint_key", "fit", "evaluate",
+           "binary_metrics", "write_outputs", "train_task", "train_job", "pick_device"]
 
-DEFAULT_TRAINING = {
-    "epochs": 30,
-    "batch_size": 4,
-    "lr": 3.0e-3,
-    "weight_decay": 1.0e-2,
-    "warmup_epochs": 1,
-    "patience": 10,
-    "augment": {"shift_vox": 2, "flip": False, "intensity": 0.1},
-    "num_workers": 0,
-    "device": "auto",
-}
-
-
-def pick_device(name="auto"):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+#: bumped when the checkpoint's content or the training loop changes what a resumed run computes
+CHECKPOINT_FORMAT = 2
 
 
 class VolumeDataset(torch.utils.data.Dataset):
@@ -80,7 +75,8 @@ class VolumeDataset(torch.utils.data.Dataset):
 
 
 def _augment(vol, aug, rng):
-    s = int(aug.get("shift_vox", 0))
+    """Shift, flip and intensity-scale one volume (``aug``: :class:`~brainfv.config.AugmentConfig`)."""
+    s = int(aug.shift_vox)
     if s > 0:
         shift = rng.integers(-s, s + 1, size=3)
         out = np.zeros_like(vol)
@@ -88,9 +84,9 @@ def _augment(vol, aug, rng):
         dst = tuple(slice(max(d, 0), n - max(-d, 0)) for d, n in zip(shift, vol.shape))
         out[dst] = vol[src]
         vol = out
-    if aug.get("flip") and rng.random() < 0.5:
+    if aug.flip and rng.random() < 0.5:
         vol = vol[::-1].copy()
-    a = float(aug.get("intensity", 0))
+    a = float(aug.intensity)
     if a > 0:
         inside = vol != 0
         vol = np.where(inside, vol * (1 + rng.uniform(-a, a)) + rng.uniform(-a, a), 0).astype(np.float32)
@@ -200,28 +196,197 @@ def _lr_lambda(warmup, total):
     return f
 
 
-def _config_hash(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+@dataclass
+class Loaders:
+    """The data of one training run: the (augmented) training set, and loaders for validation, test and the
+    BatchNorm recalibration subset."""
+
+    train_set: VolumeDataset
+    train_kw: dict
+    val: torch.utils.data.DataLoader
+    test: torch.utils.data.DataLoader
+    bn: torch.utils.data.DataLoader
+
+    def train(self, epoch, seed):
+        """The training loader of ``epoch``: augmentation and shuffling seeded by ``(seed, epoch)``."""
+        self.train_set.set_epoch(epoch)
+        g = torch.Generator().manual_seed(stable_seed(seed, "shuffle", epoch))
+        return torch.utils.data.DataLoader(self.train_set, shuffle=True, generator=g, drop_last=False, **self.train_kw)
+
+
+def make_loaders(volumes_path, splits, cfg, seed, pin_memory=False, bootstrap=False):
+    """Loaders over the ``splits`` (DataFrames with ``index`` and ``y``) of a volume store.
+
+    With ``bootstrap`` the training set is a resample (with replacement, seeded) of the training rows.
+    """
+    def dataset(split, augment, rows=None):
+        d = splits[split]
+        idx = np.arange(len(d)) if rows is None else rows
+        return VolumeDataset(volumes_path, d["index"].to_numpy()[idx], d["y"].to_numpy()[idx],
+                             cfg.augment if augment else None, seed)
+
+    rows = None
+    if bootstrap:
+        n = len(splits["train"])
+        rows = np.random.default_rng(stable_seed(seed, "bootstrap")).integers(0, n, n)
+    kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin_memory)
+    bn_set = dataset("train", False, rows)
+    bn = torch.utils.data.DataLoader(torch.utils.data.Subset(bn_set, range(min(len(bn_set), cfg.bn_volumes))),
+                                     shuffle=False, batch_size=max(cfg.batch_size, 8), num_workers=cfg.num_workers)
+    return Loaders(dataset("train", True, rows), kw,
+                   torch.utils.data.DataLoader(dataset("val", False), shuffle=False, **kw),
+                   torch.utils.data.DataLoader(dataset("test", False), shuffle=False, **kw), bn)
+
+
+def checkpoint_key(**parts):
+    """A short hash of everything a training run is made from (config, seed, classes, data content, code)."""
+    parts = {**parts, "code": __version__, "format": CHECKPOINT_FORMAT}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dataset_content(ds):
+    """What identifies a dataset's content: its manifest's hashes when it has one, else its participants table
+    and the volume store's size and modification time (a rewritten store is new content)."""
+    manifest = ds.root / "manifest.json"
+    if manifest.exists():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+    vol = (ds.root / "volumes.npy").stat()
+    table = hashlib.sha256((ds.root / "participants.tsv").read_bytes()).hexdigest()
+    return f"{table}:{vol.st_size}:{vol.st_mtime_ns}"
+
+
+class Checkpointer:
+    """The resumable state of one training run in ``folder/last.pt``, valid only for ``key``."""
+
+    def __init__(self, folder, key, log=None):
+        self.path = Path(folder) / "last.pt"
+        self.key = key
+        self.log = log or (lambda m: None)
+
+    def load(self, device):
+        """The saved state if it was made with the same key, else ``None`` (a stale one is removed)."""
+        if not self.path.exists():
+            return None
+        ck = torch.load(self.path, map_location=device, weights_only=False)
+        if ck.get("key") != self.key:
+            self.log(f"ignoring and removing {self.path}: it was made from other data, config or code")
+            self.clear()
+            return None
+        return ck
+
+    def save(self, state):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            torch.save({"key": self.key, **state}, tmp)
+
+    def clear(self):
+        """Remove the state (once the model is written: a finished run is never resumed)."""
+        if self.path.exists():
+            self.path.unlink()
+
+
+def fit(model, loaders, cfg, device, loss_fn, n_classes, checkpointer, seed, log, stop_after_epoch=None):
+    """Train ``model`` for ``cfg.epochs`` epochs (early stopping on validation balanced accuracy, ties broken by
+    validation loss), resuming from ``checkpointer``; returns ``(history, best_state)``, or ``None`` when
+    stopped after ``stop_after_epoch`` (a simulated interruption, for tests)."""
+    amp = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(loaders.train_set) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch))
+    history, best, best_state, start_epoch, bad_epochs = [], (-1.0, -float("inf")), None, 0, 0
+    ck = checkpointer.load(device)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        torch.set_rng_state(ck["rng"])
+        history, best, best_state = ck["history"], ck["best"], ck["best_state"]
+        start_epoch, bad_epochs = ck["epoch"] + 1, ck["bad_epochs"]
+        log(f"resuming from {checkpointer.path} after epoch {start_epoch}")
+    epoch_times = []
+    for epoch in range(start_epoch, cfg.epochs):
+        if bad_epochs >= cfg.patience:
+            break
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in loaders.train(epoch, seed):
+            x, y = x.to(device, non_blocking=True, memory_format=torch.channels_last_3d), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+        recalibrate_batchnorm(model, loaders.bn, device)
+        val, _ = evaluate(model, loaders.val, device, n_classes, amp)
+        dt = time.perf_counter() - t0
+        epoch_times.append(dt)
+        rec = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+               "val_balanced_accuracy": val["balanced_accuracy"], "val_roc_auc": val["roc_auc"],
+               "lr": opt.param_groups[0]["lr"], "seconds": dt, "samples_per_s": seen / dt}
+        history.append(rec)
+        score = (val["balanced_accuracy"], -val["loss"])
+        if best_state is None or score > tuple(best):
+            best, best_state, bad_epochs = score, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad_epochs += 1
+        remaining = cfg.epochs - epoch - 1
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.3f} | "
+            f"val loss {val['loss']:.4f} bacc {val['balanced_accuracy']:.3f} auc {val['roc_auc']:.3f} | "
+            f"{rec['samples_per_s']:.1f} vol/s {dt:.1f}s/epoch ETA {remaining * np.mean(epoch_times):.0f}s"
+            + (" *" if bad_epochs == 0 else ""))
+        checkpointer.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                           "rng": torch.get_rng_state(), "history": history, "best": best, "best_state": best_state,
+                           "epoch": epoch, "bad_epochs": bad_epochs})
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            log(f"stopping after epoch {epoch + 1} as asked (simulated interruption)")
+            return None
+    if bad_epochs >= cfg.patience:
+        log(f"early stopping: no val balanced-accuracy gain for {cfg.patience} epochs")
+    return history, best_state
+
+
+def write_outputs(out_dir, model, meta, metrics, predictions, history):
+    """``model.pt``, ``metrics.json``, ``predictions.tsv`` and ``history.tsv`` in ``out_dir``, each atomically."""
+    import pandas as pd
+
+    from .models import save_checkpoint
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out_dir / "model.pt", model.cpu(), **meta)
+    write_json(metrics, out_dir / "metrics.json")
+    with atomic_path(out_dir / "predictions.tsv") as tmp:
+        predictions.to_csv(tmp, sep="\t", index=False)
+    with atomic_path(out_dir / "history.tsv") as tmp:
+        pd.DataFrame(history).to_csv(tmp, sep="\t", index=False)
 
 
 def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpoint_dir, log=None,
-               replicate=0, stop_after_epoch=None):
+               replicate=0, stop_after_epoch=None, role="main", bootstrap=False):
     """Train one model for ``task`` on a dataset folder; write the outputs into ``out_dir``.
 
-    Outputs: ``model.pt`` (best validation state, loadable with
-    :func:`brainfv.models.load_checkpoint`), ``metrics.json`` (test and validation
-    metrics, timing), ``predictions.tsv`` (test subjects), ``history.tsv`` (per epoch).
-    A per-epoch checkpoint in ``checkpoint_dir`` (not a rule output) makes the job
-    resumable. ``stop_after_epoch`` simulates a kill (tests).
+    Outputs: ``model.pt`` (best validation state, loadable with :func:`brainfv.models.load_checkpoint`),
+    ``metrics.json`` (test and validation metrics, timing), ``predictions.tsv`` (test subjects),
+    ``history.tsv`` (per epoch). A per-epoch checkpoint in ``checkpoint_dir`` (not a rule output) makes the
+    job resumable; it is removed once the outputs are written. ``replicate`` enters the seed (the
+    ``transfer`` model of the workflow is replicate 1); ``bootstrap`` resamples the training subjects;
+    ``stop_after_epoch`` simulates a kill (tests).
     """
     import pandas as pd
 
     from .data.store import Dataset
-    from .models import build_model, save_checkpoint
+    from .models import build_model
 
     log = log or get_logger().info
-    tr = {**DEFAULT_TRAINING, **(training or {})}
-    tr["augment"] = {**DEFAULT_TRAINING["augment"], **(tr.get("augment") or {})}
+    cfg = TrainingConfig.from_config(training, "training")
     ds = Dataset(dataset_dir)
     parts = ds.participants
     classes, df, dropped = task_labels(parts, target, task)
@@ -234,141 +399,70 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
         raise InputDataError(f"{vol_path}: volumes of shape {ds.volumes.shape[1:]} do not match the grid "
                              f"{grid.shape} of {ds.root / 'reference.nii.gz'}")
     run_seed = stable_seed(seed, "train", task, replicate)
-    device = pick_device(tr["device"])
-    amp = device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    else:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
+    device = pick_device(cfg.device)
     splits = {s: df[df["split"] == s] for s in ("train", "val", "test")}
     counts = {s: d["y"].value_counts().reindex(range(len(classes)), fill_value=0).tolist() for s, d in splits.items()}
-    log(f"task {task} (replicate {replicate}): target {target!r}, classes {classes}, n per class {counts}, "
-        f"device {device}, grid {grid.shape}")
-
-    def loader(split, augment):
-        d = splits[split]
-        return VolumeDataset(vol_path, d["index"].to_numpy(), d["y"].to_numpy(),
-                             tr["augment"] if augment else None, run_seed)
-
-    train_set = loader("train", True)
-    eval_kw = dict(batch_size=tr["batch_size"], num_workers=tr["num_workers"], pin_memory=amp)
-    val_loader = torch.utils.data.DataLoader(loader("val", False), shuffle=False, **eval_kw)
-    bn_set = loader("train", False)
-    bn_loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(bn_set, range(min(len(bn_set), tr.get("bn_volumes", 64)))),
-        shuffle=False, batch_size=max(tr["batch_size"], 8), num_workers=tr["num_workers"])
-    test_loader = torch.utils.data.DataLoader(loader("test", False), shuffle=False, **eval_kw)
-
-    torch.manual_seed(run_seed)
-    # channels-last 3D convolutions: 2.6x the CPU throughput of the default layout (benchmarks/training.py)
-    model = build_model(arch, n_classes=len(classes)).to(device, memory_format=torch.channels_last_3d)
+    log(f"task {task} ({role} model): target {target!r}, classes {classes}, n per class {counts}, "
+        f"device {device}, grid {grid.shape}" + (", bootstrap resample of the training subjects" if bootstrap else ""))
+    loaders = make_loaders(vol_path, splits, cfg, run_seed, pin_memory=device.type == "cuda", bootstrap=bootstrap)
     n_train = counts["train"]
     weights = torch.tensor([sum(n_train) / (len(classes) * max(c, 1)) for c in n_train], dtype=torch.float32)
-    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
-    opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"])
-    steps_per_epoch = math.ceil(len(train_set) / tr["batch_size"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(tr["warmup_epochs"] * steps_per_epoch, tr["epochs"] * steps_per_epoch))
-
-    ckpt_dir = Path(checkpoint_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = ckpt_dir / "last.pt"
-    key = _config_hash({"arch": arch, "training": tr, "seed": run_seed, "classes": classes,
-                        "n": len(df), "dataset": str(Path(dataset_dir).resolve())})
-    history, best, best_state, start_epoch, bad_epochs = [], (-1.0, -float("inf")), None, 0, 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck.get("key") == key:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["opt"])
-            sched.load_state_dict(ck["sched"])
-            torch.set_rng_state(ck["rng"])
-            history, best, best_state = ck["history"], ck["best"], ck["best_state"]
-            start_epoch, bad_epochs = ck["epoch"] + 1, ck["bad_epochs"]
-            log(f"resuming from {ckpt_path} after epoch {start_epoch}")
-        else:
-            log(f"ignoring checkpoint {ckpt_path}: it was made with another config")
-
+    key = checkpoint_key(arch=arch, training=cfg.as_dict(), seed=run_seed, classes=classes, bootstrap=bootstrap,
+                         data=dataset_content(ds), subjects=len(df))
+    checkpointer = Checkpointer(checkpoint_dir, key, log)
     t_start = time.perf_counter()
-    epoch_times = []
-    for epoch in range(start_epoch, tr["epochs"]):
-        if bad_epochs >= tr["patience"]:
-            break
-        t0 = time.perf_counter()
-        model.train()
-        train_set.set_epoch(epoch)
-        g = torch.Generator().manual_seed(stable_seed(run_seed, "shuffle", epoch))
-        train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=g, drop_last=False,
-                                                   **eval_kw)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True, memory_format=torch.channels_last_3d), y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
-            seen += len(y)
-        recalibrate_batchnorm(model, bn_loader, device)
-        val, _ = evaluate(model, val_loader, device, len(classes), amp)
-        dt = time.perf_counter() - t0
-        epoch_times.append(dt)
-        rec = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-               "val_balanced_accuracy": val["balanced_accuracy"], "val_roc_auc": val["roc_auc"],
-               "lr": opt.param_groups[0]["lr"], "seconds": dt, "samples_per_s": seen / dt}
-        history.append(rec)
-        score = (val["balanced_accuracy"], -val["loss"])  # ties broken by validation loss
-        if best_state is None or score > tuple(best):
-            best, best_state, bad_epochs = score, copy.deepcopy(model.state_dict()), 0
-        else:
-            bad_epochs += 1
-        remaining = tr["epochs"] - epoch - 1
-        log(f"epoch {epoch + 1}/{tr['epochs']} loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.3f} | "
-            f"val loss {val['loss']:.4f} bacc {val['balanced_accuracy']:.3f} auc {val['roc_auc']:.3f} | "
-            f"{rec['samples_per_s']:.1f} vol/s {dt:.1f}s/epoch ETA {remaining * np.mean(epoch_times):.0f}s"
-            + (" *" if bad_epochs == 0 else ""))
-        with atomic_path(ckpt_path) as tmp:
-            torch.save({"key": key, "model": model.state_dict(), "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "rng": torch.get_rng_state(), "history": history,
-                        "best": best, "best_state": best_state, "epoch": epoch, "bad_epochs": bad_epochs}, tmp)
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            log(f"stopping after epoch {epoch + 1} as asked (simulated interruption)")
+    with torch.random.fork_rng(devices=[]), compute_settings(device, deterministic_cpu=True):
+        torch.manual_seed(run_seed)  # weights and dropout; the caller's global RNG is restored afterwards
+        # channels-last 3D convolutions: 2.6x the CPU throughput of the default layout (benchmarks/training.py)
+        model = build_model(arch, n_classes=len(classes)).to(device, memory_format=torch.channels_last_3d)
+        loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
+        fitted = fit(model, loaders, cfg, device, loss_fn, len(classes), checkpointer, run_seed, log, stop_after_epoch)
+        if fitted is None:
             return None
-    if bad_epochs >= tr["patience"]:
-        log(f"early stopping: no val balanced-accuracy gain for {tr['patience']} epochs")
-
-    model.load_state_dict(best_state)
-    test, test_prob = evaluate(model, test_loader, device, len(classes), amp)
-    val, _ = evaluate(model, val_loader, device, len(classes), amp)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        history, best_state = fitted
+        model.load_state_dict(best_state)
+        amp = device.type == "cuda"
+        test, test_prob = evaluate(model, loaders.test, device, len(classes), amp)
+        val, _ = evaluate(model, loaders.val, device, len(classes), amp)
     best_epoch = max(range(len(history)), key=lambda i: (history[i]["val_balanced_accuracy"],
                                                          -history[i]["val_loss"])) + 1
-    meta = {"task": task, "target": target, "classes": classes, "replicate": replicate, "seed": run_seed,
-            "grid": {"shape": list(grid.shape), "voxel_size": grid.voxel_size, "origin": list(grid.origin)},
-            "normalisation": "z-score within brain mask", "dataset": str(dataset_dir), "best_epoch": best_epoch}
-    save_checkpoint(out_dir / "model.pt", model.cpu(), **meta)
-    metrics = {"task": task, "target": target, "classes": classes, "replicate": replicate, "test": test,
-               "val": val, "best_epoch": best_epoch, "epochs_run": len(history),
+    meta = {"task": task, "target": target, "classes": classes, "replicate": replicate, "role": role,
+            "seed": run_seed, "grid": {"shape": list(grid.shape), "voxel_size": grid.voxel_size,
+                                       "origin": list(grid.origin)},
+            "normalisation": "z-score within brain mask", "dataset": str(dataset_dir), "best_epoch": best_epoch,
+            "bootstrap": bool(bootstrap)}
+    metrics = {"task": task, "target": target, "classes": classes, "replicate": replicate, "role": role,
+               "test": test, "val": val, "best_epoch": best_epoch, "epochs_run": len(history),
                "train_seconds": float(sum(h["seconds"] for h in history)),
                "mean_samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
                "device": str(device), "cohort": str(parts["cohort"].iloc[0]) if "cohort" in parts else ""}
-    write_json(metrics, out_dir / "metrics.json")
     te = splits["test"]
     pred = pd.DataFrame({"subject": te["subject"].to_numpy(), "split": "test", "label": te[target].to_numpy(),
                          "y": te["y"].to_numpy(), "predicted": [classes[i] for i in test_prob.argmax(1)]})
     for i, c in enumerate(classes):
         pred[f"p_{c}"] = test_prob[:, i]
-    with atomic_path(out_dir / "predictions.tsv") as tmp:
-        pred.to_csv(tmp, sep="\t", index=False)
-    with atomic_path(out_dir / "history.tsv") as tmp:
-        pd.DataFrame(history).to_csv(tmp, sep="\t", index=False)
+    write_outputs(out_dir, model, meta, metrics, pred, history)
+    checkpointer.clear()
     log(f"task {task}: test balanced accuracy {test['balanced_accuracy']:.3f}, accuracy {test['accuracy']:.3f}, "
         f"AUC {test['roc_auc']:.3f} (best epoch {best_epoch}, {time.perf_counter() - t_start:.0f}s)")
     return metrics
+
+
+def train_job(job):
+    """The ``train_model`` rule. Inputs: the task's dataset files (``volumes``, ``participants``,
+    ``reference``). Params: ``spec`` (task, role, target, arch, training, seed, bootstrap; see
+    ``model_spec`` in ``workflow/rules/common.smk``) and ``checkpoint_dir``. Outputs: ``model``, ``metrics``,
+    ``predictions``, ``history``, ``curve``."""
+    import pandas as pd
+
+    from .report.figures import learning_curve_figure
+
+    torch.set_num_threads(job.threads)
+    s = job.params["spec"]
+    out = Path(job.output["model"]).parent
+    metrics = train_task(job.folder("volumes", "participants", "reference"), s["task"], s["target"], s["arch"],
+                         s["training"], s["seed"], out, job.params["checkpoint_dir"], log=job.log,
+                         replicate=0 if s["role"] == "main" else 1, role=s["role"], bootstrap=s["bootstrap"])
+    history = pd.read_csv(job.output["history"], sep="\t")
+    learning_curve_figure(history, metrics, job.output["curve"], f"task {s['task']} ({s['role']} model) — "
+                          f"{metrics['cohort']}")

@@ -1,12 +1,35 @@
-"""Config helpers and target lists shared by all rules (no heavy imports: parsed by every job)."""
+"""Config, paths and target lists shared by all rules (no heavy imports: every job parses this file).
+
+The config is completed and checked by the library (brainfv.config: the schema's defaults, then the
+cross-key checks), once, here. Every output path pattern is defined once below; rules and input
+functions build paths from these patterns and never retype them.
+"""
 import sys
 from pathlib import Path
 
-R = config["results"]
-# brainfv.arch is torch-free: the DAG can list a layer's units without importing torch
+# the library (brainfv.config, brainfv.arch: yaml + jsonschema only, no torch) from this checkout
 _SRC = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).resolve().parents[1] / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
+
+from brainfv import config as bfv_config  # noqa: E402
+
+config.update(bfv_config.check(bfv_config.complete(config)))
+
+R = config["results"]
+
+# ------------------------------------------------------------------------------------------- paths
+DATASET = f"{R}/data/{{dataset}}"
+MODEL = f"{R}/models/{{task}}/{{role}}"
+FEATVIZ = f"{R}/featviz/{{task}}/{{layer}}/{{regularizer}}"
+REPORT = f"{R}/report"
+LOGS = f"{R}/logs"
+BENCH = f"{R}/benchmarks"
+CHECKPOINTS = f"{R}/.checkpoints"  # resumable training state: not a rule output (Snakemake would delete it)
+
+#: the files of a dataset folder, by kind (the lesion dataset has the lesion files too)
+DATASET_FILES = {"volumes": "volumes.npy", "participants": "participants.tsv", "reference": "reference.nii.gz",
+                 "mask": "mask.nii.gz", "sex_effect": "sex_effect.nii.gz"}
 
 
 def env(name):
@@ -14,29 +37,40 @@ def env(name):
     return f"../../envs/{name}.yaml"
 
 
-def check_config(cfg):
-    """Cross-key checks that JSON schema cannot express; fail before any job is scheduled."""
-    splits = cfg["cohort"]["splits"]
-    total = sum(splits.values())
-    if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"config key cohort.splits: fractions must sum to 1, got {splits} (sum {total:.3f})")
-    src = cfg["cohort"]["source"]
-    if src == "bids" and not cfg["cohort"]["bids"]["root"]:
-        raise ValueError("config key cohort.bids.root: required when cohort.source is 'bids'")
-    if src == "csv" and not cfg["cohort"]["csv"]["table"]:
-        raise ValueError("config key cohort.csv.table: required when cohort.source is 'csv'")
-    for key in ("diameter_mm", "contrast", "count"):
-        lo, hi = cfg["lesions"][key]
-        if lo > hi:
-            raise ValueError(f"config key lesions.{key}: expected [min, max] with min <= max, got {[lo, hi]}")
-    (lo, hi) = zip(*cfg["grid"]["bbox_mm"])
-    if any(h <= l for l, h in cfg["grid"]["bbox_mm"]):
-        raise ValueError(f"config key grid.bbox_mm: each axis needs min < max, got {cfg['grid']['bbox_mm']}")
+def dataset_file(dataset, kind):
+    return f"{DATASET.format(dataset=dataset)}/{DATASET_FILES[kind]}"
 
 
-check_config(config)
+def task_dataset(task):
+    if task not in config["tasks"]:
+        raise ValueError(f"unknown task {task!r}; tasks in config: {list(config['tasks'])}")
+    return config["tasks"][task]["dataset"]
 
 
+def dataset_files(task, *kinds):
+    """Input function: the named files of ``task``'s dataset (all kinds when none are named)."""
+    return {k: dataset_file(task_dataset(task), k) for k in (kinds or DATASET_FILES)}
+
+
+def per_task(kind):
+    """One dataset file of ``kind`` per task, in config order."""
+    return [dataset_file(task_dataset(t), kind) for t in config["tasks"]]
+
+
+def visualize_inputs(wc):
+    """The visualised model and the dataset files a visualize job reads."""
+    return {"model": model_file(wc.task), **dataset_files(wc.task, "participants", "volumes", "mask", "reference")}
+
+
+def model_file(task, role="main", name="model.pt"):
+    return f"{MODEL.format(task=task, role=role)}/{name}"
+
+
+def featviz_file(entry, name):
+    return f"{FEATVIZ.format(**entry)}/{name}"
+
+
+# ---------------------------------------------------------------------------------- config helpers
 def data_params(*sections):
     """The config sections a data rule depends on (changing them reruns it, and only it)."""
     return {k: config[k] for k in ("seed",) + sections}
@@ -52,21 +86,18 @@ def cohort_inputs(wildcards):
     return {}
 
 
-def dataset_dir(name):
-    return f"{R}/data/{name}"
+def roles():
+    """The models trained per task: ``main`` (visualised) and, if enabled, ``transfer`` (an independent
+    model on which class-logit visualizations are tested)."""
+    return ["main"] + (["transfer"] if config["transfer"]["enabled"] else [])
 
 
-def task_dataset_dir(task):
-    if task not in config["tasks"]:
-        raise ValueError(f"unknown task {task!r}; tasks in config: {list(config['tasks'])}")
-    return dataset_dir(config["tasks"][task]["dataset"])
-
-
-def task_training(task):
-    """The training section with the task's own overrides applied."""
-    merged = {**config["training"], **(config["tasks"][task].get("training") or {})}
-    merged.pop("replicates", None)
-    return merged
+def model_spec(task, role):
+    """What ``train_model`` needs for one model: its architecture, training settings and seed key."""
+    arch = bfv_config.transfer_model(config) if role == "transfer" else config["model"]
+    return {"task": task, "role": role, "target": config["tasks"][task]["target"], "arch": arch,
+            "training": bfv_config.task_training(config, task), "seed": config["seed"],
+            "bootstrap": role == "transfer" and config["transfer"]["bootstrap"]}
 
 
 def job_mem_mb(attempt, batch=1):
@@ -76,15 +107,6 @@ def job_mem_mb(attempt, batch=1):
     for lo, hi in g["bbox_mm"]:
         vox *= max(1.0, (hi - lo) / g["voxel_size"])
     return int(1500 + config["compute"]["mem_mb_per_mvox"] * vox / 1e6 * max(batch, 1)) * attempt
-
-
-def model_targets():
-    n = config["training"]["replicates"]
-    return [f"{R}/models/{t}/rep-{r}/learning_curve.png" for t in config["tasks"] for r in range(n)]
-
-
-FEATVIZ_PARAM_KEYS = ("only_unit", "task", "layer", "regularizer", "units", "objective", "preset", "steps", "lr", "n_seeds",
-                      "n_real", "device", "seed", "dataset_dir")
 
 
 def task_layers(task):
@@ -107,46 +129,28 @@ def layer_unit_list(task, layer):
     units = layer_units(config["model"])
     if layer not in units:
         raise ValueError(f"config key featviz.layers: layer {layer!r} is not in the model; layers: {list(units)}")
-    return resolve_units(layer_spec(task, layer).get("units", "all"), units[layer],
-                         where=f"featviz.layers[{layer}].units")
+    return resolve_units(layer_spec(task, layer)["units"], units[layer], where=f"featviz.layers[{layer}].units")
 
 
-def featviz_params(wc, unit=None):
-    """Params of a visualize job; for one ``unit``, the same request as its layer's job (so the same
-    numbers) with ``only_unit`` telling the script which volume to write, or the unit alone if the
-    config does not list it."""
+def visualize_request(wc, unit=None):
+    """Everything a visualize job optimises; for one ``unit``, the same request as its layer's job (so the
+    same numbers) with ``only_unit`` saying which volume to write, or the unit alone if the config does not
+    list it."""
     spec = layer_spec(wc.task, wc.layer)
     fv = config["featviz"]
     units = layer_unit_list(wc.task, wc.layer)
     if unit is not None and unit not in units:
         units = [unit]
-    return {
-        "only_unit": unit,
-        "task": wc.task,
-        "layer": wc.layer,
-        "regularizer": wc.regularizer,
-        "units": units,
-        "objective": spec.get("objective", "channel"),
-        "preset": config["featviz"]["regularizers"][wc.regularizer],
-        "steps": fv["steps"],
-        "lr": fv["lr"],
-        "n_seeds": fv["seeds"],
-        "n_real": fv["n_real"],
-        "device": fv["device"],
-        "seed": config["seed"],
-        "dataset_dir": task_dataset_dir(wc.task),
-    }
+    return {"only_unit": unit, "task": wc.task, "layer": wc.layer, "regularizer": wc.regularizer, "units": units,
+            "objective": spec["objective"], "preset": fv["regularizers"][wc.regularizer], "steps": fv["steps"],
+            "lr": fv["lr"], "n_seeds": fv["seeds"], "n_real": fv["n_real"], "micro_batch": fv["micro_batch"],
+            "device": fv["device"], "seed": config["seed"]}
 
 
 def regularizer_names():
-    """The presets to run: featviz.run_regularizers (checked) or every preset."""
+    """The presets to run: featviz.run_regularizers or every preset."""
     fv = config["featviz"]
-    names = fv.get("run_regularizers") or list(fv["regularizers"])
-    unknown = [n for n in names if n not in fv["regularizers"]]
-    if unknown:
-        raise ValueError(f"config key featviz.run_regularizers: unknown presets {unknown}; "
-                         f"presets: {list(fv['regularizers'])}")
-    return names
+    return fv["run_regularizers"] or list(fv["regularizers"])
 
 
 def featviz_entries():
@@ -159,18 +163,15 @@ def grid_keys():
     return list(dict.fromkeys((e["task"], e["layer"]) for e in featviz_entries()))
 
 
-def replicates():
-    return list(range(config["training"]["replicates"]))
-
-
-def featviz_targets():
-    return [f"{R}/featviz/{t}/{s['layer']}/{r}/units.tsv" for t in config["tasks"] for s in task_layers(t)
-            for r in regularizer_names()]
+def model_targets():
+    return [model_file(t, r, "learning_curve.png") for t in config["tasks"] for r in roles()]
 
 
 def data_targets():
-    return [f"{R}/data/cohort/qc.png", f"{R}/data/lesions/examples.png"]
+    return [dataset_file("cohort", "participants").replace("participants.tsv", "qc.png"),
+            f"{DATASET.format(dataset='lesions')}/examples.png"]
 
 
 def all_targets():
-    return data_targets() + model_targets() + featviz_targets() + [f"{R}/report/metrics.png"]
+    return data_targets() + model_targets() + [featviz_file(e, "units.tsv") for e in featviz_entries()] + [
+        f"{REPORT}/metrics.png"]

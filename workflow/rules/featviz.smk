@@ -1,25 +1,22 @@
 """Feature visualization: one job per task × layer × regularizer, all units of the layer batched."""
 
-FV = f"{R}/featviz/{{task}}/{{layer}}/{{regularizer}}"
-
 
 rule visualize:
     input:
-        model=f"{R}/models/{{task}}/rep-0/model.pt",
-        volumes=lambda wc: f"{task_dataset_dir(wc.task)}/volumes.npy",
+        unpack(visualize_inputs),
     output:
-        nifti=f"{FV}/units.nii.gz",
-        table=f"{FV}/units.tsv",
-        trajectory=f"{FV}/trajectory.tsv",
+        nifti=f"{FEATVIZ}/units.nii.gz",
+        table=f"{FEATVIZ}/units.tsv",
+        trajectory=f"{FEATVIZ}/trajectory.tsv",
     params:
-        **{k: (lambda wc, k=k: featviz_params(wc)[k]) for k in FEATVIZ_PARAM_KEYS},
+        request=lambda wc: visualize_request(wc),
     wildcard_constraints:
         layer=r"[^/]+",
         regularizer=r"[^/]+",
     log:
-        f"{R}/logs/visualize/{{task}}_{{layer}}_{{regularizer}}.log",
+        f"{LOGS}/visualize/{{task}}_{{layer}}_{{regularizer}}.log",
     benchmark:
-        f"{R}/benchmarks/visualize/{{task}}_{{layer}}_{{regularizer}}.tsv"
+        f"{BENCH}/visualize/{{task}}_{{layer}}_{{regularizer}}.tsv"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=lambda wc, attempt: job_mem_mb(attempt, batch=3 * len(layer_unit_list(wc.task, wc.layer)) * config["featviz"]["seeds"]),
@@ -39,19 +36,18 @@ rule visualize_unit:
     A unit listed in the config is computed exactly as in its layer's job (same request, seeds
     and micro-batches, so the same volume); any other unit of the layer is optimised alone."""
     input:
-        model=f"{R}/models/{{task}}/rep-0/model.pt",
-        volumes=lambda wc: f"{task_dataset_dir(wc.task)}/volumes.npy",
+        unpack(visualize_inputs),
     output:
-        nifti=f"{FV}/unit-{{unit}}.nii.gz",
-        table=f"{FV}/unit-{{unit}}.tsv",
+        nifti=f"{FEATVIZ}/unit-{{unit}}.nii.gz",
+        table=f"{FEATVIZ}/unit-{{unit}}.tsv",
     params:
-        **{k: (lambda wc, k=k: featviz_params(wc, int(wc.unit))[k]) for k in FEATVIZ_PARAM_KEYS},
+        request=lambda wc: visualize_request(wc, int(wc.unit)),
     wildcard_constraints:
         layer=r"[^/]+",
         regularizer=r"[^/]+",
         unit=r"\d+",
     log:
-        f"{R}/logs/visualize/{{task}}_{{layer}}_{{regularizer}}_unit-{{unit}}.log",
+        f"{LOGS}/visualize/{{task}}_{{layer}}_{{regularizer}}_unit-{{unit}}.log",
     threads: config["compute"]["threads"]
     resources:
         gpu=config["compute"]["gpu"],

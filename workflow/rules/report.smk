@@ -1,25 +1,28 @@
 """Comparison of regularizers and the study's figures (the paper-figures target)."""
 
-REPORT = f"{R}/report"
-
 
 rule compare_regularizers:
     input:
-        niftis=[f"{R}/featviz/{e['task']}/{e['layer']}/{e['regularizer']}/units.nii.gz" for e in featviz_entries()],
-        tables=[f"{R}/featviz/{e['task']}/{e['layer']}/{e['regularizer']}/units.tsv" for e in featviz_entries()],
-        models=[f"{R}/models/{t}/rep-{r}/model.pt" for t in config["tasks"] for r in replicates()],
+        niftis=[featviz_file(e, "units.nii.gz") for e in featviz_entries()],
+        tables=[featviz_file(e, "units.tsv") for e in featviz_entries()],
+        models=[model_file(t) for t in config["tasks"]],
+        transfer_models=[model_file(t, "transfer") for t in config["tasks"] if "transfer" in roles()],
+        participants=per_task("participants"),
+        volumes=per_task("volumes"),
+        masks=per_task("mask"),
+        references=per_task("reference"),
+        effects=per_task("sex_effect"),
     output:
         table=report(f"{REPORT}/comparison.tsv", caption="../report/comparison.rst", category="4. Comparison"),
         summary=report(f"{REPORT}/summary.tsv", caption="../report/summary.rst", category="4. Comparison"),
     params:
         entries=featviz_entries(),
-        models={t: [f"{R}/models/{t}/rep-{r}/model.pt" for r in replicates()] for t in config["tasks"]},
-        datasets={t: task_dataset_dir(t) for t in config["tasks"]},
+        tasks=list(config["tasks"]),
         lesions=config["lesions"],
     log:
-        f"{R}/logs/compare_regularizers.log",
+        f"{LOGS}/compare_regularizers.log",
     benchmark:
-        f"{R}/benchmarks/compare_regularizers.tsv"
+        f"{BENCH}/compare_regularizers.tsv"
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: job_mem_mb(attempt, batch=8),
@@ -33,11 +36,11 @@ rule compare_regularizers:
 rule report_figures:
     input:
         table=rules.compare_regularizers.output.table,
-        niftis=[f"{R}/featviz/{e['task']}/{e['layer']}/{e['regularizer']}/units.nii.gz" for e in featviz_entries()],
-        trajectories=[f"{R}/featviz/{e['task']}/{e['layer']}/{e['regularizer']}/trajectory.tsv"
-                      for e in featviz_entries()],
-        model_metrics=[f"{R}/models/{t}/rep-{r}/metrics.json" for t in config["tasks"] for r in replicates()],
-        histories=[f"{R}/models/{t}/rep-{r}/history.tsv" for t in config["tasks"] for r in replicates()],
+        niftis=[featviz_file(e, "units.nii.gz") for e in featviz_entries()],
+        trajectories=[featviz_file(e, "trajectory.tsv") for e in featviz_entries()],
+        model_metrics=[model_file(t, r, "metrics.json") for t in config["tasks"] for r in roles()],
+        histories=[model_file(t, r, "history.tsv") for t in config["tasks"] for r in roles()],
+        masks=per_task("mask"),
     output:
         grids=[report(f"{REPORT}/featviz_{t}_{l}.png", caption="../report/featviz_grid.rst",
                       category="3. Visualizations", labels={"task": t, "layer": l}) for t, l in grid_keys()],
@@ -48,11 +51,12 @@ rule report_figures:
     params:
         entries=featviz_entries(),
         grids=grid_keys(),
-        datasets={t: task_dataset_dir(t) for t in config["tasks"]},
+        tasks=list(config["tasks"]),
+        output_layer="classifier",
     log:
-        f"{R}/logs/report_figures.log",
+        f"{LOGS}/report_figures.log",
     benchmark:
-        f"{R}/benchmarks/report_figures.tsv"
+        f"{BENCH}/report_figures.tsv"
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 3000 * attempt,

@@ -1,32 +1,25 @@
-"""Training stage: one CNN per task and replicate (seed)."""
+"""Training stage: per task, the visualised model (main) and an independent one (transfer)."""
 
 
 rule train_model:
     input:
-        volumes=lambda wc: f"{task_dataset_dir(wc.task)}/volumes.npy",
-        participants=lambda wc: f"{task_dataset_dir(wc.task)}/participants.tsv",
+        unpack(lambda wc: dataset_files(wc.task, "volumes", "participants", "reference")),
     output:
-        model=f"{R}/models/{{task}}/rep-{{rep}}/model.pt",
-        metrics=f"{R}/models/{{task}}/rep-{{rep}}/metrics.json",
-        predictions=f"{R}/models/{{task}}/rep-{{rep}}/predictions.tsv",
-        history=f"{R}/models/{{task}}/rep-{{rep}}/history.tsv",
-        curve=report(f"{R}/models/{{task}}/rep-{{rep}}/learning_curve.png",
-                     caption="../report/learning_curve.rst", category="2. Models",
-                     subcategory="{task}", labels={"task": "{task}", "replicate": "{rep}"}),
+        model=model_file("{task}", "{role}"),
+        metrics=model_file("{task}", "{role}", "metrics.json"),
+        predictions=model_file("{task}", "{role}", "predictions.tsv"),
+        history=model_file("{task}", "{role}", "history.tsv"),
+        curve=report(model_file("{task}", "{role}", "learning_curve.png"), caption="../report/learning_curve.rst",
+                     category="2. Models", subcategory="{task}", labels={"task": "{task}", "model": "{role}"}),
     params:
-        task=lambda wc: wc.task,
-        target=lambda wc: config["tasks"][wc.task]["target"],
-        dataset_dir=lambda wc: task_dataset_dir(wc.task),
-        arch=config["model"],
-        training=lambda wc: task_training(wc.task),
-        seed=config["seed"],
-        checkpoint_dir=lambda wc: f"{R}/.checkpoints/{wc.task}/rep-{wc.rep}",
+        spec=lambda wc: model_spec(wc.task, wc.role),
+        checkpoint_dir=lambda wc: f"{CHECKPOINTS}/{wc.task}/{wc.role}",
     wildcard_constraints:
-        rep=r"\d+",
+        role="main|transfer",
     log:
-        f"{R}/logs/train_model/{{task}}_rep-{{rep}}.log",
+        f"{LOGS}/train_model/{{task}}_{{role}}.log",
     benchmark:
-        f"{R}/benchmarks/train_model/{{task}}_rep-{{rep}}.tsv"
+        f"{BENCH}/train_model/{{task}}_{{role}}.tsv"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=lambda wc, attempt: job_mem_mb(attempt, batch=config["training"]["batch_size"] * 6),

@@ -1,19 +1,8 @@
 """Rule prepare_cohort: any data source → the cohort store on the study grid, plus a QC figure."""
-import _setup
+import _setup  # noqa: F401 (this checkout's library first on sys.path)
 
-
-def main(snakemake, log):
-    from pathlib import Path
-
-    from brainfv.data.cohort import prepare_cohort
-    from brainfv.report.figures import cohort_qc_figure
-
-    import torch
-    torch.set_num_threads(snakemake.threads)
-    out = Path(snakemake.output.volumes).parent
-    prepare_cohort(snakemake.params.cfg, out, log=log)
-    cohort_qc_figure(out, snakemake.output.figure)
-
+from brainfv.job import run
+from brainfv.data.cohort import cohort_job
 
 if __name__ == "__main__":
-    _setup.run(main, snakemake)  # noqa: F821 (injected by Snakemake)
+    run(cohort_job, snakemake)  # noqa: F821 (injected by Snakemake)

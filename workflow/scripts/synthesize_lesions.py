@@ -1,17 +1,8 @@
 """Rule synthesize_lesions: insert artificial lesions into the cohort; write labels, masks, a figure."""
-import _setup
+import _setup  # noqa: F401 (this checkout's library first on sys.path)
 
-
-def main(snakemake, log):
-    from pathlib import Path
-
-    from brainfv.data.lesions import synthesize_lesions
-    from brainfv.report.figures import lesion_examples_figure
-
-    out = Path(snakemake.output.volumes).parent
-    synthesize_lesions(snakemake.params.cohort_dir, snakemake.params.cfg, out, log=log)
-    lesion_examples_figure(out, snakemake.output.figure)
-
+from brainfv.job import run
+from brainfv.data.lesions import lesions_job
 
 if __name__ == "__main__":
-    _setup.run(main, snakemake)  # noqa: F821 (injected by Snakemake)
+    run(lesions_job, snakemake)  # noqa: F821 (injected by Snakemake)

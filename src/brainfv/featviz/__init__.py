@@ -6,7 +6,9 @@ Pieces compose as in Lucid/Lucent ``optvis``, in 3D and batched over units:
 - :mod:`~brainfv.featviz.param`        voxel, Fourier (1/f^decay) and MACO (phase-only) parametrisations
 - :mod:`~brainfv.featviz.transforms`   jitter, random scale/rotation, Gaussian blur (differentiable, seeded)
 - :mod:`~brainfv.featviz.regularizers` L1, L2, total variation, frequency penalty; presets from config
-- :mod:`~brainfv.featviz.objectives`   channel, neuron, class logit/probability; ``+``, ``*``, ``-``
+- :mod:`~brainfv.featviz.objectives`   channel, neuron, class logit/probability/contrast; ``+``, ``*``, ``-``
+- :mod:`~brainfv.featviz.crop`         receptive-field crops planned from an objective's footprint
+- :mod:`~brainfv.featviz.simplify`     a frozen copy of the network with BatchNorm folded, activations moved
 - :mod:`~brainfv.featviz.render`       the batched optimisation loop (one batch element per unit)
 - :mod:`~brainfv.featviz.metrics`      image statistics of the results
 
@@ -17,6 +19,7 @@ Example::
     res = render(model, obj, shape=(52, 64, 52), preset={"param": "fourier", "jitter": 3}, steps=256)
     res.images  # (4, 52, 64, 52)
 """
+from ..config import Preset  # noqa: F401
 from . import objectives  # noqa: F401
-from .render import render, RenderResult, Preset  # noqa: F401
+from .render import Pieces, RenderResult, optimize, preset_pieces, render  # noqa: F401
 from .units import parse_unit, get_module, capture_activations  # noqa: F401

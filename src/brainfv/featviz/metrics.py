@@ -3,25 +3,30 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["total_variation", "high_frequency_fraction", "energy_inside", "image_stats", "correlation"]
+__all__ = ["relative_tv", "high_frequency_fraction", "energy_inside", "image_stats", "correlation"]
 
 
-def total_variation(vol, mask=None):
-    """Mean absolute neighbour difference, divided by the volume's standard deviation (scale-free)."""
+def relative_tv(vol, mask=None):
+    """Roughness: the mean absolute neighbour difference (total variation with ``power=1``, averaged over
+    the three axes) divided by the volume's standard deviation (inside ``mask``): scale-free."""
+    import torch
+
+    from .regularizers import total_variation
+
     v = np.asarray(vol, dtype=np.float64)
     sd = v[mask].std() if mask is not None else v.std()
     if sd == 0:
         return 0.0
-    d = [np.abs(np.diff(v, axis=a)).mean() for a in range(3)]
-    return float(np.mean(d) / sd)
+    return float(total_variation(torch.from_numpy(v)[None], power=1)[0]) / 3 / sd
 
 
 def high_frequency_fraction(vol, cutoff=0.25):
     """Share of spectral power above ``cutoff`` cycles/voxel (0.5 = Nyquist)."""
+    from .param import frequencies
+
     v = np.asarray(vol, dtype=np.float64)
     p = np.abs(np.fft.rfftn(v - v.mean())) ** 2
-    f = np.sqrt(np.fft.fftfreq(v.shape[0])[:, None, None] ** 2 + np.fft.fftfreq(v.shape[1])[None, :, None] ** 2
-                + np.fft.rfftfreq(v.shape[2])[None, None, :] ** 2)
+    f = frequencies(v.shape).double().numpy()
     total = p.sum()
     return float(p[f > cutoff].sum() / total) if total > 0 else 0.0
 
@@ -45,6 +50,6 @@ def correlation(a, b, mask=None):
 
 
 def image_stats(vol, mask=None):
-    return {"total_variation": total_variation(vol, mask), "high_freq_fraction": high_frequency_fraction(vol),
+    return {"total_variation": relative_tv(vol, mask), "high_freq_fraction": high_frequency_fraction(vol),
             "energy_inside_mask": energy_inside(vol, mask) if mask is not None else float("nan"),
             "std": float(np.asarray(vol).std()), "max_abs": float(np.abs(vol).max())}

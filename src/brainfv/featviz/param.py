@@ -9,7 +9,8 @@ Every parametrisation is an ``nn.Module`` whose ``forward()`` returns ``(B, 1, X
 - :class:`MacoParam`    phase-only: the amplitude spectrum is fixed to that of real training
   volumes and only the phase is optimised (MACO, Fel et al. 2023), in 3D.
 
-An optional range constraint (``tanh``/``sigmoid``) bounds voxel values.
+An optional range constraint (``tanh``/``sigmoid``) bounds voxel values. ``init_std`` is the standard
+deviation of the initial noise *image* (input units) for every parametrisation.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import default
 from ..errors import ConfigError
 
-__all__ = ["VoxelParam", "FourierParam", "MacoParam", "spectrum_scale", "mean_amplitude_spectrum", "build_param"]
+__all__ = ["VoxelParam", "FourierParam", "MacoParam", "frequencies", "spectrum_scale", "mean_amplitude_spectrum",
+           "build_param"]
 
 
 def _noise(gens, shape, std):
@@ -29,7 +32,7 @@ def _noise(gens, shape, std):
 
 
 class _Ranged(nn.Module):
-    def __init__(self, value_range=None, bound=3.0):
+    def __init__(self, value_range=default("preset.range"), bound=default("preset.bound")):
         super().__init__()
         if value_range not in (None, "none", "tanh", "sigmoid"):
             raise ConfigError(f"range must be none, tanh or sigmoid; got {value_range!r}")
@@ -47,7 +50,8 @@ class _Ranged(nn.Module):
 class VoxelParam(_Ranged):
     """One variable per voxel, initialised from seeded noise (per batch element) or a volume."""
 
-    def __init__(self, shape, gens, init="noise", init_std=0.1, init_volume=None, value_range=None, bound=3.0):
+    def __init__(self, shape, gens, init=default("preset.init"), init_std=default("preset.init_std"), init_volume=None,
+                 value_range=default("preset.range"), bound=default("preset.bound")):
         super().__init__(value_range, bound)
         shape = tuple(shape)
         if init == "volume":
@@ -69,10 +73,11 @@ class VoxelParam(_Ranged):
         self.x.copy_(gaussian_blur(self.x, sigma))
 
 
-def _freqs(shape):
-    fx = torch.fft.fftfreq(shape[0])[:, None, None]
-    fy = torch.fft.fftfreq(shape[1])[None, :, None]
-    fz = torch.fft.rfftfreq(shape[2])[None, None, :]
+def frequencies(shape, device=None):
+    """Frequency magnitude (cycles per voxel) of every bin of a 3D ``rfftn`` of ``shape``."""
+    fx = torch.fft.fftfreq(shape[0], device=device)[:, None, None]
+    fy = torch.fft.fftfreq(shape[1], device=device)[None, :, None]
+    fz = torch.fft.rfftfreq(shape[2], device=device)[None, None, :]
     return torch.sqrt(fx ** 2 + fy ** 2 + fz ** 2)
 
 
@@ -81,28 +86,41 @@ def spectrum_scale(shape, decay=1.0):
 
     ``f`` is the frequency magnitude in cycles per voxel.
     """
-    f = _freqs(shape)
+    f = frequencies(shape)
     scale = 1.0 / torch.clamp(f, min=1.0 / max(shape)) ** decay
     return scale * math.sqrt(float(np.prod(shape)))
 
 
 class FourierParam(_Ranged):
-    """Volumes as ``irfftn(spectrum * spectrum_scale(decay))``; the spectrum is optimised."""
+    """Volumes as ``irfftn(spectrum * spectrum_scale(decay))``; the spectrum is optimised.
 
-    def __init__(self, shape, gens, decay=1.0, init="noise", init_std=0.01, init_volume=None, value_range=None,
-                 bound=3.0):
+    Initial noise is white in the spectrum variables, scaled so the initial image has standard
+    deviation ``init_std`` (like :class:`VoxelParam`'s).
+    """
+
+    def __init__(self, shape, gens, decay=default("preset.decay"), init=default("preset.init"),
+                 init_std=default("preset.init_std"), init_volume=None, value_range=default("preset.range"),
+                 bound=default("preset.bound")):
         super().__init__(value_range, bound)
         self.shape = tuple(shape)
         self.register_buffer("scale", spectrum_scale(self.shape, decay))
         fshape = self.scale.shape + (2,)
+        spec_std = init_std / self.unit_noise_std()
         if init == "volume":
             spec = self.to_spectrum(torch.as_tensor(np.asarray(init_volume), dtype=torch.float32))
-            spec = spec.expand((len(gens),) + fshape).clone() + _noise(gens, fshape, init_std)
+            spec = spec.expand((len(gens),) + fshape).clone() + _noise(gens, fshape, spec_std)
         elif init == "zeros":
             spec = torch.zeros((len(gens),) + fshape)
         else:
-            spec = _noise(gens, fshape, init_std)
+            spec = _noise(gens, fshape, spec_std)
         self.spectrum = nn.Parameter(spec[:, None].contiguous())
+
+    def unit_noise_std(self):
+        """Standard deviation of the image made from unit white noise in the spectrum variables (fixed
+        draw: deterministic)."""
+        g = torch.Generator().manual_seed(0)
+        spec = torch.view_as_complex(torch.randn(self.scale.shape + (2,), generator=g)) * self.scale
+        return float(torch.fft.irfftn(spec, s=self.shape, dim=(-3, -2, -1)).std())
 
     def to_spectrum(self, volume):
         """The spectrum variables that reproduce ``volume`` exactly (round trip)."""
@@ -128,9 +146,14 @@ def mean_amplitude_spectrum(volumes, shape=None, box=None, max_volumes=64):
 
 
 class MacoParam(_Ranged):
-    """Phase-only parametrisation: ``irfftn(magnitude * exp(i * phase))`` with a fixed magnitude."""
+    """Phase-only parametrisation: ``irfftn(magnitude * exp(i * phase))`` with a fixed magnitude.
 
-    def __init__(self, shape, gens, magnitude, init="noise", init_volume=None, value_range=None, bound=3.0):
+    The phase starts uniform in (-pi, pi] (``init="noise"``) or at the phase of ``init_volume``; the
+    image's amplitude is set by the magnitude, so ``init_std`` does not apply.
+    """
+
+    def __init__(self, shape, gens, magnitude, init=default("preset.init"), init_volume=None,
+                 value_range=default("preset.range"), bound=default("preset.bound")):
         super().__init__(value_range, bound)
         self.shape = tuple(shape)
         mag = torch.as_tensor(magnitude, dtype=torch.float32)
@@ -157,7 +180,7 @@ def build_param(preset, shape, gens, magnitude=None, init_volume=None):
     if preset.param == "voxel":
         return VoxelParam(shape, gens, init, preset.init_std, init_volume, **kw)
     if preset.param == "fourier":
-        return FourierParam(shape, gens, preset.decay, init, preset.init_std / 10, init_volume, **kw)
+        return FourierParam(shape, gens, preset.decay, init, preset.init_std, init_volume, **kw)
     if preset.param == "maco":
         if magnitude is None:
             raise ConfigError("param 'maco' needs the amplitude spectrum of real volumes")

@@ -20,21 +20,23 @@ def l2(x):
     return (x ** 2).flatten(1).mean(1)
 
 
-def total_variation(x):
-    """Mean squared difference between neighbouring voxels along the three axes (3D TV, squared form)."""
-    dx = (x[..., 1:, :, :] - x[..., :-1, :, :]) ** 2
-    dy = (x[..., :, 1:, :] - x[..., :, :-1, :]) ** 2
-    dz = (x[..., :, :, 1:] - x[..., :, :, :-1]) ** 2
-    return dx.flatten(1).mean(1) + dy.flatten(1).mean(1) + dz.flatten(1).mean(1)
+def total_variation(x, power=2):
+    """3D total variation of ``(B, ...)`` volumes: the sum over the three axes of the mean
+    ``|neighbour difference| ** power`` (``power=2``: the smooth, squared form used as a penalty;
+    ``power=1``: the classic form, used by :func:`brainfv.featviz.metrics.relative_tv`)."""
+    total = 0
+    for axis in (-3, -2, -1):
+        d = torch.diff(x, dim=axis).abs()
+        total = total + (d ** power if power != 1 else d).flatten(1).mean(1)
+    return total
 
 
 def frequency_penalty(x):
     """Power-weighted mean frequency: energy at high spatial frequencies costs more."""
+    from .param import frequencies
+
     spec = torch.fft.rfftn(x, dim=(-3, -2, -1)).abs() ** 2
-    X, Y, Z = x.shape[-3:]
-    f = torch.sqrt(torch.fft.fftfreq(X, device=x.device)[:, None, None] ** 2
-                   + torch.fft.fftfreq(Y, device=x.device)[None, :, None] ** 2
-                   + torch.fft.rfftfreq(Z, device=x.device)[None, None, :] ** 2)
+    f = frequencies(x.shape[-3:], device=x.device)
     return (spec * f).flatten(1).sum(1) / (spec.flatten(1).sum(1) + 1e-8) * l2(x)
 
 

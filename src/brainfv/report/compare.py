@@ -16,11 +16,15 @@ Columns (besides those of the visualization tables, see :func:`brainfv.featviz.s
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from ..config import LesionConfig
 
 from .metrics import best_template_match, lesion_templates, quality_ratios, sex_effect_fidelity
 
-__all__ = ["compare"]
+__all__ = ["compare", "summarise", "compare_job"]
 
 
 def compare(jobs, lesion_cfg, log=None, n_real=16):
@@ -32,9 +36,10 @@ def compare(jobs, lesion_cfg, log=None, n_real=16):
     import pandas as pd
     import torch
 
-    from ..featviz.metrics import high_frequency_fraction, total_variation
+    from ..featviz.metrics import high_frequency_fraction, relative_tv
 
     log = log or (lambda m: None)
+    lc = LesionConfig.from_config(lesion_cfg)
     real_stats = {}
     templates = {}
     out = []
@@ -45,7 +50,7 @@ def compare(jobs, lesion_cfg, log=None, n_real=16):
         if key not in real_stats:
             vols = ds.volumes
             rows = ds.participants["index"].to_numpy()[:n_real]
-            real_stats[key] = (float(np.mean([total_variation(vols[int(i)], mask) for i in rows])),
+            real_stats[key] = (float(np.mean([relative_tv(vols[int(i)], mask) for i in rows])),
                                float(np.mean([high_frequency_fraction(vols[int(i)]) for i in rows])))
         real_tv, real_hf = real_stats[key]
         tab = job["table"].copy()
@@ -61,18 +66,16 @@ def compare(jobs, lesion_cfg, log=None, n_real=16):
             extra["intended_class"].append(cls)
             if job["target"] == "lesion":
                 vs = ds.grid.voxel_size
-                shapes = lesion_cfg["shapes"] if lesion_cfg["labelling"] == "presence" else \
-                    [lesion_cfg["shape_a"], lesion_cfg["shape_b"]]
-                dmin, dmax = lesion_cfg["diameter_mm"]
+                shapes = lc.template_shapes
+                dmin, dmax = lc.diameter_mm
                 tk = (tuple(shapes), dmin, dmax, vs)
                 if tk not in templates:
-                    templates[tk] = lesion_templates(shapes, np.linspace(dmin, dmax, 3), vs,
-                                                     lesion_cfg.get("edge_mm", 1.0))
+                    templates[tk] = lesion_templates(shapes, np.linspace(dmin, dmax, 3), vs, lc.edge_mm)
                 m = best_template_match(vol, templates[tk], mask)
                 extra["lesion_ncc"].append(m["ncc"])
                 extra["lesion_shape"].append(m["shape"])
                 extra["lesion_diameter_mm"].append(m["diameter_mm"])
-                extra["shape_correct"].append(float(m["shape"] == cls) if lesion_cfg["labelling"] == "shapes"
+                extra["shape_correct"].append(float(m["shape"] == cls) if lc.labelling == "shapes"
                                               and is_logit else float("nan"))
             else:
                 for k in ("lesion_ncc", "lesion_diameter_mm", "shape_correct"):
@@ -109,3 +112,46 @@ def summarise(table):
     s = g[cols].mean()
     s["n_units"] = g.size()
     return s.reset_index()
+
+
+def compare_job(job):
+    """The ``compare_regularizers`` rule.
+
+    Params: ``entries`` (task, layer, regularizer of each visualization, in the order of the ``niftis`` and
+    ``tables`` inputs), ``tasks`` (task names, in the order of the per-task inputs below) and ``lesions``
+    (the config section). Inputs per task: ``models``, ``transfer_models`` (may be empty), ``participants``,
+    ``volumes``, ``masks``, ``references``, ``effects`` (the sex-effect map). Outputs: ``table``, ``summary``.
+    """
+    import nibabel as nib
+    import pandas as pd
+    import torch
+
+    from ..data.store import Dataset
+    from ..models import load_checkpoint
+    from ..utils import atomic_path
+
+    torch.set_num_threads(job.threads)
+    p, inp = job.params, job.input
+    tasks = list(p["tasks"])
+    per_task = {}
+    for i, task in enumerate(tasks):
+        files = {k: inp[k][i] for k in ("participants", "volumes", "masks", "references", "effects")}
+        folders = {str(Path(f).parent) for f in files.values()}
+        if len(folders) != 1:
+            raise ValueError(f"task {task}: dataset inputs are not in one folder: {sorted(folders)}")
+        _, meta = load_checkpoint(inp["models"][i])
+        transfer = load_checkpoint(inp["transfer_models"][i])[0] if inp.get("transfer_models") else None
+        effect = nib.load(files["effects"]).get_fdata() if meta["target"] == "sex" else None
+        per_task[task] = {"dataset": Dataset(folders.pop()), "target": meta["target"], "classes": meta["classes"],
+                          "effect": effect, "transfer_model": transfer}
+    jobs = []
+    for entry, nifti, table in zip(p["entries"], inp["niftis"], inp["tables"]):
+        jobs.append({**entry, **per_task[entry["task"]], "table": pd.read_csv(table, sep="\t"),
+                     "images": np.moveaxis(np.asarray(nib.load(nifti).dataobj, dtype=np.float32), -1, 0)})
+    table = compare(jobs, p["lesions"], log=job.log)
+    with atomic_path(job.output["table"]) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    summary = summarise(table)
+    with atomic_path(job.output["summary"]) as tmp:
+        summary.to_csv(tmp, sep="\t", index=False)
+    job.log("summary (means per task x layer x regularizer):\n" + summary.to_string(index=False, float_format="%.3f"))

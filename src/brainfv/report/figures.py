@@ -9,7 +9,9 @@ import numpy as np
 
 from ..utils import atomic_path
 
-__all__ = ["orthoslices", "subject_montage", "save"]
+__all__ = ["orthoslices", "subject_montage", "save", "cohort_qc_figure", "lesion_examples_figure",
+           "learning_curve_figure", "featviz_grid_figure", "metrics_figure", "trajectories_figure", "models_figure",
+           "unit_labels", "report_job"]
 
 DPI = 110
 
@@ -21,6 +23,25 @@ def _mpl():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _themed(context):
+    """Run a figure function under seaborn's whitegrid theme in ``context``; matplotlib's settings are
+    restored afterwards (``rc_context``), so callers' styles are untouched."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            import matplotlib
+            import seaborn as sns
+
+            _mpl()
+            with matplotlib.rc_context():
+                sns.set_theme(style="whitegrid", context=context)
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
 
 
 def save(fig, path):
@@ -141,12 +162,12 @@ def lesion_examples_figure(dataset_dir, path, n=4):
                            overlays=olist, centres=centres)
 
 
+@_themed("notebook")
 def learning_curve_figure(history, metrics, path, title):
     """Loss and validation balanced accuracy per epoch, with the test result in the legend."""
     plt = _mpl()
     import seaborn as sns
 
-    sns.set_theme(style="whitegrid", context="notebook")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
     a1.plot(history["epoch"], history["train_loss"], "o-", ms=3, label="train")
     a1.plot(history["epoch"], history["val_loss"], "o-", ms=3, label="validation")
@@ -162,7 +183,6 @@ def learning_curve_figure(history, metrics, path, title):
     a2.legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    sns.reset_orig()
     return save(fig, path)
 
 
@@ -235,6 +255,7 @@ def featviz_grid_figure(volumes, units, unit_labels, mask, path, title):
     return save(fig, path)
 
 
+@_themed("paper")
 def metrics_figure(table, path, metrics=None):
     """Per-regularizer distributions of each metric (box + points), one row per metric, one column per task."""
     plt = _mpl()
@@ -245,7 +266,6 @@ def metrics_figure(table, path, metrics=None):
                           if m in table and table[m].notna().any() and np.nanstd(table[m].to_numpy(float)) > 1e-9]
     tasks = list(dict.fromkeys(table["task"]))
     regs = list(dict.fromkeys(table["regularizer"]))
-    sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(len(metrics), len(tasks), figsize=(4.2 * len(tasks) + 1.5, 2.3 * len(metrics) + 0.6),
                              squeeze=False)
     for j, task in enumerate(tasks):
@@ -274,10 +294,10 @@ def metrics_figure(table, path, metrics=None):
         sns.move_legend(lg.axes, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.suptitle("Regularizer comparison: each point is one unit's visualization")
     fig.tight_layout(rect=(0, 0, 1, 0.985))
-    sns.reset_orig()
     return save(fig, path)
 
 
+@_themed("paper")
 def trajectories_figure(traj, table, path):
     """Objective over optimisation steps, relative to each unit's maximum on real test volumes."""
     plt = _mpl()
@@ -288,7 +308,6 @@ def trajectories_figure(traj, table, path):
     t["relative"] = t["objective"] / t["real_max"].where(t["real_max"].abs() > 1e-8)
     tasks = list(dict.fromkeys(t["task"]))
     layers = list(dict.fromkeys(t["layer"]))
-    sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(len(tasks), len(layers), figsize=(3.6 * len(layers) + 1.6, 2.8 * len(tasks) + 0.5),
                              squeeze=False, sharex=True)
     for i, task in enumerate(tasks):
@@ -306,23 +325,22 @@ def trajectories_figure(traj, table, path):
         sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.suptitle("Activation during optimisation (median and interquartile range over units; dotted: best real volume)")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    sns.reset_orig()
     return save(fig, path)
 
 
+@_themed("paper")
 def models_figure(metrics, histories, path):
     """Validation balanced accuracy per epoch and test metrics of every trained model."""
     plt = _mpl()
     import seaborn as sns
 
-    sns.set_theme(style="whitegrid", context="paper")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.4, 1]})
     rows = []
-    for (task, rep), h in histories.items():
-        a1.plot(h["epoch"], h["val_balanced_accuracy"], "-o", ms=2.5, label=f"{task} rep {rep}")
-    for (task, rep), m in metrics.items():
+    for (task, role), h in histories.items():
+        a1.plot(h["epoch"], h["val_balanced_accuracy"], "-o", ms=2.5, label=f"{task} ({role})")
+    for (task, role), m in metrics.items():
         for k in ("balanced_accuracy", "roc_auc"):
-            rows.append({"model": f"{task}\nrep {rep}", "metric": k.replace("_", " "), "value": m["test"][k]})
+            rows.append({"model": f"{task}\n{role}", "metric": k.replace("_", " "), "value": m["test"][k]})
     a1.set(xlabel="epoch", ylabel="validation balanced accuracy", ylim=(0.3, 1.02), title="learning curves")
     a1.legend(fontsize=7)
     import pandas as pd
@@ -334,5 +352,47 @@ def models_figure(metrics, histories, path):
     a2.set(ylim=(0, 1.08), ylabel="held-out test", xlabel="", title="test performance")
     a2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    sns.reset_orig()
     return save(fig, path)
+
+
+def unit_labels(layer, units, classes=None, output_layer="classifier"):
+    """Row labels ``layer:unit``, with the class name for units of the model's output layer."""
+    named = layer == output_layer and classes is not None
+    return [f"{layer}:{u}" + (f"\n(logit '{classes[u]}')" if named and u < len(classes) else "") for u in units]
+
+
+def report_job(job):
+    """The ``report_figures`` rule: every study figure from cached results (no training, no optimisation).
+
+    Params: ``entries`` (task, layer, regularizer per visualization, in the order of the ``niftis`` and
+    ``trajectories`` inputs), ``grids`` ((task, layer) per ``grids`` output), ``tasks`` (in the order of the
+    ``masks`` input), ``output_layer``. Inputs: ``table`` (comparison), ``model_metrics`` and ``histories``
+    (one per trained model).
+    """
+    import json
+    from pathlib import Path
+
+    import nibabel as nib
+    import pandas as pd
+
+    p, inp, log = job.params, job.input, job.log
+    table = pd.read_csv(inp["table"], sep="\t")
+    metrics_figure(table, job.output["metrics"])
+    traj = pd.concat([pd.read_csv(t, sep="\t") for t in inp["trajectories"]], ignore_index=True)
+    trajectories_figure(traj, table, job.output["trajectories"])
+    metrics, hist = {}, {}
+    for mpath, hpath in zip(inp["model_metrics"], inp["histories"]):
+        m = json.loads(Path(mpath).read_text())
+        metrics[m["task"], m["role"]] = m
+        hist[m["task"], m["role"]] = pd.read_csv(hpath, sep="\t")
+    models_figure(metrics, hist, job.output["models"])
+    masks = {t: np.asarray(nib.load(f).dataobj) > 0 for t, f in zip(p["tasks"], inp["masks"])}
+    for (task, layer), path in zip(p["grids"], job.output["grids"]):
+        vols = {e["regularizer"]: np.moveaxis(np.asarray(nib.load(f).dataobj, np.float32), -1, 0)
+                for e, f in zip(p["entries"], inp["niftis"]) if e["task"] == task and e["layer"] == layer}
+        sub = table[(table["task"] == task) & (table["layer"] == layer)]
+        units = sorted(sub["unit"].unique())
+        main = metrics[task, "main"]
+        featviz_grid_figure(vols, units, unit_labels(layer, units, main["classes"], p["output_layer"]), masks[task],
+                            path, f"task {task} · layer {layer} · units × regularizers — {main.get('cohort', '')}")
+        log(f"figure {path}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..featviz.metrics import correlation, high_frequency_fraction, total_variation
+from ..featviz.metrics import correlation, high_frequency_fraction, relative_tv
 
 __all__ = ["lesion_templates", "best_template_match", "sex_effect_fidelity", "quality_ratios"]
 
@@ -74,5 +74,5 @@ def sex_effect_fidelity(vis, effect, mask, sign=1.0):
 
 def quality_ratios(vis, real_tv, real_hf, mask=None):
     """Total variation and high-frequency share of ``vis`` divided by those of real volumes (1 = real-like)."""
-    return {"tv_ratio": total_variation(vis, mask) / real_tv if real_tv else float("nan"),
+    return {"tv_ratio": relative_tv(vis, mask) / real_tv if real_tv else float("nan"),
             "hf_ratio": high_frequency_fraction(vis) / real_hf if real_hf else float("nan")}

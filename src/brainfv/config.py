@@ -1,0 +1,351 @@
+"""The study configuration: one schema for every default, typed sections for the library.
+
+The single source of every default is ``workflow/schemas/config.schema.yaml`` (shipped inside the
+package as ``brainfv/config.schema.yaml``, a link to it). Snakemake and the library read it the same
+way:
+
+- :func:`complete` fills in the defaults and validates a config (errors name the config key);
+- :func:`check` adds the cross-key checks the schema cannot express;
+- :func:`default` reads one default (``default("training.epochs")``, ``default("preset.param")`` for
+  a ``$defs`` entry);
+- typed sections (:class:`TrainingConfig`, :class:`ModelConfig`, :class:`Preset`, ...) are
+  dataclasses whose field defaults are read from the schema, built with ``from_config(dict)``.
+
+Only ``pyyaml`` and ``jsonschema`` are imported: Snakemake parses this in every job.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from pathlib import Path
+from typing import ClassVar
+
+from .errors import ConfigError
+
+__all__ = ["SCHEMA_PATH", "schema", "node", "default", "complete", "check", "Section", "AugmentConfig",
+           "TrainingConfig", "ModelConfig", "Preset", "SexEffectConfig", "VariabilityConfig", "LesionConfig",
+           "task_training", "transfer_model"]
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+
+
+@functools.lru_cache(maxsize=1)
+def schema():
+    """The parsed config schema (cached; treat as read-only)."""
+    import yaml
+
+    if not SCHEMA_PATH.exists():
+        raise ConfigError(f"config schema not found at {SCHEMA_PATH}")
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _resolve(n):
+    while isinstance(n, dict) and "$ref" in n:
+        ref = n["$ref"]
+        if not ref.startswith("#/"):
+            raise ConfigError(f"config schema: only local $ref is supported, got {ref!r}")
+        n = functools.reduce(lambda d, k: d[k], ref[2:].split("/"), schema())
+    return n
+
+
+def node(path):
+    """The schema node of a dotted config path: ``"training"``, ``"training.augment"``; a first part naming a
+    ``$defs`` entry (``"preset"``) selects it."""
+    s = schema()
+    parts = [p for p in path.split(".") if p]
+    if parts and parts[0] in s.get("$defs", {}):
+        n = s["$defs"][parts.pop(0)]
+    else:
+        n = s
+    for p in parts:
+        n = _resolve(n)
+        props = n.get("properties", {})
+        if p not in props:
+            raise ConfigError(f"config schema has no key {path!r} (at {p!r}; keys: {sorted(props)})")
+        n = props[p]
+    return _resolve(n)
+
+
+def default(path):
+    """The schema default of the key at ``path`` (a deep copy)."""
+    n = node(path)
+    if "default" not in n:
+        raise ConfigError(f"config schema key {path!r} has no default")
+    return copy.deepcopy(n["default"])
+
+
+def _fill(instance, n):
+    """Fill schema defaults into ``instance`` in place (recursively); returns it."""
+    n = _resolve(n)
+    if isinstance(instance, dict):
+        props = n.get("properties", {})
+        for key, sub in props.items():
+            sub = _resolve(sub)
+            if key not in instance and "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+            elif key in instance and sub.get("x-merge-default") and isinstance(instance[key], dict):
+                instance[key] = {**copy.deepcopy(sub.get("default", {})), **instance[key]}
+            if key in instance:
+                _fill(instance[key], sub)
+        extra = n.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in instance:
+                if key not in props:
+                    _fill(instance[key], extra)
+    elif isinstance(instance, list) and isinstance(n.get("items"), dict):
+        for item in instance:
+            _fill(item, n["items"])
+    return instance
+
+
+def _key(prefix, parts):
+    return ".".join([p for p in [prefix] if p] + [str(p) for p in parts]) or "(top level)"
+
+
+def _validate(instance, n, where=""):
+    """Validate ``instance`` against schema node ``n``; raise ConfigError naming the first bad key."""
+    from jsonschema import Draft202012Validator
+
+    sub = dict(_resolve(n))
+    sub["$defs"] = schema().get("$defs", {})
+    errors = sorted(Draft202012Validator(sub).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return
+    e = errors[0]
+    key = _key(where, e.absolute_path)
+    if e.validator == "additionalProperties":
+        allowed = sorted(_resolve(e.schema).get("properties", {}))
+        unknown = sorted(set(e.instance) - set(allowed))
+        raise ConfigError(f"config key {key}: unknown key(s) {unknown}; allowed: {allowed}")
+    raise ConfigError(f"config key {key}: {e.message}")
+
+
+def complete(cfg=None, validate=True):
+    """A copy of ``cfg`` with every schema default filled in, validated against the schema.
+
+    Presets under ``featviz.regularizers`` are added to the default presets (schema keyword
+    ``x-merge-default``). Raises :class:`~brainfv.errors.ConfigError` naming the first bad key.
+    """
+    out = _fill(copy.deepcopy(dict(cfg or {})), schema())
+    if validate:
+        _validate(out, schema())
+    return out
+
+
+def check(cfg):
+    """Cross-key checks of a completed config that JSON schema cannot express; raise ConfigError."""
+    splits = cfg["cohort"]["splits"]
+    total = sum(splits.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"config key cohort.splits: fractions must sum to 1, got {splits} (sum {total:.3f})")
+    src = cfg["cohort"]["source"]
+    if src == "bids" and not cfg["cohort"]["bids"]["root"]:
+        raise ConfigError("config key cohort.bids.root: required when cohort.source is 'bids'")
+    if src == "csv" and not cfg["cohort"]["csv"]["table"]:
+        raise ConfigError("config key cohort.csv.table: required when cohort.source is 'csv'")
+    for key in ("diameter_mm", "contrast", "count"):
+        lo, hi = cfg["lesions"][key]
+        if lo > hi:
+            raise ConfigError(f"config key lesions.{key}: expected [min, max] with min <= max, got {[lo, hi]}")
+    if any(h <= lo for lo, h in cfg["grid"]["bbox_mm"]):
+        raise ConfigError(f"config key grid.bbox_mm: each axis needs min < max, got {cfg['grid']['bbox_mm']}")
+    for task, spec in cfg["tasks"].items():
+        _validate(spec.get("training") or {}, _no_defaults(node("training")), f"tasks.{task}.training")
+    _validate(cfg["transfer"]["model"], _no_defaults(node("model")), "transfer.model")
+    fv = cfg["featviz"]
+    unknown = [n for n in (fv.get("run_regularizers") or []) if n not in fv["regularizers"]]
+    if unknown:
+        raise ConfigError(f"config key featviz.run_regularizers: unknown presets {unknown}; "
+                          f"presets: {list(fv['regularizers'])}")
+    for i, spec in enumerate(fv["layers"]):
+        bad = [t for t in spec.get("tasks", []) if t not in cfg["tasks"]]
+        if bad:
+            raise ConfigError(f"config key featviz.layers[{i}].tasks: unknown tasks {bad}; tasks: {list(cfg['tasks'])}")
+    return cfg
+
+
+def _no_defaults(n):
+    """``n`` without ``default`` entries (to validate partial overrides without filling them)."""
+    if isinstance(n, dict):
+        return {k: _no_defaults(v) for k, v in n.items() if k != "default"}
+    if isinstance(n, list):
+        return [_no_defaults(v) for v in n]
+    return n
+
+
+def task_training(cfg, task):
+    """The training section with ``tasks.<task>.training`` overrides applied (both already validated)."""
+    over = cfg["tasks"][task].get("training") or {}
+    merged = {**cfg["training"], **over}
+    merged["augment"] = {**cfg["training"]["augment"], **(over.get("augment") or {})}
+    return merged
+
+
+def transfer_model(cfg):
+    """The transfer model's architecture: the model section with ``transfer.model`` overrides."""
+    return {**cfg["model"], **cfg["transfer"]["model"]}
+
+
+# --------------------------------------------------------------------------------------- typed sections
+
+class Section:
+    """Base of the typed config sections: a frozen dataclass whose defaults come from the schema node
+    ``_path``; :meth:`from_config` validates a (partial) dict against that node, naming bad keys."""
+
+    _path: ClassVar[str] = ""
+
+    @classmethod
+    def from_config(cls, values=None, where=None):
+        if isinstance(values, cls):
+            return values
+        values = dict(values or {})
+        n = node(cls._path)
+        _validate(values, _no_defaults(n), where if where is not None else cls._path)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            sub = _section_type(f)
+            kwargs[f.name] = sub.from_config(v, f"{where or cls._path}.{f.name}") if sub else v
+        return cls(**kwargs)
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _section_type(f):
+    t = f.type if isinstance(f.type, type) else globals().get(str(f.type))
+    return t if isinstance(t, type) and issubclass(t, Section) else None
+
+
+def _d(path):
+    """A dataclass field whose default is the schema default at ``path`` (lists/dicts copied per instance)."""
+    value = default(path)
+    if isinstance(value, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(value))
+    return dataclasses.field(default=value)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig(Section):
+    """Training-time augmentation (config ``training.augment``)."""
+
+    _path: ClassVar[str] = "training.augment"
+    shift_vox: int = _d("training.augment.shift_vox")
+    flip: bool = _d("training.augment.flip")
+    intensity: float = _d("training.augment.intensity")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig(Section):
+    """Optimisation of a task's model (config ``training``, with a task's overrides)."""
+
+    _path: ClassVar[str] = "training"
+    epochs: int = _d("training.epochs")
+    batch_size: int = _d("training.batch_size")
+    lr: float = _d("training.lr")
+    weight_decay: float = _d("training.weight_decay")
+    warmup_epochs: int = _d("training.warmup_epochs")
+    patience: int = _d("training.patience")
+    bn_volumes: int = _d("training.bn_volumes")
+    num_workers: int = _d("training.num_workers")
+    device: str = _d("training.device")
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Section):
+    """The paper-style CNN's architecture (config ``model``)."""
+
+    _path: ClassVar[str] = "model"
+    channels: list = _d("model.channels")
+    kernel_size: int = _d("model.kernel_size")
+    norm: str = _d("model.norm")
+    activation: str = _d("model.activation")
+    dropout: float = _d("model.dropout")
+    spatial_dropout: float = _d("model.spatial_dropout")
+    hidden: int = _d("model.hidden")
+    global_pool: str = _d("model.global_pool")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset(Section):
+    """A regularization strategy (config ``featviz.regularizers.<name>``); see the schema's ``$defs.preset``
+    for every field's meaning. Adding a new kind of penalty is one function in
+    :mod:`brainfv.featviz.regularizers` plus its field here and in the schema."""
+
+    _path: ClassVar[str] = "preset"
+    param: str = _d("preset.param")
+    decay: float = _d("preset.decay")
+    init: str = _d("preset.init")
+    init_std: float = _d("preset.init_std")
+    range: str | None = _d("preset.range")
+    bound: float = _d("preset.bound")
+    mask: bool = _d("preset.mask")
+    l1: float = _d("preset.l1")
+    l2: float = _d("preset.l2")
+    tv: float = _d("preset.tv")
+    freq: float = _d("preset.freq")
+    jitter: int = _d("preset.jitter")
+    scale: float = _d("preset.scale")
+    rotate: float = _d("preset.rotate")
+    blur_sigma: float = _d("preset.blur_sigma")
+    blur_every: int = _d("preset.blur_every")
+    pre_blur: float = _d("preset.pre_blur")
+
+    @classmethod
+    def from_dict(cls, d, name="preset"):
+        """A preset from a config dict; unknown keys raise ConfigError naming ``featviz.regularizers.<name>``."""
+        return cls.from_config(d, f"featviz.regularizers.{name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SexEffectConfig(Section):
+    """The synthetic cohort's planted sex effect (config ``cohort.synthetic.sex_effect``)."""
+
+    _path: ClassVar[str] = "cohort.synthetic.sex_effect"
+    global_volume: float = _d("cohort.synthetic.sex_effect.global_volume")
+    regional: float = _d("cohort.synthetic.sex_effect.regional")
+    strength: float = _d("cohort.synthetic.sex_effect.strength")
+
+
+@dataclasses.dataclass(frozen=True)
+class VariabilityConfig(Section):
+    """Nuisance variability of synthetic subjects (config ``cohort.synthetic.variability``)."""
+
+    _path: ClassVar[str] = "cohort.synthetic.variability"
+    scale_sd: float = _d("cohort.synthetic.variability.scale_sd")
+    rotation_deg: float = _d("cohort.synthetic.variability.rotation_deg")
+    translation_mm: float = _d("cohort.synthetic.variability.translation_mm")
+    deformation_mm: float = _d("cohort.synthetic.variability.deformation_mm")
+    bias: float = _d("cohort.synthetic.variability.bias")
+    gamma_sd: float = _d("cohort.synthetic.variability.gamma_sd")
+    noise_sd: float = _d("cohort.synthetic.variability.noise_sd")
+
+
+@dataclasses.dataclass(frozen=True)
+class LesionConfig(Section):
+    """Artificial lesions (config ``lesions``)."""
+
+    _path: ClassVar[str] = "lesions"
+    labelling: str = _d("lesions.labelling")
+    shapes: list = _d("lesions.shapes")
+    shape_a: str = _d("lesions.shape_a")
+    shape_b: str = _d("lesions.shape_b")
+    diameter_mm: list = _d("lesions.diameter_mm")
+    contrast: list = _d("lesions.contrast")
+    edge_mm: float = _d("lesions.edge_mm")
+    count: list = _d("lesions.count")
+    paired: bool = _d("lesions.paired")
+    fraction_positive: float = _d("lesions.fraction_positive")
+    wm_threshold: float = _d("lesions.wm_threshold")
+    depth_margin_mm: float = _d("lesions.depth_margin_mm")
+    min_gap_mm: float = _d("lesions.min_gap_mm")
+    random_orientation: bool = _d("lesions.random_orientation")
+
+    @property
+    def template_shapes(self):
+        """The shapes a class can show: all configured shapes (presence) or shape A/B (shapes labelling)."""
+        return list(self.shapes) if self.labelling == "presence" else [self.shape_a, self.shape_b]
