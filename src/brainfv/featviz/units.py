@@ -6,7 +6,8 @@ from torch import nn
 
 from ..errors import UnitError
 
-__all__ = ["parse_unit", "get_module", "capture_activations", "layer_output_shape", "check_channels"]
+__all__ = ["parse_unit", "get_module", "capture_activations", "layer_output_shape", "check_channels",
+           "receptive_field", "describe_units", "resolve_units"]
 
 
 def parse_unit(address):
@@ -91,8 +92,6 @@ def receptive_field(model, layer, input_shape, device="cpu"):
     when the path to ``layer`` contains a module whose footprint is unknown
     (then no cropping is done).
     """
-    pointwise = (nn.BatchNorm3d, nn.InstanceNorm3d, nn.GroupNorm, nn.ReLU, nn.ELU, nn.LeakyReLU, nn.GELU,
-                 nn.SiLU, nn.PReLU, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Dropout3d, nn.Identity)
     order = []
     handles = []
     for name, m in model.named_modules():
@@ -105,20 +104,172 @@ def receptive_field(model, layer, input_shape, device="cpu"):
             h.remove()
     size, stride, offset = [1, 1, 1], [1, 1, 1], [0, 0, 0]
     for name, m in order:
-        if isinstance(m, (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)):
-            k = _triple(m.kernel_size)
-            s = _triple(m.stride if m.stride is not None else m.kernel_size)
-            p = _triple(m.padding)
-            d = _triple(getattr(m, "dilation", 1))
-            if isinstance(m, nn.Conv3d) and m.padding_mode != "zeros":
-                return None
-            for a in range(3):
-                size[a] += (d[a] * (k[a] - 1)) * stride[a]
-                offset[a] += p[a] * stride[a]
-                stride[a] *= s[a]
-        elif not isinstance(m, pointwise):
+        if not _rf_step(m, size, stride, offset):
             return None
     return tuple(zip(size, stride, offset))
+
+
+_POINTWISE = (nn.BatchNorm3d, nn.InstanceNorm3d, nn.GroupNorm, nn.ReLU, nn.ELU, nn.LeakyReLU, nn.GELU,
+              nn.SiLU, nn.PReLU, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Dropout3d, nn.Identity)
+_WINDOWED = (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)
+
+
+def _rf_kind(m):
+    """``"window"`` (Conv3d / MaxPool3d / AvgPool3d), ``"pointwise"`` or None (footprint unknown).
+
+    Stand-ins for TorchScript submodules (``model_io.TorchScriptModel``) are judged by the scripted
+    class's ``original_name`` and the footprint attributes copied from it.
+    """
+    if isinstance(m, _WINDOWED):
+        return "window"
+    if isinstance(m, _POINTWISE):
+        return "pointwise"
+    original = getattr(m, "original_name", None)
+    if isinstance(original, str) and not isinstance(m, torch.jit.ScriptModule) and len(list(m.children())) == 0:
+        if original in {c.__name__ for c in _WINDOWED} and hasattr(m, "kernel_size"):
+            return "window"
+        if original in {c.__name__ for c in _POINTWISE}:
+            return "pointwise"
+    return None
+
+
+def _rf_step(m, size, stride, offset):
+    """Compose the running receptive field (lists, updated in place) with module ``m``; False if unknown."""
+    kind = _rf_kind(m)
+    if kind == "pointwise":
+        return True
+    if kind != "window":
+        return False
+    if isinstance(getattr(m, "padding", 0), str):  # "same"/"valid": not a fixed offset here
+        return False
+    if getattr(m, "padding_mode", "zeros") != "zeros" and (isinstance(m, nn.Conv3d)
+                                                           or getattr(m, "original_name", "") == "Conv3d"):
+        return False
+    k = _triple(m.kernel_size)
+    s = _triple(m.stride if m.stride is not None else m.kernel_size)
+    p = _triple(m.padding)
+    d = _triple(getattr(m, "dilation", 1))
+    for a in range(3):
+        size[a] += (d[a] * (k[a] - 1)) * stride[a]
+        offset[a] += p[a] * stride[a]
+        stride[a] *= s[a]
+    return True
+
+
+@torch.no_grad()
+def describe_units(model, input_shape, device="cpu"):
+    """Every layer of ``model`` that can be addressed as ``layer:channel``, in forward order.
+
+    One forward pass of a zero input ``(1, *input_shape)`` in eval mode, with forward hooks on every
+    named module; each module's training flag is restored afterwards.
+
+    Parameters
+    ----------
+    model : nn.Module or torch.jit.ScriptModule
+        A TorchScript module is wrapped in :class:`brainfv.model_io.TorchScriptModel`, whose stand-in
+        submodules see the compiled graph's values (if its graph cannot be read, the modules are listed
+        by name and type only, with no shapes).
+    input_shape : sequence of int
+        ``(channels, X, Y, Z)`` of one input.
+
+    Returns
+    -------
+    list of dict
+        One per module, in the order their outputs were produced, with keys ``layer`` (the name for
+        ``layer:channel``), ``type`` (class name), ``output_shape`` (tuple without batch; None if the
+        output is not a tensor), ``channels`` (dim 1 of the output; None if it has none), ``spatial``
+        (the output is ``(B, C, X, Y, Z)``), ``rf_size`` and ``rf_stride`` (receptive field in input
+        voxels per axis, as :func:`receptive_field` computes it; None when the path holds a module whose
+        footprint is unknown) and ``calls`` (how often the module ran; the shape is the first call's).
+        Left out: the root, modules that did not run, and containers whose output is the very tensor
+        one of their submodules produced on its first call, unchanged since (e.g. a ``Sequential``). A
+        container that computes a tensor of its own (a dense layer's concatenation, a residual block
+        whose shared activation module runs twice) is listed.
+    """
+    from ..model_io import TorchScriptModel, _eval_mode, hookable
+
+    model = hookable(model)
+    if isinstance(model, TorchScriptModel) and model.tap_error:
+        return [{"layer": n, "type": _type_name(m), "output_shape": None, "channels": None, "spatial": False,
+                 "rf_size": None, "rf_stride": None, "calls": None} for n, m in model.named_modules() if n]
+    names = {m: n for n, m in reversed(list(model.named_modules())) if n}  # first name of shared modules
+    rows, keep, handles = {}, [], []
+    produced = {}  # (id, version) of first-call outputs -> module name: the "same tensor" test
+    size, stride, offset = [1, 1, 1], [1, 1, 1], [0, 0, 0]
+    rf_known = [True]
+
+    def hook(module, inputs, output):
+        name = names[module]
+        leaf = len(list(module.children())) == 0
+        if leaf and rf_known[0]:  # every call counts, as in receptive_field
+            rf_known[0] = _rf_step(module, size, stride, offset)
+        if name in rows:
+            rows[name]["calls"] += 1
+            return
+        tensor = output if torch.is_tensor(output) else None
+        key = (id(tensor), _version(tensor))  # the version tells apart a tensor changed in place since
+        same = tensor is not None and not leaf and produced.get(key, "").startswith(name + ".")
+        if tensor is not None:
+            keep.append(tensor)  # keeps ids unique while the pass runs
+            produced.setdefault(key, name)
+        shape = tuple(tensor.shape[1:]) if tensor is not None else None
+        spatial = shape is not None and len(shape) == 4
+        rows[name] = {"layer": name, "type": _type_name(module), "output_shape": shape,
+                      "channels": int(shape[0]) if shape else None, "spatial": spatial,
+                      "rf_size": tuple(size) if rf_known[0] and spatial else None,
+                      "rf_stride": tuple(stride) if rf_known[0] and spatial else None,
+                      "calls": 1, "_skip": same}
+
+    try:
+        for module in names:
+            if not isinstance(module, torch.jit.ScriptModule):
+                handles.append(module.register_forward_hook(hook))
+        x = torch.zeros((1,) + tuple(int(s) for s in input_shape), device=device)
+        with _eval_mode(model):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [{k: v for k, v in r.items() if k != "_skip"} for r in rows.values() if not r["_skip"]]
+
+
+def _version(tensor):
+    try:
+        return tensor._version if tensor is not None else None
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
+
+
+def _type_name(module):
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
+def resolve_units(model, layer, spec, input_shape, device="cpu"):
+    """Channel indices of ``layer`` that a config spec asks for, checked against the layer's real size.
+
+    ``spec`` is ``"all"``, a count N (the first N channels; fewer if the layer has fewer, as in
+    :func:`brainfv.arch.resolve_units`) or a list of channel indices. ``input_shape`` is (C, X, Y, Z).
+    Raises :class:`UnitError` naming the layer and its channel count.
+    """
+    from ..model_io import hookable
+
+    shape = layer_output_shape(hookable(model), layer, input_shape, device)
+    if len(shape) == 0:
+        raise UnitError(f"layer {layer!r} outputs a scalar per input; it has no channels to visualise")
+    n = int(shape[0])
+    if spec == "all":
+        return list(range(n))
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 1:
+            raise UnitError(f"layer {layer!r}: unit count must be >= 1, got {spec} (the layer has {n} channels)")
+        return list(range(min(spec, n)))
+    if isinstance(spec, (list, tuple)) and spec:
+        bad = [u for u in spec if isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < n]
+        if bad:
+            raise UnitError(f"layer {layer!r} has {n} channels (0..{n - 1}); channels {bad} are out of range")
+        return [int(u) for u in spec]
+    raise UnitError(f"layer {layer!r}: units must be 'all', a count or a list of channels (the layer has {n}), "
+                    f"got {spec!r}")
 
 
 def _triple(v):

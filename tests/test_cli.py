@@ -1,0 +1,139 @@
+"""The ``brainfv`` command: ``brainfv units`` on a study checkpoint and on a MONAI state dict."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from brainfv.cli import build_parser, main
+from brainfv.models import build_model, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DENSENET_KWARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_features": 8, "growth_rate": 4,
+                   "block_config": [2, 2], "bn_size": 2}
+
+
+def run_cli(*args, cwd=None):
+    """``python -m brainfv ARGS`` with this worktree's library (and the tests' helper modules) importable."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+               PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "brainfv", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def table_rows(stdout):
+    """``{layer: [cells...]}`` of the printed table."""
+    lines = stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("layer "))
+    rows = {}
+    for ln in lines[start + 1:]:
+        if not ln.strip():
+            break
+        cells = ln.split()
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.fixture
+def study_checkpoint(tmp_path):
+    path = tmp_path / "results/models/sex/rep-0/model.pt"
+    save_checkpoint(path, build_model({"channels": [4, 8]}).eval(), classes=["F", "M"],
+                    grid={"shape": [16, 20, 16], "voxel_size": 8.0, "origin": [0, 0, 0]},
+                    normalisation="z-score within brain mask")
+    return path
+
+
+@pytest.fixture
+def monai_state_dict(tmp_path):
+    nets = pytest.importorskip("monai.networks.nets")
+    path = tmp_path / "densenet.pt"
+    torch.save(nets.DenseNet(**DENSENET_KWARGS).state_dict(), path)
+    return path
+
+
+def test_units_of_a_study_checkpoint_subprocess(study_checkpoint):
+    res = run_cli("units", study_checkpoint)
+    assert res.returncode == 0, res.stderr
+    assert "format brainfv" in res.stdout and "input: 1 x 16 x 20 x 16 voxels; classes: F, M" in res.stdout
+    rows = table_rows(res.stdout)
+    assert list(rows)[:5] == ["block1.conv", "block1.norm", "block1.act", "block1.drop", "block1.pool"]
+    assert rows["block1.conv"] == ["Conv3d", "4x16x20x16", "4", "3x3x3", "1x1x1"]
+    assert rows["block2.pool"] == ["MaxPool3d", "8x4x5x4", "8", "10x10x10", "4x4x4"]
+    assert rows["classifier"] == ["Linear", "2", "2", "-", "-"]
+    assert "e.g. block1.conv:0 (channels 0..3" in res.stdout
+
+
+def test_units_of_a_monai_state_dict_subprocess(monai_state_dict, tmp_path):
+    res = run_cli("units", monai_state_dict, "--shape", 16, 16, 16, "--architecture", "monai:DenseNet",
+                  "--kwargs", json.dumps(DENSENET_KWARGS), "--spatial-only", "--tsv", tmp_path / "units.tsv")
+    assert res.returncode == 0, res.stderr
+    rows = table_rows(res.stdout)
+    assert rows["features.conv0"] == ["Conv3d", "8x8x8x8", "8", "7x7x7", "2x2x2"]
+    assert rows["features.denseblock1.denselayer1.layers.conv2"][:3] == ["Conv3d", "4x4x4x4", "4"]
+    assert rows["features.denseblock1.denselayer2"][:3] == ["_DenseLayer", "16x4x4x4", "16"]
+    assert "class_layers.out" not in rows and "features" not in rows  # --spatial-only; container
+    with open(tmp_path / "units.tsv") as f:
+        tsv = list(csv.DictReader(f, delimiter="\t"))
+    assert [r["layer"] for r in tsv] == list(rows)
+    assert tsv[0] == {"layer": "features.conv0", "type": "Conv3d", "output_shape": "8x8x8x8", "channels": "8",
+                      "spatial": "True", "rf_size": "7x7x7", "rf_stride": "2x2x2", "calls": "1"}
+
+
+def test_units_of_torchscript_full_and_spec_file(monai_state_dict, tmp_path, capsys):
+    from monai.networks.nets import DenseNet
+
+    net = DenseNet(**DENSENET_KWARGS).eval()
+    net.load_state_dict(torch.load(monai_state_dict))
+    torch.jit.save(torch.jit.script(net), tmp_path / "ts.pt")
+    assert main(["units", str(tmp_path / "ts.pt"), "--shape", "16", "16", "16", "--layers-only-with-channels"]) == 0
+    ts_out = capsys.readouterr().out
+    assert "format torchscript; DenseNet" in ts_out
+    ts_rows = table_rows(ts_out)
+    assert ts_rows["features.conv0"] == ["Conv3d", "8x8x8x8", "8", "7x7x7", "2x2x2"]
+    assert ts_rows["class_layers.out"] == ["Linear", "2", "2", "-", "-"]
+    # the same network from a config-style spec file (checkpoint relative to the file)
+    (tmp_path / "spec.json").write_text(json.dumps({"model": {
+        "checkpoint": monai_state_dict.name, "format": "state_dict",
+        "architecture": {"name": "monai:DenseNet", "kwargs": DENSENET_KWARGS},
+        "input": {"shape": [16, 16, 16], "channels": 1}, "classes": ["control", "patient"]}}))
+    assert main(["units", str(tmp_path / "spec.json"), "--layers-only-with-channels"]) == 0
+    spec_out = capsys.readouterr().out
+    assert "classes: control, patient" in spec_out and table_rows(spec_out) == ts_rows
+    # a whole pickled model: refused, then loaded with --allow-pickle
+    torch.save(net, tmp_path / "full.pt")
+    assert main(["units", str(tmp_path / "full.pt"), "--shape", "16", "16", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "arbitrary code" in err and "--allow-pickle" in err
+    assert main(["units", str(tmp_path / "full.pt"), "--shape", "16", "16", "16", "--allow-pickle"]) == 0
+    assert "format full" in capsys.readouterr().out
+
+
+def test_units_errors_are_explained(monai_state_dict, study_checkpoint, capsys):
+    assert main(["units", str(monai_state_dict), "--shape", "16", "16", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "holds weights only" in err and "--architecture/--kwargs" in err
+    assert main(["units", str(monai_state_dict)]) == 2  # no --shape and nothing in the file says the grid
+    assert "architecture" in capsys.readouterr().err
+    assert main(["units", str(study_checkpoint), "--shape", "2", "2", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "fails on an input of the --shape grid (tensor 1x1x2x2x2" in err
+    assert main(["units", str(study_checkpoint.parent / "missing.pt")]) == 2
+    assert "MODEL.checkpoint: file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["units", str(monai_state_dict), "--kwargs", "{spatial_dims: 3}"])
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_help_shows_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["units", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("--architecture monai:DenseNet121", "--format full --allow-pickle", "LAYER:CHANNEL",
+                 "results/models/sex/rep-0/model.pt", "--layers-only-with-channels", "--tsv"):
+        assert text in out
+    assert "visualize" not in build_parser().format_help()  # not registered until it exists
