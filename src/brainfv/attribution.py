@@ -59,6 +59,10 @@ def _frozen_copy(model, device):
     m = copy.deepcopy(model).to(device).eval()
     for p in m.parameters():
         p.requires_grad_(False)
+    # channels-last 3D convolutions: IG with 32 steps took 6.3 instead of 8.5 s per volume on 2 CPU threads
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Conv3d):
+            mod.to(memory_format=torch.channels_last_3d)
     return m
 
 
@@ -187,8 +191,10 @@ def class_attribution_maps(model, volumes, labels, n_classes, method="integrated
     device : torch device for the model copy and the computation.
     only_correct : average over correctly classified subjects only (default) or over all of them.
     layer : Grad-CAM only, module name of the layer (default :func:`default_cam_layer`).
-    internal_batch_size : IG only, the most path points evaluated in one forward/backward pass (memory
-        bound); default ``2 * n_steps``, at least ``2 * batch_size`` as captum requires.
+    internal_batch_size : IG only, the most path points (volumes) in one forward/backward pass: bounds
+        memory. Default ``max(16, 2 * batch_size)`` (captum needs at least 2 per volume): about 1 GB on
+        the CPU for the default model at 52x64x52; 64 took 2.2 GB and was no faster on 2 CPU threads.
+        Raise it on a GPU.
     log : callable for progress lines (:class:`~brainfv.utils.Progress`).
 
     Returns
@@ -227,8 +233,7 @@ def class_attribution_maps(model, volumes, labels, n_classes, method="integrated
     log = log or (lambda m: None)
     net = _frozen_copy(model, device)
     batch_size = int(batch_size)
-    ibs = int(internal_batch_size) if internal_batch_size else 2 * int(n_steps)
-    ibs = max(ibs, 2 * batch_size)
+    ibs = max(int(internal_batch_size) if internal_batch_size else 16, 2 * batch_size)
     prog = Progress(len(labels), f"attribution ({method})", log=log, unit="subjects")
     t0 = time.perf_counter()
     sums = sums_abs = sums_all = None

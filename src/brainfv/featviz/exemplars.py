@@ -104,6 +104,11 @@ def _frozen_copy(model, device):
     m = copy.deepcopy(model).to(device).eval()
     for p in m.parameters():
         p.requires_grad_(False)
+    # channels-last 3D convolutions: a forward pass to block4.norm took 0.09-0.15 instead of 0.15-0.29 s per
+    # volume (52x64x52, 2 CPU threads)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Conv3d):
+            mod.to(memory_format=torch.channels_last_3d)
     return m
 
 
