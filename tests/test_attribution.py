@@ -10,7 +10,7 @@ from torch import nn
 from brainfv.attribution import (_rf_upsample, attribution_table, class_attribution_maps, default_cam_layer,
                                  write_attribution_nifti, write_attribution_table)
 from brainfv.data.grid import Grid
-from brainfv.errors import InputDataError
+from brainfv.errors import ConfigError, InputDataError
 from brainfv.featviz.units import receptive_field
 from brainfv.models import build_model
 
@@ -216,3 +216,16 @@ def test_input_validation():
         class_attribution_maps(TwoCubeModel(), vols, [0, 1, 1], 2)
     with pytest.raises(Exception, match="method must be one of"):
         class_attribution_maps(TwoCubeModel(), vols, [0, 1], 2, "lrp")
+
+
+def test_ig_baseline_number_or_array():
+    labels = [0, 1]
+    vols = cube_volumes(labels)
+    num = class_attribution_maps(TwoCubeModel(), vols, labels, 2, n_steps=8, baseline=0.5)
+    arr = class_attribution_maps(TwoCubeModel(), vols, labels, 2, n_steps=8, baseline=np.full(SHAPE, 0.5))
+    zero = class_attribution_maps(TwoCubeModel(), vols, labels, 2, n_steps=8)
+    np.testing.assert_allclose(num["maps"][1], arr["maps"][1], atol=1e-7)
+    assert not np.allclose(num["maps"][1], zero["maps"][1], atol=1e-4)
+    assert num["baseline"] == 0.5 and arr["baseline"] == "array" and num["delta"][1] < 1e-3
+    with pytest.raises(ConfigError, match="expected the volume shape"):
+        class_attribution_maps(TwoCubeModel(), vols, labels, 2, baseline=np.zeros((3, 3, 3)))

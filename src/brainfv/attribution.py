@@ -100,8 +100,10 @@ def _batches(volumes, labels, batch_size):
                                  f"shapes {sorted(shapes)}")
         x = np.stack(vols)
         del vols
-        yield i, x, labels[i:i + len(x)]
-        i += len(x)
+        n = len(x)
+        yield i, x, labels[i:i + n]
+        del x  # not alive while the next batch is read
+        i += n
 
 
 def _rf_upsample(cam, rf, input_shape):
@@ -227,6 +229,8 @@ def class_attribution_maps(model, volumes, labels, n_classes, method="integrated
     if len(bad):
         raise InputDataError(f"labels of volumes {bad[:10].tolist()} are {labels[bad[:10]].tolist()}, outside "
                              f"range({n_classes})")
+    if len(labels) == 0:
+        raise InputDataError("class_attribution_maps: no volumes/labels given")
     if hasattr(volumes, "__len__") and len(volumes) != len(labels):
         raise InputDataError(f"{len(volumes)} volumes but {len(labels)} labels")
     device = torch.device(device)
