@@ -120,7 +120,7 @@ def test_write_viewer_validates(tmp_path):
 def _find_browser():
     exe = os.environ.get("BRAINFV_CHROMIUM")
     if exe:
-        return exe
+        return shutil.which(exe)  # None (-> skip or fail, with the reason) if it is not an executable
     for name in BROWSERS:
         if shutil.which(name):
             return shutil.which(name)
@@ -182,13 +182,17 @@ class DevTools:
         while b"\0" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self._out_r], [], [], left)[0]:
-                raise TimeoutError("no answer from Chromium in time")
+                raise TimeoutError(f"no answer from Chromium in time; its stderr ends:\n{self.stderr_tail()}")
             chunk = os.read(self._out_r, 1 << 20)
             if not chunk:
-                raise RuntimeError("Chromium closed the DevTools pipe")
+                raise RuntimeError(f"Chromium closed the DevTools pipe; its stderr ends:\n{self.stderr_tail()}")
             self._buf += chunk
         msg, self._buf = self._buf.split(b"\0", 1)
         return json.loads(msg)
+
+    def stderr_tail(self, n=2000):
+        self.stderr.seek(0)
+        return self.stderr.read().decode(errors="replace")[-n:]
 
     def close(self):
         try:
@@ -200,6 +204,7 @@ class DevTools:
         finally:
             os.close(self._cmd_w)
             os.close(self._out_r)
+            self.stderr.close()
 
 
 def _evaluate(dt, session, expression):
@@ -265,8 +270,8 @@ def _problems(events):
 def test_viewer_in_headless_chromium(page, tmp_path):
     exe = _find_browser()
     if exe is None:
-        msg = ("no Chromium found (looked for BRAINFV_CHROMIUM and " + ", ".join(BROWSERS) +
-               "); install it with `apt-get install chromium` to run the browser test")
+        msg = ("no Chromium found (looked for $BRAINFV_CHROMIUM, else " + ", ".join(BROWSERS) +
+               " on PATH); install it with `apt-get install chromium` to run the browser test")
         if os.environ.get("BRAINFV_REQUIRE_BROWSER") == "1":
             pytest.fail(msg + " — BRAINFV_REQUIRE_BROWSER=1 requires it")
         pytest.skip(msg)
