@@ -178,3 +178,24 @@ def test_tiny_study_end_to_end(tmp_path):
     # nothing to do on a rerun (cached outputs)
     p = smk("-n", "--configfile", "config/test.yaml", "--config", f"results={res}")
     assert "Nothing to be done" in p.stdout + p.stderr
+    # every file a visualize / compare job reads is a declared input: a newer one reruns the job
+    vis = res / "featviz/lesion/block2.norm/fourier/units.tsv"
+    for f in ("models/lesion/main/model.pt", "data/lesions/participants.tsv", "data/lesions/volumes.npy",
+              "data/lesions/mask.nii.gz", "data/lesions/reference.nii.gz"):
+        assert_newer_input_reruns(res, res / f, vis, "visualize")
+    comp = res / "report/comparison.tsv"
+    for f in ("featviz/sex/classifier/maco/units.nii.gz", "featviz/lesion/block2.norm/fourier/units.tsv",
+              "models/sex/main/model.pt", "models/lesion/transfer/model.pt", "data/cohort/participants.tsv",
+              "data/lesions/volumes.npy", "data/cohort/mask.nii.gz", "data/lesions/reference.nii.gz",
+              "data/cohort/sex_effect.nii.gz"):
+        assert_newer_input_reruns(res, res / f, comp, "compare_regularizers")
+
+
+def assert_newer_input_reruns(res, path, target, rule):
+    st = path.stat()
+    os.utime(path, (st.st_atime + 3600, st.st_mtime + 3600))
+    try:
+        p = smk("-n", str(target), "--configfile", "config/test.yaml", "--config", f"results={res}")
+        assert re.search(rf"^{rule}\s+1$", p.stdout, re.M), f"a newer {path.name} does not rerun {rule}"
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

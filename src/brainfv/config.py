@@ -68,11 +68,11 @@ def node(path):
 
 
 def default(path):
-    """The schema default of the key at ``path`` (a deep copy)."""
+    """The schema default of the key at ``path`` (a deep copy, with its own keys' defaults filled in)."""
     n = node(path)
     if "default" not in n:
         raise ConfigError(f"config schema key {path!r} has no default")
-    return copy.deepcopy(n["default"])
+    return _fill(copy.deepcopy(n["default"]), n)
 
 
 def _fill(instance, n):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import SexEffectConfig, VariabilityConfig, default
 from ..utils import stable_seed
 from .template import template_on_grid
 
@@ -65,19 +66,19 @@ class SyntheticCohort:
         Each subject's randomness derives from ``(seed, subject index)``, so any
         subject can be regenerated alone.
     male_fraction : float
-    sex_effect : dict with ``global_volume``, ``regional`` and ``strength``
-    variability : dict with ``scale_sd``, ``rotation_deg``, ``translation_mm``,
-        ``deformation_mm``, ``bias``, ``gamma_sd``, ``noise_sd``
+    sex_effect : dict (or :class:`~brainfv.config.SexEffectConfig`) with ``global_volume``, ``regional``
+        and ``strength``; missing keys take the config schema's defaults
+    variability : dict (or :class:`~brainfv.config.VariabilityConfig`) with ``scale_sd``, ``rotation_deg``,
+        ``translation_mm``, ``deformation_mm``, ``bias``, ``gamma_sd``, ``noise_sd``
     """
 
-    def __init__(self, grid, n_subjects, seed, male_fraction=0.5, sex_effect=None, variability=None):
+    def __init__(self, grid, n_subjects, seed, male_fraction=default("cohort.synthetic.male_fraction"),
+                 sex_effect=None, variability=None):
         self.grid = grid
         self.n = int(n_subjects)
         self.seed = int(seed)
-        eff = {"global_volume": 0.10, "regional": 0.15, "strength": 1.0, **(sex_effect or {})}
-        self.effect = eff
-        var = {"scale_sd": 0.03, "rotation_deg": 3.0, "translation_mm": 3.0, "deformation_mm": 4.0,
-               "bias": 0.3, "gamma_sd": 0.1, "noise_sd": 0.02, **(variability or {})}
+        self.effect = SexEffectConfig.from_config(sex_effect, "cohort.synthetic.sex_effect").as_dict()
+        var = VariabilityConfig.from_config(variability, "cohort.synthetic.variability").as_dict()
         self.var = var
         self.tpl = template_on_grid(grid)
         self.regions = _region_map(grid) * self.tpl["gm"]

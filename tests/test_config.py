@@ -1,0 +1,117 @@
+"""One source of truth: every default lives in the config schema, and config/config.yaml only changes some."""
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from brainfv import config as C
+from brainfv.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = [C.TrainingConfig, C.AugmentConfig, C.ModelConfig, C.Preset, C.SexEffectConfig, C.VariabilityConfig,
+            C.LesionConfig]
+
+
+def test_package_schema_is_the_workflow_schema():
+    assert C.SCHEMA_PATH.resolve() == (ROOT / "workflow/schemas/config.schema.yaml").resolve()
+
+
+@pytest.mark.parametrize("section", SECTIONS, ids=lambda s: s.__name__)
+def test_typed_sections_cover_their_schema_section_with_its_defaults(section):
+    props = C.node(section._path)["properties"]
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    assert set(fields) == set(props), f"{section.__name__} vs schema {section._path}"
+    obj = section()
+    for name, spec in props.items():
+        value = getattr(obj, name)
+        if isinstance(value, C.Section):
+            value = value.as_dict()
+        assert value == C.default(f"{section._path}.{name}"), f"{section._path}.{name}"
+
+
+def defaults_of(fn):
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect._empty}
+
+
+def test_library_defaults_equal_schema_defaults():
+    from brainfv.data.synthetic import SyntheticCohort
+    from brainfv.featviz.param import FourierParam, MacoParam, VoxelParam
+    from brainfv.featviz.render import render
+    from brainfv.featviz.study import visualize_layer
+    from brainfv.models import BrainCNN, build_model
+
+    d = C.complete({})
+    r = defaults_of(render)
+    assert (r["steps"], r["lr"]) == (d["featviz"]["steps"], d["featviz"]["lr"])
+    v = defaults_of(visualize_layer)
+    assert (v["steps"], v["lr"], v["n_seeds"]) == (d["featviz"]["steps"], d["featviz"]["lr"], d["featviz"]["seeds"])
+    for cls in (VoxelParam, FourierParam, MacoParam):
+        for k, val in defaults_of(cls.__init__).items():
+            key = {"value_range": "range"}.get(k, k)
+            if key in C.node("preset")["properties"]:
+                assert val == C.default(f"preset.{key}"), f"{cls.__name__}.{k}"
+    b = defaults_of(BrainCNN.__init__)
+    for k, spec in C.node("model")["properties"].items():
+        assert list(b[k]) == spec["default"] if isinstance(b[k], tuple) else b[k] == spec["default"], k
+    assert build_model().arch == {**C.ModelConfig().as_dict(), "n_classes": 2, "in_channels": 1}
+    s = defaults_of(SyntheticCohort.__init__)
+    assert s["male_fraction"] == d["cohort"]["synthetic"]["male_fraction"]
+    assert C.TrainingConfig().as_dict() == {k: v for k, v in d["training"].items()}
+
+
+def _leaves(cfg, schema_node, path=()):
+    """(dotted key, value) of config leaves; free-form dicts (tasks, presets) and lists are single leaves."""
+    props = schema_node.get("properties") if isinstance(schema_node, dict) else None
+    if isinstance(cfg, dict) and props:
+        for k, v in cfg.items():
+            assert k in props, f"config/config.yaml: unknown key {'.'.join(path + (k,))}"
+            yield from _leaves(v, C._resolve(props[k]), path + (k,))
+    else:
+        yield ".".join(path), cfg
+
+
+def test_default_config_sets_only_what_differs_with_a_reason():
+    text = (ROOT / "config/config.yaml").read_text()
+    cfg = yaml.safe_load(text) or {}
+    defaults = C.complete({})
+    lines = text.splitlines()
+    for key, value in _leaves(cfg, C.schema()):
+        d = defaults
+        for k in key.split("."):
+            d = d[k]
+        assert value != d, f"config/config.yaml sets {key} to its schema default {d!r}: remove it"
+        leaf = key.split(".")[-1]
+        idx = [i for i, ln in enumerate(lines) if re.match(rf"\s*{re.escape(leaf)}\s*:", ln)]
+        assert idx, key
+        i = idx[0]
+        assert "#" in lines[i] or lines[i - 1].strip().startswith("#"), f"config/config.yaml: {key} needs a comment why"
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ConfigError, match=r"tasks\.sex\.training: unknown key\(s\) \['epocs'\]"):
+        C.check(C.complete({"tasks": {"sex": {"dataset": "cohort", "target": "sex", "training": {"epocs": 1}}}}))
+    with pytest.raises(ConfigError, match=r"tasks\.sex\.training\.epochs"):
+        C.check(C.complete({"tasks": {"sex": {"dataset": "cohort", "target": "sex", "training": {"epochs": 0}}}}))
+    with pytest.raises(ConfigError, match=r"featviz\.regularizers\.mine: unknown key\(s\) \['jiter'\]"):
+        C.complete({"featviz": {"regularizers": {"mine": {"jiter": 2}}}})
+    with pytest.raises(ConfigError, match=r"transfer\.model: unknown key\(s\) \['chanels'\]"):
+        C.check(C.complete({"transfer": {"model": {"chanels": [4]}}}))
+
+
+def test_presets_in_a_config_are_added_to_the_defaults():
+    cfg = C.complete({"featviz": {"regularizers": {"mine": {"tv": 1.0}, "l2": {"l2": 0.5}}}})
+    regs = cfg["featviz"]["regularizers"]
+    assert set(C.default("featviz.regularizers")) < set(regs) and regs["mine"]["tv"] == 1.0
+    assert regs["l2"]["l2"] == 0.5 and regs["mine"]["param"] == C.default("preset.param")
+
+
+def test_task_training_overrides_merge_with_the_section():
+    cfg = C.check(C.complete({"training": {"lr": 0.01}, "tasks": {"t": {"dataset": "cohort", "target": "sex",
+                                                                        "training": {"epochs": 3,
+                                                                                     "augment": {"flip": True}}}}}))
+    tr = C.task_training(cfg, "t")
+    assert (tr["epochs"], tr["lr"], tr["augment"]["flip"], tr["augment"]["shift_vox"]) == (
+        3, 0.01, True, C.default("training.augment.shift_vox"))
