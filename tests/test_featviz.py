@@ -188,22 +188,49 @@ def test_visualize_layer_table():
     m = small_model()
     mask = np.ones(SHAPE, bool)
     real = [np.random.default_rng(i).normal(size=SHAPE).astype(np.float32) for i in range(4)]
-    imgs, rows, traj, res = visualize_layer(
+    r = visualize_layer(
         m, "block2.norm", [0, 2], {"param": "maco", "jitter": 1}, shape=SHAPE, mask=mask, real_volumes=real,
         test_volumes=real, seed=1, task="t", regularizer="maco", steps=6, n_seeds=2, record_every=2)
-    assert imgs.shape == (2,) + SHAPE and res.info["batch"] == 4
-    assert rows["unit"] == [0, 2] and all(-1 <= s <= 1 for s in rows["stability"])
-    assert all(np.isfinite(rows["real_max"])) and all(0 <= e <= 1 for e in rows["energy_inside_mask"])
-    assert len(traj["step"]) == 2 * len(res.trajectory_steps)
+    t = r.table
+    assert r.images.shape == (2, 2) + SHAPE and r.result.info["batch"] == 4
+    assert list(t["unit"]) == [0, 0, 2, 2] and list(t["seed"]) == [0, 1, 0, 1] and (t["network"] == "trained").all()
+    assert list(t["volume"]) == [0, 2, 1, 3]  # seed-major, like the batch
+    assert t["stability"].between(-1, 1).all() and np.isfinite(t["real_max"]).all()
+    assert t["energy_inside_mask"].between(0, 1).all() and np.isfinite(t["act_matched_z"]).all()
+    assert len(r.trajectory) == 2 * len(r.result.trajectory_steps)
+    # the activation at matched amplitude: the visualization rescaled to the real volumes' SD, then scored
+    from brainfv.featviz.study import own_objective_values
+
+    v = r.images[0, 0]
+    sd = v[mask].std()
+    real_sd = np.mean([x.std() for x in real])
+    assert np.isclose(t["act_matched"].iloc[0], own_objective_values(m, [v * real_sd / sd], "block2.norm", [0])[0],
+                      rtol=1e-4, atol=1e-5)
 
 
 def test_init_from_mean_volume():
     m = small_model()
     real = [np.random.default_rng(i).normal(size=SHAPE).astype(np.float32) for i in range(3)]
-    imgs, rows, _, res = visualize_layer(
+    r = visualize_layer(
         m, "block1.norm", [0], {"init": "volume", "init_std": 0.0}, shape=SHAPE, mask=np.ones(SHAPE, bool),
         real_volumes=real, test_volumes=[], seed=1, task="t", regularizer="mean", steps=1, n_seeds=1, lr=1e-6)
-    assert corr(imgs[0], np.mean(real, 0)) > 0.999
+    assert corr(r.images[0, 0], np.mean(real, 0)) > 0.999
+
+
+def test_randomized_copy_changes_weights_not_the_caller():
+    from brainfv.featviz.controls import randomized_copy
+
+    m = small_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    state = torch.get_rng_state()
+    r = randomized_copy(m, 3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    changed = [k for k, v in r.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    weights = [k for k in before if k.endswith("weight") and "norm" not in k]  # BatchNorm re-inits to 1
+    assert set(weights) <= set(changed)
+    again = randomized_copy(m, 3)
+    assert all(torch.equal(a, b) for a, b in zip(r.state_dict().values(), again.state_dict().values()))
 
 
 def test_micro_batches_do_not_change_the_result():

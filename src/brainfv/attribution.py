@@ -353,3 +353,57 @@ def write_attribution_table(result, path, classes=None):
     with atomic_path(path) as tmp:
         attribution_table(result, classes).to_csv(tmp, sep="\t", index=False)
     return path
+
+
+class _Rows:
+    """A lazy view of some rows of a volume store (read when indexed)."""
+
+    def __init__(self, volumes, rows):
+        self.volumes, self.rows = volumes, [int(r) for r in rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.volumes[self.rows[i]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def attribution_job(job):
+    """The ``attribute`` rule: attribution maps of a task's class logits on its test subjects.
+
+    Inputs: ``model`` (a study checkpoint) and the dataset's ``participants``, ``volumes``, ``reference``.
+    Params: ``methods``, ``n_steps``, ``max_per_class`` (the first test subjects of each class), ``device``.
+    Outputs: one 4D NIfTI per method (output name = method; volume ``c`` = class ``c``) and ``table``.
+    """
+    import pandas as pd
+    import torch
+
+    from .data.store import Dataset
+    from .device import pick_device
+    from .models import load_checkpoint
+
+    torch.set_num_threads(job.threads)
+    p, log = job.params, job.log
+    device = pick_device(p["device"])
+    model, meta = load_checkpoint(job.input["model"], map_location=device)
+    classes, target = meta["classes"], meta["target"]
+    ds = Dataset(job.folder("participants", "volumes", "reference"))
+    parts = ds.participants
+    test = parts[(parts["split"] == "test") & parts[target].astype(str).isin(classes)]
+    picked = pd.concat([g.head(p["max_per_class"]) for _, g in test.groupby(test[target].astype(str), sort=True)])
+    labels = [classes.index(str(v)) for v in picked[target]]
+    volumes = _Rows(ds.volumes, picked["index"])
+    tables = []
+    for method in p["methods"]:
+        log(f"{method}: {len(picked)} test subjects ({p['max_per_class']} per class at most), classes {classes}")
+        res = class_attribution_maps(model, volumes, labels, len(classes), method, n_steps=p["n_steps"],
+                                     device=device, log=log)
+        write_attribution_nifti(res["maps"], classes, ds.grid, job.output[method])
+        tables.append(attribution_table(res, classes))
+    with atomic_path(job.output["table"]) as tmp:
+        pd.concat(tables, ignore_index=True).to_csv(tmp, sep="\t", index=False)

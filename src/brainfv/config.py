@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["SCHEMA_PATH", "schema", "node", "default", "complete", "check", "Section", "AugmentConfig",
+__all__ = ["SCHEMA_PATH", "schema", "node", "default", "complete", "check", "layer_id", "Section", "AugmentConfig",
            "TrainingConfig", "ModelConfig", "Preset", "SexEffectConfig", "VariabilityConfig", "LesionConfig",
            "task_training", "transfer_model"]
 
@@ -158,11 +158,27 @@ def check(cfg):
     if unknown:
         raise ConfigError(f"config key featviz.run_regularizers: unknown presets {unknown}; "
                           f"presets: {list(fv['regularizers'])}")
+    seen = {}
     for i, spec in enumerate(fv["layers"]):
         bad = [t for t in spec.get("tasks", []) if t not in cfg["tasks"]]
         if bad:
             raise ConfigError(f"config key featviz.layers[{i}].tasks: unknown tasks {bad}; tasks: {list(cfg['tasks'])}")
+        for t in spec.get("tasks", list(cfg["tasks"])):
+            lid = layer_id(spec)
+            if (t, lid) in seen:
+                raise ConfigError(f"config key featviz.layers[{i}]: request {lid!r} of task {t!r} repeats "
+                                  f"featviz.layers[{seen[t, lid]}]; give one of them a different `name`")
+            seen[t, lid] = i
     return cfg
+
+
+def layer_id(spec):
+    """The name of a featviz request (``featviz.layers[]``) in paths and tables: its ``name``, else the layer,
+    with ``-<objective>`` for objectives that read a layer differently than its units (probability, contrast)."""
+    if spec.get("name"):
+        return spec["name"]
+    obj = spec.get("objective", "channel")
+    return spec["layer"] if obj in ("channel", "neuron") else f"{spec['layer']}-{obj}"
 
 
 def _no_defaults(n):

@@ -21,7 +21,9 @@ R = config["results"]
 # ------------------------------------------------------------------------------------------- paths
 DATASET = f"{R}/data/{{dataset}}"
 MODEL = f"{R}/models/{{task}}/{{role}}"
-FEATVIZ = f"{R}/featviz/{{task}}/{{layer}}/{{regularizer}}"
+FEATVIZ = f"{R}/featviz/{{task}}/{{layer}}/{{regularizer}}"   # {layer}: a request's id (bfv_config.layer_id)
+EXEMPLARS = f"{R}/exemplars/{{task}}/{{layer}}"
+ATTRIBUTION = f"{R}/attribution/{{task}}"
 REPORT = f"{R}/report"
 LOGS = f"{R}/logs"
 BENCH = f"{R}/benchmarks"
@@ -29,7 +31,9 @@ CHECKPOINTS = f"{R}/.checkpoints"  # resumable training state: not a rule output
 
 #: the files of a dataset folder, by kind (the lesion dataset has the lesion files too)
 DATASET_FILES = {"volumes": "volumes.npy", "participants": "participants.tsv", "reference": "reference.nii.gz",
-                 "mask": "mask.nii.gz", "sex_effect": "sex_effect.nii.gz"}
+                 "mask": "mask.nii.gz", "sex_effect": "sex_effect.nii.gz",
+                 "sex_effect_regional": "sex_effect_regional.nii.gz", "lesion_masks": "lesion_masks.npy"}
+OUTPUT_LAYER = "classifier"  # the study network's logits (brainfv.models.BrainCNN)
 
 
 def env(name):
@@ -48,8 +52,8 @@ def task_dataset(task):
 
 
 def dataset_files(task, *kinds):
-    """Input function: the named files of ``task``'s dataset (all kinds when none are named)."""
-    return {k: dataset_file(task_dataset(task), k) for k in (kinds or DATASET_FILES)}
+    """Input function: the named files of ``task``'s dataset."""
+    return {k: dataset_file(task_dataset(task), k) for k in kinds}
 
 
 def per_task(kind):
@@ -57,9 +61,9 @@ def per_task(kind):
     return [dataset_file(task_dataset(t), kind) for t in config["tasks"]]
 
 
-def visualize_inputs(wc):
-    """The visualised model and the dataset files a visualize job reads."""
-    return {"model": model_file(wc.task), **dataset_files(wc.task, "participants", "volumes", "mask", "reference")}
+def model_and_dataset(*kinds):
+    """Input function: the task's visualised model and the named files of its dataset."""
+    return lambda wc: {"model": model_file(wc.task), **dataset_files(wc.task, *kinds)}
 
 
 def model_file(task, role="main", name="model.pt"):
@@ -110,41 +114,57 @@ def job_mem_mb(attempt, batch=1):
 
 
 def task_layers(task):
-    """The featviz layer specs that apply to ``task``."""
-    return [s for s in config["featviz"]["layers"] if task in s.get("tasks", config["tasks"])]
+    """The featviz requests (``featviz.layers`` entries) that apply to ``task``, keyed by their id."""
+    return {bfv_config.layer_id(s): s for s in config["featviz"]["layers"] if task in s.get("tasks", config["tasks"])}
 
 
 def layer_spec(task, layer):
-    for s in task_layers(task):
-        if s["layer"] == layer:
-            return s
-    raise ValueError(f"layer {layer!r} is not visualised for task {task!r} (config key featviz.layers); "
-                     f"layers: {[s['layer'] for s in task_layers(task)]}")
+    """The request ``layer`` (an id) of ``task``."""
+    specs = task_layers(task)
+    if layer not in specs:
+        raise ValueError(f"{layer!r} is not visualised for task {task!r} (config key featviz.layers); "
+                         f"requests: {list(specs)}")
+    return specs[layer]
 
 
-def layer_unit_list(task, layer):
-    """Unit indices of ``layer`` from config, checked against the architecture (no torch import)."""
+def layer_unit_count(task, layer):
+    """How many units a request asks for (for memory estimates; the job resolves them on the real model)."""
     from brainfv.arch import layer_units, resolve_units
 
+    spec = layer_spec(task, layer)
     units = layer_units(config["model"])
-    if layer not in units:
-        raise ValueError(f"config key featviz.layers: layer {layer!r} is not in the model; layers: {list(units)}")
-    return resolve_units(layer_spec(task, layer)["units"], units[layer], where=f"featviz.layers[{layer}].units")
+    if spec["layer"] not in units:
+        raise ValueError(f"config key featviz.layers: layer {spec['layer']!r} is not in the model; layers: {list(units)}")
+    return len(resolve_units(spec["units"], units[spec["layer"]], where=f"featviz.layers[{layer}].units"))
+
+
+def layer_seeds(task, layer):
+    return layer_spec(task, layer).get("seeds", config["featviz"]["seeds"])
 
 
 def visualize_request(wc, unit=None):
     """Everything a visualize job optimises; for one ``unit``, the same request as its layer's job (so the
-    same numbers) with ``only_unit`` saying which volume to write, or the unit alone if the config does not
-    list it."""
+    same numbers) with ``only_unit`` saying which unit's volumes to write."""
     spec = layer_spec(wc.task, wc.layer)
     fv = config["featviz"]
-    units = layer_unit_list(wc.task, wc.layer)
-    if unit is not None and unit not in units:
-        units = [unit]
-    return {"only_unit": unit, "task": wc.task, "layer": wc.layer, "regularizer": wc.regularizer, "units": units,
-            "objective": spec["objective"], "preset": fv["regularizers"][wc.regularizer], "steps": fv["steps"],
-            "lr": fv["lr"], "n_seeds": fv["seeds"], "n_real": fv["n_real"], "micro_batch": fv["micro_batch"],
-            "device": fv["device"], "seed": config["seed"]}
+    return {"only_unit": unit, "task": wc.task, "layer": wc.layer, "module": spec["layer"],
+            "regularizer": wc.regularizer, "units": spec["units"], "objective": spec["objective"],
+            "preset": fv["regularizers"][wc.regularizer], "steps": fv["steps"], "lr": fv["lr"],
+            "n_seeds": layer_seeds(wc.task, wc.layer), "n_real": fv["n_real"], "micro_batch": fv["micro_batch"],
+            "device": fv["device"], "seed": config["seed"], "randomized": config["compare"]["randomized"]}
+
+
+def exemplars_request(wc):
+    spec = layer_spec(wc.task, wc.layer)
+    return {"task": wc.task, "layer": wc.layer, "module": spec["layer"], "units": spec["units"],
+            "objective": spec["objective"], "k": config["featviz"]["exemplars"], "device": config["featviz"]["device"]}
+
+
+def exemplar_layers(task):
+    """The requests of ``task`` whose units get dataset exemplars (channel and neuron objectives)."""
+    if not config["featviz"]["exemplars"]:
+        return []
+    return [lid for lid, s in task_layers(task).items() if s["objective"] in ("channel", "neuron")]
 
 
 def regularizer_names():
@@ -154,9 +174,19 @@ def regularizer_names():
 
 
 def featviz_entries():
-    """One dict per visualization job: task, layer, regularizer."""
-    return [{"task": t, "layer": s["layer"], "regularizer": r} for t in config["tasks"] for s in task_layers(t)
-            for r in regularizer_names()]
+    """One dict per visualization job: task, layer (the request's id), module, regularizer."""
+    return [{"task": t, "layer": lid, "module": s["layer"], "regularizer": r} for t in config["tasks"]
+            for lid, s in task_layers(t).items() for r in regularizer_names()]
+
+
+def attribution_files():
+    """(task, method) and the attribution map of every task and configured method."""
+    keys = [(t, m) for t in config["tasks"] for m in config["attribution"]["methods"]]
+    return keys, [f"{ATTRIBUTION.format(task=t)}/{m}.nii.gz" for t, m in keys]
+
+
+def lesion_tasks():
+    return [t for t in config["tasks"] if task_dataset(t) == "lesions"]
 
 
 def grid_keys():
@@ -172,6 +202,10 @@ def data_targets():
             f"{DATASET.format(dataset='lesions')}/examples.png"]
 
 
+def exemplar_targets():
+    return [f"{EXEMPLARS.format(task=t, layer=l)}/exemplars.tsv" for t in config["tasks"] for l in exemplar_layers(t)]
+
+
 def all_targets():
-    return data_targets() + model_targets() + [featviz_file(e, "units.tsv") for e in featviz_entries()] + [
-        f"{REPORT}/metrics.png"]
+    return data_targets() + model_targets() + [featviz_file(e, "units.tsv") for e in featviz_entries()] + \
+        exemplar_targets() + attribution_files()[1] + [f"{REPORT}/metrics.png"]

@@ -12,6 +12,7 @@ rule prepare_cohort:
         reference=dataset_file("cohort", "reference"),
         mask=dataset_file("cohort", "mask"),
         sex_effect=dataset_file("cohort", "sex_effect"),
+        sex_effect_regional=dataset_file("cohort", "sex_effect_regional"),
         figure=report(f"{DATASET.format(dataset='cohort')}/qc.png", caption="../report/cohort_qc.rst",
                       category="1. Data"),
     params:
@@ -35,13 +36,14 @@ rule synthesize_lesions:
         **{k: v for k, v in rules.prepare_cohort.output.items() if k not in ("figure", "qc")},
     output:
         volumes=dataset_file("lesions", "volumes"),
-        masks=f"{DATASET.format(dataset='lesions')}/lesion_masks.npy",
+        masks=dataset_file("lesions", "lesion_masks"),
         participants=dataset_file("lesions", "participants"),
         lesions=f"{DATASET.format(dataset='lesions')}/lesions.tsv",
         frequency=f"{DATASET.format(dataset='lesions')}/lesion_frequency.nii.gz",
         reference=dataset_file("lesions", "reference"),
         mask=dataset_file("lesions", "mask"),
         sex_effect=dataset_file("lesions", "sex_effect"),
+        sex_effect_regional=dataset_file("lesions", "sex_effect_regional"),
         figure=report(f"{DATASET.format(dataset='lesions')}/examples.png", caption="../report/lesion_examples.rst",
                       category="1. Data"),
     params:

@@ -1,11 +1,14 @@
-"""Feature visualization: one job per task × layer × regularizer, all units of the layer batched."""
+"""Interpretation: per task × request × regularizer all units optimised in one batch (on the trained network
+and, as a control, on the same network with re-initialised weights), dataset exemplars per request, and
+attribution maps of the class logits."""
 
 
 rule visualize:
     input:
-        unpack(visualize_inputs),
+        unpack(model_and_dataset("participants", "volumes", "mask", "reference")),
     output:
         nifti=f"{FEATVIZ}/units.nii.gz",
+        randomized=f"{FEATVIZ}/randomized.nii.gz" if config["compare"]["randomized"] else [],
         table=f"{FEATVIZ}/units.tsv",
         trajectory=f"{FEATVIZ}/trajectory.tsv",
     params:
@@ -19,7 +22,7 @@ rule visualize:
         f"{BENCH}/visualize/{{task}}_{{layer}}_{{regularizer}}.tsv"
     threads: config["compute"]["threads"]
     resources:
-        mem_mb=lambda wc, attempt: job_mem_mb(attempt, batch=3 * len(layer_unit_list(wc.task, wc.layer)) * config["featviz"]["seeds"]),
+        mem_mb=lambda wc, attempt: job_mem_mb(attempt, batch=3 * layer_unit_count(wc.task, wc.layer) * layer_seeds(wc.task, wc.layer)),
         runtime=lambda wc, attempt: 60 * attempt,
         gpu=config["compute"]["gpu"],
     retries: 1
@@ -32,11 +35,11 @@ rule visualize:
 
 
 rule visualize_unit:
-    """One unit as a target: results/featviz/{task}/{layer}/{regularizer}/unit-{unit}.nii.gz.
-    A unit listed in the config is computed exactly as in its layer's job (same request, seeds
-    and micro-batches, so the same volume); any other unit of the layer is optimised alone."""
+    """One unit as a target: results/featviz/{task}/{layer}/{regularizer}/unit-{unit}.nii.gz (its seeds).
+    A unit the config lists is computed exactly as in its layer's job (same request, seeds and
+    micro-batches, so the same volumes); any other unit of the layer is optimised alone."""
     input:
-        unpack(visualize_inputs),
+        unpack(model_and_dataset("participants", "volumes", "mask", "reference")),
     output:
         nifti=f"{FEATVIZ}/unit-{{unit}}.nii.gz",
         table=f"{FEATVIZ}/unit-{{unit}}.tsv",
@@ -55,3 +58,56 @@ rule visualize_unit:
         env("torch-gpu" if config["compute"]["gpu"] else "torch-cpu")
     script:
         "../scripts/visualize.py"
+
+
+rule exemplars:
+    """The real test volumes that activate each unit of a request most (one pass over the test split)."""
+    input:
+        unpack(model_and_dataset("participants", "volumes", "reference")),
+    output:
+        nifti=f"{EXEMPLARS}/exemplars.nii.gz",
+        table=f"{EXEMPLARS}/exemplars.tsv",
+    params:
+        request=lambda wc: exemplars_request(wc),
+    wildcard_constraints:
+        layer=r"[^/]+",
+    log:
+        f"{LOGS}/exemplars/{{task}}_{{layer}}.log",
+    benchmark:
+        f"{BENCH}/exemplars/{{task}}_{{layer}}.tsv"
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=lambda wc, attempt: job_mem_mb(attempt, batch=8),
+        runtime=lambda wc, attempt: 30 * attempt,
+        gpu=config["compute"]["gpu"],
+    conda:
+        env("torch-gpu" if config["compute"]["gpu"] else "torch-cpu")
+    script:
+        "../scripts/exemplars.py"
+
+
+rule attribute:
+    """Attribution maps (captum) of a task's class logits, averaged over correctly classified test subjects."""
+    input:
+        unpack(model_and_dataset("participants", "volumes", "reference")),
+    output:
+        **{m: f"{ATTRIBUTION}/{m}.nii.gz" for m in config["attribution"]["methods"]},
+        table=f"{ATTRIBUTION}/attribution.tsv",
+    params:
+        methods=config["attribution"]["methods"],
+        n_steps=config["attribution"]["n_steps"],
+        max_per_class=config["attribution"]["max_per_class"],
+        device=config["featviz"]["device"],
+    log:
+        f"{LOGS}/attribute/{{task}}.log",
+    benchmark:
+        f"{BENCH}/attribute/{{task}}.tsv"
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=lambda wc, attempt: job_mem_mb(attempt, batch=32),
+        runtime=lambda wc, attempt: 60 * attempt,
+        gpu=config["compute"]["gpu"],
+    conda:
+        env("torch-gpu" if config["compute"]["gpu"] else "torch-cpu")
+    script:
+        "../scripts/attribute.py"

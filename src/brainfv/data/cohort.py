@@ -345,18 +345,21 @@ def prepare_cohort(cfg, out_dir, log=None):
     ref, _, _ = normalise(tpl["t1"], tpl["mask"])
     if records is None:
         effect = gen.effect_map(normalise)
+        regional = gen.effect_map(normalise, regional_only=True)
         effect_kind = "planted (synthetic ground truth)"
-    else:
-        effect = _empirical_effect(out_dir / "volumes.npy", parts)
+    else:  # real data: the effect's regional part cannot be separated from size differences
+        effect = regional = _empirical_effect(out_dir / "volumes.npy", parts)
         effect_kind = "empirical mean difference M-F (training split)"
     with atomic_path(out_dir / "reference.nii.gz") as tmp:
         grid.to_nifti(ref).to_filename(tmp)
     with atomic_path(out_dir / "mask.nii.gz") as tmp:
         grid.to_nifti(tpl["mask"].astype(np.uint8), dtype=np.uint8).to_filename(tmp)
-    with atomic_path(out_dir / "sex_effect.nii.gz") as tmp:
-        img = grid.to_nifti(effect)
-        img.header["descrip"] = effect_kind[:79].encode()
-        img.to_filename(tmp)
+    for name, data, what in (("sex_effect", effect, effect_kind), ("sex_effect_regional", regional,
+                                                                    "regional part of: " + effect_kind)):
+        with atomic_path(out_dir / f"{name}.nii.gz") as tmp:
+            img = grid.to_nifti(data)
+            img.header["descrip"] = what[:79].encode()
+            img.to_filename(tmp)
     with atomic_path(out_dir / "participants.tsv") as tmp:
         parts.to_csv(tmp, sep="\t", index=False)
     with atomic_path(out_dir / "qc.tsv") as tmp:

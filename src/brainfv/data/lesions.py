@@ -265,7 +265,7 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
         pd.DataFrame(lesion_rows, columns=cols).to_csv(tmp, sep="\t", index=False)
     with atomic_path(out_dir / "lesion_frequency.nii.gz") as tmp:
         grid.to_nifti(freq / max(len(parts), 1)).to_filename(tmp)
-    for name in ("reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz"):
+    for name in ("reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz", "sex_effect_regional.nii.gz"):
         with atomic_path(out_dir / name) as tmp:
             shutil.copyfile(Path(cohort_dir) / name, tmp)
     counts = pd_parts.groupby(["split", "lesion"]).size().unstack(fill_value=0)

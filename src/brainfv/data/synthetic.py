@@ -146,14 +146,22 @@ class SyntheticCohort:
         return {"subject": self.subject_id(i), "sex": sex, "t1": t1, "wm": np.clip(wm, 0, 1),
                 "mask": mask, "params": params}
 
-    def expected(self, sex):
-        """The noise-free image of ``sex`` (template + planted effect only) and its mask."""
+    def expected(self, sex, regional_only=False):
+        """The noise-free image of ``sex`` (template + planted effect only) and its mask; with
+        ``regional_only``, without the global size difference."""
         scale, modulation = self._sex_terms(sex)
+        if regional_only:
+            scale = 1.0
         t1, _, mask = self._subject((self.tpl["t1"] * modulation).astype(np.float32), scale, (0, 0, 0), (0, 0, 0))
         return np.where(mask, t1, 0).astype(np.float32), mask
 
-    def effect_map(self, normalise):
-        """Ground truth: normalised expected male image minus normalised expected female image."""
-        m, mm = self.expected("M")
-        f, fm = self.expected("F")
+    def effect_map(self, normalise, regional_only=False):
+        """Ground truth: normalised expected male image minus normalised expected female image.
+
+        The full map is dominated by the global size difference (the brain's edges move); with
+        ``regional_only`` it holds just the regional grey-matter differences, the part of the effect a model
+        that ignores brain size can use.
+        """
+        m, mm = self.expected("M", regional_only)
+        f, fm = self.expected("F", regional_only)
         return normalise(m, mm)[0] - normalise(f, fm)[0]

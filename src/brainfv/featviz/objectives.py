@@ -174,7 +174,16 @@ def class_probability(channels, layer="classifier"):
     return Objective(fn, [layer], f"probability({layer})", _units(layer, channels), _batch_of(channels), None)
 
 
-def class_contrast(channels, others, layer="classifier"):
-    """Logit of class ``channels[b]`` minus the logit of class ``others[b]`` (e.g. male − female):
-    what separates two classes rather than what raises one (two logits need not mirror each other)."""
-    return class_logit(channels, layer) - class_logit(others, layer)
+def class_contrast(channels, layer="classifier", others=None):
+    """Logit of class ``channels[b]`` minus the logit of class ``others[b]`` (default: the mean of the other
+    classes' logits; with two classes, male − female): what separates the classes rather than what raises
+    one logit (two logits need not mirror each other)."""
+    if others is not None:
+        return class_logit(channels, layer) - class_logit(others, layer)
+
+    def fn(acts, rows=None):
+        z = acts[layer].float()
+        own = _pick(z, channels, rows)
+        rest = (z.sum(1) - own) / max(z.shape[1] - 1, 1)
+        return own - rest
+    return Objective(fn, [layer], f"contrast({layer})", _units(layer, channels), _batch_of(channels), None)

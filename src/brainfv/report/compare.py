@@ -1,157 +1,328 @@
-"""The comparison table: per task × layer × unit × regularizer, image metrics plus ground-truth fidelity.
+"""The comparison: every visualization scored against the ground truth, next to controls that cannot know it.
 
-Columns (besides those of the visualization tables, see :func:`brainfv.featviz.study.visualize_layer`):
+For each task × layer × preset × unit × optimisation seed (``comparison.tsv``, one row per trained
+visualization) the ground-truth metrics are computed on the visualization and on its paired controls
+(``controls.tsv``): the same request optimised on the network with re-initialised weights
+(``randomized``), on another task's model (``other``), and phase-randomised surrogates of the
+visualization (``surrogate``); :mod:`brainfv.report.calibrate` turns them into paired gains, z-scores and
+bootstrap confidence intervals (``summary.tsv``) and the model-randomization check (``sanity.tsv``).
 
-``lesion_ncc``        best normalised cross-correlation with a hypo-intense lesion template of the
-                      configured shapes and sizes (lesion task; 1 = a perfect lesion, ~0 = noise)
-``lesion_shape``      the shape of the best-matching template; ``shape_correct`` for two-shape
-                      labelling: whether a class-logit visualization shows its own class's shape
-``effect_corr``       class-logit visualizations of the sex task: correlation with the sex-effect map
-                      (male logit with M−F, female logit with F−M), inside the brain mask
-``tv_ratio``/``hf_ratio`` total variation and high-frequency share relative to real volumes
-``activation_ratio``  objective reached / the unit's maximum over real test volumes (> 1: beyond real data)
-``stability``         mean correlation between the unit's visualizations from different seeds
-``transfer_prob``     class-logit visualizations: probability an independently trained replicate model
-                      gives the intended class (``transfer_correct``: it is its top class)
+Ground-truth metrics (defined in :mod:`brainfv.report.metrics`):
+
+``lesion_ncc``        lesion task: best normalised cross-correlation with a dark lesion template of the
+                      configured shapes and sizes, inside the optimised region, templates that fit it only
+``lesion_hit``        lesion task: 1 if that best match lies where lesions were planted in the training
+                      volumes (``lesion_hit_base_rate``: the share of the region where they were: chance)
+``lesion_map_corr``   lesion task: correlation, inside the region, of the visualization's darkness (−value)
+                      with the frequency of planted training lesions
+``effect_corr``       sex task, class logits and contrasts: correlation with the *regional* component of the
+                      planted sex effect (the part the model can use; male with M−F, female with F−M)
+``effect_corr_full``  the same with the full planted map (dominated by the global size difference)
+``transfer_prob``     class logits and contrasts: probability the independent transfer model gives the
+                      intended class
+
+Other columns: the visualization table's (``act_matched_z``: activation at matched amplitude against real
+volumes, ``stability``, image statistics inside the optimised region), ``tv_ratio``/``hf_ratio`` (relative to
+real volumes in the same region).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..config import LesionConfig
+from .calibrate import paired_table, sanity_table, summarise
+from .metrics import TemplateBank, base_rate, lesion_hit, lesion_templates, phase_surrogates, quality_ratios, \
+    region_slices, sex_effect_fidelity
 
-from .metrics import best_template_match, lesion_templates, quality_ratios, sex_effect_fidelity
+__all__ = ["GT_METRICS", "Truth", "score_volumes", "compare_entries", "compare_job"]
 
-__all__ = ["compare", "summarise", "compare_job"]
+GT_METRICS = {"lesion": ["lesion_ncc", "lesion_hit", "lesion_map_corr"], "sex": ["effect_corr", "effect_corr_full"]}
+SUMMARY_EXTRA = ["transfer_prob", "act_matched_z", "stability", "tv_ratio", "hf_ratio", "energy_inside_mask",
+                 "lesion_hit_base_rate"]
 
 
-def compare(jobs, lesion_cfg, log=None, n_real=16):
-    """Build the comparison table.
+@dataclass
+class Truth:
+    """What a task's visualizations are scored against: its classes, mask and ground-truth maps."""
 
-    ``jobs``: list of dicts with ``task, layer, regularizer, table (DataFrame), images (n_units, X, Y, Z),
-    dataset (brainfv Dataset), target, classes, effect (array or None), transfer_model (or None)``.
-    """
-    import pandas as pd
+    task: str
+    target: str
+    classes: list
+    mask: np.ndarray
+    voxel_size: float
+    lesion_map: np.ndarray | None = None       # frequency of planted lesions in the training volumes
+    templates: list | None = None
+    effect: np.ndarray | None = None            # regional component of the planted sex effect
+    effect_full: np.ndarray | None = None
+    real_volumes: list = field(default_factory=list)
+    _banks: dict = field(default_factory=dict)
+    _real: dict = field(default_factory=dict)
+
+    @property
+    def kind(self):
+        if self.lesion_map is not None:
+            return "lesion"
+        return "sex" if self.effect is not None else ""
+
+    def bank(self):
+        if "bank" not in self._banks:
+            self._banks["bank"] = TemplateBank(self.templates, self.mask.shape)
+        return self._banks["bank"]
+
+    def real_stats(self, region):
+        """Mean relative TV and high-frequency share of real volumes inside ``region``."""
+        from ..featviz.metrics import high_frequency_fraction, relative_tv
+
+        key = tuple((s.start, s.stop) for s in region)
+        if key not in self._real:
+            m = self.mask[region]
+            self._real[key] = (float(np.mean([relative_tv(np.asarray(v)[region], m) for v in self.real_volumes])),
+                               float(np.mean([high_frequency_fraction(np.asarray(v)[region]) for v in self.real_volumes])))
+        return self._real[key]
+
+    def sign(self, unit, is_output):
+        """+1 for a unit that should look male, −1 for female, 0 when the unit has no class."""
+        if not is_output or unit >= len(self.classes):
+            return 0.0
+        return {"M": 1.0, "F": -1.0}.get(str(self.classes[unit]), 0.0)
+
+
+def score_volumes(truth, volumes, units, region, is_output, batch=16):
+    """Ground-truth metrics of ``volumes`` (n, X, Y, Z), volume ``i`` being a visualization of ``units[i]``,
+    optimised inside ``region``: a list of dicts (see the module docstring)."""
+    from ..featviz.metrics import correlation
+
+    region = region_slices(region, truth.mask.shape)
+    out = [dict() for _ in volumes]
+    rmask = np.zeros_like(truth.mask)
+    rmask[region] = True
+    rmask &= truth.mask
+    if truth.kind == "lesion":
+        matches = []
+        for i in range(0, len(volumes), batch):
+            matches += truth.bank().match(np.asarray(volumes[i:i + batch]), region, truth.mask)
+        for o, v, m in zip(out, volumes, matches):
+            o.update(lesion_ncc=m["ncc"], lesion_shape=m["shape"] or "", lesion_diameter_mm=m["diameter_mm"],
+                     lesion_hit=lesion_hit(m["position"], truth.lesion_map),
+                     lesion_map_corr=correlation(-np.asarray(v), truth.lesion_map, rmask))
+    if truth.kind == "sex":
+        for o, v, u in zip(out, volumes, units):
+            s = truth.sign(u, is_output)
+            o.update(effect_corr=sex_effect_fidelity(v, truth.effect, rmask, s) if s else float("nan"),
+                     effect_corr_full=sex_effect_fidelity(v, truth.effect_full, rmask, s) if s else float("nan"))
+    return out
+
+
+def _transfer_probs(model, volumes, units):
     import torch
 
-    from ..featviz.metrics import high_frequency_fraction, relative_tv
+    if model is None or not len(volumes):
+        return [float("nan")] * len(volumes)
+    with torch.no_grad():
+        x = torch.as_tensor(np.asarray(volumes, np.float32))[:, None]
+        p = torch.cat([torch.softmax(model(x[i:i + 8]), 1) for i in range(0, len(x), 8)]).numpy()
+    return [float(p[i, u]) if u < p.shape[1] else float("nan") for i, u in enumerate(units)]
+
+
+def compare_entries(entries, truths, transfer_models, output_layer, n_surrogates=2, seed=0, log=None):
+    """Score every entry (dict: ``task, layer, module, regularizer, table`` (the visualize table),
+    ``trained`` and ``randomized`` (arrays seeds × units × X × Y × Z, randomized may be None)) against its
+    task's :class:`Truth`, with its controls. Returns ``(trained rows, control rows)`` as DataFrames."""
+    import pandas as pd
+
+    from ..featviz.study import parse_region
+    from ..utils import stable_seed
 
     log = log or (lambda m: None)
-    lc = LesionConfig.from_config(lesion_cfg)
-    real_stats = {}
-    templates = {}
-    out = []
-    for job in jobs:
-        ds = job["dataset"]
-        key = str(ds.root)
-        mask = ds.mask
-        if key not in real_stats:
-            vols = ds.volumes
-            rows = ds.participants["index"].to_numpy()[:n_real]
-            real_stats[key] = (float(np.mean([relative_tv(vols[int(i)], mask) for i in rows])),
-                               float(np.mean([high_frequency_fraction(vols[int(i)]) for i in rows])))
-        real_tv, real_hf = real_stats[key]
-        tab = job["table"].copy()
-        is_logit = job["layer"] == "classifier"
-        extra = {k: [] for k in ("lesion_ncc", "lesion_shape", "lesion_diameter_mm", "shape_correct", "effect_corr",
-                                 "tv_ratio", "hf_ratio", "transfer_prob", "transfer_correct", "intended_class")}
-        for j, unit in enumerate(tab["unit"]):
-            vol = np.asarray(job["images"][j], dtype=np.float64)
-            q = quality_ratios(vol, real_tv, real_hf, mask)
-            extra["tv_ratio"].append(q["tv_ratio"])
-            extra["hf_ratio"].append(q["hf_ratio"])
-            cls = job["classes"][unit] if is_logit and unit < len(job["classes"]) else ""
-            extra["intended_class"].append(cls)
-            if job["target"] == "lesion":
-                vs = ds.grid.voxel_size
-                shapes = lc.template_shapes
-                dmin, dmax = lc.diameter_mm
-                tk = (tuple(shapes), dmin, dmax, vs)
-                if tk not in templates:
-                    templates[tk] = lesion_templates(shapes, np.linspace(dmin, dmax, 3), vs, lc.edge_mm)
-                m = best_template_match(vol, templates[tk], mask)
-                extra["lesion_ncc"].append(m["ncc"])
-                extra["lesion_shape"].append(m["shape"])
-                extra["lesion_diameter_mm"].append(m["diameter_mm"])
-                extra["shape_correct"].append(float(m["shape"] == cls) if lc.labelling == "shapes"
-                                              and is_logit else float("nan"))
-            else:
-                for k in ("lesion_ncc", "lesion_diameter_mm", "shape_correct"):
-                    extra[k].append(float("nan"))
-                extra["lesion_shape"].append("")
-            if job["target"] == "sex" and is_logit and job.get("effect") is not None and cls in ("M", "F"):
-                extra["effect_corr"].append(sex_effect_fidelity(vol, job["effect"], mask, 1.0 if cls == "M" else -1.0))
-            else:
-                extra["effect_corr"].append(float("nan"))
-            if is_logit and job.get("transfer_model") is not None:
-                with torch.no_grad():
-                    x = torch.as_tensor(vol, dtype=torch.float32)[None, None]
-                    p = torch.softmax(job["transfer_model"](x), 1)[0].numpy()
-                extra["transfer_prob"].append(float(p[unit]))
-                extra["transfer_correct"].append(float(int(np.argmax(p)) == unit))
-            else:
-                extra["transfer_prob"].append(float("nan"))
-                extra["transfer_correct"].append(float("nan"))
-        for k, v in extra.items():
-            tab[k] = v
-        out.append(tab)
-        log(f"compared {job['task']} {job['layer']} {job['regularizer']}: {len(tab)} units")
-    return pd.concat(out, ignore_index=True)
+    by_key = {(e["task"], e["layer"], e["regularizer"]): e for e in entries}
+    trained_rows, control_rows = [], []
+    for e in entries:
+        truth = truths[e["task"]]
+        tab = e["table"]
+        tt = tab[tab["network"] == "trained"].sort_values(["seed", "unit"]).reset_index(drop=True)
+        units = sorted(tt["unit"].unique())
+        n_seeds = int(tt["seed"].max()) + 1
+        region = parse_region(tt["region"].iloc[0])
+        is_output = e["module"] == output_layer
+        real_tv, real_hf = truth.real_stats(region)
+        vols = e["trained"].reshape((-1,) + truth.mask.shape)
+        unit_of = [units[i % len(units)] for i in range(len(vols))]
+        seed_of = [i // len(units) for i in range(len(vols))]
+        scores = score_volumes(truth, vols, unit_of, region, is_output)
+        probs = _transfer_probs(transfer_models.get(e["task"]), vols, unit_of) if is_output else [np.nan] * len(vols)
+        base = base_rate(truth.lesion_map, truth.mask, region) if truth.kind == "lesion" else float("nan")
+        for i, (u, s) in enumerate(zip(unit_of, seed_of)):
+            row = tt[(tt["unit"] == u) & (tt["seed"] == s)].iloc[0].to_dict()
+            row.update(scores[i], **quality_ratios(vols[i], real_tv, real_hf, truth.mask, region),
+                       transfer_prob=probs[i], lesion_hit_base_rate=base,
+                       intended_class=str(truth.classes[u]) if is_output and u < len(truth.classes) else "")
+            trained_rows.append(row)
+
+        def add_controls(kind, volumes, units_, seeds_, source):
+            sc = score_volumes(truth, volumes, units_, region, is_output)
+            pr = _transfer_probs(transfer_models.get(e["task"]), volumes, units_) if is_output else [np.nan] * len(volumes)
+            for v_sc, p, u, s in zip(sc, pr, units_, seeds_):
+                control_rows.append({"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u,
+                                     "seed": s, "control": kind, "source": source, **v_sc, "transfer_prob": p})
+
+        if e.get("randomized") is not None:
+            add_controls("randomized", e["randomized"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
+                         "re-initialised weights")
+        for other_task in truths:
+            o = by_key.get((other_task, e["layer"], e["regularizer"]))
+            if other_task == e["task"] or o is None:
+                continue
+            ot = o["table"]
+            ot = ot[ot["network"] == "trained"]
+            if sorted(ot["unit"].unique()) != units or int(ot["seed"].max()) + 1 != n_seeds:
+                log(f"{e['task']} {e['layer']} {e['regularizer']}: {other_task}'s request differs; no other-model control")
+                continue
+            add_controls("other", o["trained"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
+                         f"{other_task} model")
+        if n_surrogates:
+            rng = np.random.default_rng(stable_seed(seed, "surrogate", e["task"], e["layer"], e["regularizer"]))
+            sur, su, ss = [], [], []
+            for i, v in enumerate(vols):
+                for sv in phase_surrogates(v, n_surrogates, rng, region, truth.mask):
+                    sur.append(sv)
+                    su.append(unit_of[i])
+                    ss.append(seed_of[i])
+            add_controls("surrogate", np.asarray(sur), su, ss, "phase-randomised copy")
+        log(f"compared {e['task']} {e['layer']} {e['regularizer']}: {len(vols)} visualizations with controls")
+    return pd.DataFrame(trained_rows), pd.DataFrame(control_rows)
 
 
-SUMMARY_METRICS = ["activation_ratio", "stability", "lesion_ncc", "effect_corr", "transfer_correct",
-                   "tv_ratio", "hf_ratio", "energy_inside_mask", "seconds"]
+def attribution_rows(truth, maps, method, layer, output_layer):
+    """The positive control: attribution maps of the class logits, scored with the same metrics."""
+    rows = []
+    units = sorted(maps)
+    scores = score_volumes(truth, np.asarray([maps[u] for u in units]), units, None, True)
+    for u, sc in zip(units, scores):
+        rows.append({"task": truth.task, "layer": layer, "module": output_layer, "unit": u, "seed": 0,
+                     "regularizer": f"attribution:{method}", "network": "trained",
+                     "intended_class": str(truth.classes[u]) if u < len(truth.classes) else "", **sc})
+    return rows
 
 
-def summarise(table):
-    """Mean of each metric per task × layer × regularizer (and the unit count)."""
-    cols = [c for c in SUMMARY_METRICS if c in table.columns]
-    g = table.groupby(["task", "layer", "regularizer"], sort=False)
-    s = g[cols].mean()
-    s["n_units"] = g.size()
-    return s.reset_index()
+def _truth(task, target, classes, files, lesions, n_real, log):
+    """A task's :class:`Truth` from its dataset files."""
+    import nibabel as nib
+
+    from ..data.store import Dataset, open_volumes
+
+    ds = Dataset(Path(files["participants"]).parent)
+    mask = np.asarray(nib.load(files["mask"]).dataobj) > 0
+    parts = ds.participants
+    test_rows = parts.loc[parts["split"] == "test", "index"].to_numpy()[:n_real]
+    vols = ds.volumes
+    t = Truth(task, target, list(classes), mask, ds.grid.voxel_size, real_volumes=[vols[int(i)] for i in test_rows])
+    if target == "lesion" and files.get("lesion_masks"):
+        masks = open_volumes(files["lesion_masks"])
+        acc = np.zeros(mask.shape, np.float64)
+        train = parts.loc[parts["split"] == "train", "index"].to_numpy()
+        for i in train:
+            acc += masks[int(i)]
+        t.lesion_map = (acc / max(len(train), 1)).astype(np.float32)
+        lc = LesionConfig.from_config(lesions)
+        t.templates = lesion_templates(lc.template_shapes, np.linspace(*lc.diameter_mm, 3), t.voxel_size, lc.edge_mm)
+        log(f"task {task}: planted lesions cover {float((t.lesion_map[mask] > 0).mean()):.1%} of the brain mask "
+            f"({len(train)} training volumes)")
+    if target == "sex":
+        t.effect_full = nib.load(files["effect"]).get_fdata()
+        t.effect = nib.load(files["effect_regional"]).get_fdata() if files.get("effect_regional") else t.effect_full
+    return t
 
 
 def compare_job(job):
     """The ``compare_regularizers`` rule.
 
-    Params: ``entries`` (task, layer, regularizer of each visualization, in the order of the ``niftis`` and
-    ``tables`` inputs), ``tasks`` (task names, in the order of the per-task inputs below) and ``lesions``
-    (the config section). Inputs per task: ``models``, ``transfer_models`` (may be empty), ``participants``,
-    ``volumes``, ``masks``, ``references``, ``effects`` (the sex-effect map). Outputs: ``table``, ``summary``.
+    Params: ``entries`` (task, layer id, module, regularizer per visualization job, in the order of the
+    ``niftis``, ``randomized`` and ``tables`` inputs), ``tasks`` ({task: target}, in the order of the per-task
+    inputs), ``lesion_tasks`` (the tasks with ``lesion_masks`` inputs, in order), ``attributions`` ((task,
+    method) per ``attributions`` input), ``lesions`` (config section), ``compare`` (config section),
+    ``output_layer``, ``seed``. Outputs: ``table`` (comparison.tsv), ``controls``, ``summary``, ``sanity``,
+    ``transfer``.
     """
     import nibabel as nib
     import pandas as pd
     import torch
 
-    from ..data.store import Dataset
     from ..models import load_checkpoint
     from ..utils import atomic_path
 
     torch.set_num_threads(job.threads)
-    p, inp = job.params, job.input
+    p, inp, log = job.params, job.input, job.log
+    cmp = p["compare"]
     tasks = list(p["tasks"])
-    per_task = {}
+    truths, transfer = {}, {}
+    transfer_rows = []
     for i, task in enumerate(tasks):
-        files = {k: inp[k][i] for k in ("participants", "volumes", "masks", "references", "effects")}
-        folders = {str(Path(f).parent) for f in files.values()}
-        if len(folders) != 1:
-            raise ValueError(f"task {task}: dataset inputs are not in one folder: {sorted(folders)}")
-        _, meta = load_checkpoint(inp["models"][i])
-        transfer = load_checkpoint(inp["transfer_models"][i])[0] if inp.get("transfer_models") else None
-        effect = nib.load(files["effects"]).get_fdata() if meta["target"] == "sex" else None
-        per_task[task] = {"dataset": Dataset(folders.pop()), "target": meta["target"], "classes": meta["classes"],
-                          "effect": effect, "transfer_model": transfer}
-    jobs = []
-    for entry, nifti, table in zip(p["entries"], inp["niftis"], inp["tables"]):
-        jobs.append({**entry, **per_task[entry["task"]], "table": pd.read_csv(table, sep="\t"),
-                     "images": np.moveaxis(np.asarray(nib.load(nifti).dataobj, dtype=np.float32), -1, 0)})
-    table = compare(jobs, p["lesions"], log=job.log)
-    with atomic_path(job.output["table"]) as tmp:
-        table.to_csv(tmp, sep="\t", index=False)
-    summary = summarise(table)
-    with atomic_path(job.output["summary"]) as tmp:
-        summary.to_csv(tmp, sep="\t", index=False)
-    job.log("summary (means per task x layer x regularizer):\n" + summary.to_string(index=False, float_format="%.3f"))
+        main, meta = load_checkpoint(inp["models"][i])
+        files = {"participants": inp["participants"][i], "mask": inp["masks"][i], "effect": inp["effects"][i],
+                 "effect_regional": inp["effects_regional"][i]}
+        if task in p["lesion_tasks"]:
+            files["lesion_masks"] = inp["lesion_masks"][p["lesion_tasks"].index(task)]
+        truths[task] = _truth(task, meta["target"], meta["classes"], files, p["lesions"], cmp["n_real"], log)
+        if inp.get("transfer_models"):
+            transfer[task], tmeta = load_checkpoint(inp["transfer_models"][i])
+            transfer_rows.append(_transfer_agreement(task, inp["predictions"][i], inp["transfer_predictions"][i],
+                                                     {**meta, "arch": main.arch}, {**tmeta, "arch": transfer[task].arch}))
+    entries = []
+    for k, e in enumerate(p["entries"]):
+        def load(path):
+            return np.moveaxis(np.asarray(nib.load(path).dataobj, dtype=np.float32), -1, 0)
+
+        tab = pd.read_csv(inp["tables"][k], sep="\t")
+        n_units = tab.loc[tab["network"] == "trained", "unit"].nunique()
+        tr = load(inp["niftis"][k])
+        rnd = load(inp["randomized"][k]) if inp.get("randomized") else None
+        shape = (-1, n_units) + tr.shape[1:]
+        entries.append({**e, "table": tab, "trained": tr.reshape(shape),
+                        "randomized": rnd.reshape(shape) if rnd is not None else None})
+    trained, controls = compare_entries(entries, truths, transfer, p["output_layer"], cmp["surrogates"], p["seed"], log)
+    attr = []
+    for (task, method), path in zip(p["attributions"], inp.get("attributions", [])):
+        maps = np.moveaxis(np.asarray(nib.load(path).dataobj, np.float32), -1, 0)
+        for layer in {e["layer"] for e in p["entries"] if e["task"] == task and e["module"] == p["output_layer"]}:
+            attr += attribution_rows(truths[task], dict(enumerate(maps)), method, layer, p["output_layer"])
+    metrics = sorted({m for t in truths.values() for m in GT_METRICS.get(t.kind, [])}) + ["transfer_prob"]
+    paired = paired_table(trained, controls, metrics)
+    summary = summarise(paired, metrics + [m for m in SUMMARY_EXTRA if m != "transfer_prob"], cmp["bootstrap"], p["seed"])
+    if attr:
+        a = pd.DataFrame(attr)
+        summary = pd.concat([summary, summarise(a, [m for m in metrics if m in a], cmp["bootstrap"], p["seed"])],
+                            ignore_index=True)
+        paired = pd.concat([paired, a], ignore_index=True)
+    sanity = sanity_table(summary, [m for m in metrics if m != "transfer_prob"])
+    for key, df in (("table", paired), ("controls", controls), ("summary", summary), ("sanity", sanity),
+                    ("transfer", pd.DataFrame(transfer_rows))):
+        with atomic_path(job.output[key]) as tmp:
+            df.to_csv(tmp, sep="\t", index=False)
+    show = summary[summary["metric"].isin(metrics)]
+    log("summary (mean [95% CI], paired gain over the strongest control):\n" + show[
+        ["task", "layer", "regularizer", "metric", "mean", "ci_low", "ci_high", "strongest_control", "calibrated",
+         "calibrated_low", "calibrated_high", "randomization_check"]].to_string(index=False, float_format="%.3f"))
+
+
+def _transfer_agreement(task, main_pred, transfer_pred, meta, tmeta):
+    """How independent the transfer model is: the correlation of both models' test margins, and what differs."""
+    import pandas as pd
+
+    a, b = pd.read_csv(main_pred, sep="\t"), pd.read_csv(transfer_pred, sep="\t")
+    classes = meta["classes"]
+    m = a.merge(b, on="subject", suffixes=("_main", "_transfer"))
+    pos = f"p_{classes[-1]}"
+    logit = lambda p: np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))  # noqa: E731
+    r = float(np.corrcoef(logit(m[pos + "_main"]), logit(m[pos + "_transfer"]))[0, 1]) if len(m) > 2 else np.nan
+    differs = [f"seed ({meta.get('seed')} vs {tmeta.get('seed')})"]
+    if tmeta.get("arch") and meta.get("arch") and tmeta["arch"] != meta["arch"]:
+        differs.append("architecture (" + ", ".join(f"{k}: {meta['arch'].get(k)} -> {v}" for k, v in tmeta["arch"].items()
+                                                    if meta["arch"].get(k) != v) + ")")
+    if tmeta.get("bootstrap"):
+        differs.append("training subjects (bootstrap resample)")
+    return {"task": task, "test_margin_corr": r, "main_accuracy": float((m["label_main"] == m["predicted_main"]).mean()),
+            "transfer_accuracy": float((m["label_transfer"] == m["predicted_transfer"]).mean()),
+            "differs_in": "; ".join(differs)}

@@ -261,8 +261,8 @@ def metrics_figure(table, path, metrics=None):
     plt = _mpl()
     import seaborn as sns
 
-    metrics = metrics or [m for m in ("activation_ratio", "stability", "lesion_ncc", "effect_corr", "tv_ratio",
-                                      "hf_ratio", "energy_inside_mask")
+    metrics = metrics or [m for m in ("act_matched_z", "stability", "lesion_ncc", "lesion_map_corr", "effect_corr",
+                                      "tv_ratio", "hf_ratio", "energy_inside_mask")
                           if m in table and table[m].notna().any() and np.nanstd(table[m].to_numpy(float)) > 1e-9]
     tasks = list(dict.fromkeys(table["task"]))
     regs = list(dict.fromkeys(table["regularizer"]))
@@ -364,10 +364,10 @@ def unit_labels(layer, units, classes=None, output_layer="classifier"):
 def report_job(job):
     """The ``report_figures`` rule: every study figure from cached results (no training, no optimisation).
 
-    Params: ``entries`` (task, layer, regularizer per visualization, in the order of the ``niftis`` and
-    ``trajectories`` inputs), ``grids`` ((task, layer) per ``grids`` output), ``tasks`` (in the order of the
-    ``masks`` input), ``output_layer``. Inputs: ``table`` (comparison), ``model_metrics`` and ``histories``
-    (one per trained model).
+    Params: ``entries`` (task, layer id, module, regularizer per visualization, in the order of the
+    ``niftis`` and ``trajectories`` inputs), ``grids`` ((task, layer id) per ``grids`` output), ``tasks`` (in
+    the order of the ``masks`` input), ``output_layer``. Inputs: ``table`` (comparison), ``summary``,
+    ``model_metrics`` and ``histories`` (one per trained model).
     """
     import json
     from pathlib import Path
@@ -377,9 +377,13 @@ def report_job(job):
 
     p, inp, log = job.params, job.input, job.log
     table = pd.read_csv(inp["table"], sep="\t")
-    metrics_figure(table, job.output["metrics"])
+    summary = pd.read_csv(inp["summary"], sep="\t")
+    vis = table[~table["regularizer"].astype(str).str.startswith("attribution:")]
+    metrics_figure(vis, job.output["metrics"])
+    signal_null_figure(summary, job.output["calibration"])
     traj = pd.concat([pd.read_csv(t, sep="\t") for t in inp["trajectories"]], ignore_index=True)
-    trajectories_figure(traj, table, job.output["trajectories"])
+    traj = traj[traj.get("network", "trained") == "trained"] if "network" in traj else traj
+    trajectories_figure(traj, vis[vis["seed"] == 0], job.output["trajectories"])
     metrics, hist = {}, {}
     for mpath, hpath in zip(inp["model_metrics"], inp["histories"]):
         m = json.loads(Path(mpath).read_text())
@@ -388,11 +392,88 @@ def report_job(job):
     models_figure(metrics, hist, job.output["models"])
     masks = {t: np.asarray(nib.load(f).dataobj) > 0 for t, f in zip(p["tasks"], inp["masks"])}
     for (task, layer), path in zip(p["grids"], job.output["grids"]):
-        vols = {e["regularizer"]: np.moveaxis(np.asarray(nib.load(f).dataobj, np.float32), -1, 0)
-                for e, f in zip(p["entries"], inp["niftis"]) if e["task"] == task and e["layer"] == layer}
-        sub = table[(table["task"] == task) & (table["layer"] == layer)]
+        sub = vis[(vis["task"] == task) & (vis["layer"] == layer)]
         units = sorted(sub["unit"].unique())
+        vols = {e["regularizer"]: np.moveaxis(np.asarray(nib.load(f).dataobj, np.float32), -1, 0)[:len(units)]
+                for e, f in zip(p["entries"], inp["niftis"]) if e["task"] == task and e["layer"] == layer}
         main = metrics[task, "main"]
-        featviz_grid_figure(vols, units, unit_labels(layer, units, main["classes"], p["output_layer"]), masks[task],
-                            path, f"task {task} · layer {layer} · units × regularizers — {main.get('cohort', '')}")
+        module = next(e["module"] for e in p["entries"] if e["task"] == task and e["layer"] == layer)
+        featviz_grid_figure(vols, units, unit_labels(module, units, main["classes"], p["output_layer"]), masks[task],
+                            path, f"task {task} · {layer} · units × regularizers (seed 0) — {main.get('cohort', '')}")
         log(f"figure {path}")
+
+
+CONTROL_STYLE = {"randomized": ("#d95f02", "s", "re-initialised network"),
+                 "other": ("#1b9e77", "^", "other task's model"),
+                 "surrogate": ("#7570b3", "v", "phase-randomised copies")}
+METRIC_LABELS = {"lesion_ncc": "lesion shape (NCC)", "lesion_hit": "lesion location (hit rate)",
+                 "lesion_map_corr": "darkness × lesion map (r)", "effect_corr": "regional sex effect (r)",
+                 "effect_corr_full": "full sex-effect map (r)", "transfer_prob": "transfer p(intended class)"}
+
+
+@_themed("paper")
+def signal_null_figure(summary, path, metrics=None):
+    """Ground-truth metrics per preset against their controls: one panel per task × metric (rows) and
+    request (columns). Black: the trained model's visualizations (mean and 95 % bootstrap CI over units and
+    seeds); coloured markers: the same metric on the controls; the mark above a preset is the
+    model-randomization check (✓: the paired gain over the re-initialised network has a CI above 0);
+    dashed lines: attribution maps of the same model (positive control), where available."""
+    plt = _mpl()
+    s = summary.copy()
+    metrics = metrics or [m for m in METRIC_LABELS if m in set(s["metric"]) and m != "effect_corr_full"]
+    attr = s[s["regularizer"].str.startswith("attribution:")]
+    s = s[~s["regularizer"].str.startswith("attribution:")]
+    panels = [(t, m) for t in dict.fromkeys(s["task"]) for m in metrics if ((s["task"] == t) & (s["metric"] == m)).any()]
+    layers = list(dict.fromkeys(s["layer"]))
+    fig, axes = plt.subplots(len(panels), len(layers), figsize=(3.3 * len(layers) + 1.5, 2.5 * len(panels) + 0.9),
+                             squeeze=False, sharex=True)
+    regs = list(dict.fromkeys(s["regularizer"]))
+    x = np.arange(len(regs))
+    for i, (task, metric) in enumerate(panels):
+        for j, layer in enumerate(layers):
+            ax = axes[i, j]
+            d = s[(s["task"] == task) & (s["metric"] == metric) & (s["layer"] == layer)].set_index("regularizer")
+            if d.empty:
+                ax.set_axis_off()
+                continue
+            d = d.reindex(regs)
+            for k, (kind, (color, marker, label)) in enumerate(CONTROL_STYLE.items()):
+                col = f"null_{kind}"
+                if col in d and d[col].notna().any():
+                    ax.scatter(x + 0.12 * (k - 1), d[col], color=color, marker=marker, s=22, zorder=2, label=label,
+                               facecolors="none" if kind == "surrogate" else color)
+            err = np.vstack([d["mean"] - d["ci_low"], d["ci_high"] - d["mean"]])
+            ax.errorbar(x, d["mean"], yerr=np.nan_to_num(err), fmt="o", color="black", ms=4, capsize=2, lw=1,
+                        zorder=3, label="trained model (95% CI)")
+            top = np.nanmax(np.r_[d["ci_high"].to_numpy(float), d[[c for c in d if c.startswith("null_")]].to_numpy(float).ravel()])
+            for xi, check in zip(x, d["randomization_check"]):
+                if check in ("pass", "fail"):
+                    ax.text(xi, top, "✓" if check == "pass" else "✗", ha="center", va="bottom", fontsize=9,
+                            color="#1a9641" if check == "pass" else "#d7191c")
+            a = attr[(attr["task"] == task) & (attr["metric"] == metric) & (attr["layer"] == layer)]
+            for _, r in a.iterrows():
+                ax.axhline(r["mean"], color="0.35", ls="--", lw=0.8)
+                ax.text(len(regs) - 0.5, r["mean"], r["regularizer"].split(":", 1)[1].replace("_", " "), fontsize=6,
+                        ha="right", va="bottom", color="0.35")
+            if metric in ("lesion_hit",):
+                base = s[(s["task"] == task) & (s["metric"] == "lesion_hit_base_rate") & (s["layer"] == layer)]
+                if len(base):
+                    ax.axhline(float(base["mean"].iloc[0]), color="0.6", ls=":", lw=0.8)
+            ax.set_xticks(x)
+            ax.set_xticklabels(regs, rotation=35, fontsize=7)
+            ax.margins(y=0.15)
+            if i == 0:
+                ax.set_title(layer, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"{task}\n{METRIC_LABELS.get(metric, metric)}", fontsize=8)
+    handles, labels = [], []
+    for ax in axes.ravel():
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, 0.995))
+    fig.suptitle("Ground truth in the visualizations, against controls that cannot know it", y=1.03, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return save(fig, path)

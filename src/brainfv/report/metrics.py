@@ -1,78 +1,195 @@
-"""Comparison metrics: how well a visualization reveals the known ground truth, and how good it is.
+"""Ground-truth metrics of a visualization, each defined once and tested on constructed volumes.
 
-Each metric is defined once here, documented, and tested on constructed volumes where the right
-answer is known (a perfect sphere scores top, noise scores near zero).
+A metric is only read against its controls (:mod:`brainfv.report.calibrate`): the same metric on
+visualizations that cannot know the answer, and on surrogates that keep a visualization's amplitude
+spectrum but not its spatial structure (:func:`phase_surrogates`).
+
+- :class:`TemplateBank` / :func:`lesion_templates`: best normalised cross-correlation with a dark lesion
+  template of the configured shapes and sizes, searched only inside the region that was optimised and
+  only with templates that fit in it, and where the best match lies;
+- :func:`lesion_hit`: whether that position is where lesions were planted (against its base rate);
+- :func:`sex_effect_fidelity`: correlation with a sex-effect map (e.g. its regional component);
+- :func:`quality_ratios`: roughness and high-frequency share relative to real volumes, inside the region.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..featviz.metrics import correlation, high_frequency_fraction, relative_tv
 
-__all__ = ["lesion_templates", "best_template_match", "sex_effect_fidelity", "quality_ratios"]
+__all__ = ["lesion_templates", "TemplateBank", "best_template_match", "lesion_hit", "base_rate",
+           "phase_surrogates", "sex_effect_fidelity", "quality_ratios", "region_slices"]
+
+
+def region_slices(region, shape):
+    """``region`` as a tuple of slices: ``None`` (the whole volume), slices, or ``[[lo, hi], ...]``."""
+    if region is None:
+        return tuple(slice(0, n) for n in shape)
+    return tuple(r if isinstance(r, slice) else slice(int(r[0]), int(r[1])) for r in region)
 
 
 def lesion_templates(shapes, diameters_mm, voxel_size, edge_mm=1.0):
-    """Hypo-intense lesion templates (negative profiles) of each shape at each diameter."""
+    """Dark (negative) lesion templates of each shape and diameter: ``[(shape, diameter_mm, array)]``.
+
+    Each patch is cropped to the lesion plus one voxel of surround (its soft edge included), so a template
+    is as small as the lesion it stands for and fits wherever such a lesion would.
+    """
     from ..data.lesions import lesion_profile
 
     out = []
     for shape in shapes:
         for d in diameters_mm:
             prof, _ = lesion_profile(shape, d / 2, voxel_size, edge_mm)
-            out.append((shape, float(d), -prof))
+            idx = np.argwhere(prof > 0.05)
+            lo = np.maximum(idx.min(0) - 1, 0)
+            hi = np.minimum(idx.max(0) + 2, prof.shape)
+            c = np.asarray(prof.shape) // 2
+            half = np.maximum(c - lo, hi - 1 - c)  # keep the patch centred (odd size)
+            sl = tuple(slice(int(ci - h), int(ci + h + 1)) for ci, h in zip(c, half))
+            out.append((shape, float(d), -prof[sl]))
     return out
 
 
-def _local_ncc(vol, template, mask=None):
-    """Normalised cross-correlation of ``template`` with every position of ``vol`` (same size output)."""
-    from scipy import ndimage, signal
+class TemplateBank:
+    """Normalised cross-correlation of volumes with a fixed set of templates, by FFT, batched.
 
-    t = template - template.mean()
-    tn = np.sqrt((t ** 2).sum())
-    if tn == 0:
-        return np.zeros_like(vol)
-    n = t.size
-    num = signal.fftconvolve(vol, t[::-1, ::-1, ::-1], mode="same")
-    size = template.shape
-    s1 = ndimage.uniform_filter(vol, size, mode="constant") * n
-    s2 = ndimage.uniform_filter(vol ** 2, size, mode="constant") * n
-    var = np.maximum(s2 - s1 ** 2 / n, 0)
-    den = np.sqrt(var) * tn
-    eps = 1e-6 * (den.max() if den.size else 1)
-    ncc = np.where(den > eps, num / np.maximum(den, eps), 0.0)
-    if mask is not None:
-        ncc = np.where(mask, ncc, 0.0)
-    return np.clip(ncc, -1, 1)
-
-
-def best_template_match(vol, templates, mask=None):
-    """Best normalised cross-correlation of ``vol`` with any template at any position.
-
-    Returns ``{"ncc", "shape", "diameter_mm", "position"}``. ``templates`` come from
-    :func:`lesion_templates` (hypo-intense). A volume containing exactly one of the
-    templates scores 1 at its position; noise scores near 0 (for templates of many voxels).
+    The spectra of the templates (and of the box filters giving each position's local mean and variance)
+    are computed once for a volume shape; each call costs one forward FFT per volume and one inverse FFT
+    per template size and template.
     """
-    vol = np.asarray(vol, dtype=np.float64)
-    best = {"ncc": -1.0, "shape": None, "diameter_mm": float("nan"), "position": None}
-    for shape, d, t in templates:
-        ncc = _local_ncc(vol, t, mask)
-        i = int(np.argmax(ncc))
-        if ncc.flat[i] > best["ncc"]:
-            best = {"ncc": float(ncc.flat[i]), "shape": shape, "diameter_mm": d,
-                    "position": tuple(int(v) for v in np.unravel_index(i, vol.shape))}
-    return best
+
+    def __init__(self, templates, shape, dtype=torch.float64):
+        self.templates = list(templates)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+        m = max(max(t.shape) for _, _, t in self.templates)
+        self.fft_shape = tuple(n + m - 1 for n in self.shape)
+        self.spectra, self.norms, self.sizes = [], [], []
+        box = {}
+        for _, _, t in self.templates:
+            t0 = t - t.mean()
+            self.norms.append(float(np.sqrt((t0 ** 2).sum())))
+            self.spectra.append(torch.fft.rfftn(torch.as_tensor(t0[::-1, ::-1, ::-1].copy(), dtype=dtype),
+                                                s=self.fft_shape))
+            self.sizes.append(tuple(t.shape))
+            if t.shape not in box:
+                box[t.shape] = torch.fft.rfftn(torch.ones(t.shape, dtype=dtype), s=self.fft_shape)
+        self.box = box
+
+    def _same(self, full, size):
+        h = [(s - 1) // 2 for s in size]
+        return full[(..., *[slice(hi, hi + n) for hi, n in zip(h, self.shape)])]
+
+    def match(self, volumes, region=None, mask=None):
+        """Best match of each volume in ``volumes`` (B, X, Y, Z): a list of dicts ``ncc, shape, diameter_mm,
+        position`` (``ncc`` NaN when no template fits in ``region``). Template centres are searched inside
+        ``mask`` and only where the whole template lies inside ``region`` (the optimised box)."""
+        v = torch.as_tensor(np.asarray(volumes), dtype=self.dtype)
+        if v.dim() == 3:
+            v = v[None]
+        reg = region_slices(region, self.shape)
+        vf = torch.fft.rfftn(v, s=self.fft_shape, dim=(-3, -2, -1))
+        v2f = torch.fft.rfftn(v * v, s=self.fft_shape, dim=(-3, -2, -1))
+        best = [{"ncc": float("nan"), "shape": None, "diameter_mm": float("nan"), "position": None}
+                for _ in range(len(v))]
+        local = {}
+        for (shape, d, _), spec, norm, size in zip(self.templates, self.spectra, self.norms, self.sizes):
+            valid = self._valid(size, reg, mask)
+            if valid is None or norm == 0:
+                continue
+            if size not in local:
+                n = float(np.prod(size))
+                s1 = self._same(torch.fft.irfftn(vf * self.box[size], s=self.fft_shape, dim=(-3, -2, -1)), size)
+                s2 = self._same(torch.fft.irfftn(v2f * self.box[size], s=self.fft_shape, dim=(-3, -2, -1)), size)
+                local[size] = torch.sqrt(torch.clamp(s2 - s1 * s1 / n, min=0))
+            num = self._same(torch.fft.irfftn(vf * spec, s=self.fft_shape, dim=(-3, -2, -1)), size)
+            den = local[size] * norm
+            eps = 1e-6 * torch.amax(den, dim=(-3, -2, -1), keepdim=True).clamp(min=1e-12)
+            ncc = torch.where((den > eps) & valid, num / den.clamp(min=1e-12), torch.full_like(num, -2.0))
+            flat = ncc.reshape(len(v), -1)
+            val, idx = flat.max(1)
+            for b in range(len(v)):
+                score = float(val[b])
+                if score > -2 and (np.isnan(best[b]["ncc"]) or score > best[b]["ncc"]):
+                    best[b] = {"ncc": min(score, 1.0), "shape": shape, "diameter_mm": d,
+                               "position": tuple(int(i) for i in np.unravel_index(int(idx[b]), self.shape))}
+        return best
+
+    def _valid(self, size, reg, mask):
+        ok = torch.zeros(self.shape, dtype=torch.bool)
+        sl = []
+        for s, r, n in zip(size, reg, self.shape):
+            h = (s - 1) // 2
+            lo, hi = max(r.start, 0) + h, min(r.stop, n) - (s - 1 - h)
+            if hi <= lo:
+                return None
+            sl.append(slice(lo, hi))
+        ok[tuple(sl)] = True
+        if mask is not None:
+            ok &= torch.as_tensor(np.asarray(mask, bool))
+        return ok if bool(ok.any()) else None
+
+
+def best_template_match(vol, templates, mask=None, region=None):
+    """Best normalised cross-correlation of ``vol`` with any template at any position (see :class:`TemplateBank`).
+
+    Returns ``{"ncc", "shape", "diameter_mm", "position"}``: a volume containing exactly one of the templates
+    scores 1 at its position; noise scores near 0 (for templates of many voxels).
+    """
+    return TemplateBank(templates, np.shape(vol)).match(np.asarray(vol)[None], region, mask)[0]
+
+
+def lesion_hit(position, lesion_map):
+    """1.0 when ``position`` (a voxel) lies where a lesion was planted (``lesion_map > 0``), 0.0 if not,
+    NaN without a position."""
+    if position is None:
+        return float("nan")
+    return float(np.asarray(lesion_map)[tuple(position)] > 0)
+
+
+def base_rate(lesion_map, mask, region=None):
+    """The chance of a hit: the share of positions (inside ``mask`` and ``region``) where lesions were planted."""
+    m = np.asarray(mask, bool).copy()
+    if region is not None:
+        r = np.zeros_like(m)
+        r[region_slices(region, m.shape)] = True
+        m &= r
+    return float((np.asarray(lesion_map)[m] > 0).mean()) if m.any() else float("nan")
+
+
+def phase_surrogates(vol, n, rng, region=None, mask=None):
+    """``n`` surrogates of ``vol``: inside ``region``, the same amplitude spectrum with random phases (the
+    mean kept), then ``mask`` applied as the visualization's was; zero elsewhere. What a metric gives on
+    them is what the visualization's smoothness and contrast alone would give."""
+    vol = np.asarray(vol, np.float64)
+    reg = region_slices(region, vol.shape)
+    sub = vol[reg]
+    amp = np.abs(np.fft.rfftn(sub))
+    out = np.zeros((n,) + vol.shape, np.float32)
+    for i in range(n):
+        phase = np.angle(np.fft.rfftn(rng.standard_normal(sub.shape)))  # Hermitian-consistent random phases
+        phase.flat[0] = 0.0
+        s = np.fft.irfftn(amp * np.exp(1j * phase), s=sub.shape, axes=(0, 1, 2))
+        if mask is not None:
+            s = s * np.asarray(mask)[reg]
+        out[(i,) + reg] = s
+    return out
 
 
 def sex_effect_fidelity(vis, effect, mask, sign=1.0):
-    """Correlation (inside ``mask``) of a visualization with the planted sex-effect map × ``sign``.
+    """Correlation (inside ``mask``) of a visualization with a sex-effect map × ``sign``.
 
-    ``sign`` is +1 for the male logit (effect = male − female) and −1 for the female logit.
+    ``sign`` is +1 for what should look male (effect = male − female) and −1 for female.
     """
     return correlation(np.asarray(vis) * sign, effect, mask)
 
 
-def quality_ratios(vis, real_tv, real_hf, mask=None):
-    """Total variation and high-frequency share of ``vis`` divided by those of real volumes (1 = real-like)."""
-    return {"tv_ratio": relative_tv(vis, mask) / real_tv if real_tv else float("nan"),
-            "hf_ratio": high_frequency_fraction(vis) / real_hf if real_hf else float("nan")}
+def quality_ratios(vis, real_tv, real_hf, mask=None, region=None):
+    """Roughness and high-frequency share of ``vis`` inside ``region`` divided by those of real volumes in the
+    same region (1 = real-like)."""
+    reg = region_slices(region, np.shape(vis))
+    v = np.asarray(vis)[reg]
+    m = np.asarray(mask)[reg] if mask is not None else None
+    return {"tv_ratio": relative_tv(v, m) / real_tv if real_tv else float("nan"),
+            "hf_ratio": high_frequency_fraction(v) / real_hf if real_hf else float("nan")}
