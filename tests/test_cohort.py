@@ -130,7 +130,7 @@ def test_bids_duplicate_ids(tmp_path):
     t = pd.read_csv(root / "participants.tsv", sep="\t")
     pd.concat([t, t.iloc[:1]]).to_csv(root / "participants.tsv", sep="\t", index=False)
     cfg = small_config(cohort={"source": "bids", "bids": {"root": str(root)}})
-    with pytest.raises(InputDataError, match="duplicate subject ids.*'01'"):
+    with pytest.raises(InputDataError, match="subject '01': duplicate subject id: 2 rows of participants.tsv"):
         prepare_cohort(cfg, tmp_path / "out")
 
 
