@@ -200,7 +200,7 @@ def _duplicates(ids, table_name):
     return problems, dups
 
 
-def bids_records(cfg, coding):
+def bids_records(cfg, coding, log=None):
     """Find T1w images and labels in a BIDS dataset/derivatives folder (``cohort.bids`` section ``cfg``).
 
     Files are found by :func:`brainfv.data.sources.bids_files` (what the workflow declares as
@@ -211,6 +211,11 @@ def bids_records(cfg, coding):
     import pandas as pd
 
     found = bids_files(cfg)
+    if found.candidates and log:
+        sub, files = next(iter(sorted(found.candidates.items())))
+        log(f"WARNING: {len(found.candidates)} subject(s) have several T1w images matching cohort.bids.space/"
+            f"session (e.g. {sub}: {', '.join(f.name for f in files)}); the first in sorted order is used. Set "
+            f"cohort.bids.space and cohort.bids.session to choose")
     table = read_table(found.table, "cohort.bids.participants")
     name = found.table.name
     if "participant_id" not in table.columns:
@@ -385,7 +390,7 @@ def _class_problems(records, strat, fractions):
     problems = []
     for value, n in sorted(counts.items()):
         if n < len(names):
-            msg = (f"stratification class {value!r} (column {strat!r}, cohort.stratify) has {n} subject(s) but "
+            msg = (f"stratification class {value!r} (column {strat!r}, cohort.stratify) has {n} usable subject(s) but "
                    f"cohort.splits {dict(fractions)} needs at least one per split ({len(names)})")
             problems += [Problem(str(s), msg) for s in records.loc[records[strat].astype(str) == value, "subject"]]
     return problems
@@ -438,7 +443,10 @@ def _prepare_cohort(cfg, out_dir, log):
         coding = sex_coding(ccfg.get("sex_coding"))
         qc = _qc_settings(ccfg)
         label = f"{source}: {ccfg[source].get('root') or ccfg[source].get('table')}"
-        records, problems = (bids_records if source == "bids" else csv_records)(ccfg[source], coding)
+        if source == "bids":
+            records, problems = bids_records(ccfg["bids"], coding, log=log)
+        else:
+            records, problems = csv_records(ccfg["csv"], coding)
         records, problems = _check_records(records, problems, strat, ccfg["splits"], on_missing, label, log)
         qc_rows += [{"subject": p.subject, "status": "skipped", "reason": p.reason} for p in problems]
         n = len(records)

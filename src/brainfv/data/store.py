@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import InputDataError
 from ..utils import remove_stale_temporaries, temporary_name, write_json
 
-__all__ = ["VolumeWriter", "VolumeReader", "open_volumes", "Dataset", "write_manifest", "file_hash",
+__all__ = ["VolumeWriter", "VolumeReader", "open_volumes", "Dataset", "write_manifest", "file_hash", "store_hash",
            "MANIFEST_FORMAT", "HASH"]
 
 #: version of the manifest layout; bump when its meaning changes (the fingerprint includes it)
@@ -211,6 +211,15 @@ class VolumeReader:
                 pass
 
 
+def store_hash(path):
+    """The :data:`HASH` of the volume bytes of a ``.npy`` store, read one volume at a time (what
+    :class:`VolumeWriter` computes while writing it)."""
+    h = _hasher()
+    for v in open_volumes(path):
+        h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()
+
+
 def write_manifest(root, volumes_hash=None, files=(), extra=None):
     """Write ``root/manifest.json``: what a dataset folder holds, by content; returns the manifest.
 
@@ -219,23 +228,19 @@ def write_manifest(root, volumes_hash=None, files=(), extra=None):
     :class:`VolumeWriter` computes it; computed here by reading the store one volume at a time
     when not given), ``participants_hash`` (of ``participants.tsv``) and ``files``: the hash of
     each other file named in ``files`` (names relative to ``root``; a ``(name, hash)`` pair is
-    taken as given, e.g. a writer's running hash). ``extra`` entries are added as they are (plain
+    taken as given: for a ``.npy`` store, the hash of its volume bytes that its
+    :class:`VolumeWriter` computed, like ``volumes_hash``). ``extra`` entries are added as they are (plain
     JSON values). No paths or times: the same content gives the same manifest wherever it lies.
     """
     root = Path(root)
     vols = open_volumes(root / "volumes.npy")
-    if volumes_hash is None:
-        h = _hasher()
-        for v in vols:
-            h.update(np.ascontiguousarray(v).tobytes())
-        volumes_hash = h.hexdigest()
     hashes = {}
     for f in files:
         name, digest = (f if isinstance(f, tuple) else (f, None))
-        hashes[str(name)] = digest or file_hash(root / name)
+        hashes[str(name)] = digest or (store_hash(root / name) if str(name).endswith(".npy") else file_hash(root / name))
     manifest = {"format": MANIFEST_FORMAT, "hash": HASH, "n_volumes": int(vols.shape[0]),
                 "shape": [int(s) for s in vols.item_shape], "dtype": np.dtype(vols.dtype).str,
-                "volumes_hash": volumes_hash, "participants_hash": file_hash(root / "participants.tsv"),
+                "volumes_hash": volumes_hash or store_hash(root / "volumes.npy"), "participants_hash": file_hash(root / "participants.tsv"),
                 "files": dict(sorted(hashes.items())), **(extra or {})}
     write_json(manifest, root / "manifest.json")
     return manifest
