@@ -136,6 +136,16 @@ def test_terminate_cleanly_turns_sigterm_into_an_exception_and_restores_handlers
     assert cleaned and e.value.code == 143 and str(e.value) == "terminated by SIGTERM"
     assert isinstance(e.value, SystemExit) and not isinstance(e.value, Exception)  # not swallowed by `except Exception`
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    # SIGINT with no Python handler (as in a process started with it at SIG_DFL) is taken over too
+    old_int = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        with pytest.raises(Terminated, match="SIGINT"):
+            with terminate_cleanly():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, old_int)
     # a handler the caller installed is left alone (so nesting is harmless too)
     def mine(signum, frame):
         cleaned.append(signum)

@@ -256,6 +256,7 @@ def test_misregistered_image_is_an_error_naming_subject_file_value_and_key(tmp_p
     qc = read_qc(tmp_path / "out")
     assert "07" not in set(parts["subject"]) and qc.loc["07", "status"] == "skipped"
     assert "min_template_corr" in qc.loc["07", "reason"] and len(parts) == 7
+    assert qc.loc["07", "template_corr"] < 0.5 and qc["template_corr"].notna().all()
 
 
 def test_sex_coding_adds_to_bids_codes(tmp_path):

@@ -116,7 +116,7 @@ def remove_stale_temporaries(folder, stem=None, log=None):
 
 
 class Terminated(SystemExit):
-    """Raised in the main thread when the process receives SIGTERM (or SIGINT) under :func:`terminate_cleanly`.
+    """Raised in the main thread when the process receives SIGTERM under :func:`terminate_cleanly`.
 
     A :class:`SystemExit` (not an ``Exception``): ``except Exception`` blocks do not swallow it,
     ``finally`` blocks and context managers run, and an uncaught one exits with status
@@ -135,14 +135,16 @@ class Terminated(SystemExit):
 
 @contextlib.contextmanager
 def terminate_cleanly(signals=(signal.SIGTERM, signal.SIGINT)):
-    """Turn SIGTERM and SIGINT into a :class:`Terminated` exception for the duration of the block.
+    """Turn SIGTERM (and SIGINT, where nothing handles it) into an exception for the duration of the block.
 
     By default SIGTERM (what Snakemake, SLURM and ``kill`` send) ends Python without running
     ``finally`` blocks, so temporaries (``atomic_path``, ``VolumeWriter``) would stay behind. Inside
     this block the signal raises :class:`Terminated` in the main thread instead, so they are removed
-    and the process then exits with status 143. The previous handlers are restored on exit. Only a
-    signal still at its default disposition (or Python's default SIGINT handler) is taken over: a
-    handler installed by the caller, or an ignored signal, is left alone, so nesting is harmless.
+    and the process then exits with status 143 (a second signal during that cleanup is ignored; SIGKILL
+    still ends it). The previous handlers are restored on exit. Only a signal still at the system's
+    default disposition is taken over: Python's own SIGINT handler already raises
+    ``KeyboardInterrupt`` (which runs the same cleanup) and is kept, as are a handler installed by
+    the caller and an ignored signal, so nesting is harmless.
     Outside the main thread (where handlers cannot be installed) it does nothing. SIGKILL cannot be
     caught: its temporaries are removed by the next writer (:func:`remove_stale_temporaries`).
 
@@ -153,14 +155,19 @@ def terminate_cleanly(signals=(signal.SIGTERM, signal.SIGINT)):
         yield
         return
 
+    raised = []
+
     def handler(signum, frame):
+        if raised:  # a second signal while the first one's cleanup runs: let the cleanup finish
+            return
+        raised.append(signum)
         raise Terminated(signum)
 
     previous = {}
     try:
         for sig in signals:
             current = signal.getsignal(sig)
-            if current in (signal.SIG_DFL, signal.default_int_handler) or current is None:
+            if current is signal.SIG_DFL or current is None:
                 previous[sig] = current
                 signal.signal(sig, handler)
         yield

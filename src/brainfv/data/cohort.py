@@ -375,9 +375,11 @@ def _real_subject(rec, grid, tpl, qc=None):
         failed.append(f"correlates with the template at r = {corr:.2f} inside the brain mask "
                       f"(cohort.qc.min_template_corr: {qc['min_template_corr']})")
     if failed and not accepted:
-        raise InputDataError(
+        err = InputDataError(
             f"subject {sub!r}: {rec['path']} {' and '.join(failed)}; is it in template (MNI152) space and "
             f"registered? If the image is right, list the subject in cohort.qc.accept to keep it")
+        err.qc = info  # the measured values, for qc.tsv
+        raise err
     info["qc_note"] = ("accepted by cohort.qc.accept: " + "; ".join(failed)) if failed else ""
     z, mean, std = normalise(vol, mask)
     return z, tpl["wm"], {"norm_mean": mean, "norm_std": std, "brain_voxels": int(mask.sum()), **info}
@@ -427,6 +429,10 @@ def _prepare_cohort(cfg, out_dir, log):
     log(f"cohort source={source}; grid {grid.shape} at {grid.voxel_size} mm ({grid.n_voxels} voxels)")
     on_missing = ccfg.get("on_missing", "error")
     strat = ccfg.get("stratify", "sex")
+    fractions = np.array(list(ccfg["splits"].values()), dtype=float)
+    if not np.isclose(fractions.sum(), 1.0, atol=1e-6):  # assign_splits says the same, but only at the end
+        raise ConfigError(f"cohort.splits fractions must sum to 1, got {dict(ccfg['splits'])} "
+                          f"(sum {fractions.sum():.3f})")
     qc_rows = []
 
     if source == "synthetic":
@@ -478,7 +484,8 @@ def _prepare_cohort(cfg, out_dir, log):
                     image_problems.append(Problem(rec["subject"], reason))
                     if on_missing == "skip":
                         log(f"SKIP subject {rec['subject']}: {reason}")
-                        qc_rows.append({"subject": rec["subject"], "status": "skipped", "reason": reason})
+                        qc_rows.append({"subject": rec["subject"], "status": "skipped", "reason": reason,
+                                        **getattr(e, "qc", {})})
                     prog.update()
                     continue
                 note = info.pop("qc_note")
@@ -497,7 +504,7 @@ def _prepare_cohort(cfg, out_dir, log):
         if image_problems and on_missing != "skip":
             raise InputDataError(_problem_report(image_problems, f"cohort ({label}), images"))
         if not rows:
-            raise InputDataError("no subject could be prepared (all skipped); see qc.tsv reasons in the log")
+            raise InputDataError(_problem_report(image_problems, f"cohort ({label}): no subject left", hint=""))
         parts = pd.DataFrame(rows)
         if strat not in parts.columns:
             raise ConfigError(f"cohort.stratify: column {strat!r} not in participants ({list(parts.columns)})")
