@@ -389,3 +389,9 @@ def test_class_too_small_after_skipped_images_is_left_out_of_the_store(tmp_path)
     assert ds.manifest["files"]["wm.npy"] == hashlib.blake2b(wm_bytes, digest_size=32).hexdigest()
     qc = read_qc(tmp_path / "out")
     assert (qc.loc[["07", "08", "09"], "status"] == "skipped").all() and "class 'O'" in qc.loc["07", "reason"]
+
+
+def test_qc_defaults_match_the_schema():
+    from brainfv.data.cohort import DEFAULT_QC
+
+    assert small_config()["cohort"]["qc"] == DEFAULT_QC

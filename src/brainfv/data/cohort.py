@@ -33,7 +33,7 @@ from ..utils import (atomic_path, get_logger, Progress, remove_stale_temporaries
                      terminate_cleanly)
 from .grid import Grid, load_volume
 from .sources import bids_files, csv_files, read_table
-from .store import VolumeWriter, file_hash, write_manifest
+from .store import VolumeWriter, write_manifest
 from .template import template_on_grid
 
 __all__ = ["normalise", "assign_splits", "map_sex", "sex_coding", "bids_records", "csv_records",

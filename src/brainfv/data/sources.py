@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, InputDataError
 
-__all__ = ["NA_VALUES", "Table", "read_table", "BidsFiles", "bids_files", "CsvFiles", "csv_files",
+__all__ = ["NA_VALUES", "Table", "read_table", "entities", "BidsFiles", "bids_files", "CsvFiles", "csv_files",
            "resolve_table_path", "source_files"]
 
 #: cell values read as missing (pandas' defaults, which include BIDS's ``n/a``)
