@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -41,6 +42,10 @@ def make_bids(root, subjects, space="MNI152NLin2009cAsym"):
         d.mkdir(parents=True, exist_ok=True)
         name = f"sub-{s['sub']}" + (f"_ses-{ses}" if ses else "") + f"_space-{space}_desc-preproc_T1w"
         img = template_image(s.get("vs", 2.0), s.get("orientation", "RAS"), s.get("dtype", np.float32))
+        if "transform" in s:  # misplaced in world space (a failed or missing registration)
+            img = nib.Nifti1Image(np.asanyarray(img.dataobj), s["transform"] @ img.affine)
+        if s.get("4d"):
+            img = nib.Nifti1Image(np.stack([np.asanyarray(img.dataobj)] * 2, -1), img.affine)
         if s.get("corrupt"):
             (d / f"{name}.nii.gz").write_bytes(b"not a nifti")
         else:
@@ -130,7 +135,7 @@ def test_bids_duplicate_ids(tmp_path):
     t = pd.read_csv(root / "participants.tsv", sep="\t")
     pd.concat([t, t.iloc[:1]]).to_csv(root / "participants.tsv", sep="\t", index=False)
     cfg = small_config(cohort={"source": "bids", "bids": {"root": str(root)}})
-    with pytest.raises(InputDataError, match="duplicate subject ids.*'01'"):
+    with pytest.raises(InputDataError, match="subject '01': duplicate subject id: 2 rows of participants.tsv"):
         prepare_cohort(cfg, tmp_path / "out")
 
 
@@ -165,3 +170,228 @@ def test_synthetic_cohort_has_planted_effect(tmp_path):
     assert parts.groupby("sex")["brain_voxels"].mean()["M"] > parts.groupby("sex")["brain_voxels"].mean()["F"]
     again = prepare_cohort(cfg, tmp_path / "again")
     assert np.array_equal(np.load(tmp_path / "out/volumes.npy"), np.load(tmp_path / "again/volumes.npy"))
+
+
+# --- data integrity: every problem at once, checked early, nothing silently wrong --------------------
+
+SPLITS3 = {"train": 0.34, "val": 0.33, "test": 0.33}
+
+
+def rigid(degrees=0.0, shift_mm=(0.0, 0.0, 0.0), scale=1.0, axis="x"):
+    """A world-space transform: rotation about ``axis`` (degrees), then shift (mm), isotropic scale."""
+    from scipy.spatial.transform import Rotation
+
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_euler(axis, degrees, degrees=True).as_matrix() * scale
+    T[:3, 3] = shift_mm
+    return T
+
+
+def bids_cfg(root, **cohort):
+    return small_config(cohort={"source": "bids", "bids": {"root": str(root)}, "splits": SPLITS3, **cohort})
+
+
+def read_qc(out):
+    return pd.read_csv(Path(out) / "qc.tsv", sep="\t", dtype={"subject": str}).set_index("subject")
+
+
+@pytest.mark.parametrize("case,transform,expect_pass", [
+    ("template", np.eye(4), True),
+    ("scaled 10%", rigid(scale=1.1), True),
+    ("rotated 5 deg", rigid(5), True),
+    ("rotated 15 deg", rigid(15), True),
+    ("shifted 5 mm", rigid(shift_mm=(0, 5, 0)), True),
+    ("shifted 20 mm", rigid(shift_mm=(0, 20, 0)), False),
+    ("rotated 15 deg, shifted 20 mm", rigid(15, (0, 20, 0)), False),
+    ("not registered (50 mm off)", rigid(shift_mm=(0, 30, 40)), False),
+])
+def test_template_similarity_separates_misregistration(case, transform, expect_pass):
+    from brainfv.data.cohort import DEFAULT_QC, template_similarity
+
+    grid = Grid.from_bbox(4.0, [[-78, 78], [-114, 78], [-72, 84]])
+    img = template_image(2.0)
+    corr, coverage = template_similarity(grid.resample(np.asanyarray(img.dataobj), transform @ img.affine), grid)
+    assert (corr >= DEFAULT_QC["min_template_corr"]) == expect_pass, (case, corr)
+    assert coverage > 0.7, (case, coverage)  # coverage alone does not see it
+
+
+def test_template_similarity_tolerates_bias_and_noise():
+    from brainfv.data.cohort import DEFAULT_QC, template_similarity
+
+    grid = Grid.from_bbox(4.0, [[-78, 78], [-114, 78], [-72, 84]])
+    img = template_image(2.0)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    xyz = Grid.from_bbox(2.0, [[-90, 90], [-126, 90], [-72, 108]]).world_coords(np.indices(data.shape).reshape(3, -1).T)
+    bias = (1 + 0.3 * np.sin(xyz[:, 0] / 60) * np.cos(xyz[:, 1] / 80) + 0.15 * xyz[:, 2] / 100).reshape(data.shape)
+    noise = np.random.default_rng(0).normal(0, 0.05 * data[data > 0].mean(), data.shape) * (data > 0)
+    corr, _ = template_similarity(grid.resample(data * bias + noise, img.affine), grid)
+    assert 0.75 < corr < 0.95 and corr > DEFAULT_QC["min_template_corr"]
+    assert template_similarity(grid.resample(data, img.affine), grid)[0] > 0.99
+
+
+def test_misregistered_image_is_an_error_naming_subject_file_value_and_key(tmp_path):
+    bad = {"sub": "07", "sex": "M", "transform": rigid(15, (0, 20, 0))}
+    fine = {"sub": "08", "sex": "F", "transform": rigid(5, (0, 5, 0), 1.05)}
+    root = make_bids(tmp_path / "bids", MIXED + [bad, fine])
+    cfg = bids_cfg(root)
+    with pytest.raises(InputDataError) as e:
+        prepare_cohort(cfg, tmp_path / "out")
+    msg = str(e.value)
+    assert re.search(r"subject '07': \S+sub-07_space-\S+_T1w\.nii\.gz correlates with the template at r = 0\.[0-4]\d",
+                     msg), msg
+    assert "cohort.qc.min_template_corr: 0.5" in msg and "cohort.qc.accept" in msg
+    assert "'08'" not in msg and "1 problem(s)" in msg
+    assert not (tmp_path / "out" / "volumes.npy").exists() and not list((tmp_path / "out").glob(".*"))
+    # the documented override: accept the subject after checking it
+    cfg["cohort"]["qc"] = {"accept": ["07"]}
+    parts = prepare_cohort(cfg, tmp_path / "out")
+    assert len(parts) == 8
+    qc = read_qc(tmp_path / "out")
+    assert (qc["status"] == "ok").all() and qc["template_corr"].notna().all() and qc["coverage"].notna().all()
+    assert qc.loc["07", "template_corr"] < 0.5 and "accepted by cohort.qc.accept" in qc.loc["07", "reason"]
+    assert qc.drop(["07", "08"])["template_corr"].min() > 0.98 and qc.loc["08", "template_corr"] > 0.6
+    # or skip it: listed in qc.tsv with the reason
+    cfg["cohort"].update(qc={}, on_missing="skip")
+    parts = prepare_cohort(cfg, tmp_path / "out")
+    qc = read_qc(tmp_path / "out")
+    assert "07" not in set(parts["subject"]) and qc.loc["07", "status"] == "skipped"
+    assert "min_template_corr" in qc.loc["07", "reason"] and len(parts) == 7
+    assert qc.loc["07", "template_corr"] < 0.5 and qc["template_corr"].notna().all()
+
+
+def test_sex_coding_adds_to_bids_codes(tmp_path):
+    from brainfv.data.cohort import sex_coding
+
+    merged = sex_coding({"M": [1], "F": [2]})
+    assert map_sex("1", merged, "a") == "M" and map_sex("female", merged, "b") == "F" and map_sex("O", merged, "c") == "O"
+    assert map_sex("f", sex_coding({"M": ["f"]}), "d") == "M"  # a user code wins over its default meaning
+    with pytest.raises(ConfigError, match="raw code 1 is given for both 'M' and 'F'"):
+        sex_coding({"M": [1], "F": [1]})
+    # the README's example on a table that mixes numeric and letter codes keeps every subject
+    root = make_bids(tmp_path / "bids", [{"sub": "01", "sex": 1}, {"sub": "02", "sex": 2}, {"sub": "03", "sex": "M"},
+                                         {"sub": "04", "sex": "female"}, {"sub": "05", "sex": "male"},
+                                         {"sub": "06", "sex": "F"}])
+    parts = prepare_cohort(bids_cfg(root, sex_coding={"M": [1], "F": [2]}), tmp_path / "out")
+    assert dict(zip(parts["subject"], parts["sex"])) == {"01": "M", "02": "F", "03": "M", "04": "F", "05": "M",
+                                                         "06": "F"}
+
+
+def test_every_table_problem_reported_at_once_before_any_image_is_loaded(tmp_path, monkeypatch):
+    import brainfv.data.cohort as cohort
+
+    problems = [{"sub": "07", "sex": "M", "image": False}, {"sub": "08", "sex": "M", "in_table": False},
+                {"sub": "09", "sex": "X"}, {"sub": "10", "sex": "n/a"}]
+    root = make_bids(tmp_path / "bids", MIXED + [{"sub": "11", "sex": "M"}] + problems)
+    t = pd.read_csv(root / "participants.tsv", sep="\t", dtype=str, keep_default_na=False)
+    pd.concat([t, t.iloc[:1]]).to_csv(root / "participants.tsv", sep="\t", index=False)  # '01' twice
+    loaded = []
+    monkeypatch.setattr(cohort, "load_volume", lambda *a, **k: loaded.append(a) or (_ for _ in ()).throw(
+        AssertionError("an image was loaded")))
+    with pytest.raises(InputDataError) as e:
+        prepare_cohort(bids_cfg(root), tmp_path / "out")
+    msg = str(e.value)
+    assert "5 problem(s) with 5 subject(s)" in msg
+    for line in ("subject '01': duplicate subject id: 2 rows of participants.tsv",
+                 "subject '07': no T1w image found under", "subject '08': image without a row in participants.tsv",
+                 "subject '09': unknown sex code 'X' in column 'sex'", "subject '10': no value in column 'sex'"):
+        assert line in msg, (line, msg)
+    assert "Known sex codes: M: M, m, male" in msg and "cohort.on_missing: skip" in msg
+    assert loaded == [] and not list((tmp_path / "out").iterdir())
+    # skip: every skipped subject and every kept one in qc.tsv
+    monkeypatch.undo()
+    cfg = bids_cfg(root, on_missing="skip")
+    parts = prepare_cohort(cfg, tmp_path / "out")
+    qc = read_qc(tmp_path / "out")
+    assert sorted(parts["subject"]) == ["02", "03", "04", "05", "06", "11"]
+    assert set(qc.index) == {"01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11"}
+    assert (qc.loc[["01", "07", "08", "09", "10"], "status"] == "skipped").all()
+    assert (qc.loc[["02", "03", "04", "05", "06", "11"], "status"] == "ok").all()
+    assert "duplicate" in qc.loc["01", "reason"] and "unknown sex code" in qc.loc["09", "reason"]
+
+
+def test_csv_missing_files_and_codes_reported_together(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rows = []
+    for i in range(6):
+        template_image(3.0).to_filename(d / f"s{i}.nii.gz")
+        rows.append({"id": f"s{i}", "file": f"imgs/s{i}.nii.gz", "sex": "MF"[i % 2], "mask": ""})
+    rows += [{"id": "s6", "file": "imgs/missing.nii.gz", "sex": "M", "mask": ""},
+             {"id": "s7", "file": "imgs/s0.nii.gz", "sex": "F", "mask": "imgs/no_mask.nii.gz"},
+             {"id": "s8", "file": "", "sex": "F", "mask": ""},
+             {"id": "s9", "file": "imgs/s1.nii.gz", "sex": "3", "mask": ""}]
+    pd.DataFrame(rows).to_csv(tmp_path / "table.csv", index=False)
+    cfg = small_config(cohort={"source": "csv", "splits": SPLITS3,
+                               "csv": {"table": str(tmp_path / "table.csv"), "subject_column": "id",
+                                       "path_column": "file", "mask_column": "mask"}})
+    with pytest.raises(InputDataError) as e:
+        prepare_cohort(cfg, tmp_path / "out")
+    msg = str(e.value)
+    assert "4 problem(s) with 4 subject(s)" in msg
+    assert re.search(r"subject 's6': image file not found: \S+missing\.nii\.gz", msg)
+    assert re.search(r"subject 's7': mask file not found: \S+no_mask\.nii\.gz", msg)
+    assert "subject 's8': no image path in column 'file'" in msg and "subject 's9': unknown sex code '3'" in msg
+
+
+def test_every_image_problem_reported_at_once_and_nothing_written(tmp_path):
+    problems = [{"sub": "07", "sex": "M", "corrupt": True}, {"sub": "08", "sex": "F", "4d": True},
+                {"sub": "09", "sex": "M", "transform": rigid(shift_mm=(0, 30, 40))}]
+    root = make_bids(tmp_path / "bids", MIXED + problems)
+    with pytest.raises(InputDataError) as e:
+        prepare_cohort(bids_cfg(root), tmp_path / "out")
+    msg = str(e.value)
+    assert "3 problem(s) with 3 subject(s); nothing was written" in msg
+    assert re.search(r"subject '07': cannot read NIfTI \S+sub-07", msg)
+    assert re.search(r"subject '08': \S+sub-08\S+ has shape \(\d+, \d+, \d+, 2\); expected a 3D", msg)
+    assert re.search(r"subject '09': \S+sub-09\S+ correlates with the template at r = ", msg)
+    assert not list((tmp_path / "out").iterdir())  # no volumes, no temporaries
+    parts = prepare_cohort(bids_cfg(root, on_missing="skip"), tmp_path / "out")
+    qc = read_qc(tmp_path / "out")
+    assert len(parts) == 6 and (qc.loc[["07", "08", "09"], "status"] == "skipped").all()
+    assert "cannot read" in qc.loc["07", "reason"] and "3D" in qc.loc["08", "reason"]
+    assert (qc.loc[list(parts["subject"]), "status"] == "ok").all()
+
+
+def test_class_too_small_for_the_split(tmp_path, monkeypatch):
+    import brainfv.data.cohort as cohort
+
+    root = make_bids(tmp_path / "bids", MIXED + [{"sub": "07", "sex": "O"}])
+    # skip: the class is left out (log warning, qc.tsv), the cohort is made
+    lines = []
+    parts = prepare_cohort(bids_cfg(root, on_missing="skip"), tmp_path / "out", log=lines.append)
+    assert sorted(parts["subject"]) == ["01", "02", "03", "04", "05", "06"]
+    qc = read_qc(tmp_path / "out")
+    assert qc.loc["07", "status"] == "skipped" and "class 'O'" in qc.loc["07", "reason"]
+    assert any("WARNING" in m and "class 'O'" in m for m in lines)
+    # error: fails before any image is loaded, naming class, count and cohort.splits
+    monkeypatch.setattr(cohort, "load_volume", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(InputDataError, match=r"subject '07': stratification class 'O' \(column 'sex', "
+                                             r"cohort.stratify\) has 1 usable subject\(s\) but cohort.splits .* needs at "
+                                             r"least one per split \(3\)"):
+        prepare_cohort(bids_cfg(root), tmp_path / "out2")
+
+
+def test_class_too_small_after_skipped_images_is_left_out_of_the_store(tmp_path):
+    import hashlib
+
+    from brainfv.data.store import Dataset
+
+    others = [{"sub": "07", "sex": "O"}, {"sub": "08", "sex": "O", "vs": 3.0},
+              {"sub": "09", "sex": "O", "corrupt": True}]
+    root = make_bids(tmp_path / "bids", MIXED[:3] + others + MIXED[3:])
+    parts = prepare_cohort(bids_cfg(root, on_missing="skip"), tmp_path / "out")
+    assert sorted(parts["subject"]) == ["01", "02", "03", "04", "05", "06"]
+    assert sorted(parts["index"]) == list(range(6))  # the O volumes written before were dropped
+    ds = Dataset(tmp_path / "out")
+    assert len(ds.volumes) == 6 and np.load(tmp_path / "out" / "wm.npy").shape[0] == 6
+    wm_bytes = np.load(tmp_path / "out" / "wm.npy").tobytes()
+    assert ds.manifest["n_volumes"] == 6
+    assert ds.manifest["files"]["wm.npy"] == hashlib.blake2b(wm_bytes, digest_size=32).hexdigest()
+    qc = read_qc(tmp_path / "out")
+    assert (qc.loc[["07", "08", "09"], "status"] == "skipped").all() and "class 'O'" in qc.loc["07", "reason"]
+
+
+def test_qc_defaults_match_the_schema():
+    from brainfv.data.cohort import DEFAULT_QC
+
+    assert small_config()["cohort"]["qc"] == DEFAULT_QC

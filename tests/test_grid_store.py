@@ -95,3 +95,69 @@ def test_volume_writer_streams_and_is_atomic(tmp_path):
             w.append(np.zeros((2, 2, 2)))
             raise RuntimeError("killed")
     assert list(tmp_path.glob("*w*.npy")) == []
+
+
+def _blake(*arrays):
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=32)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_volume_writer_hash_is_the_content_in_order(tmp_path):
+    from brainfv.data.store import store_hash
+
+    vols = [np.full((3, 4, 5), i, np.float32) + np.arange(60, dtype=np.float32).reshape(3, 4, 5) for i in range(4)]
+    with VolumeWriter(tmp_path / "a.npy", 4, (3, 4, 5)) as w:
+        assert w.hash is None
+        for v in vols:
+            w.append(v)
+    assert w.hash == _blake(*vols) == store_hash(tmp_path / "a.npy")
+    with VolumeWriter(tmp_path / "b.npy", 7, (3, 4, 5)) as w2:  # 3 reserved places unused: compacted
+        for v in vols:
+            w2.append(v)
+    assert w2.hash == w.hash
+    with VolumeWriter(tmp_path / "c.npy", 4, (3, 4, 5)) as w3:  # order matters
+        for v in vols[::-1]:
+            w3.append(v)
+    assert w3.hash != w.hash
+    with VolumeWriter(tmp_path / "d.npy", 5, (3, 4, 5)) as w4:  # dropped volumes leave file and hash
+        for v in [vols[0], vols[1], np.zeros((3, 4, 5)), vols[2], vols[3]]:
+            w4.append(v)
+        w4.drop([2])
+        assert [w4.final_index(i) for i in range(5)] == [0, 1, None, 2, 3]
+    assert w4.hash == w.hash and np.array_equal(np.load(tmp_path / "d.npy"), np.stack(vols))
+
+
+def test_dataset_fingerprint_from_manifest(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from brainfv.data.store import Dataset, write_manifest
+
+    def dataset(root, values):
+        root.mkdir()
+        with VolumeWriter(root / "volumes.npy", len(values), (2, 2, 2)) as w:
+            for v in values:
+                w.append(np.full((2, 2, 2), v, np.float32))
+        pd.DataFrame({"subject": ["a", "b"][:len(values)], "index": range(len(values))}).to_csv(
+            root / "participants.tsv", sep="\t", index=False)
+        return w.hash
+
+    h = dataset(tmp_path / "a", [1.0, 2.0])
+    with pytest.raises(InputDataError, match=r"manifest.json not found: .*write_manifest"):
+        Dataset(tmp_path / "a").fingerprint()
+    m = write_manifest(tmp_path / "a", h)
+    assert m == json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["format"] == 1 and m["n_volumes"] == 2 and m["shape"] == [2, 2, 2] and m["dtype"] == "<f4"
+    assert m["volumes_hash"] == h == _blake(np.full((2, 2, 2), 1.0, np.float32), np.full((2, 2, 2), 2.0, np.float32))
+    dataset(tmp_path / "b", [1.0, 2.0])
+    write_manifest(tmp_path / "b")  # hashes computed from the files: the same content, the same fingerprint
+    fa, fb = Dataset(tmp_path / "a").fingerprint(), Dataset(tmp_path / "b").fingerprint()
+    assert fa == fb and len(fa) == 64
+    dataset(tmp_path / "c", [1.0, 2.5])
+    write_manifest(tmp_path / "c")
+    assert Dataset(tmp_path / "c").fingerprint() != fa

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, seeding, logging with progress and ETA."""
+"""Small shared helpers: atomic writes, crash-safe temporaries, seeding, logging with progress and ETA."""
 from __future__ import annotations
 
 import contextlib
@@ -6,12 +6,19 @@ import hashlib
 import json
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 __all__ = [
     "atomic_path",
+    "temporary_name",
+    "remove_stale_temporaries",
+    "terminate_cleanly",
+    "Terminated",
     "write_json",
     "stable_seed",
     "get_logger",
@@ -24,8 +31,10 @@ def atomic_path(path, suffix=None):
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
     Nothing is left at ``path`` (or half-written) if the block raises.
-    The temporary name keeps the file's extension(s) so writers that infer a
-    format from the name (nibabel, matplotlib, numpy) still work.
+    The temporary name (:func:`temporary_name`) keeps the file's extension(s) so writers that infer a
+    format from the name (nibabel, matplotlib, numpy) still work. Temporaries of the same file left
+    by a killed earlier attempt are removed first (:func:`remove_stale_temporaries`); a process
+    ended by SIGTERM removes its own when it runs under :func:`terminate_cleanly`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +42,8 @@ def atomic_path(path, suffix=None):
     if suffix is None:
         suffix = "".join(path.suffixes[-2:]) if name.endswith(".nii.gz") else path.suffix
     stem = name[: len(name) - len(suffix)] if suffix else name
-    tmp = path.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
+    remove_stale_temporaries(path.parent, stem)
+    tmp = path.with_name(temporary_name(stem, suffix))
     try:
         yield tmp
         os.replace(tmp, path)
@@ -45,6 +55,125 @@ def atomic_path(path, suffix=None):
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink()
+
+
+def temporary_name(stem, suffix=""):
+    """The hidden temporary name ``.<stem>.tmp-<pid><suffix>`` under which a file is written."""
+    return f".{stem}.tmp-{os.getpid()}{suffix}"
+
+
+_TEMPORARY = re.compile(r"^\.(?P<stem>.+)\.tmp-(?P<pid>\d+)(?:-[^./]*)?(?:\..*)?$")
+
+
+def _pid_running(pid):
+    """Whether a process ``pid`` exists on this machine (ours, another user's, or a zombie)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists but belongs to someone else (or cannot tell: keep)
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, stem=None, log=None):
+    """Remove temporaries that a killed writer left in ``folder``; returns the paths removed.
+
+    A temporary is a file or folder named like :func:`temporary_name` makes them,
+    ``.<stem>.tmp-<pid>...`` (also ``VolumeWriter``'s compaction file ``...tmp-<pid>-c.npy``), whose
+    writer ``pid`` is no longer a running process. With ``stem``, only temporaries of that file
+    are considered (what a writer of one file does when it starts); without, every one in ``folder``
+    (what a stage that owns the folder does). A temporary whose pid is running (this process, a
+    concurrent writer) is kept. On a filesystem shared between machines a pid is only meaningful on
+    the machine that wrote it, so writers clean only temporaries of the file they write.
+    """
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        m = _TEMPORARY.match(entry.name)
+        if not m or (stem is not None and m["stem"] != stem) or _pid_running(int(m["pid"])):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                import shutil
+
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # another process cleaned it at the same moment
+            continue
+        removed.append(path)
+        if log:
+            log(f"removed a temporary left by an interrupted run (pid {m['pid']}): {path}")
+    return removed
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread when the process receives SIGTERM under :func:`terminate_cleanly`.
+
+    A :class:`SystemExit` (not an ``Exception``): ``except Exception`` blocks do not swallow it,
+    ``finally`` blocks and context managers run, and an uncaught one exits with status
+    ``128 + signal number`` (143 for SIGTERM), as if the signal had ended the process.
+    """
+
+    def __init__(self, signum):
+        name = signal.Signals(signum).name
+        super().__init__(f"terminated by {name}")
+        self.signum = signum
+        self.code = 128 + int(signum)
+
+    def __str__(self):
+        return f"terminated by {signal.Signals(self.signum).name}"
+
+
+@contextlib.contextmanager
+def terminate_cleanly(signals=(signal.SIGTERM, signal.SIGINT)):
+    """Turn SIGTERM (and SIGINT, where nothing handles it) into an exception for the duration of the block.
+
+    By default SIGTERM (what Snakemake, SLURM and ``kill`` send) ends Python without running
+    ``finally`` blocks, so temporaries (``atomic_path``, ``VolumeWriter``) would stay behind. Inside
+    this block the signal raises :class:`Terminated` in the main thread instead, so they are removed
+    and the process then exits with status 143 (a second signal during that cleanup is ignored; SIGKILL
+    still ends it). The previous handlers are restored on exit. Only a signal still at the system's
+    default disposition is taken over: Python's own SIGINT handler already raises
+    ``KeyboardInterrupt`` (which runs the same cleanup) and is kept, as are a handler installed by
+    the caller and an ignored signal, so nesting is harmless.
+    Outside the main thread (where handlers cannot be installed) it does nothing. SIGKILL cannot be
+    caught: its temporaries are removed by the next writer (:func:`remove_stale_temporaries`).
+
+    >>> with terminate_cleanly():
+    ...     pass
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    raised = []
+
+    def handler(signum, frame):
+        if raised:  # a second signal while the first one's cleanup runs: let the cleanup finish
+            return
+        raised.append(signum)
+        raise Terminated(signum)
+
+    previous = {}
+    try:
+        for sig in signals:
+            current = signal.getsignal(sig)
+            if current is signal.SIG_DFL or current is None:
+                previous[sig] = current
+                signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 def write_json(obj, path):

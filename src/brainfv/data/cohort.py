@@ -10,32 +10,70 @@ All sources end the same way (:func:`prepare_cohort`): resample onto the grid
 (world space, so any orientation is handled), brain mask, z-score within the
 mask, a stratified subject-level split from the seed, one volume at a time
 into the store.
+
+For the real sources the data are checked in two passes, each reporting every problem at once:
+first the tables alone (missing or duplicate ids, images without a row, unknown or missing
+codes, missing files, stratification classes too small for the split), before any image is
+loaded; then the images (unreadable, 4D, NaN, constant, not in template space: brain coverage
+and correlation with the template, :func:`template_similarity`). With ``cohort.on_missing:
+error`` one :class:`~brainfv.errors.InputDataError` lists every problem and nothing is written;
+with ``skip`` the subjects are left out and ``qc.tsv`` says why.
 """
 from __future__ import annotations
 
-import re
+import functools
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import ConfigError, InputDataError
-from ..utils import atomic_path, get_logger, Progress, stable_seed
+from ..utils import (atomic_path, get_logger, Progress, remove_stale_temporaries, stable_seed,
+                     terminate_cleanly)
 from .grid import Grid, load_volume
-from .store import VolumeWriter
+from .sources import bids_files, csv_files, read_table
+from .store import VolumeWriter, write_manifest
 from .template import template_on_grid
 
-__all__ = ["normalise", "assign_splits", "map_sex", "bids_records", "csv_records", "prepare_cohort",
-           "DEFAULT_SEX_CODING"]
+__all__ = ["normalise", "assign_splits", "map_sex", "sex_coding", "bids_records", "csv_records",
+           "template_similarity", "prepare_cohort", "Problem", "DEFAULT_SEX_CODING", "DEFAULT_QC"]
 
 #: BIDS codes sex as male/m/M, female/f/F, other/o/O; IXI/ABIDE/UK Biobank-style numeric codings
-#: differ between datasets, so numbers are *not* mapped unless the config says how.
+#: differ between datasets, so numbers are *not* mapped unless the config says how
+#: (``cohort.sex_coding`` adds codes to these, :func:`sex_coding`).
 DEFAULT_SEX_CODING = {
     "M": ["M", "m", "male", "Male", "MALE"],
     "F": ["F", "f", "female", "Female", "FEMALE"],
     "O": ["O", "o", "other", "Other", "OTHER"],
 }
 
-MIN_BRAIN_COVERAGE = 0.5
+#: defaults of ``cohort.qc`` (the config schema states the same values; see the schema for why)
+DEFAULT_QC = {"min_template_corr": 0.5, "min_coverage": 0.5, "accept": []}
+#: resolution (FWHM, mm) at which an image is compared with the template (:func:`template_similarity`)
+QC_FWHM_MM = 8.0
+
+ON_MISSING_HINT = ("fix them, or set cohort.on_missing: skip to leave these subjects out "
+                   "(they are then listed in qc.tsv with the reason)")
+
+
+class Problem(NamedTuple):
+    """A reason why ``subject`` cannot be used; ``hint`` (shared by problems of one kind) says what to do."""
+
+    subject: str
+    reason: str
+    hint: str = ""
+
+
+def _problem_report(problems, what, hint=ON_MISSING_HINT, written=False):
+    """One message listing every problem (count, then one line per problem, then the hints)."""
+    n_sub = len({p.subject for p in problems})
+    lines = [f"{what}: {len(problems)} problem(s) with {n_sub} subject(s)" + ("" if written else "; nothing was written")
+             + ":"]
+    lines += [f"  subject {p.subject!r}: {p.reason}" for p in problems]
+    hints = list(dict.fromkeys(p.hint for p in problems if p.hint))
+    lines += hints + [hint[0].upper() + hint[1:]] if hint else hints
+    return "\n".join(lines)
 
 
 def normalise(vol, mask):
@@ -91,151 +129,233 @@ def assign_splits(strata, fractions, seed):
     return out
 
 
-def map_sex(value, coding, subject):
-    """Map a raw sex code to ``M``/``F``/``O`` using ``coding`` (dict code -> list of raw values)."""
+def sex_coding(user=None):
+    """The sex codes in force: :data:`DEFAULT_SEX_CODING` extended by ``cohort.sex_coding`` (``user``).
+
+    ``user`` maps a class (``M``/``F``/``O`` or a class of your own) to the raw codes of your
+    dataset; they are *added* to the BIDS codes, so a table that mixes ``1/2`` and ``M/F/male/female``
+    keeps every subject. A raw code the user assigns wins over the default meaning of the same code
+    (``{M: [f]}`` makes ``f`` male). A code given for two classes is a :class:`ConfigError`.
+    """
+    user = dict(user or {})
+    owner = {}
+    for code, values in user.items():
+        if not isinstance(values, (list, tuple)):
+            raise ConfigError(f"cohort.sex_coding.{code}: expected a list of raw codes, got {values!r}")
+        for v in values:
+            key = str(v).strip()
+            if key in owner and owner[key] != code:
+                raise ConfigError(f"cohort.sex_coding: raw code {v!r} is given for both {owner[key]!r} and {code!r}")
+            owner[key] = code
+    merged = {code: [v for v in values if str(v) not in owner] for code, values in DEFAULT_SEX_CODING.items()}
+    for code, values in user.items():
+        merged.setdefault(code, [])
+        merged[code] += [v for v in values if str(v).strip() not in {str(x) for x in merged[code]}]
+    return merged
+
+
+def _lookup_sex(value, coding):
+    """The class of raw code ``value`` in ``coding``, or ``None``."""
     raw = str(value).strip()
     if raw.endswith(".0") and raw[:-2].isdigit():  # pandas reads 1 as 1.0 when a column has NaN
         raw = raw[:-2]
     for code, values in coding.items():
-        if raw in [str(v) for v in values]:
+        if raw in [str(v).strip() for v in values]:
             return code
-    known = {code: list(values) for code, values in coding.items()}
-    raise InputDataError(f"subject {subject!r}: unknown sex code {value!r}; known codes: {known} "
-                         f"(set cohort.sex_coding to map your dataset's coding, e.g. 1/2 or 0/1)")
+    return None
 
 
-_ENTITY = re.compile(r"(?:^|_)([a-zA-Z0-9]+)-([a-zA-Z0-9]+)")
+def _known_codes(coding):
+    return "; ".join(f"{code}: {', '.join(str(v) for v in values)}" for code, values in coding.items())
 
 
-def _entities(name):
-    return dict(_ENTITY.findall(name.split(".")[0]))
+def map_sex(value, coding, subject):
+    """Map a raw sex code to ``M``/``F``/``O`` using ``coding`` (dict code -> list of raw values)."""
+    code = _lookup_sex(value, coding)
+    if code is None:
+        raise InputDataError(f"subject {subject!r}: unknown sex code {value!r}; known codes: {_known_codes(coding)} "
+                             f"(cohort.sex_coding adds your dataset's codes, e.g. {{M: [1], F: [2]}})")
+    return code
 
 
-def _read_table(path, key):
-    import pandas as pd
-
-    path = Path(path)
-    if not path.exists():
-        raise InputDataError(f"{key}: table not found: {path}")
-    sep = "\t" if path.suffix in (".tsv", ".txt") else ","
-    try:
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=True)
-    except Exception as e:
-        raise InputDataError(f"{key}: cannot read table {path}: {e}") from e
-
-
-def _check_duplicates(ids, where):
-    import pandas as pd
-
-    dup = pd.Series(ids)[pd.Series(ids).duplicated()].unique().tolist()
-    if dup:
-        raise InputDataError(f"duplicate subject ids in {where}: {dup}")
+def _sex_problem(sub, raw, column, table_name, coding):
+    """The problem for a missing or unknown sex code, or ``(None, code)`` when it maps."""
+    if raw is None:
+        return Problem(sub, f"no value in column {column!r} of {table_name} (missing sex)"), None
+    code = _lookup_sex(raw, coding)
+    if code is None:
+        return Problem(sub, f"unknown sex code {raw!r} in column {column!r} of {table_name}",
+                       f"Known sex codes: {_known_codes(coding)}; cohort.sex_coding adds your dataset's codes "
+                       f"(e.g. {{M: [1], F: [2]}})."), None
+    return None, code
 
 
-def bids_records(cfg, coding):
-    """Find T1w images and labels in a BIDS dataset/derivatives folder.
+def _duplicates(ids, table_name):
+    """Problems for ids that occur on more than one row, and the set of those ids."""
+    counts = Counter(ids)
+    dups = {s for s, c in counts.items() if c > 1}
+    problems = [Problem(s, f"duplicate subject id: {counts[s]} rows of {table_name}",
+                        "A subject id must occur once per table (one image per subject).")
+                for s in sorted(dups)]
+    return problems, dups
 
-    Returns ``(records, problems)``: a DataFrame (subject, sex, path, mask_path,
-    plus the participants.tsv columns) and a list of ``(subject, reason)`` for
-    subjects that cannot be used.
+
+def bids_records(cfg, coding, log=None):
+    """Find T1w images and labels in a BIDS dataset/derivatives folder (``cohort.bids`` section ``cfg``).
+
+    Files are found by :func:`brainfv.data.sources.bids_files` (what the workflow declares as
+    inputs). Returns ``(records, problems)``: a DataFrame (subject, sex, path, mask_path, plus the
+    participants.tsv columns) and a list of :class:`Problem` for subjects that cannot be used
+    (image without a row, no image, missing/unknown sex code, duplicate id). No image is opened.
     """
     import pandas as pd
 
-    root = cfg.get("root")
-    if not root:
-        raise ConfigError("cohort.bids.root must name the BIDS dataset folder when cohort.source is 'bids'")
-    root = Path(root)
-    if not root.is_dir():
-        raise InputDataError(f"cohort.bids.root: folder not found: {root}")
-    table_path = root / cfg.get("participants", "participants.tsv")
-    parts = _read_table(table_path, "cohort.bids.participants")
-    if "participant_id" not in parts.columns:
-        raise InputDataError(f"{table_path} has no 'participant_id' column (columns: {list(parts.columns)})")
-    parts["subject"] = parts["participant_id"].str.strip().str.replace(r"^sub-", "", regex=True)
-    _check_duplicates(parts["subject"], table_path)
+    found = bids_files(cfg)
+    if found.candidates and log:
+        sub, files = next(iter(sorted(found.candidates.items())))
+        log(f"WARNING: {len(found.candidates)} subject(s) have several T1w images matching cohort.bids.space/"
+            f"session (e.g. {sub}: {', '.join(f.name for f in files)}); the first in sorted order is used. Set "
+            f"cohort.bids.space and cohort.bids.session to choose")
+    table = read_table(found.table, "cohort.bids.participants")
+    name = found.table.name
+    if "participant_id" not in table.columns:
+        raise InputDataError(f"{found.table} has no 'participant_id' column (columns: {table.columns})")
     sex_col = cfg.get("sex_column", "sex")
-    if sex_col not in parts.columns:
-        raise InputDataError(f"{table_path} has no column {sex_col!r} (cohort.bids.sex_column); "
-                             f"columns: {list(parts.columns)}")
-    space, session = cfg.get("space"), cfg.get("session")
-    images, masks = {}, {}
-    for f in sorted(root.glob("sub-*/**/anat/*.nii*")):
-        ent = _entities(f.name)
-        sub = ent.get("sub")
-        if sub is None or (space and ent.get("space") != space) or (session and ent.get("ses") != str(session)):
+    if sex_col not in table.columns:
+        raise InputDataError(f"{found.table} has no column {sex_col!r} (cohort.bids.sex_column); "
+                             f"columns: {table.columns}")
+    problems, rows = [], []
+    ids = []
+    for n, row in enumerate(table.rows, start=2):
+        pid = (row["participant_id"] or "").strip()
+        ids.append(pid[4:] if pid.startswith("sub-") else pid)
+    dup_problems, dups = _duplicates([i for i in ids if i], name)
+    problems += dup_problems
+    for sub in sorted(set(found.images) - set(ids)):
+        problems.append(Problem(sub, f"image without a row in {name}: {found.images[sub]}"))
+    space = cfg.get("space")
+    for n, (sub, row) in enumerate(zip(ids, table.rows), start=2):
+        if not sub:
+            problems.append(Problem(f"line {n}", f"no participant_id on line {n} of {name}"))
             continue
-        stem = f.name.split(".")[0]
-        if stem.endswith("_T1w"):
-            images.setdefault(sub, f)  # sorted: first session/run wins
-        elif stem.endswith("_mask") and ent.get("desc") == "brain":
-            masks.setdefault(sub, f)
-    problems = []
-    rows = []
-    label_subjects = set(parts["subject"])
-    for sub in sorted(set(images) - label_subjects):
-        problems.append((sub, f"image without a row in {table_path.name}: {images[sub]}"))
-    for _, row in parts.iterrows():
-        sub = row["subject"]
-        if sub not in images:
+        if sub in dups:
+            continue
+        if sub not in found.images:
             where = f"space-{space} " if space else ""
-            problems.append((sub, f"no {where}T1w image found under {root / ('sub-' + sub)}"))
+            problems.append(Problem(sub, f"no {where}T1w image found under {found.root / ('sub-' + sub)}"))
             continue
-        try:
-            sex = map_sex(row[sex_col], coding, sub) if pd.notna(row[sex_col]) else None
-            if sex is None:
-                raise InputDataError(f"subject {sub!r}: missing sex in {table_path.name}")
-        except InputDataError as e:
-            problems.append((sub, str(e)))
+        problem, sex = _sex_problem(sub, row[sex_col], sex_col, name, coding)
+        if problem:
+            problems.append(problem)
             continue
         rec = {k: v for k, v in row.items() if k not in ("participant_id", sex_col)}
-        rec.update(subject=sub, sex=sex, path=str(images[sub]), mask_path=str(masks[sub]) if sub in masks else "")
+        rec.update(subject=sub, sex=sex, path=str(found.images[sub]),
+                   mask_path=str(found.masks[sub]) if sub in found.masks else "")
         rows.append(rec)
     return pd.DataFrame(rows), problems
 
 
 def csv_records(cfg, coding):
-    """Read a table of subject id, NIfTI path (relative to the table) and labels."""
+    """Read a table of subject id, NIfTI path (relative to the table) and labels (``cohort.csv`` section ``cfg``).
+
+    Paths are resolved by :func:`brainfv.data.sources.csv_files` (what the workflow declares as
+    inputs). Returns ``(records, problems)`` like :func:`bids_records`; an image or mask file that
+    does not exist is a problem (found here, before any image is opened).
+    """
     import pandas as pd
 
-    table = cfg.get("table")
-    if not table:
-        raise ConfigError("cohort.csv.table must name the CSV/TSV table when cohort.source is 'csv'")
-    table = Path(table)
-    df = _read_table(table, "cohort.csv.table")
-    sc, pc, mc = cfg.get("subject_column", "subject"), cfg.get("path_column", "path"), cfg.get("mask_column")
+    found = csv_files(cfg)
+    table = found.table
+    name = table.path.name
+    sc, pc, mc = found.subject_column, found.path_column, found.mask_column
     sex_col = cfg.get("sex_column", "sex")
-    for key, col in (("subject_column", sc), ("path_column", pc), ("sex_column", sex_col)):
-        if col not in df.columns:
-            raise InputDataError(f"{table} has no column {col!r} (cohort.csv.{key}); columns: {list(df.columns)}")
-    df[sc] = df[sc].str.strip()
-    _check_duplicates(df[sc], table)
-    rows, problems = [], []
-    for _, row in df.iterrows():
-        sub = row[sc]
-        if pd.isna(row[pc]) or not str(row[pc]).strip():
-            problems.append((sub, f"no image path in {table.name}"))
+    if sex_col not in table.columns:
+        raise InputDataError(f"{table.path} has no column {sex_col!r} (cohort.csv.sex_column); "
+                             f"columns: {table.columns}")
+    ids = [(row[sc] or "").strip() for row in table.rows]
+    problems, rows = [], []
+    dup_problems, dups = _duplicates([i for i in ids if i], name)
+    problems += dup_problems
+    for n, (sub, row, image, mask) in enumerate(zip(ids, table.rows, found.images, found.masks), start=2):
+        if not sub:
+            problems.append(Problem(f"line {n}", f"no subject id (column {sc!r}) on line {n} of {name}"))
             continue
-        path = Path(str(row[pc]).strip())
-        path = path if path.is_absolute() else table.parent / path
-        try:
-            if pd.isna(row[sex_col]):
-                raise InputDataError(f"subject {sub!r}: no label in column {sex_col!r} of {table.name}")
-            sex = map_sex(row[sex_col], coding, sub)
-        except InputDataError as e:
-            problems.append((sub, str(e)))
+        if sub in dups:
             continue
-        mask = ""
-        if mc and mc in df.columns and pd.notna(row[mc]) and str(row[mc]).strip():
-            m = Path(str(row[mc]).strip())
-            mask = str(m if m.is_absolute() else table.parent / m)
+        if image is None:
+            problems.append(Problem(sub, f"no image path in column {pc!r} of {name}"))
+            continue
+        if not image.is_file():
+            problems.append(Problem(sub, f"image file not found: {image} (column {pc!r} of {name}; "
+                                         f"relative paths are taken from the table's folder)"))
+            continue
+        if mask is not None and not mask.is_file():
+            problems.append(Problem(sub, f"mask file not found: {mask} (column {mc!r} of {name})"))
+            continue
+        problem, sex = _sex_problem(sub, row[sex_col], sex_col, name, coding)
+        if problem:
+            problems.append(problem)
+            continue
         rec = {k: v for k, v in row.items() if k not in (sc, pc, sex_col) and k != mc}
-        rec.update(subject=sub, sex=sex, path=str(path), mask_path=mask)
+        rec.update(subject=sub, sex=sex, path=str(image), mask_path=str(mask) if mask is not None else "")
         rows.append(rec)
     return pd.DataFrame(rows), problems
 
 
-def _real_subject(rec, grid, tpl):
-    """Load one real subject onto the grid: (z-scored volume, wm prob, info)."""
+def _qc_settings(ccfg):
+    qc = {**DEFAULT_QC, **(ccfg.get("qc") or {})}
+    qc["accept"] = {str(s) for s in (qc.get("accept") or [])}
+    return qc
+
+
+@functools.lru_cache(maxsize=4)
+def _qc_reference(grid):
+    """The template side of :func:`template_similarity` on ``grid`` (cached: read-only)."""
+    tpl = template_on_grid(grid)
+    ref = _qc_smooth(tpl["t1"], grid)[tpl["mask"]].astype(np.float64)
+    ref -= ref.mean()
+    return ref / np.linalg.norm(ref)
+
+
+def _qc_smooth(vol, grid):
+    """``vol`` brought to :data:`QC_FWHM_MM` resolution (Gaussian; nothing if the grid is that coarse)."""
+    from scipy import ndimage
+
+    fwhm = np.sqrt(max(QC_FWHM_MM ** 2 - grid.voxel_size ** 2, 0.0))
+    if fwhm < 0.5 * grid.voxel_size:
+        return np.asarray(vol, dtype=np.float32)
+    return ndimage.gaussian_filter(np.asarray(vol, dtype=np.float32), fwhm / 2.3548 / grid.voxel_size,
+                                   mode="constant")
+
+
+def template_similarity(vol, grid):
+    """How well an image resampled onto ``grid`` matches the template: ``(template_corr, coverage)``.
+
+    ``template_corr`` is the Pearson correlation with the template T1 inside the template brain
+    mask, both at :data:`QC_FWHM_MM` mm resolution (so the value does not depend on the grid's
+    voxel size, and noise or small local differences weigh little): about 1 for the template
+    itself, 0.65-0.85 for a brain in template space with inter-subject variability, rotations up
+    to 15 degrees or shifts up to 10 mm; an image shifted by 20 mm or never registered falls
+    below 0.5. ``coverage`` is the fraction of the template brain where the image is non-zero.
+    """
+    tpl = template_on_grid(grid)
+    mask = tpl["mask"]
+    coverage = float(((np.abs(vol) > 0) & mask).sum() / mask.sum())
+    v = _qc_smooth(vol, grid)[mask].astype(np.float64)
+    v -= v.mean()
+    norm = np.linalg.norm(v)
+    corr = float(v @ _qc_reference(grid) / norm) if norm > 0 else 0.0
+    return corr, coverage
+
+
+def _real_subject(rec, grid, tpl, qc=None):
+    """Load one real subject onto the grid: (z-scored volume, wm prob, info).
+
+    Raises :class:`InputDataError` naming subject, file, value and the ``cohort.qc`` key when the
+    image is not in template space (coverage or template correlation below the thresholds),
+    unless the subject is listed in ``cohort.qc.accept``.
+    """
+    qc = qc or _qc_settings({})
     sub = rec["subject"]
     data, affine = load_volume(rec["path"], sub)
     vol = grid.resample(data, affine)
@@ -244,40 +364,79 @@ def _real_subject(rec, grid, tpl):
         mask = grid.resample(mdata > 0, maff, order=1, antialias=False) > 0.5
     else:
         mask = tpl["mask"]
-    coverage = float(((np.abs(vol) > 0) & tpl["mask"]).sum() / tpl["mask"].sum())
-    if coverage < MIN_BRAIN_COVERAGE:
-        raise InputDataError(
-            f"subject {sub!r}: {rec['path']} covers only {coverage:.0%} of the template brain after "
-            f"resampling; is it in template (MNI152) space?")
+    corr, coverage = template_similarity(vol, grid)
+    info = {"coverage": round(coverage, 4), "template_corr": round(corr, 4)}
+    accepted = str(sub) in qc["accept"]
+    failed = []
+    if coverage < qc["min_coverage"]:
+        failed.append(f"covers only {coverage:.0%} of the template brain after resampling "
+                      f"(cohort.qc.min_coverage: {qc['min_coverage']:.0%})")
+    if corr < qc["min_template_corr"]:
+        failed.append(f"correlates with the template at r = {corr:.2f} inside the brain mask "
+                      f"(cohort.qc.min_template_corr: {qc['min_template_corr']})")
+    if failed and not accepted:
+        err = InputDataError(
+            f"subject {sub!r}: {rec['path']} {' and '.join(failed)}; is it in template (MNI152) space and "
+            f"registered? If the image is right, list the subject in cohort.qc.accept to keep it")
+        err.qc = info  # the measured values, for qc.tsv
+        raise err
+    info["qc_note"] = ("accepted by cohort.qc.accept: " + "; ".join(failed)) if failed else ""
     z, mean, std = normalise(vol, mask)
-    return z, tpl["wm"], {"norm_mean": mean, "norm_std": std, "brain_voxels": int(mask.sum()),
-                          "coverage": coverage}
+    return z, tpl["wm"], {"norm_mean": mean, "norm_std": std, "brain_voxels": int(mask.sum()), **info}
+
+
+def _class_problems(records, strat, fractions):
+    """Problems for subjects whose stratification class is too small to give every split one subject."""
+    names = [k for k, v in fractions.items() if v > 0]
+    counts = Counter(str(v) for v in records[strat])
+    problems = []
+    for value, n in sorted(counts.items()):
+        if n < len(names):
+            msg = (f"stratification class {value!r} (column {strat!r}, cohort.stratify) has {n} usable subject(s) but "
+                   f"cohort.splits {dict(fractions)} needs at least one per split ({len(names)})")
+            problems += [Problem(str(s), msg) for s in records.loc[records[strat].astype(str) == value, "subject"]]
+    return problems
 
 
 def prepare_cohort(cfg, out_dir, log=None):
     """Prepare the cohort described by the full config ``cfg`` into ``out_dir``.
 
     Writes ``volumes.npy``, ``wm.npy`` (WM probability, uint8), ``participants.tsv``,
-    ``qc.tsv``, ``reference.nii.gz``, ``mask.nii.gz`` and ``sex_effect.nii.gz``
+    ``qc.tsv``, ``reference.nii.gz``, ``mask.nii.gz``, ``sex_effect.nii.gz``
     (the planted effect for the synthetic source; the empirical male−female mean
-    difference of the training split for real data). Returns the participants table.
-    """
-    import pandas as pd
+    difference of the training split for real data) and ``manifest.json`` (content hashes,
+    :func:`brainfv.data.store.write_manifest`). Returns the participants table.
 
-    log = log or get_logger().info
+    Real sources are checked from the tables first, then image by image; every problem is reported
+    at once (see the module docstring). SIGTERM/SIGINT end the run cleanly (no temporaries left),
+    and temporaries left in ``out_dir`` by a killed earlier run are removed first.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    log = log or get_logger().info
+    remove_stale_temporaries(out_dir, log=log)
+    with terminate_cleanly():
+        return _prepare_cohort(cfg, out_dir, log)
+
+
+def _prepare_cohort(cfg, out_dir, log):
+    import pandas as pd
+
     ccfg = cfg["cohort"]
     grid = Grid.from_config(cfg["grid"])
     seed = int(cfg["seed"])
     source = ccfg["source"]
     log(f"cohort source={source}; grid {grid.shape} at {grid.voxel_size} mm ({grid.n_voxels} voxels)")
-    tpl = template_on_grid(grid)
-    coding = ccfg.get("sex_coding") or DEFAULT_SEX_CODING
     on_missing = ccfg.get("on_missing", "error")
+    strat = ccfg.get("stratify", "sex")
+    fractions = np.array(list(ccfg["splits"].values()), dtype=float)
+    if not np.isclose(fractions.sum(), 1.0, atol=1e-6):  # assign_splits says the same, but only at the end
+        raise ConfigError(f"cohort.splits fractions must sum to 1, got {dict(ccfg['splits'])} "
+                          f"(sum {fractions.sum():.3f})")
     qc_rows = []
 
     if source == "synthetic":
+        tpl = template_on_grid(grid)
         from .synthetic import SyntheticCohort, SYNTHETIC_LABEL
 
         scfg = ccfg["synthetic"]
@@ -287,21 +446,22 @@ def prepare_cohort(cfg, out_dir, log=None):
         label = SYNTHETIC_LABEL
         records = None
     elif source in ("bids", "csv"):
-        records, problems = (bids_records if source == "bids" else csv_records)(ccfg[source], coding)
-        for sub, reason in problems:
-            if on_missing != "skip":
-                who = "" if reason.startswith("subject ") else f"subject {sub!r}: "
-                raise InputDataError(f"{who}{reason} (set cohort.on_missing: skip to leave such subjects out)")
-            log(f"SKIP subject {sub}: {reason}")
-            qc_rows.append({"subject": sub, "status": "skipped", "reason": reason})
-        n = len(records)
+        coding = sex_coding(ccfg.get("sex_coding"))
+        qc = _qc_settings(ccfg)
         label = f"{source}: {ccfg[source].get('root') or ccfg[source].get('table')}"
-        if n == 0:
-            raise InputDataError(f"cohort source {source!r} yielded no usable subjects")
+        if source == "bids":
+            records, problems = bids_records(ccfg["bids"], coding, log=log)
+        else:
+            records, problems = csv_records(ccfg["csv"], coding)
+        records, problems = _check_records(records, problems, strat, ccfg["splits"], on_missing, label, log)
+        qc_rows += [{"subject": p.subject, "status": "skipped", "reason": p.reason} for p in problems]
+        n = len(records)
+        tpl = template_on_grid(grid)
     else:
         raise ConfigError(f"cohort.source must be one of synthetic, bids, csv; got {source!r}")
 
     rows = []
+    image_problems = []
     prog = Progress(n, "prepare_cohort subjects", log=log, unit="subj")
     with VolumeWriter(out_dir / "volumes.npy", n, grid.shape) as vw, \
             VolumeWriter(out_dir / "wm.npy", n, grid.shape, dtype=np.uint8) as ww:
@@ -314,30 +474,57 @@ def prepare_cohort(cfg, out_dir, log=None):
                        "norm_mean": mean, "norm_std": std, "brain_voxels": int(s["mask"].sum()),
                        **{k: (v if np.isscalar(v) else str(tuple(round(x, 3) for x in v)))
                           for k, v in s["params"].items()}}
+                qc_row = {"subject": row["subject"], "status": "ok", "reason": ""}
             else:
                 rec = records.iloc[i].to_dict()
                 try:
-                    z, wm, info = _real_subject(rec, grid, tpl)
+                    z, wm, info = _real_subject(rec, grid, tpl, qc)
                 except InputDataError as e:
-                    if on_missing != "skip":
-                        raise
-                    log(f"SKIP subject {rec['subject']}: {e}")
-                    qc_rows.append({"subject": rec["subject"], "status": "skipped", "reason": str(e)})
+                    reason = str(e).removeprefix(f"subject {rec['subject']!r}: ")
+                    image_problems.append(Problem(rec["subject"], reason))
+                    if on_missing == "skip":
+                        log(f"SKIP subject {rec['subject']}: {reason}")
+                        qc_rows.append({"subject": rec["subject"], "status": "skipped", "reason": reason,
+                                        **getattr(e, "qc", {})})
                     prog.update()
                     continue
+                note = info.pop("qc_note")
                 extra = {k: v for k, v in rec.items() if k not in ("subject", "sex", "path", "mask_path")}
                 row = {"subject": rec["subject"], "sex": rec["sex"], "source_path": rec["path"], **info, **extra}
+                qc_row = {"subject": row["subject"], "status": "ok", "reason": note,
+                          "coverage": info["coverage"], "template_corr": info["template_corr"]}
+            if image_problems and on_missing != "skip":
+                prog.update()  # the cohort will fail: check the other images, write nothing more
+                continue
             row["index"] = vw.append(z)
             ww.append(np.round(np.clip(wm, 0, 1) * 255).astype(np.uint8))
             rows.append(row)
-            qc_rows.append({"subject": row["subject"], "status": "ok", "reason": ""})
+            qc_rows.append(qc_row)
             prog.update()
+        if image_problems and on_missing != "skip":
+            raise InputDataError(_problem_report(image_problems, f"cohort ({label}), images"))
         if not rows:
-            raise InputDataError("no subject could be prepared (all skipped); see the log")
+            raise InputDataError(_problem_report(image_problems, f"cohort ({label}): no subject left", hint=""))
         parts = pd.DataFrame(rows)
-        strat = ccfg.get("stratify", "sex")
         if strat not in parts.columns:
             raise ConfigError(f"cohort.stratify: column {strat!r} not in participants ({list(parts.columns)})")
+        if records is not None:  # skipped images can leave a class too small for the split
+            late = _class_problems(parts, strat, ccfg["splits"])
+            if late:
+                gone = {p.subject for p in late}
+                log(f"WARNING: {_problem_report(late, 'split after skipping images', hint='', written=True)}\n"
+                    f"(cohort.on_missing: skip) leaving these subjects out")
+                drop = parts["subject"].astype(str).isin(gone)
+                for w in (vw, ww):
+                    w.drop(parts.loc[drop, "index"])
+                parts = parts[~drop].copy()
+                parts["index"] = [vw.final_index(int(p)) for p in parts["index"]]
+                reasons = {p.subject: p.reason for p in late}
+                for r in qc_rows:
+                    if r["subject"] in reasons and r["status"] == "ok":
+                        r.update(status="skipped", reason=reasons[r["subject"]])
+                if parts.empty:
+                    raise InputDataError("no subject could be prepared (all skipped); see the log")
         parts["split"] = assign_splits(parts[strat].values, ccfg["splits"], seed)
         parts["cohort"] = label
 
@@ -364,9 +551,47 @@ def prepare_cohort(cfg, out_dir, log=None):
         parts.to_csv(tmp, sep="\t", index=False)
     with atomic_path(out_dir / "qc.tsv") as tmp:
         pd.DataFrame(qc_rows).to_csv(tmp, sep="\t", index=False)
+    write_manifest(out_dir, vw.hash, [("wm.npy", ww.hash), "reference.nii.gz", "mask.nii.gz",
+                                      "sex_effect.nii.gz", "qc.tsv"])
     counts = parts.groupby(["split", "sex"]).size().unstack(fill_value=0)
     log(f"cohort ready: {len(parts)} subjects ({label}); split x sex:\n{counts}")
     return parts
+
+
+def _check_records(records, problems, strat, fractions, on_missing, label, log):
+    """The checks that need only the tables; returns the usable records and the skipped problems.
+
+    Adds the stratification checks (column present, value present, every class large enough for
+    the split) to the records' own problems. With ``on_missing: error`` any problem raises one
+    :class:`InputDataError` listing all of them; with ``skip`` they are logged and their subjects
+    dropped. Nothing has been loaded or written yet.
+    """
+    problems = list(problems)
+    if records.empty and not problems:
+        raise InputDataError(f"cohort {label!r}: the table lists no subject")
+    if not records.empty:
+        if strat not in records.columns:
+            raise ConfigError(f"cohort.stratify: column {strat!r} is not in the participants table "
+                              f"(columns: {sorted(c for c in records.columns if c not in ('path', 'mask_path'))})")
+        missing = records[strat].isna()
+        problems += [Problem(s, f"no value in the stratification column {strat!r} (cohort.stratify)")
+                     for s in records.loc[missing, "subject"]]
+        records = records[~missing]
+        small = _class_problems(records, strat, fractions)
+        if small and on_missing == "skip":
+            log(f"WARNING: {_problem_report(small, 'split', hint='', written=True)}\n"
+                f"(cohort.on_missing: skip) leaving these subjects out")
+        problems += small
+    if problems and on_missing != "skip":
+        raise InputDataError(_problem_report(problems, f"cohort ({label})"))
+    for p in problems:
+        log(f"SKIP subject {p.subject}: {p.reason}")
+    bad = {p.subject for p in problems}
+    records = records[~records["subject"].isin(bad)].reset_index(drop=True) if not records.empty else records
+    if records.empty:
+        raise InputDataError(f"cohort source {label!r} yielded no usable subjects ({len(problems)} skipped: "
+                             f"see the log)")
+    return records, problems
 
 
 def _empirical_effect(volumes_path, parts):

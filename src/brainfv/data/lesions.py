@@ -151,14 +151,15 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     own split (matched pairs: a small cohort cannot then be memorised by anatomy). Writes to
     ``out_dir``: ``volumes.npy``, ``lesion_masks.npy`` (uint8, 1 inside lesions),
     ``participants.tsv`` (cohort columns + ``lesion`` label + ``n_lesions``),
-    ``lesions.tsv`` (one row per lesion), ``lesion_frequency.nii.gz``, and copies
-    of the grid ``reference.nii.gz``/``mask.nii.gz``.
+    ``lesions.tsv`` (one row per lesion), ``lesion_frequency.nii.gz``, copies
+    of the grid ``reference.nii.gz``/``mask.nii.gz``, and ``manifest.json`` (content hashes,
+    :func:`brainfv.data.store.write_manifest`).
     """
     import shutil
 
     import pandas as pd
 
-    from .store import Dataset, VolumeWriter, open_volumes
+    from .store import Dataset, VolumeWriter, open_volumes, write_manifest
 
     log = log or get_logger().info
     lc = cfg["lesions"]
@@ -268,6 +269,8 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     for name in ("reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz", "sex_effect_regional.nii.gz"):
         with atomic_path(out_dir / name) as tmp:
             shutil.copyfile(Path(cohort_dir) / name, tmp)
+    write_manifest(out_dir, vw.hash, [("lesion_masks.npy", mw.hash), "lesions.tsv", "lesion_frequency.nii.gz",
+                                      "reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz"])
     counts = pd_parts.groupby(["split", "lesion"]).size().unstack(fill_value=0)
     log(f"lesion dataset ready: {len(pd_parts)} subjects, {len(lesion_rows)} lesions; split x label:\n{counts}")
     return pd_parts

@@ -6,20 +6,47 @@ A dataset folder holds::
     participants.tsv   one row per subject; ``index`` is the row in volumes.npy
     reference.nii.gz   the grid (its affine is the study grid), the mean image
     mask.nii.gz        the brain mask on the grid
+    manifest.json      what the folder holds: number, shape and dtype of the volumes, a hash of the
+                       volume bytes and of every other file written (:func:`write_manifest`)
 
 Memory use does not depend on the number of subjects: writers and readers hold one volume (plain
 positioned file I/O, not memory maps, whose touched pages would count as process memory).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputDataError
+from ..utils import remove_stale_temporaries, temporary_name, write_json
 
-__all__ = ["VolumeWriter", "VolumeReader", "open_volumes", "Dataset"]
+__all__ = ["VolumeWriter", "VolumeReader", "open_volumes", "Dataset", "write_manifest", "file_hash", "store_hash",
+           "MANIFEST_FORMAT", "HASH"]
+
+#: version of the manifest layout; bump when its meaning changes (the fingerprint includes it)
+MANIFEST_FORMAT = 1
+#: the hash every content hash of a dataset uses (``hashlib.blake2b`` with a 32-byte digest)
+HASH = "blake2b-256"
+
+
+def _hasher():
+    return hashlib.blake2b(digest_size=32)
+
+
+def file_hash(path, chunk=1 << 22):
+    """The :data:`HASH` hex digest of a file's bytes (read in 4 MiB chunks)."""
+    h = _hasher()
+    with open(path, "rb") as fh:
+        while True:
+            buf = fh.read(chunk)
+            if not buf:
+                break
+            h.update(buf)
+    return h.hexdigest()
 
 
 class VolumeWriter:
@@ -27,48 +54,92 @@ class VolumeWriter:
 
     Volumes are appended with plain file writes (no memory map), so the writer's memory does not
     grow with the number of subjects. The file appears at ``path`` only after :meth:`close`
-    succeeded; if fewer than ``n`` volumes were written (skipped subjects) it is rewritten with the
-    right header, copying volume by volume.
+    succeeded; if fewer than ``n`` volumes were kept (skipped subjects, :meth:`drop`) it is
+    rewritten with the right header, copying volume by volume.
+
+    The writer keeps a running :data:`HASH` of the bytes of the volumes it keeps, in order
+    (:attr:`hash`, set by :meth:`close`): the same volumes in the same order give the same hash,
+    however many were reserved, skipped or dropped. Temporaries that a killed earlier writer of the
+    same file left behind are removed when the writer starts (:func:`~brainfv.utils.remove_stale_temporaries`).
     """
 
     def __init__(self, path, n, shape, dtype=np.float32):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}.npy")
+        remove_stale_temporaries(self.path.parent, self.path.stem)
+        self.tmp = self.path.with_name(temporary_name(self.path.stem, ".npy"))
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.n = int(n)
         self.fh = open(self.tmp, "wb")
         _write_header(self.fh, (self.n,) + self.shape, self.dtype)
         self.n_written = 0
+        self.dropped = set()
+        self.hash = None
+        self._hasher = _hasher()
 
     def append(self, vol):
+        """Append one volume; returns its position among the volumes written so far."""
         vol = np.asarray(vol)
         if vol.shape != self.shape:
             raise ValueError(f"volume shape {vol.shape} != store shape {self.shape}")
         if self.n_written >= self.n:
             raise ValueError(f"store {self.path} holds {self.n} volumes; cannot append more")
-        self.fh.write(np.ascontiguousarray(vol, dtype=self.dtype).tobytes())
+        buf = np.ascontiguousarray(vol, dtype=self.dtype).tobytes()
+        self.fh.write(buf)
+        self._hasher.update(buf)
         self.n_written += 1
         return self.n_written - 1
 
+    def drop(self, positions):
+        """Leave the volumes at ``positions`` (as returned by :meth:`append`) out of the final file.
+
+        The kept volumes keep their order; their final index is their rank among the kept ones
+        (:meth:`final_index`).
+        """
+        for p in positions:
+            p = int(p)
+            if not 0 <= p < self.n_written:
+                raise IndexError(f"cannot drop volume {p}: {self.n_written} written to {self.path}")
+            self.dropped.add(p)
+
+    def final_index(self, position):
+        """The index in the closed file of the volume appended at ``position`` (``None`` if dropped)."""
+        if position in self.dropped:
+            return None
+        return int(position) - sum(1 for d in self.dropped if d < position)
+
+    @property
+    def n_kept(self):
+        return self.n_written - len(self.dropped)
+
     def close(self):
         self.fh.close()
-        if self.n_written < self.n:
+        if self.n_kept < self.n:
             src = VolumeReader(self.tmp, n=self.n_written)
             compact = self.tmp.with_name(self.tmp.stem + "-c.npy")
+            rehash = _hasher() if self.dropped else None
             with open(compact, "wb") as out:
-                _write_header(out, (self.n_written,) + self.shape, self.dtype)
+                _write_header(out, (self.n_kept,) + self.shape, self.dtype)
                 for i in range(self.n_written):
-                    out.write(src[i].tobytes())
+                    if i in self.dropped:
+                        continue
+                    buf = src[i].tobytes()
+                    out.write(buf)
+                    if rehash is not None:
+                        rehash.update(buf)
+            if rehash is not None:
+                self._hasher = rehash
             os.replace(compact, self.tmp)
         os.replace(self.tmp, self.path)
+        self.hash = self._hasher.hexdigest()
 
     def abort(self):
         if not self.fh.closed:
             self.fh.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
+        for tmp in (self.tmp, self.tmp.with_name(self.tmp.stem + "-c.npy")):
+            if tmp.exists():
+                tmp.unlink()
 
     def __enter__(self):
         return self
@@ -140,6 +211,41 @@ class VolumeReader:
                 pass
 
 
+def store_hash(path):
+    """The :data:`HASH` of the volume bytes of a ``.npy`` store, read one volume at a time (what
+    :class:`VolumeWriter` computes while writing it)."""
+    h = _hasher()
+    for v in open_volumes(path):
+        h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()
+
+
+def write_manifest(root, volumes_hash=None, files=(), extra=None):
+    """Write ``root/manifest.json``: what a dataset folder holds, by content; returns the manifest.
+
+    Keys: ``format`` (:data:`MANIFEST_FORMAT`), ``hash`` (:data:`HASH`), ``n_volumes``, ``shape``
+    and ``dtype`` of ``volumes.npy``, ``volumes_hash`` (hash of the volume bytes in order, as
+    :class:`VolumeWriter` computes it; computed here by reading the store one volume at a time
+    when not given), ``participants_hash`` (of ``participants.tsv``) and ``files``: the hash of
+    each other file named in ``files`` (names relative to ``root``; a ``(name, hash)`` pair is
+    taken as given: for a ``.npy`` store, the hash of its volume bytes that its
+    :class:`VolumeWriter` computed, like ``volumes_hash``). ``extra`` entries are added as they are (plain
+    JSON values). No paths or times: the same content gives the same manifest wherever it lies.
+    """
+    root = Path(root)
+    vols = open_volumes(root / "volumes.npy")
+    hashes = {}
+    for f in files:
+        name, digest = (f if isinstance(f, tuple) else (f, None))
+        hashes[str(name)] = digest or (store_hash(root / name) if str(name).endswith(".npy") else file_hash(root / name))
+    manifest = {"format": MANIFEST_FORMAT, "hash": HASH, "n_volumes": int(vols.shape[0]),
+                "shape": [int(s) for s in vols.item_shape], "dtype": np.dtype(vols.dtype).str,
+                "volumes_hash": volumes_hash or store_hash(root / "volumes.npy"), "participants_hash": file_hash(root / "participants.tsv"),
+                "files": dict(sorted(hashes.items())), **(extra or {})}
+    write_json(manifest, root / "manifest.json")
+    return manifest
+
+
 def open_volumes(path):
     """Open a store's volumes for reading (:class:`VolumeReader`; nothing is loaded up front)."""
     path = Path(path)
@@ -183,3 +289,32 @@ class Dataset:
         import nibabel as nib
 
         return np.asarray(nib.load(str(self.root / "mask.nii.gz")).dataobj) > 0
+
+    @property
+    def manifest(self):
+        """The dataset's ``manifest.json`` as a dict (:func:`write_manifest`)."""
+        path = self.root / "manifest.json"
+        if not path.exists():
+            raise InputDataError(
+                f"{path} not found: the dataset was made before brainfv wrote manifests, or not by "
+                f"prepare_cohort/synthesize_lesions; rerun the rule that makes it (snakemake --forcerun "
+                f"prepare_cohort) or call brainfv.data.store.write_manifest({str(self.root)!r})")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise InputDataError(f"{path}: cannot read the manifest: {e}") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise InputDataError(f"{path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
+                                 f" is not {MANIFEST_FORMAT}; rerun the rule that makes the dataset")
+        return manifest
+
+    def fingerprint(self):
+        """One :data:`HASH` hex string for the dataset's content (volumes, participants, every file of
+        the manifest), e.g. to key a training checkpoint on the data it was made from.
+
+        Computed from ``manifest.json`` (cheap: no volume is read), so it changes exactly when the
+        content the manifest describes changes, and not when the folder is moved or rewritten with
+        the same content. Raises :class:`InputDataError` when the manifest is missing.
+        """
+        text = json.dumps(self.manifest, sort_keys=True, separators=(",", ":"))
+        return hashlib.blake2b(text.encode(), digest_size=32).hexdigest()
