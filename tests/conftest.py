@@ -40,6 +40,9 @@ def toy_dataset(root, n=24, shape=(12, 14, 12), seed=0, separable=True, splits=(
     df.to_csv(root / "participants.tsv", sep="\t", index=False)
     grid.to_nifti(np.zeros(shape, np.float32)).to_filename(root / "reference.nii.gz")
     grid.to_nifti(np.ones(shape, np.uint8), dtype=np.uint8).to_filename(root / "mask.nii.gz")
+    from brainfv.data.store import write_manifest
+
+    write_manifest(root, files=["reference.nii.gz", "mask.nii.gz"])
     return root
 
 

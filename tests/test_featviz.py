@@ -346,3 +346,17 @@ def test_crop_plan_covers_every_neuron_of_a_sum():
     plan_a = plan_crop(m, a, SHAPE)
     assert plan is not None and all(p.start <= q.start and p.stop >= q.stop for p, q in zip(plan.box, plan_a.box))
     assert plan_crop(m, a + O.channel("block2.norm", [0]), SHAPE) is None  # a whole map: no crop
+
+
+def test_feature_accentuation_starts_from_a_subject_and_stays_near_it():
+    m = small_model()
+    subject = np.random.default_rng(9).normal(size=SHAPE).astype(np.float32)
+    kw = dict(shape=SHAPE, mask=np.ones(SHAPE, bool), real_volumes=[subject], test_volumes=[subject], seed=1, task="t",
+              regularizer="acc", steps=10, n_seeds=1, lr=0.01)
+    free = visualize_layer(m, "block2.norm", [1], {"init": "subject", "init_std": 0.0}, **kw)
+    anchored = visualize_layer(m, "block2.norm", [1], {"init": "subject", "init_std": 0.0, "anchor": 50.0}, **kw)
+    assert corr(free.images[0, 0], subject) > 0.9  # an accentuation of the subject, not a new image
+    assert np.abs(anchored.images[0, 0] - subject).mean() < np.abs(free.images[0, 0] - subject).mean()
+    assert (free.table["objective_end"] > free.table["objective_start"]).all()
+    tpl = visualize_layer(m, "block2.norm", [1], {"init": "template", "init_std": 0.0}, template=subject * 0.5, **kw)
+    assert corr(tpl.images[0, 0], subject) > 0.9

@@ -29,7 +29,7 @@ def test_cohort_manifest_describes_its_content(cohorts):
     assert m["n_volumes"] == 8 and m["shape"] == list(vols.shape[1:]) and m["dtype"] == "<f4"
     assert m["volumes_hash"] == hashlib.blake2b(vols.tobytes(), digest_size=32).hexdigest()
     assert m["participants_hash"] == file_hash(root / "a" / "participants.tsv")
-    assert set(m["files"]) == {"wm.npy", "reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz", "qc.tsv"}
+    assert set(m["files"]) == {"wm.npy", "reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz", "sex_effect_regional.nii.gz", "qc.tsv"}
     assert m["files"]["wm.npy"] == store_hash(root / "a" / "wm.npy")
     assert m["files"]["mask.nii.gz"] == file_hash(root / "a" / "mask.nii.gz")
 
@@ -48,6 +48,6 @@ def test_lesion_dataset_manifest(cohorts, tmp_path):
     m = Dataset(tmp_path / "les").manifest
     assert m["n_volumes"] == 16 and m["volumes_hash"] == store_hash(tmp_path / "les" / "volumes.npy")
     assert set(m["files"]) == {"lesion_masks.npy", "lesions.tsv", "lesion_frequency.nii.gz", "reference.nii.gz",
-                               "mask.nii.gz", "sex_effect.nii.gz"}
+                               "mask.nii.gz", "sex_effect.nii.gz", "sex_effect_regional.nii.gz"}
     assert m["files"]["lesion_masks.npy"] == store_hash(tmp_path / "les" / "lesion_masks.npy")
     assert Dataset(tmp_path / "les").fingerprint() not in (Dataset(root / "a").fingerprint(),)

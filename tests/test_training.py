@@ -90,3 +90,29 @@ def test_metrics():
     m = binary_metrics([0, 0, 1, 1], np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]]), 2)
     assert m["accuracy"] == 0.75 and m["balanced_accuracy"] == 0.75 and m["roc_auc"] == 1.0
     assert m["confusion_matrix"] == [[1, 1], [0, 2]]
+
+
+def test_new_data_retrains_from_scratch(tmp_path):
+    """A checkpoint left by a run on other data is never resumed: the epochs run again on the new data."""
+    tr = {**FAST, "epochs": 3}
+    old = toy_dataset(tmp_path / "toy", n=16, seed=0)
+    assert train_task(old, "toy", "label", ARCH, tr, 0, tmp_path / "o", tmp_path / "ck", stop_after_epoch=2) is None
+    assert (tmp_path / "ck" / "last.pt").exists()
+    toy_dataset(tmp_path / "toy", n=16, seed=1)  # the same folder, new content (as after a config change)
+    lines = []
+    m = train_task(old, "toy", "label", ARCH, tr, 0, tmp_path / "o", tmp_path / "ck", log=lines.append)
+    hist = pd.read_csv(tmp_path / "o" / "history.tsv", sep="\t")
+    assert list(hist["epoch"]) == [1, 2, 3] and m["epochs_run"] == 3
+    assert any("other data" in line for line in lines) and not any("resuming" in line for line in lines)
+    fresh = train_task(toy_dataset(tmp_path / "fresh", n=16, seed=1), "toy", "label", ARCH, tr, 0, tmp_path / "f",
+                       tmp_path / "ckf")
+    a, _ = load_checkpoint(tmp_path / "o" / "model.pt")
+    b, _ = load_checkpoint(tmp_path / "f" / "model.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert fresh["test"] == m["test"]
+
+
+def test_finished_run_leaves_no_checkpoint(tmp_path):
+    root = toy_dataset(tmp_path / "toy", n=16)
+    train_task(root, "toy", "label", ARCH, {**FAST, "epochs": 2}, 0, tmp_path / "o", tmp_path / "ck")
+    assert not (tmp_path / "ck" / "last.pt").exists()

@@ -347,3 +347,40 @@ def test_viewer_in_headless_chromium(page, tmp_path):
     finally:
         dt.close()
     print(f"browser test: {time.monotonic() - t0:.1f} s in {exe}; screenshots in {artifacts}")
+
+
+def check_page_in_browser(path, artifacts):
+    """Open a viewer page the study wrote in headless Chromium, offline: no console errors or requests, and
+    its first unit's panels show anatomy (skips without Chromium unless BRAINFV_REQUIRE_BROWSER=1)."""
+    exe = _find_browser()
+    if exe is None:
+        if os.environ.get("BRAINFV_REQUIRE_BROWSER") == "1":
+            pytest.fail("BRAINFV_REQUIRE_BROWSER=1 but no Chromium found")
+        print("no Chromium: the study's viewer page was not opened in a browser")
+        return
+    artifacts = Path(artifacts)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    dt = DevTools(exe, artifacts / "profile")
+    try:
+        target = dt.send("Target.createTarget", url="about:blank")["targetId"]
+        s = dt.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Runtime", "Log", "Network", "Page"):
+            dt.send(f"{domain}.enable", s)
+        dt.send("Network.emulateNetworkConditions", s, offline=True, latency=0, downloadThroughput=-1,
+                uploadThroughput=-1)
+        dt.send("Page.navigate", s, url=Path(path).resolve().as_uri())
+        dt.wait_event("Page.loadEventFired")
+        _wait_ready(dt, s)
+        stats = _evaluate(dt, s, _CANVAS_STATS)
+        drawn = [st for st in stats if st.get("canvas")]
+        assert drawn and all(st["lit"] > 0.05 for st in drawn), stats
+        (artifacts / "study-viewer.png").write_bytes(base64.b64decode(
+            dt.send("Page.captureScreenshot", s, format="png")["data"]))
+        try:
+            dt.wait_event("never.happens", timeout=0.5)
+        except TimeoutError:
+            pass
+        problems = _problems(dt.events)
+        assert not problems, "\n".join(problems)
+    finally:
+        dt.close()

@@ -42,6 +42,9 @@ def test_bad_config_fails_before_any_job(tmp_path):
     cfg.write_text("featviz: {layers: [{layer: block9.conv}]}\n")
     p = smk("-n", "--configfile", str(cfg), check=False)
     assert p.returncode != 0 and "block9.conv" in p.stdout + p.stderr
+    cfg.write_text("tasks: {sex: {dataset: cohort, target: sex, training: {epocs: 1}}}\n")  # a misspelt override
+    p = smk("-n", "--configfile", str(cfg), check=False)
+    assert p.returncode != 0 and "tasks.sex.training: unknown key(s) ['epocs']" in p.stdout + p.stderr
 
 
 def test_lint_clean():
@@ -59,7 +62,7 @@ def test_lint_clean():
 IMPORT_TO_PACKAGE = {"torch": "pytorch", "yaml": "pyyaml", "sklearn": "scikit-learn", "torchio": "torchio",
                      "nibabel": "nibabel", "nilearn": "nilearn", "numpy": "numpy", "scipy": "scipy",
                      "pandas": "pandas", "matplotlib": "matplotlib", "seaborn": "seaborn", "snakemake": None,
-                     "_setup": None, "brainfv": None}
+                     "_setup": None, "brainfv": None, "captum": "captum", "jsonschema": "jsonschema", "monai": None, "PIL": "pillow"}
 STDLIB = set(sys.stdlib_module_names)
 
 
@@ -141,61 +144,126 @@ def test_every_script_has_an_env_covering_its_imports():
             assert not missing, f"{script}: envs/{env}.yaml lacks {sorted(missing)}"
 
 
+def user_models(folder):
+    """Two models "trained elsewhere" for the tiny grid: a MONAI DenseNet saved as a state dict and a small CNN
+    exported to TorchScript; returns the config (YAML text) of two tasks that use them, and their layers."""
+    import torch
+    from monai.networks.nets import DenseNet
+    from torch import nn
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_features": 8, "growth_rate": 4,
+              "block_config": [2, 2], "bn_size": 2}
+    torch.save(DenseNet(**kwargs).state_dict(), folder / "densenet.pt")
+    cnn = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2), nn.Conv3d(4, 4, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    torch.jit.save(torch.jit.script(cnn), str(folder / "scripted.pt"))
+    study = yaml.safe_load((ROOT / "config/test.yaml").read_text())
+    for spec in study["featviz"]["layers"]:
+        spec["tasks"] = ["sex", "lesion"]
+    study["featviz"]["layers"] += [
+        {"layer": "features.denseblock1.denselayer2.layers.conv2", "units": 2, "tasks": ["densenet"]},
+        {"layer": "class_layers.out", "units": "all", "tasks": ["densenet"]},
+        {"layer": "3", "units": 2, "objective": "neuron", "tasks": ["scripted"]},
+        {"layer": "7", "units": "all", "tasks": ["scripted"]},
+    ]
+    cfg = {"tasks": {
+        "densenet": {"dataset": "cohort", "target": "sex", "model": {
+            "checkpoint": str(folder / "densenet.pt"), "format": "state_dict",
+            "architecture": {"name": "monai:DenseNet", "kwargs": kwargs}, "classes": ["F", "M"],
+            "input": {"shape": [20, 24, 20], "voxel_size": 8.0, "normalisation": "zscore-brain"}}},
+        "scripted": {"dataset": "lesions", "target": "lesion", "model": {
+            "checkpoint": str(folder / "scripted.pt"), "format": "torchscript", "classes": ["absent", "present"]}}},
+        "featviz": {"layers": study["featviz"]["layers"]}}
+    return yaml.safe_dump(cfg)
+
+
 @pytest.mark.workflow
 def test_tiny_study_end_to_end(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
     res = tmp_path / "res"
-    smk("--cores", "2", "--configfile", "config/test.yaml", "--config", f"results={res}")
+    extra = tmp_path / "user_models.yaml"
+    extra.write_text(user_models(tmp_path / "models"))
+    cfg = ["--configfile", "config/test.yaml", str(extra), "--config", f"results={res}"]
+    smk("--cores", "2", *cfg)
     parts = (res / "data/cohort/participants.tsv").read_text()
     assert "synthetic" in parts
     for t in ("sex", "lesion"):
         for role in ("main", "transfer"):
             m = json.loads((res / f"models/{t}/{role}/metrics.json").read_text())
             assert m["test"]["n"] > 0 and m["role"] == role
-    import nibabel as nib
-
     img = nib.load(res / "featviz/lesion/block2.norm/fourier/units.nii.gz")
     ref = nib.load(res / "data/cohort/reference.nii.gz")
-    assert img.shape == ref.shape + (2,) and (img.affine == ref.affine).all()
-    # a single unit on request: same seeds, so the same volume as in the batched job
+    assert img.shape == ref.shape + (4,) and (img.affine == ref.affine).all()  # 2 units x 2 seeds
+    assert nib.load(res / "featviz/lesion/block2.norm/fourier/randomized.nii.gz").shape == img.shape
+    # a single unit on request: same seeds, so the same volumes as in the batched job
     target = res / "featviz/lesion/block2.norm/fourier/unit-1.nii.gz"
-    smk(str(target), "--cores", "2", "--configfile", "config/test.yaml", "--config", f"results={res}")
-    import numpy as np
-
+    smk(str(target), "--cores", "2", *cfg)
     assert np.array_equal(nib.load(target).get_fdata()[..., 0], img.get_fdata()[..., 1])
-    # the report: every figure listed in the HTML
+    # models given by the user: described, checked, visualised, compared and reported without training
+    for task, out_layer in (("densenet", "class_layers.out"), ("scripted", "7")):
+        info = json.loads((res / f"models/{task}/provided/model.json").read_text())
+        assert info["output_layer"] == out_layer and not (res / f"models/{task}/main").exists()
+        assert (res / f"report/units_{task}_{out_layer}.png").exists()
+    # the comparison: raw, null and calibrated columns; the randomization check; CIs in the summary
+    table = pd.read_csv(res / "report/comparison.tsv", sep="\t")
+    vis = table[~table["regularizer"].str.startswith("attribution:")]
+    assert set(vis["regularizer"]) == {"fourier", "maco"} and vis["lesion_ncc"].notna().any()
+    for col in ("lesion_ncc_randomized", "lesion_ncc_other", "lesion_ncc_surrogate", "lesion_ncc_z",
+                "effect_corr_surrogate", "transfer_prob_surrogate", "act_matched_z"):
+        assert col in table, col
+    assert table["regularizer"].str.startswith("attribution:").any()  # the positive control
+    assert set(vis["task"]) == {"sex", "lesion", "densenet", "scripted"}
+    summary = pd.read_csv(res / "report/summary.tsv", sep="\t")
+    for col in ("mean", "ci_low", "ci_high", "null_randomized", "gain_randomized_low", "calibrated", "z",
+                "randomization_check"):
+        assert col in summary, col
+    assert set(pd.read_csv(res / "report/sanity.tsv", sep="\t")["randomization_check"]) <= {"pass", "fail", "n/a"}
+    # exemplars and attribution maps on the grid
+    ex = nib.load(res / "exemplars/lesion/block2.norm/exemplars.nii.gz")
+    assert ex.shape == ref.shape + (2 * 2,) and (ex.affine == ref.affine).all()
+    attr = nib.load(res / "attribution/sex/integrated_gradients.nii.gz")
+    assert attr.shape == ref.shape + (2,) and (attr.affine == ref.affine).all()
+    # the report: every figure and viewer listed in the HTML
     report = tmp_path / "report.html"
-    smk("--report", str(report), "--configfile", "config/test.yaml", "--config", f"results={res}")
+    smk("--report", str(report), *cfg)
     html = report.read_text(errors="replace")
-    for fig in ("metrics.png", "trajectories.png", "models.png", "featviz_lesion_classifier.png", "qc.png",
-                "examples.png", "learning_curve.png"):
+    for fig in ("metrics.png", "trajectories.png", "models.png", "signal_vs_null.png", "units_lesion_classifier.png",
+                "viewer_lesion_classifier.html", "qc.png", "examples.png", "learning_curve.png", "sanity.tsv"):
         assert fig in html, fig
     for fig in res.glob("report/*.png"):
         from matplotlib.image import imread
 
         assert imread(fig).shape[0] > 200, fig
-    table = __import__("pandas").read_csv(res / "report/comparison.tsv", sep="\t")
-    assert set(table["regularizer"]) == {"fourier", "maco"} and table["lesion_ncc"].notna().any()
+    from test_viewer import check_page_in_browser
+
+    check_page_in_browser(res / "report/viewer_lesion_classifier.html", tmp_path / "shots")
     # nothing to do on a rerun (cached outputs)
-    p = smk("-n", "--configfile", "config/test.yaml", "--config", f"results={res}")
+    p = smk("-n", *cfg)
     assert "Nothing to be done" in p.stdout + p.stderr
     # every file a visualize / compare job reads is a declared input: a newer one reruns the job
-    vis = res / "featviz/lesion/block2.norm/fourier/units.tsv"
+    vis_target = res / "featviz/lesion/block2.norm/fourier/units.tsv"
     for f in ("models/lesion/main/model.pt", "data/lesions/participants.tsv", "data/lesions/volumes.npy",
               "data/lesions/mask.nii.gz", "data/lesions/reference.nii.gz"):
-        assert_newer_input_reruns(res, res / f, vis, "visualize")
+        assert_newer_input_reruns(cfg, res / f, vis_target, "visualize")
     comp = res / "report/comparison.tsv"
     for f in ("featviz/sex/classifier/maco/units.nii.gz", "featviz/lesion/block2.norm/fourier/units.tsv",
-              "models/sex/main/model.pt", "models/lesion/transfer/model.pt", "data/cohort/participants.tsv",
-              "data/lesions/volumes.npy", "data/cohort/mask.nii.gz", "data/lesions/reference.nii.gz",
-              "data/cohort/sex_effect.nii.gz"):
-        assert_newer_input_reruns(res, res / f, comp, "compare_regularizers")
+              "featviz/sex/classifier/maco/randomized.nii.gz", "models/sex/main/metrics.json",
+              "models/lesion/transfer/model.pt", "data/cohort/participants.tsv", "data/lesions/volumes.npy",
+              "data/cohort/mask.nii.gz", "data/lesions/lesion_masks.npy", "data/cohort/sex_effect_regional.nii.gz",
+              "attribution/sex/saliency.nii.gz"):
+        assert_newer_input_reruns(cfg, res / f, comp, "compare_regularizers")
 
 
-def assert_newer_input_reruns(res, path, target, rule):
+def assert_newer_input_reruns(cfg, path, target, rule):
     st = path.stat()
     os.utime(path, (st.st_atime + 3600, st.st_mtime + 3600))
     try:
-        p = smk("-n", str(target), "--configfile", "config/test.yaml", "--config", f"results={res}")
+        p = smk("-n", str(target), *cfg)
         assert re.search(rf"^{rule}\s+1$", p.stdout, re.M), f"a newer {path.name} does not rerun {rule}"
     finally:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -64,25 +64,7 @@ def build_parser():
     units.add_argument("--shape", nargs=3, type=_positive_int, metavar=("X", "Y", "Z"),
                        help="input grid in voxels (default: the grid stored in a brainfv checkpoint or the "
                             "spec's input.shape)")
-    units.add_argument("--in-channels", type=_positive_int, default=None, metavar="C",
-                       help="input channels (default: the spec's input.channels, else 1)")
-    units.add_argument("--format", choices=["auto", "torchscript", "state_dict", "full", "brainfv"],
-                       default=None, help="file format (default: auto, detected from the file's content)")
-    units.add_argument("--architecture", metavar="NAME",
-                       help="network to load weights into: monai:<Name> (e.g. monai:DenseNet121) or "
-                            "module.path:ClassName; needed for state dicts")
-    units.add_argument("--kwargs", type=_json_object, default=None, metavar="JSON",
-                       help="keyword arguments of the architecture as a JSON object, e.g. "
-                            "'{\"spatial_dims\": 3, \"in_channels\": 1, \"out_channels\": 2}'")
-    units.add_argument("--state-dict-key", metavar="KEY",
-                       help="entry of the checkpoint that holds the weights (default: found automatically "
-                            "among state_dict, model_state_dict, model, net, ...); 'a.b' for nested entries")
-    units.add_argument("--strip-prefix", metavar="PREFIX",
-                       help="prefix to remove from every weight name (default: 'module.' and '_orig_mod.' "
-                            "are removed automatically)")
-    units.add_argument("--allow-pickle", action="store_true",
-                       help="allow unpickling (format full, or checkpoints holding Python objects); this "
-                            "executes code from the file: only for files you trust")
+    _add_model_options(units)
     units.add_argument("--layers-only-with-channels", action="store_true",
                        help="leave out layers whose output has no channel dimension")
     units.add_argument("--spatial-only", action="store_true",
@@ -91,12 +73,61 @@ def build_parser():
     units.add_argument("--device", default="cpu", help="torch device for the probe pass (default: cpu)")
     units.set_defaults(func=_cmd_units)
 
-    # ------------------------------------------------------------------------------------------------
-    # `brainfv visualize` goes here (lead engineer): a subparser that loads the model like `units`
-    # (brainfv.model_io.load_model), checks it against the cohort (check_model_input) and renders units.
-    # Not registered until it is implemented.
-    # ------------------------------------------------------------------------------------------------
+    vis = sub.add_parser(
+        "visualize", help="optimise inputs that maximise units of one layer, without Snakemake",
+        description="Activation maximization of one layer's units under one regularization preset, on the grid\n"
+                    "of a brainfv dataset folder (its mask, real volumes for MACO and for the activation at\n"
+                    "matched amplitude). Writes the same files as the workflow's visualize rule: units.nii.gz\n"
+                    "(4D: seeds x units, seed-major, on the dataset's MNI grid), units.tsv (one row per unit and\n"
+                    "seed) and trajectory.tsv; with --randomized also randomized.nii.gz (the same request on the\n"
+                    "network with re-initialised weights: the model-randomization check).",
+        epilog=_VISUALIZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    vis.add_argument("model", metavar="MODEL", help="model file or model spec, as for 'brainfv units'")
+    vis.add_argument("--dataset", required=True, type=Path, metavar="DIR",
+                     help="a brainfv dataset folder (e.g. results/data/cohort): participants.tsv, volumes.npy, "
+                          "mask.nii.gz, reference.nii.gz")
+    vis.add_argument("--layer", required=True, help="module name (see 'brainfv units')")
+    vis.add_argument("--units", default="all", type=_units_spec, metavar="SPEC",
+                     help="'all', a count N (the first N) or a comma-separated list of channels (default: all)")
+    vis.add_argument("--objective", default="channel", choices=["channel", "neuron", "probability", "contrast"])
+    vis.add_argument("--preset", default="fourier", metavar="NAME",
+                     help="a preset of the config's featviz.regularizers (default: fourier), or JSON such as "
+                          "'{\"param\": \"maco\", \"jitter\": 2}'")
+    vis.add_argument("--config", type=Path, metavar="YAML", help="a study config whose presets --preset may name")
+    vis.add_argument("--steps", type=_positive_int, default=None, help="Adam steps (default: the config's)")
+    vis.add_argument("--seeds", type=_positive_int, default=None, help="optimisation seeds per unit")
+    vis.add_argument("--lr", type=float, default=None)
+    vis.add_argument("--seed", type=int, default=None, help="the study seed (default: the config's)")
+    vis.add_argument("--randomized", action="store_true",
+                     help="also optimise the same request on the network with re-initialised weights")
+    vis.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the outputs")
+    _add_model_options(vis)
+    vis.add_argument("--device", default="auto", help="torch device (default: auto, CUDA if present)")
+    vis.set_defaults(func=_cmd_visualize)
     return parser
+
+
+def _add_model_options(p):
+    """The options that say how to load MODEL (shared by every command that takes one)."""
+    p.add_argument("--in-channels", type=_positive_int, default=None, metavar="C",
+                       help="input channels (default: the spec's input.channels, else 1)")
+    p.add_argument("--format", choices=["auto", "torchscript", "state_dict", "full", "brainfv"],
+                       default=None, help="file format (default: auto, detected from the file's content)")
+    p.add_argument("--architecture", metavar="NAME",
+                       help="network to load weights into: monai:<Name> (e.g. monai:DenseNet121) or "
+                            "module.path:ClassName; needed for state dicts")
+    p.add_argument("--kwargs", type=_json_object, default=None, metavar="JSON",
+                       help="keyword arguments of the architecture as a JSON object, e.g. "
+                            "'{\"spatial_dims\": 3, \"in_channels\": 1, \"out_channels\": 2}'")
+    p.add_argument("--state-dict-key", metavar="KEY",
+                       help="entry of the checkpoint that holds the weights (default: found automatically "
+                            "among state_dict, model_state_dict, model, net, ...); 'a.b' for nested entries")
+    p.add_argument("--strip-prefix", metavar="PREFIX",
+                       help="prefix to remove from every weight name (default: 'module.' and '_orig_mod.' "
+                            "are removed automatically)")
+    p.add_argument("--allow-pickle", action="store_true",
+                       help="allow unpickling (format full, or checkpoints holding Python objects); this "
+                            "executes code from the file: only for files you trust")
 
 
 def main(argv=None):
@@ -164,6 +195,84 @@ def _cmd_units(args):
         _write_tsv(rows, args.tsv)
         print(f"table written to {args.tsv}")
     return 0
+
+
+_VISUALIZE_EXAMPLES = """\
+examples:
+  # two units of a study model's layer, Fourier preset, on the study's cohort
+  brainfv visualize results/models/lesion/main/model.pt --dataset results/data/lesions \\
+      --layer block4.norm --units 0,3 --preset fourier --out fv/
+
+  # a MONAI network given as weights, MACO preset from JSON, with the randomization control
+  brainfv visualize densenet.pt --architecture monai:DenseNet121 \\
+      --kwargs '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2}' --dataset results/data/cohort \\
+      --layer features.denseblock2 --units 8 --preset '{"param": "maco", "jitter": 2}' --randomized --out fv/
+"""
+
+
+def _units_spec(text):
+    if text == "all":
+        return "all"
+    try:
+        if "," in text:
+            return [int(t) for t in text.split(",") if t.strip()]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all', a count or a list like 0,3,5; got {text!r}") from None
+
+
+def _cmd_visualize(args):
+    from . import config as C
+    from .errors import ConfigError
+    from .featviz.study import visualize_job
+    from .job import Job
+
+    cfg = {}
+    if args.config:
+        import yaml
+
+        if not args.config.is_file():
+            raise ConfigError(f"--config: file not found: {args.config}")
+        cfg = yaml.safe_load(args.config.read_text()) or {}
+    cfg = C.complete(cfg)
+    fv = cfg["featviz"]
+    if args.preset.lstrip().startswith("{"):
+        preset = C.Preset.from_config(json.loads(args.preset), "--preset").as_dict()
+    elif args.preset in fv["regularizers"]:
+        preset = fv["regularizers"][args.preset]
+    else:
+        raise ConfigError(f"--preset {args.preset!r}: not a preset of the config (featviz.regularizers: "
+                          f"{sorted(fv['regularizers'])}); give one of them or a JSON preset")
+    spec, where = _spec_from_args(args)
+    ds = args.dataset
+    inputs = {"model": spec.pop("checkpoint"), **{k: str(ds / f) for k, f in (
+        ("participants", "participants.tsv"), ("volumes", "volumes.npy"), ("mask", "mask.nii.gz"),
+        ("reference", "reference.nii.gz"))}}
+    for k, f in inputs.items():
+        if not Path(f).exists():
+            raise ConfigError(f"--dataset: {f} not found (expected a brainfv dataset folder)")
+    name = args.preset if not args.preset.lstrip().startswith("{") else "custom"
+    request = {"only_unit": None, "task": "cli", "layer": args.layer, "module": args.layer, "regularizer": name,
+               "units": args.units, "objective": args.objective, "preset": preset,
+               "steps": args.steps or fv["steps"], "lr": args.lr or fv["lr"], "n_seeds": args.seeds or fv["seeds"],
+               "n_real": fv["n_real"], "micro_batch": fv["micro_batch"], "device": args.device,
+               "seed": cfg["seed"] if args.seed is None else args.seed, "randomized": args.randomized}
+    out = args.out
+    outputs = {"nifti": str(out / "units.nii.gz"), "table": str(out / "units.tsv"),
+               "trajectory": str(out / "trajectory.tsv")}
+    if args.randomized:
+        outputs["randomized"] = str(out / "randomized.nii.gz")
+    job = Job(input=inputs, output=outputs, params={"request": request, "model": spec, "model_key": where},
+              threads=_threads(), log=lambda m: print(m, flush=True), rule="visualize")
+    visualize_job(job)
+    print("written: " + ", ".join(outputs.values()))
+    return 0
+
+
+def _threads():
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _spec_from_args(args):

@@ -139,11 +139,9 @@ def check(cfg):
     total = sum(splits.values())
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"config key cohort.splits: fractions must sum to 1, got {splits} (sum {total:.3f})")
-    src = cfg["cohort"]["source"]
-    if src == "bids" and not cfg["cohort"]["bids"]["root"]:
-        raise ConfigError("config key cohort.bids.root: required when cohort.source is 'bids'")
-    if src == "csv" and not cfg["cohort"]["csv"]["table"]:
-        raise ConfigError("config key cohort.csv.table: required when cohort.source is 'csv'")
+    from .data.sources import check_source
+
+    check_source(cfg["cohort"])
     for key in ("diameter_mm", "contrast", "count"):
         lo, hi = cfg["lesions"][key]
         if lo > hi:
@@ -296,6 +294,7 @@ class Preset(Section):
     param: str = _d("preset.param")
     decay: float = _d("preset.decay")
     init: str = _d("preset.init")
+    anchor: float = _d("preset.anchor")
     init_std: float = _d("preset.init_std")
     range: str | None = _d("preset.range")
     bound: float = _d("preset.bound")

@@ -47,13 +47,14 @@ def run(fn, smk):
     the job with their one-line message instead of a traceback. SIGTERM (a cluster's time limit,
     ``snakemake`` being stopped) is turned into an exception, so temporary files are removed."""
     from .errors import BrainFVError
-    from .utils import get_logger
+    from .utils import get_logger, terminate_cleanly
 
     logger = get_logger("brainfv", smk.log[0] if len(smk.log) else None)
     logger.info(f"rule {smk.rule} {dict(smk.wildcards)} threads={smk.threads}")
     job = Job.from_snakemake(smk, logger.info)
     try:
-        fn(job)
+        with terminate_cleanly():
+            fn(job)
     except BrainFVError as e:
         logger.error(f"{type(e).__name__}: {e}")
         raise SystemExit(f"brainfv {smk.rule}: {e}")

@@ -68,9 +68,14 @@ NORMALISATIONS = {
 _NORMALISATION_ALIASES = {"z-score within brain mask": "zscore-brain", "zscore_brain": "zscore-brain",
                           "raw": "none", None: None}
 
-_SPEC_KEYS = {"checkpoint", "format", "architecture", "state_dict_key", "strip_prefix", "allow_pickle", "input",
-              "classes"}
-_INPUT_KEYS = {"shape", "voxel_size", "normalisation", "channels"}
+def _schema_keys(path):
+    from .config import node
+
+    return set(node(path)["properties"])
+
+
+_SPEC_KEYS = _schema_keys("model_spec")  # one definition: the config schema's $defs.model_spec
+_INPUT_KEYS = _schema_keys("model_spec.input")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights", "module")
 _AUTO_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 _PICKLE_ADVICE = ("Unpickling executes arbitrary code from the file. Prefer a TorchScript export "
@@ -832,3 +837,80 @@ def hookable(model):
     if isinstance(model, TorchScriptModel) or not isinstance(model, torch.jit.ScriptModule):
         return model
     return TorchScriptModel(model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the workflow: models of tasks, trained by the study or given by the user
+# ----------------------------------------------------------------------------------------------------------
+
+def find_output_layer(model, input_shape, device="cpu"):
+    """The module that produces the model's output (the class logits): the innermost module whose output
+    *is* the tensor the model returns, on one zero input of ``input_shape`` (C, X, Y, Z); None if no module
+    returns it as it is (e.g. a final functional op)."""
+    hits = []
+    handles = [m.register_forward_hook(lambda mod, i, o, name=name: hits.append((name, o)))
+               for name, m in model.named_modules() if name]
+    try:
+        with _eval_mode(model), torch.no_grad():
+            out = model(torch.zeros((1,) + tuple(input_shape), device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    for name, o in hits:  # hooks fire innermost first
+        if o is out:
+            return name
+    return None
+
+
+def task_model(job, device="cpu"):
+    """A job's model: ``job.input["model"]`` loaded as the spec in ``job.params["model"]`` says (a study
+    checkpoint when there is none); returns ``(model, info)``."""
+    spec = {**(job.params.get("model") or {"format": "brainfv"}), "checkpoint": job.input["model"]}
+    where = job.params.get("model_key", "model")
+    return load_model(spec, device=device, where=where)
+
+
+def describe_job(job):
+    """The ``describe_model`` rule, for a task whose model the user gives: load it, check it against the cohort
+    grid (its stated input and a probe forward), find its output layer, and write what the other rules need
+    (``info``: JSON with task, target, classes, output_layer, format, cohort) and its layers (``units``: TSV).
+
+    Inputs: ``model`` and the dataset's ``participants``, ``reference``. Params: ``task``, ``target``,
+    ``model`` (the spec without ``checkpoint``), ``model_key`` (its config key).
+    """
+    import nibabel as nib
+    import pandas as pd
+
+    from .data.grid import Grid
+    from .featviz.units import describe_units
+    from .utils import atomic_path, write_json
+
+    p, log = job.params, job.log
+    where = p["model_key"]
+    model, info = task_model(job)
+    grid = Grid.from_image(nib.load(job.input["reference"]))
+    parts = pd.read_csv(job.input["participants"], sep="\t", dtype=str)
+    if p["target"] not in parts:
+        raise ConfigError(f"tasks.{p['task']}.target: column {p['target']!r} is not in the dataset's participants "
+                          f"table (columns: {list(parts.columns)})")
+    values = sorted(parts.loc[parts["split"] == "train", p["target"]].dropna().unique())
+    classes = list(info.get("classes") or values)
+    out_shape = check_model_input({**info, "classes": classes}, grid.shape, grid.voxel_size, model, where=where)
+    unknown = [c for c in classes if c not in set(parts[p["target"]].dropna())]
+    if unknown:
+        raise ConfigError(f"{where}.classes: {unknown} never occur in the task's target column {p['target']!r} "
+                          f"(values: {values}); name the model's outputs with the dataset's labels")
+    channels = int((info.get("input") or {}).get("channels") or 1)
+    out_layer = p["model"].get("output_layer") or find_output_layer(model, (channels,) + tuple(grid.shape))
+    if out_layer is None:
+        log("no module returns the model's output as it is: class-logit metrics and attributions are left out")
+    rows = describe_units(model, (channels,) + tuple(grid.shape))
+    with atomic_path(job.output["units"]) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, sep="\t", index=False)
+    cohort = str(parts["cohort"].iloc[0]) if "cohort" in parts else ""
+    write_json({"task": p["task"], "target": p["target"], "classes": classes, "output_layer": out_layer,
+                "format": info["format"], "architecture": info.get("architecture"), "checkpoint": info["checkpoint"],
+                "n_parameters": info.get("n_parameters"), "output_shape": list(out_shape or ()), "cohort": cohort,
+                "role": "provided", "notes": info.get("notes", [])}, job.output["info"])
+    log(f"task {p['task']}: {info['format']} model {info.get('architecture')} ({info.get('n_parameters')} parameters), "
+        f"classes {classes}, output layer {out_layer!r}; {len(rows)} layers listed in {job.output['units']}")

@@ -13,7 +13,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import ConfigError
 
-__all__ = ["ConvBlock", "BrainCNN", "build_model", "save_checkpoint", "load_checkpoint"]
+__all__ = ["ConvBlock", "BrainCNN", "build_model", "frozen", "save_checkpoint", "load_checkpoint"]
 
 _DEFAULT = ModelConfig()  # the schema's defaults
 _ACT = {"relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "gelu": nn.GELU}
@@ -87,6 +87,23 @@ def build_model(arch=None, n_classes=2):
     """A :class:`BrainCNN` from an architecture dict (config ``model`` section, validated against the schema)."""
     a = ModelConfig.from_config(arch, "model").as_dict()
     return BrainCNN(**a, n_classes=n_classes)
+
+
+def frozen(model, device=None, copy=True):
+    """An eval-mode model (a copy unless ``copy=False``) on ``device`` whose parameters need no gradient, with
+    5D weights in channels-last 3D layout (how every 3D convolution here runs fastest on the CPU: e.g.
+    integrated gradients 6.3 instead of 8.5 s a volume, a forward pass to block4.norm 0.09-0.15 instead of
+    0.15-0.29 s; benchmarks/training.py). For optimising or attributing inputs; the caller's model is
+    untouched."""
+    import copy as _copy
+
+    m = _copy.deepcopy(model) if copy else model
+    if device is not None:
+        m = m.to(device)
+    m = m.eval().to(memory_format=torch.channels_last_3d)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
 
 
 def save_checkpoint(path, model, **meta):

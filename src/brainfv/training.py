@@ -244,17 +244,6 @@ def checkpoint_key(**parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def dataset_content(ds):
-    """What identifies a dataset's content: its manifest's hashes when it has one, else its participants table
-    and the volume store's size and modification time (a rewritten store is new content)."""
-    manifest = ds.root / "manifest.json"
-    if manifest.exists():
-        return hashlib.sha256(manifest.read_bytes()).hexdigest()
-    vol = (ds.root / "volumes.npy").stat()
-    table = hashlib.sha256((ds.root / "participants.tsv").read_bytes()).hexdigest()
-    return f"{table}:{vol.st_size}:{vol.st_mtime_ns}"
-
-
 class Checkpointer:
     """The resumable state of one training run in ``folder/last.pt``, valid only for ``key``."""
 
@@ -408,7 +397,7 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
     n_train = counts["train"]
     weights = torch.tensor([sum(n_train) / (len(classes) * max(c, 1)) for c in n_train], dtype=torch.float32)
     key = checkpoint_key(arch=arch, training=cfg.as_dict(), seed=run_seed, classes=classes, bootstrap=bootstrap,
-                         data=dataset_content(ds), subjects=len(df))
+                         data=ds.fingerprint(), subjects=len(df))
     checkpointer = Checkpointer(checkpoint_dir, key, log)
     t_start = time.perf_counter()
     with torch.random.fork_rng(devices=[]), compute_settings(device, deterministic_cpu=True):
@@ -430,12 +419,13 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
             "seed": run_seed, "grid": {"shape": list(grid.shape), "voxel_size": grid.voxel_size,
                                        "origin": list(grid.origin)},
             "normalisation": "z-score within brain mask", "dataset": str(dataset_dir), "best_epoch": best_epoch,
-            "bootstrap": bool(bootstrap)}
+            "bootstrap": bool(bootstrap), "output_layer": "classifier"}
     metrics = {"task": task, "target": target, "classes": classes, "replicate": replicate, "role": role,
                "test": test, "val": val, "best_epoch": best_epoch, "epochs_run": len(history),
                "train_seconds": float(sum(h["seconds"] for h in history)),
                "mean_samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
-               "device": str(device), "cohort": str(parts["cohort"].iloc[0]) if "cohort" in parts else ""}
+               "device": str(device), "cohort": str(parts["cohort"].iloc[0]) if "cohort" in parts else "",
+               "output_layer": "classifier"}
     te = splits["test"]
     pred = pd.DataFrame({"subject": te["subject"].to_numpy(), "split": "test", "label": te[target].to_numpy(),
                          "y": te["y"].to_numpy(), "predicted": [classes[i] for i in test_prob.argmax(1)]})
@@ -460,7 +450,7 @@ def train_job(job):
     torch.set_num_threads(job.threads)
     s = job.params["spec"]
     out = Path(job.output["model"]).parent
-    metrics = train_task(job.folder("volumes", "participants", "reference"), s["task"], s["target"], s["arch"],
+    metrics = train_task(job.folder("volumes", "participants", "reference", "manifest"), s["task"], s["target"], s["arch"],
                          s["training"], s["seed"], out, job.params["checkpoint_dir"], log=job.log,
                          replicate=0 if s["role"] == "main" else 1, role=s["role"], bootstrap=s["bootstrap"])
     history = pd.read_csv(job.output["history"], sep="\t")

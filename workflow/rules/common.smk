@@ -32,8 +32,9 @@ CHECKPOINTS = f"{R}/.checkpoints"  # resumable training state: not a rule output
 #: the files of a dataset folder, by kind (the lesion dataset has the lesion files too)
 DATASET_FILES = {"volumes": "volumes.npy", "participants": "participants.tsv", "reference": "reference.nii.gz",
                  "mask": "mask.nii.gz", "sex_effect": "sex_effect.nii.gz",
-                 "sex_effect_regional": "sex_effect_regional.nii.gz", "lesion_masks": "lesion_masks.npy"}
-OUTPUT_LAYER = "classifier"  # the study network's logits (brainfv.models.BrainCNN)
+                 "sex_effect_regional": "sex_effect_regional.nii.gz", "lesion_masks": "lesion_masks.npy",
+                 "manifest": "manifest.json"}
+
 
 
 def env(name):
@@ -62,12 +63,35 @@ def per_task(kind):
 
 
 def model_and_dataset(*kinds):
-    """Input function: the task's visualised model and the named files of its dataset."""
-    return lambda wc: {"model": model_file(wc.task), **dataset_files(wc.task, *kinds)}
+    """Input function: the task's visualised model, its description (for a given model: checked against the
+    cohort first) and the named files of its dataset."""
+    return lambda wc: {"model": model_file(wc.task), "info": model_info(wc.task), **dataset_files(wc.task, *kinds)}
+
+
+def provided(task):
+    """Whether ``task`` visualises a model the user gives (``tasks.<task>.model``) instead of training one."""
+    return task in config["tasks"] and "model" in config["tasks"][task]
 
 
 def model_file(task, role="main", name="model.pt"):
+    """A task's model file: the user's checkpoint for a given model, else a file of a trained one."""
+    if provided(task) and role == "main" and name == "model.pt":
+        return config["tasks"][task]["model"]["checkpoint"]
     return f"{MODEL.format(task=task, role=role)}/{name}"
+
+
+def model_param(task):
+    """How jobs load ``task``'s model (brainfv.model_io.load_model): the user's spec, or a study checkpoint."""
+    if provided(task):
+        return {k: v for k, v in config["tasks"][task]["model"].items() if k != "checkpoint"}
+    return {"format": "brainfv"}
+
+
+def model_info(task):
+    """The JSON naming a task's model's target, classes and output layer (read by the jobs after training)."""
+    if provided(task):
+        return f"{MODEL.format(task=task, role='provided')}/model.json"
+    return model_file(task, "main", "metrics.json")
 
 
 def featviz_file(entry, name):
@@ -81,19 +105,27 @@ def data_params(*sections):
 
 
 def cohort_inputs(wildcards):
-    src = config["cohort"]["source"]
-    if src == "csv":
-        return {"table": config["cohort"]["csv"]["table"]}
-    if src == "bids":
-        root = Path(config["cohort"]["bids"]["root"])
-        return {"participants": str(root / config["cohort"]["bids"]["participants"])}
-    return {}
+    """Every file the cohort is built from (tables, images, masks): an added, removed or replaced image
+    reruns the cohort and everything after it."""
+    from brainfv.data.sources import source_files
+
+    return source_files(config["cohort"])
 
 
-def roles():
-    """The models trained per task: ``main`` (visualised) and, if enabled, ``transfer`` (an independent
-    model on which class-logit visualizations are tested)."""
+def roles(task):
+    """The models trained for ``task``: ``main`` (visualised) and, if enabled, ``transfer`` (an independent
+    model on which class-logit visualizations are tested); none for a given model."""
+    if provided(task):
+        return []
     return ["main"] + (["transfer"] if config["transfer"]["enabled"] else [])
+
+
+def trained_tasks():
+    return [t for t in config["tasks"] if not provided(t)]
+
+
+def transfer_tasks():
+    return [t for t in config["tasks"] if "transfer" in roles(t)]
 
 
 def model_spec(task, role):
@@ -132,6 +164,9 @@ def layer_unit_count(task, layer):
     from brainfv.arch import layer_units, resolve_units
 
     spec = layer_spec(task, layer)
+    if provided(task):  # the layers of a given model are known to its describe_model job, not to the DAG
+        return len(spec["units"]) if isinstance(spec["units"], list) else (
+            spec["units"] if isinstance(spec["units"], int) else 16)
     units = layer_units(config["model"])
     if spec["layer"] not in units:
         raise ValueError(f"config key featviz.layers: layer {spec['layer']!r} is not in the model; layers: {list(units)}")
@@ -152,6 +187,10 @@ def visualize_request(wc, unit=None):
             "preset": fv["regularizers"][wc.regularizer], "steps": fv["steps"], "lr": fv["lr"],
             "n_seeds": layer_seeds(wc.task, wc.layer), "n_real": fv["n_real"], "micro_batch": fv["micro_batch"],
             "device": fv["device"], "seed": config["seed"], "randomized": config["compare"]["randomized"]}
+
+
+def model_params(wc):
+    return {"model": model_param(wc.task), "model_key": f"tasks.{wc.task}.model"}
 
 
 def exemplars_request(wc):
@@ -194,12 +233,51 @@ def grid_keys():
 
 
 def model_targets():
-    return [model_file(t, r, "learning_curve.png") for t in config["tasks"] for r in roles()]
+    return [model_file(t, r, "learning_curve.png") for t in config["tasks"] for r in roles(t)] + [
+        model_info(t) for t in config["tasks"] if provided(t)]
 
 
 def data_targets():
     return [dataset_file("cohort", "participants").replace("participants.tsv", "qc.png"),
             f"{DATASET.format(dataset='lesions')}/examples.png"]
+
+
+def exemplar_source(task, layer):
+    """The exemplars shown beside a request: its own, or those of a request on the same layer that has them."""
+    layer_name = layer_spec(task, layer)["layer"]
+    for lid in exemplar_layers(task):
+        if lid == layer or (layer_spec(task, lid)["layer"] == layer_name and layer not in exemplar_layers(task)):
+            return lid
+    return None
+
+
+def unit_figure_inputs(wc):
+    """What a request's figure and viewer show: its visualizations under every preset, its exemplars and, for
+    the model's output units, the attribution maps."""
+    regs = regularizer_names()
+    entry = lambda r: {"task": wc.task, "layer": wc.layer, "regularizer": r}  # noqa: E731
+    out = {"niftis": [featviz_file(entry(r), "units.nii.gz") for r in regs],
+           "tables": [featviz_file(entry(r), "units.tsv") for r in regs],
+           "mask": dataset_file(task_dataset(wc.task), "mask"),
+           "reference": dataset_file(task_dataset(wc.task), "reference"),
+           "info": model_info(wc.task)}
+    ex = exemplar_source(wc.task, wc.layer)
+    if ex:
+        out["exemplars"] = f"{EXEMPLARS.format(task=wc.task, layer=ex)}/exemplars.nii.gz"
+        out["exemplar_table"] = f"{EXEMPLARS.format(task=wc.task, layer=ex)}/exemplars.tsv"
+    out["attributions"] = [f"{ATTRIBUTION.format(task=wc.task)}/{m}.nii.gz" for m in config["attribution"]["methods"]]
+    return out
+
+
+def unit_figure_params(wc):
+    spec = layer_spec(wc.task, wc.layer)
+    return {"task": wc.task, "layer": wc.layer, "module": spec["layer"], "regularizers": regularizer_names(),
+            "methods": config["attribution"]["methods"]}
+
+
+def unit_figure_targets():
+    return [f"{REPORT}/{kind}_{k[0]}_{k[1]}.{ext}" for k in grid_keys()
+            for kind, ext in (("units", "png"), ("viewer", "html"))]
 
 
 def exemplar_targets():
@@ -208,4 +286,4 @@ def exemplar_targets():
 
 def all_targets():
     return data_targets() + model_targets() + [featviz_file(e, "units.tsv") for e in featviz_entries()] + \
-        exemplar_targets() + attribution_files()[1] + [f"{REPORT}/metrics.png"]
+        exemplar_targets() + attribution_files()[1] + unit_figure_targets() + [f"{REPORT}/metrics.png"]

@@ -3,7 +3,7 @@
 
 rule prepare_cohort:
     input:
-        unpack(cohort_inputs),
+        cohort_inputs,
     output:
         volumes=dataset_file("cohort", "volumes"),
         wm=f"{DATASET.format(dataset='cohort')}/wm.npy",
@@ -13,6 +13,7 @@ rule prepare_cohort:
         mask=dataset_file("cohort", "mask"),
         sex_effect=dataset_file("cohort", "sex_effect"),
         sex_effect_regional=dataset_file("cohort", "sex_effect_regional"),
+        manifest=dataset_file("cohort", "manifest"),
         figure=report(f"{DATASET.format(dataset='cohort')}/qc.png", caption="../report/cohort_qc.rst",
                       category="1. Data"),
     params:
@@ -33,7 +34,7 @@ rule prepare_cohort:
 
 rule synthesize_lesions:
     input:
-        **{k: v for k, v in rules.prepare_cohort.output.items() if k not in ("figure", "qc")},
+        **{k: v for k, v in rules.prepare_cohort.output.items() if k not in ("figure", "qc", "manifest")},
     output:
         volumes=dataset_file("lesions", "volumes"),
         masks=dataset_file("lesions", "lesion_masks"),
@@ -44,6 +45,7 @@ rule synthesize_lesions:
         mask=dataset_file("lesions", "mask"),
         sex_effect=dataset_file("lesions", "sex_effect"),
         sex_effect_regional=dataset_file("lesions", "sex_effect_regional"),
+        manifest=dataset_file("lesions", "manifest"),
         figure=report(f"{DATASET.format(dataset='lesions')}/examples.png", caption="../report/lesion_examples.rst",
                       category="1. Data"),
     params:

@@ -13,6 +13,8 @@ rule visualize:
         trajectory=f"{FEATVIZ}/trajectory.tsv",
     params:
         request=lambda wc: visualize_request(wc),
+        model=lambda wc: model_param(wc.task),
+        model_key=lambda wc: f"tasks.{wc.task}.model",
     wildcard_constraints:
         layer=r"[^/]+",
         regularizer=r"[^/]+",
@@ -45,6 +47,8 @@ rule visualize_unit:
         table=f"{FEATVIZ}/unit-{{unit}}.tsv",
     params:
         request=lambda wc: visualize_request(wc, int(wc.unit)),
+        model=lambda wc: model_param(wc.task),
+        model_key=lambda wc: f"tasks.{wc.task}.model",
     wildcard_constraints:
         layer=r"[^/]+",
         regularizer=r"[^/]+",
@@ -69,6 +73,8 @@ rule exemplars:
         table=f"{EXEMPLARS}/exemplars.tsv",
     params:
         request=lambda wc: exemplars_request(wc),
+        model=lambda wc: model_param(wc.task),
+        model_key=lambda wc: f"tasks.{wc.task}.model",
     wildcard_constraints:
         layer=r"[^/]+",
     log:
@@ -94,6 +100,8 @@ rule attribute:
         **{m: f"{ATTRIBUTION}/{m}.nii.gz" for m in config["attribution"]["methods"]},
         table=f"{ATTRIBUTION}/attribution.tsv",
     params:
+        model=lambda wc: model_param(wc.task),
+        model_key=lambda wc: f"tasks.{wc.task}.model",
         methods=config["attribution"]["methods"],
         n_steps=config["attribution"]["n_steps"],
         max_per_class=config["attribution"]["max_per_class"],

@@ -6,10 +6,11 @@ rule compare_regularizers:
         niftis=[featviz_file(e, "units.nii.gz") for e in featviz_entries()],
         randomized=[featviz_file(e, "randomized.nii.gz") for e in featviz_entries()] if config["compare"]["randomized"] else [],
         tables=[featviz_file(e, "units.tsv") for e in featviz_entries()],
-        models=[model_file(t) for t in config["tasks"]],
-        predictions=[model_file(t, "main", "predictions.tsv") for t in config["tasks"]],
-        transfer_models=[model_file(t, "transfer") for t in config["tasks"] if "transfer" in roles()],
-        transfer_predictions=[model_file(t, "transfer", "predictions.tsv") for t in config["tasks"] if "transfer" in roles()],
+        infos=[model_info(t) for t in config["tasks"]],
+        models=[model_file(t) for t in transfer_tasks()],
+        predictions=[model_file(t, "main", "predictions.tsv") for t in transfer_tasks()],
+        transfer_models=[model_file(t, "transfer") for t in transfer_tasks()],
+        transfer_predictions=[model_file(t, "transfer", "predictions.tsv") for t in transfer_tasks()],
         participants=per_task("participants"),
         volumes=per_task("volumes"),
         masks=per_task("mask"),
@@ -27,11 +28,11 @@ rule compare_regularizers:
     params:
         entries=featviz_entries(),
         tasks=list(config["tasks"]),
+        transfer_tasks=transfer_tasks(),
         lesion_tasks=lesion_tasks(),
         attributions=attribution_files()[0],
         lesions=config["lesions"],
         compare=config["compare"],
-        output_layer=OUTPUT_LAYER,
         seed=config["seed"],
     log:
         f"{LOGS}/compare_regularizers.log",
@@ -51,14 +52,10 @@ rule report_figures:
     input:
         table=rules.compare_regularizers.output.table,
         summary=rules.compare_regularizers.output.summary,
-        niftis=[featviz_file(e, "units.nii.gz") for e in featviz_entries()],
         trajectories=[featviz_file(e, "trajectory.tsv") for e in featviz_entries()],
-        model_metrics=[model_file(t, r, "metrics.json") for t in config["tasks"] for r in roles()],
-        histories=[model_file(t, r, "history.tsv") for t in config["tasks"] for r in roles()],
-        masks=per_task("mask"),
+        model_metrics=[model_file(t, r, "metrics.json") for t in config["tasks"] for r in roles(t)],
+        histories=[model_file(t, r, "history.tsv") for t in config["tasks"] for r in roles(t)],
     output:
-        grids=[report(f"{REPORT}/featviz_{t}_{l}.png", caption="../report/featviz_grid.rst",
-                      category="3. Visualizations", labels={"task": t, "layer": l}) for t, l in grid_keys()],
         metrics=report(f"{REPORT}/metrics.png", caption="../report/metrics.rst", category="4. Comparison"),
         calibration=report(f"{REPORT}/signal_vs_null.png", caption="../report/signal_vs_null.rst",
                            category="4. Comparison"),
@@ -66,10 +63,6 @@ rule report_figures:
                             category="4. Comparison"),
         models=report(f"{REPORT}/models.png", caption="../report/models.rst", category="2. Models"),
     params:
-        entries=featviz_entries(),
-        grids=grid_keys(),
-        tasks=list(config["tasks"]),
-        output_layer=OUTPUT_LAYER,
     log:
         f"{LOGS}/report_figures.log",
     benchmark:
@@ -84,9 +77,41 @@ rule report_figures:
         "../scripts/report_figures.py"
 
 
+rule unit_figures:
+    """A request's units on anatomy: each preset's visualization, the unit's top test volume and the attribution
+    maps, at one MNI cut per unit; and the same as an offline page to scroll through."""
+    input:
+        unpack(unit_figure_inputs),
+    output:
+        figure=report(f"{REPORT}/units_{{task}}_{{layer}}.png", caption="../report/units.rst",
+                      category="3. Visualizations", subcategory="{task}", labels={"task": "{task}", "request": "{layer}",
+                                                                                   "kind": "figure"}),
+        viewer=report(f"{REPORT}/viewer_{{task}}_{{layer}}.html", caption="../report/viewer.rst",
+                      category="3. Visualizations", subcategory="{task}", labels={"task": "{task}", "request": "{layer}",
+                                                                                   "kind": "interactive viewer"}),
+    params:
+        spec=lambda wc: unit_figure_params(wc),
+    wildcard_constraints:
+        layer=r"[^/]+",
+        task=r"[^_/]+",
+    log:
+        f"{LOGS}/unit_figures/{{task}}_{{layer}}.log",
+    benchmark:
+        f"{BENCH}/unit_figures/{{task}}_{{layer}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 3000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
+    conda:
+        env("report")
+    script:
+        "../scripts/unit_figures.py"
+
+
 rule paper_figures:
     """All figures of the study, regenerated from cached results: `snakemake paper_figures`."""
     input:
         rules.report_figures.output,
         data_targets(),
+        unit_figure_targets(),
     default_target: False

@@ -1,9 +1,36 @@
 """Training stage: per task, the visualised model (main) and an independent one (transfer)."""
 
 
+rule describe_model:
+    """A model the user gives (tasks.<task>.model): loaded, checked against the cohort grid, described."""
+    input:
+        model=lambda wc: model_file(wc.task),
+        participants=lambda wc: dataset_file(task_dataset(wc.task), "participants"),
+        reference=lambda wc: dataset_file(task_dataset(wc.task), "reference"),
+    output:
+        info=f"{R}/models/{{task}}/provided/model.json",
+        units=report(f"{R}/models/{{task}}/provided/units.tsv", caption="../report/model_units.rst",
+                     category="2. Models", subcategory="{task}"),
+    params:
+        task=lambda wc: wc.task,
+        target=lambda wc: config["tasks"][wc.task]["target"],
+        model=lambda wc: model_param(wc.task),
+        model_key=lambda wc: f"tasks.{wc.task}.model",
+    log:
+        f"{LOGS}/describe_model/{{task}}.log",
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: job_mem_mb(attempt, batch=4),
+        runtime=lambda wc, attempt: 20 * attempt,
+    conda:
+        env("torch-gpu" if config["compute"]["gpu"] else "torch-cpu")
+    script:
+        "../scripts/describe_model.py"
+
+
 rule train_model:
     input:
-        unpack(lambda wc: dataset_files(wc.task, "volumes", "participants", "reference")),
+        unpack(lambda wc: dataset_files(wc.task, "volumes", "participants", "reference", "manifest")),
     output:
         model=model_file("{task}", "{role}"),
         metrics=model_file("{task}", "{role}", "metrics.json"),
@@ -16,6 +43,7 @@ rule train_model:
         checkpoint_dir=lambda wc: f"{CHECKPOINTS}/{wc.task}/{wc.role}",
     wildcard_constraints:
         role="main|transfer",
+        task="|".join(trained_tasks()) or "(?!)",
     log:
         f"{LOGS}/train_model/{{task}}_{{role}}.log",
     benchmark:

@@ -552,7 +552,7 @@ def _prepare_cohort(cfg, out_dir, log):
     with atomic_path(out_dir / "qc.tsv") as tmp:
         pd.DataFrame(qc_rows).to_csv(tmp, sep="\t", index=False)
     write_manifest(out_dir, vw.hash, [("wm.npy", ww.hash), "reference.nii.gz", "mask.nii.gz",
-                                      "sex_effect.nii.gz", "qc.tsv"])
+                                      "sex_effect.nii.gz", "sex_effect_regional.nii.gz", "qc.tsv"])
     counts = parts.groupby(["split", "sex"]).size().unstack(fill_value=0)
     log(f"cohort ready: {len(parts)} subjects ({label}); split x sex:\n{counts}")
     return parts

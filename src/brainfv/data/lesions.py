@@ -270,7 +270,8 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
         with atomic_path(out_dir / name) as tmp:
             shutil.copyfile(Path(cohort_dir) / name, tmp)
     write_manifest(out_dir, vw.hash, [("lesion_masks.npy", mw.hash), "lesions.tsv", "lesion_frequency.nii.gz",
-                                      "reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz"])
+                                      "reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz",
+                                      "sex_effect_regional.nii.gz"])
     counts = pd_parts.groupby(["split", "lesion"]).size().unstack(fill_value=0)
     log(f"lesion dataset ready: {len(pd_parts)} subjects, {len(lesion_rows)} lesions; split x label:\n{counts}")
     return pd_parts

@@ -87,6 +87,33 @@ class BidsFiles:
     candidates: dict = field(default_factory=dict)
 
 
+def check_source(cohort_cfg):
+    """The cheap part of finding the data: the configured folder or table exists. Raises
+    :class:`ConfigError` naming ``cohort.bids.root``, ``cohort.bids.participants`` or ``cohort.csv.table``;
+    run before any job (``brainfv.config.check``), so a mistyped path never reuses an earlier cohort."""
+    source = cohort_cfg.get("source", "synthetic")
+    if source == "bids":
+        cfg = cohort_cfg.get("bids") or {}
+        root = cfg.get("root")
+        if not root:
+            raise ConfigError("cohort.bids.root: not given; it must name the BIDS dataset (or derivatives) folder "
+                              "when cohort.source is 'bids'")
+        root = Path(root)
+        if not root.is_dir():
+            raise ConfigError(f"cohort.bids.root: folder not found: {root}")
+        table = root / cfg.get("participants", "participants.tsv")
+        if not table.is_file():
+            raise ConfigError(f"cohort.bids.participants: participants table not found: {table} "
+                              f"(cohort.bids.root: {root})")
+    elif source == "csv":
+        path = (cohort_cfg.get("csv") or {}).get("table")
+        if not path:
+            raise ConfigError("cohort.csv.table: not given; it must name the CSV/TSV table of subjects when "
+                              "cohort.source is 'csv'")
+        if not Path(path).is_file():
+            raise ConfigError(f"cohort.csv.table: table not found: {path}")
+
+
 def bids_files(bids_cfg):
     """Find the participants table and the T1w images/brain masks of ``cohort.bids``.
 
@@ -95,17 +122,9 @@ def bids_files(bids_cfg):
     subject the first in sorted order wins. Raises :class:`ConfigError` naming ``cohort.bids.root``
     (not given, not a folder) or ``cohort.bids.participants`` (file absent).
     """
-    root = bids_cfg.get("root")
-    if not root:
-        raise ConfigError("cohort.bids.root: not given; it must name the BIDS dataset (or derivatives) folder "
-                          "when cohort.source is 'bids'")
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"cohort.bids.root: folder not found: {root}")
+    check_source({"source": "bids", "bids": bids_cfg})
+    root = Path(bids_cfg["root"])
     table = root / bids_cfg.get("participants", "participants.tsv")
-    if not table.is_file():
-        raise ConfigError(f"cohort.bids.participants: participants table not found: {table} "
-                          f"(cohort.bids.root: {root})")
     space, session = bids_cfg.get("space"), bids_cfg.get("session")
     out = BidsFiles(root=root, table=table)
     found = sorted(list(root.glob("sub-*/anat/*.nii*")) + list(root.glob("sub-*/ses-*/anat/*.nii*")))
@@ -151,10 +170,8 @@ def csv_files(csv_cfg):
     :class:`InputDataError` naming ``cohort.csv.subject_column``/``path_column``/``mask_column``
     when the table lacks that column.
     """
-    path = csv_cfg.get("table")
-    if not path:
-        raise ConfigError("cohort.csv.table: not given; it must name the CSV/TSV table of subjects when "
-                          "cohort.source is 'csv'")
+    check_source({"source": "csv", "csv": csv_cfg})
+    path = csv_cfg["table"]
     table = read_table(path, "cohort.csv.table")
     sc, pc = csv_cfg.get("subject_column", "subject"), csv_cfg.get("path_column", "path")
     mc = csv_cfg.get("mask_column")

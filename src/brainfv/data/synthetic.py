@@ -122,7 +122,6 @@ class SyntheticCohort:
         sex = self.sexes[i]
         seed = stable_seed(self.seed, "synthetic-subject", i)
         rng = np.random.default_rng(seed)
-        torch.manual_seed(seed)
         v = self.var
         sex_scale, modulation = self._sex_terms(sex)
         size = float(np.exp(rng.normal(0, v["scale_sd"])))
@@ -139,7 +138,9 @@ class SyntheticCohort:
         if v["noise_sd"] > 0:
             rand.append(tio.RandomNoise(std=v["noise_sd"], include=["t1"]))
         t1 = (self.tpl["t1"] * modulation).astype(np.float32)
-        t1, wm, mask = self._subject(t1, sex_scale * size, degrees, translation, rand)
+        with torch.random.fork_rng(devices=[]):  # torchio draws from torch's global RNG: seed it, then restore it
+            torch.manual_seed(seed)
+            t1, wm, mask = self._subject(t1, sex_scale * size, degrees, translation, rand)
         t1 = np.where(mask, np.clip(t1, 0, None), 0).astype(np.float32)
         params = {"size_factor": size, "sex_scale": sex_scale, "rotation_deg": degrees,
                   "translation_mm": translation}

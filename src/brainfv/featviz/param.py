@@ -174,9 +174,9 @@ class MacoParam(_Ranged):
 def build_param(preset, shape, gens, magnitude=None, init_volume=None):
     """The parametrisation a :class:`~brainfv.featviz.render.Preset` asks for."""
     kw = dict(value_range=preset.range, bound=preset.bound)
-    init = preset.init
+    init = "volume" if preset.init in ("volume", "template", "subject") else preset.init
     if init == "volume" and init_volume is None:
-        raise ConfigError("init 'volume' needs an init volume (e.g. the mean training image)")
+        raise ConfigError(f"init {preset.init!r} needs its starting volume (init_volume)")
     if preset.param == "voxel":
         return VoxelParam(shape, gens, init, preset.init_std, init_volume, **kw)
     if preset.param == "fourier":

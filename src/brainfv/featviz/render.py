@@ -17,7 +17,6 @@ or in a batch, and nothing depends on global randomness.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from dataclasses import dataclass, field
@@ -98,22 +97,30 @@ def preset_pieces(preset, shape, gens, real_volumes=None, init_volume=None, box=
     if init_volume is not None:
         init = np.asarray(init_volume)[box] if box is not None else np.asarray(init_volume)
     param = build_param(preset, shape, gens, magnitude, init)
+    penalty = preset_penalty(preset)
+    if preset.anchor > 0:
+        if init is None:
+            raise ConfigError("preset anchor needs a starting volume (init: volume, template or subject)")
+        seed_img = torch.as_tensor(init, dtype=torch.float32)[None, None]
+
+        def penalty(x, base=penalty):  # noqa: F811 (the preset's terms plus the distance to the seed image)
+            return base(x) + preset.anchor * ((x - seed_img.to(x.device)) ** 2).flatten(1).mean(1)
     after = None
     if preset.blur_every and preset.blur_sigma > 0:
         def after(p, step):
             if (step + 1) % preset.blur_every == 0 and hasattr(p, "blur_"):
                 p.blur_(preset.blur_sigma)
-    return Pieces(param, preset_transforms(preset), preset_penalty(preset), after)
+    return Pieces(param, preset_transforms(preset), penalty, after)
 
 
 def prepare_network(model, layers, simplify=True, log=None):
     """A frozen eval-mode copy of ``model`` (simplified unless ``simplify=False``, see
     :mod:`~brainfv.featviz.simplify`) in channels-last layout; the caller's model is not modified."""
-    net = simplify_for_featviz(model, keep=layers, log=log)[0] if simplify else copy.deepcopy(model)
-    net = net.eval().to(memory_format=torch.channels_last_3d)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    from ..models import frozen
+
+    if simplify:
+        return frozen(simplify_for_featviz(model, keep=layers, log=log)[0], copy=False)
+    return frozen(model)
 
 
 def _chunks(n, size):

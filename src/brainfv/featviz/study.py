@@ -74,6 +74,22 @@ def own_objective_values(model, volumes, layer, channels, kind="channel", device
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+def starting_volume(preset, real_volumes, test_volumes, template=None):
+    """The image a preset starts from, if not noise: the mean training volume (``init: volume``), the
+    template (``template``) or the first test subject (``subject``: feature accentuation)."""
+    if preset.init == "volume":
+        return np.mean([np.asarray(v, np.float32) for v in real_volumes], axis=0)
+    if preset.init == "template":
+        if template is None:
+            raise ConfigError("init 'template' needs the grid's template image")
+        return np.asarray(template, np.float32)
+    if preset.init == "subject":
+        if not len(test_volumes):
+            raise ConfigError("init 'subject' needs a test subject")
+        return np.asarray(test_volumes[0], np.float32)
+    return None
+
+
 def split_volumes(dataset, split, n=None):
     """The volumes of one split of a dataset (in participants order; the first ``n`` when given)."""
     parts = dataset.participants
@@ -113,7 +129,7 @@ class LayerResult:
 def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, test_volumes, seed, task,
                     regularizer, steps=default("featviz.steps"), lr=default("featviz.lr"),
                     n_seeds=default("featviz.seeds"), objective="channel", device="cpu", micro_batch=None, log=None,
-                    record_every=8, network="trained", layer_id=None):
+                    record_every=8, network="trained", layer_id=None, template=None):
     """Optimise every unit of ``layer`` (× ``n_seeds`` seeds) in one batch and measure each result.
 
     Per unit and seed: the objective at start and end; the activation at *matched amplitude*
@@ -131,9 +147,7 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     units = list(units)
     seeds = unit_seeds(seed, layer_id, regularizer, units, n_seeds)
     obj = make_objective(layer, units * n_seeds, objective)
-    init_volume = None
-    if preset.init == "volume":  # start from the mean training image
-        init_volume = np.mean([np.asarray(v, np.float32) for v in real_volumes], axis=0)
+    init_volume = starting_volume(preset, real_volumes, test_volumes, template)
     res = render(model, obj, shape, preset, steps=steps, lr=lr, seeds=seeds, device=device, mask=mask,
                  real_volumes=real_volumes, init_volume=init_volume, micro_batch=micro_batch, log=log,
                  record_every=record_every)
@@ -178,7 +192,8 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
 def visualize_job(job):
     """The ``visualize`` / ``visualize_unit`` rule.
 
-    Inputs: ``model`` (a study checkpoint) and the task's dataset files (``participants``, ``volumes``,
+    Inputs: ``model`` (loaded as param ``model``, a model spec, says; a study checkpoint without one) and the
+    task's dataset files (``participants``, ``volumes``,
     ``mask``, ``reference``). Param ``request``: ``task, layer (the request's id), module, regularizer, units,
     objective, preset, steps, lr, n_seeds, n_real, micro_batch, device, seed, randomized`` and ``only_unit``
     (write that unit alone; the request is the layer's, so its volumes are the ones the layer's job writes).
@@ -190,15 +205,14 @@ def visualize_job(job):
 
     from ..data.store import Dataset
     from ..device import pick_device
-    from ..models import load_checkpoint
+    from ..model_io import task_model
     from ..utils import atomic_path, stable_seed
     from .controls import randomized_copy
 
     torch.set_num_threads(job.threads)
     p, log = job.params["request"], job.log
     device = pick_device(p["device"])
-    model, _ = load_checkpoint(job.input["model"], map_location=device)
-    model.to(device)
+    model, _ = task_model(job, device)
     ds = Dataset(job.folder("participants", "volumes", "mask", "reference"))
     grid = ds.grid
     units = resolve_request_units(model, p, grid.shape, device)
@@ -209,13 +223,13 @@ def visualize_job(job):
     tables, trajs, volumes = [], [], {}
     for name, net in networks:
         log(f"task {p['task']} {p['layer']} ({p['module']}) units {units} regularizer {p['regularizer']} "
-            f"{p['preset']} on the {name} network ({p['n_seeds']} seeds each, batch {len(units) * p['n_seeds']}, "
+            f"{preset_text(p['preset'])} on the {name} network ({p['n_seeds']} seeds each, batch {len(units) * p['n_seeds']}, "
             f"{p['steps']} steps, device {device})")
         r = visualize_layer(net.to(device), p["module"], units, p["preset"], shape=grid.shape, mask=ds.mask,
                             real_volumes=real, test_volumes=test, seed=p["seed"], task=p["task"],
                             regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
                             objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
-                            network=name, layer_id=p["layer"])
+                            network=name, layer_id=p["layer"], template=np.asarray(ds.reference.dataobj, np.float32))
         imgs, table = r.images, r.table
         if p.get("only_unit") is not None:  # visualize_unit: the requested unit's seeds only
             j = units.index(p["only_unit"])
@@ -239,6 +253,13 @@ def visualize_job(job):
         with atomic_path(job.output["trajectory"]) as tmp:
             pd.concat(trajs, ignore_index=True).assign(task=p["task"], layer=p["layer"],
                                                        regularizer=p["regularizer"]).to_csv(tmp, sep="\t", index=False)
+
+
+def preset_text(preset):
+    """A preset as the keys that differ from the defaults (what a user wrote), for logs."""
+    full = Preset.from_config(preset).as_dict()
+    base = Preset().as_dict()
+    return "{" + ", ".join(f"{k}: {v}" for k, v in full.items() if base[k] != v) + "}"
 
 
 def resolve_request_units(model, request, shape, device="cpu"):

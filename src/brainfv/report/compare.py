@@ -127,10 +127,11 @@ def _transfer_probs(model, volumes, units):
     return [float(p[i, u]) if u < p.shape[1] else float("nan") for i, u in enumerate(units)]
 
 
-def compare_entries(entries, truths, transfer_models, output_layer, n_surrogates=2, seed=0, log=None):
+def compare_entries(entries, truths, transfer_models, output_layers, n_surrogates=2, seed=0, log=None):
     """Score every entry (dict: ``task, layer, module, regularizer, table`` (the visualize table),
     ``trained`` and ``randomized`` (arrays seeds × units × X × Y × Z, randomized may be None)) against its
-    task's :class:`Truth`, with its controls. Returns ``(trained rows, control rows)`` as DataFrames."""
+    task's :class:`Truth`, with its controls. ``output_layers``: the class-logit module of each task (a name
+    for all tasks, or a dict task -> name or None). Returns ``(trained rows, control rows)`` as DataFrames."""
     import pandas as pd
 
     from ..featviz.study import parse_region
@@ -146,7 +147,8 @@ def compare_entries(entries, truths, transfer_models, output_layer, n_surrogates
         units = sorted(tt["unit"].unique())
         n_seeds = int(tt["seed"].max()) + 1
         region = parse_region(tt["region"].iloc[0])
-        is_output = e["module"] == output_layer
+        out_layer = output_layers.get(e["task"]) if isinstance(output_layers, dict) else output_layers
+        is_output = out_layer is not None and e["module"] == out_layer
         real_tv, real_hf = truth.real_stats(region)
         vols = e["trained"].reshape((-1,) + truth.mask.shape)
         unit_of = [units[i % len(units)] for i in range(len(vols))]
@@ -196,14 +198,25 @@ def compare_entries(entries, truths, transfer_models, output_layer, n_surrogates
 
 
 def attribution_rows(truth, maps, method, layer, output_layer):
-    """The positive control: attribution maps of the class logits, scored with the same metrics."""
+    """The positive control: attribution maps of the class logits (positive = evidence for the class), scored
+    with the metrics that apply to an evidence map averaged over subjects: where the evidence lies (lesion
+    task: correlation with the planted-lesion frequency, for 'present' positive and for 'absent' negative
+    evidence) and how it matches the sex effect (male evidence with M−F, female with F−M)."""
+    from ..featviz.metrics import correlation
+
     rows = []
-    units = sorted(maps)
-    scores = score_volumes(truth, np.asarray([maps[u] for u in units]), units, None, True)
-    for u, sc in zip(units, scores):
+    for u in sorted(maps):
+        cls = str(truth.classes[u]) if u < len(truth.classes) else ""
+        sc = {}
+        if truth.kind == "lesion":
+            sign = {"present": 1.0, "absent": -1.0}.get(cls, 0.0)
+            sc["lesion_map_corr"] = correlation(sign * maps[u], truth.lesion_map, truth.mask) if sign else np.nan
+        if truth.kind == "sex":
+            s = truth.sign(u, True)
+            sc["effect_corr"] = sex_effect_fidelity(maps[u], truth.effect, truth.mask, s) if s else np.nan
+            sc["effect_corr_full"] = sex_effect_fidelity(maps[u], truth.effect_full, truth.mask, s) if s else np.nan
         rows.append({"task": truth.task, "layer": layer, "module": output_layer, "unit": u, "seed": 0,
-                     "regularizer": f"attribution:{method}", "network": "trained",
-                     "intended_class": str(truth.classes[u]) if u < len(truth.classes) else "", **sc})
+                     "regularizer": f"attribution:{method}", "network": "trained", "intended_class": cls, **sc})
     return rows
 
 
@@ -240,12 +253,16 @@ def compare_job(job):
     """The ``compare_regularizers`` rule.
 
     Params: ``entries`` (task, layer id, module, regularizer per visualization job, in the order of the
-    ``niftis``, ``randomized`` and ``tables`` inputs), ``tasks`` ({task: target}, in the order of the per-task
-    inputs), ``lesion_tasks`` (the tasks with ``lesion_masks`` inputs, in order), ``attributions`` ((task,
-    method) per ``attributions`` input), ``lesions`` (config section), ``compare`` (config section),
-    ``output_layer``, ``seed``. Outputs: ``table`` (comparison.tsv), ``controls``, ``summary``, ``sanity``,
-    ``transfer``.
+    ``niftis``, ``randomized`` and ``tables`` inputs), ``tasks`` (in the order of the per-task inputs
+    ``infos``, ``participants``, ``masks``, ``effects``, ``effects_regional``), ``transfer_tasks`` (the tasks
+    with a transfer model: ``models``, ``predictions``, ``transfer_models``, ``transfer_predictions``, in
+    order), ``lesion_tasks`` (the tasks with ``lesion_masks`` inputs), ``attributions`` ((task, method) per
+    ``attributions`` input), ``lesions`` and ``compare`` (config sections), ``seed``. Each task's ``infos``
+    file (a trained model's metrics.json, a given model's description) names its target, classes and output
+    layer. Outputs: ``table`` (comparison.tsv), ``controls``, ``summary``, ``sanity``, ``transfer``.
     """
+    import json
+
     import nibabel as nib
     import pandas as pd
     import torch
@@ -256,20 +273,24 @@ def compare_job(job):
     torch.set_num_threads(job.threads)
     p, inp, log = job.params, job.input, job.log
     cmp = p["compare"]
-    tasks = list(p["tasks"])
-    truths, transfer = {}, {}
+    truths, transfer, outputs = {}, {}, {}
     transfer_rows = []
-    for i, task in enumerate(tasks):
-        main, meta = load_checkpoint(inp["models"][i])
+    for i, task in enumerate(p["tasks"]):
+        meta = json.loads(Path(inp["infos"][i]).read_text())
+        outputs[task] = meta.get("output_layer")
         files = {"participants": inp["participants"][i], "mask": inp["masks"][i], "effect": inp["effects"][i],
                  "effect_regional": inp["effects_regional"][i]}
         if task in p["lesion_tasks"]:
             files["lesion_masks"] = inp["lesion_masks"][p["lesion_tasks"].index(task)]
         truths[task] = _truth(task, meta["target"], meta["classes"], files, p["lesions"], cmp["n_real"], log)
-        if inp.get("transfer_models"):
-            transfer[task], tmeta = load_checkpoint(inp["transfer_models"][i])
-            transfer_rows.append(_transfer_agreement(task, inp["predictions"][i], inp["transfer_predictions"][i],
-                                                     {**meta, "arch": main.arch}, {**tmeta, "arch": transfer[task].arch}))
+    for i, task in enumerate(p["transfer_tasks"]):
+        main, meta = load_checkpoint(inp["models"][i])
+        transfer[task], tmeta = load_checkpoint(inp["transfer_models"][i])
+        transfer_rows.append(_transfer_agreement(task, inp["predictions"][i], inp["transfer_predictions"][i],
+                                                 {**meta, "arch": main.arch}, {**tmeta, "arch": transfer[task].arch}))
+    missing = [t for t in p["tasks"] if t not in transfer]
+    if missing:
+        log(f"no transfer model for {missing} (a given model, or transfer.enabled: false): transfer_prob left out")
     entries = []
     for k, e in enumerate(p["entries"]):
         def load(path):
@@ -282,12 +303,12 @@ def compare_job(job):
         shape = (-1, n_units) + tr.shape[1:]
         entries.append({**e, "table": tab, "trained": tr.reshape(shape),
                         "randomized": rnd.reshape(shape) if rnd is not None else None})
-    trained, controls = compare_entries(entries, truths, transfer, p["output_layer"], cmp["surrogates"], p["seed"], log)
+    trained, controls = compare_entries(entries, truths, transfer, outputs, cmp["surrogates"], p["seed"], log)
     attr = []
     for (task, method), path in zip(p["attributions"], inp.get("attributions", [])):
         maps = np.moveaxis(np.asarray(nib.load(path).dataobj, np.float32), -1, 0)
-        for layer in {e["layer"] for e in p["entries"] if e["task"] == task and e["module"] == p["output_layer"]}:
-            attr += attribution_rows(truths[task], dict(enumerate(maps)), method, layer, p["output_layer"])
+        for layer in {e["layer"] for e in p["entries"] if e["task"] == task and e["module"] == outputs[task]}:
+            attr += attribution_rows(truths[task], dict(enumerate(maps)), method, layer, outputs[task])
     metrics = sorted({m for t in truths.values() for m in GT_METRICS.get(t.kind, [])}) + ["transfer_prob"]
     paired = paired_table(trained, controls, metrics)
     summary = summarise(paired, metrics + [m for m in SUMMARY_EXTRA if m != "transfer_prob"], cmp["bootstrap"], p["seed"])

@@ -364,18 +364,16 @@ def unit_labels(layer, units, classes=None, output_layer="classifier"):
 def report_job(job):
     """The ``report_figures`` rule: every study figure from cached results (no training, no optimisation).
 
-    Params: ``entries`` (task, layer id, module, regularizer per visualization, in the order of the
-    ``niftis`` and ``trajectories`` inputs), ``grids`` ((task, layer id) per ``grids`` output), ``tasks`` (in
-    the order of the ``masks`` input), ``output_layer``. Inputs: ``table`` (comparison), ``summary``,
-    ``model_metrics`` and ``histories`` (one per trained model).
+    Inputs: ``table`` (comparison), ``summary``, ``trajectories`` (one per visualization job),
+    ``model_metrics`` and ``histories`` (one per trained model). Outputs: ``metrics``, ``calibration``,
+    ``trajectories``, ``models``.
     """
     import json
     from pathlib import Path
 
-    import nibabel as nib
     import pandas as pd
 
-    p, inp, log = job.params, job.input, job.log
+    inp = job.input
     table = pd.read_csv(inp["table"], sep="\t")
     summary = pd.read_csv(inp["summary"], sep="\t")
     vis = table[~table["regularizer"].astype(str).str.startswith("attribution:")]
@@ -390,17 +388,6 @@ def report_job(job):
         metrics[m["task"], m["role"]] = m
         hist[m["task"], m["role"]] = pd.read_csv(hpath, sep="\t")
     models_figure(metrics, hist, job.output["models"])
-    masks = {t: np.asarray(nib.load(f).dataobj) > 0 for t, f in zip(p["tasks"], inp["masks"])}
-    for (task, layer), path in zip(p["grids"], job.output["grids"]):
-        sub = vis[(vis["task"] == task) & (vis["layer"] == layer)]
-        units = sorted(sub["unit"].unique())
-        vols = {e["regularizer"]: np.moveaxis(np.asarray(nib.load(f).dataobj, np.float32), -1, 0)[:len(units)]
-                for e, f in zip(p["entries"], inp["niftis"]) if e["task"] == task and e["layer"] == layer}
-        main = metrics[task, "main"]
-        module = next(e["module"] for e in p["entries"] if e["task"] == task and e["layer"] == layer)
-        featviz_grid_figure(vols, units, unit_labels(module, units, main["classes"], p["output_layer"]), masks[task],
-                            path, f"task {task} · {layer} · units × regularizers (seed 0) — {main.get('cohort', '')}")
-        log(f"figure {path}")
 
 
 CONTROL_STYLE = {"randomized": ("#d95f02", "s", "re-initialised network"),
@@ -413,67 +400,76 @@ METRIC_LABELS = {"lesion_ncc": "lesion shape (NCC)", "lesion_hit": "lesion locat
 
 @_themed("paper")
 def signal_null_figure(summary, path, metrics=None):
-    """Ground-truth metrics per preset against their controls: one panel per task × metric (rows) and
-    request (columns). Black: the trained model's visualizations (mean and 95 % bootstrap CI over units and
-    seeds); coloured markers: the same metric on the controls; the mark above a preset is the
-    model-randomization check (✓: the paired gain over the re-initialised network has a CI above 0);
-    dashed lines: attribution maps of the same model (positive control), where available."""
+    """Ground-truth metrics per preset against their controls: one row of panels per task × metric, one panel
+    per request that has the metric. Black: the trained model's visualizations (mean and 95 % bootstrap CI
+    over units and seeds); coloured markers: the same metric on the controls; the mark above a preset is
+    the model-randomization check (✓: the paired gain over the re-initialised network has a CI above 0);
+    dashed lines: attribution maps of the same model (positive control), where available; dotted: the base
+    rate of lesion location."""
     plt = _mpl()
     s = summary.copy()
     metrics = metrics or [m for m in METRIC_LABELS if m in set(s["metric"]) and m != "effect_corr_full"]
     attr = s[s["regularizer"].str.startswith("attribution:")]
+    base = s[s["metric"] == "lesion_hit_base_rate"]
     s = s[~s["regularizer"].str.startswith("attribution:")]
-    panels = [(t, m) for t in dict.fromkeys(s["task"]) for m in metrics if ((s["task"] == t) & (s["metric"] == m)).any()]
-    layers = list(dict.fromkeys(s["layer"]))
-    fig, axes = plt.subplots(len(panels), len(layers), figsize=(3.3 * len(layers) + 1.5, 2.5 * len(panels) + 0.9),
-                             squeeze=False, sharex=True)
     regs = list(dict.fromkeys(s["regularizer"]))
+    rows = []
+    for task in dict.fromkeys(s["task"]):
+        for metric in metrics:
+            layers = [l for l in dict.fromkeys(s["layer"])
+                      if ((s["task"] == task) & (s["metric"] == metric) & (s["layer"] == l)).any()]
+            if layers:
+                rows.append((task, metric, layers))
+    ncol = max(len(r[2]) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(0.42 * len(regs) * ncol + 1.6 * ncol + 1.2, 2.3 * len(rows) + 0.9),
+                             squeeze=False)
     x = np.arange(len(regs))
-    for i, (task, metric) in enumerate(panels):
-        for j, layer in enumerate(layers):
+    for i, (task, metric, layers) in enumerate(rows):
+        for j in range(ncol):
             ax = axes[i, j]
-            d = s[(s["task"] == task) & (s["metric"] == metric) & (s["layer"] == layer)].set_index("regularizer")
-            if d.empty:
+            if j >= len(layers):
                 ax.set_axis_off()
                 continue
+            layer = layers[j]
+            d = s[(s["task"] == task) & (s["metric"] == metric) & (s["layer"] == layer)].set_index("regularizer")
             d = d.reindex(regs)
             for k, (kind, (color, marker, label)) in enumerate(CONTROL_STYLE.items()):
                 col = f"null_{kind}"
                 if col in d and d[col].notna().any():
-                    ax.scatter(x + 0.12 * (k - 1), d[col], color=color, marker=marker, s=22, zorder=2, label=label,
+                    ax.scatter(x + 0.14 * (k - 1), d[col], color=color, marker=marker, s=20, zorder=2, label=label,
                                facecolors="none" if kind == "surrogate" else color)
             err = np.vstack([d["mean"] - d["ci_low"], d["ci_high"] - d["mean"]])
             ax.errorbar(x, d["mean"], yerr=np.nan_to_num(err), fmt="o", color="black", ms=4, capsize=2, lw=1,
-                        zorder=3, label="trained model (95% CI)")
-            top = np.nanmax(np.r_[d["ci_high"].to_numpy(float), d[[c for c in d if c.startswith("null_")]].to_numpy(float).ravel()])
+                        zorder=3, label="trained model (mean, 95% CI)")
+            for _, r in attr[(attr["task"] == task) & (attr["metric"] == metric) & (attr["layer"] == layer)].iterrows():
+                ax.axhline(r["mean"], color="0.35", ls="--", lw=0.8, zorder=1)
+                ax.annotate(r["regularizer"].split(":", 1)[1].replace("_", " "), (1.0, r["mean"]),
+                            xycoords=("axes fraction", "data"), fontsize=6, ha="right", va="bottom", color="0.35")
+            if metric == "lesion_hit":
+                b = base[(base["task"] == task) & (base["layer"] == layer)]
+                if len(b):
+                    ax.axhline(float(b["mean"].iloc[0]), color="0.5", ls=":", lw=1, zorder=1, label="base rate")
+            ax.margins(y=0.18)
+            lo, hi = ax.get_ylim()
             for xi, check in zip(x, d["randomization_check"]):
                 if check in ("pass", "fail"):
-                    ax.text(xi, top, "✓" if check == "pass" else "✗", ha="center", va="bottom", fontsize=9,
+                    ax.text(xi, hi, "✓" if check == "pass" else "✗", ha="center", va="top", fontsize=8,
                             color="#1a9641" if check == "pass" else "#d7191c")
-            a = attr[(attr["task"] == task) & (attr["metric"] == metric) & (attr["layer"] == layer)]
-            for _, r in a.iterrows():
-                ax.axhline(r["mean"], color="0.35", ls="--", lw=0.8)
-                ax.text(len(regs) - 0.5, r["mean"], r["regularizer"].split(":", 1)[1].replace("_", " "), fontsize=6,
-                        ha="right", va="bottom", color="0.35")
-            if metric in ("lesion_hit",):
-                base = s[(s["task"] == task) & (s["metric"] == "lesion_hit_base_rate") & (s["layer"] == layer)]
-                if len(base):
-                    ax.axhline(float(base["mean"].iloc[0]), color="0.6", ls=":", lw=0.8)
             ax.set_xticks(x)
             ax.set_xticklabels(regs, rotation=35, fontsize=7)
-            ax.margins(y=0.15)
-            if i == 0:
-                ax.set_title(layer, fontsize=9)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.set_title(f"{task} · {layer}", fontsize=8)
             if j == 0:
-                ax.set_ylabel(f"{task}\n{METRIC_LABELS.get(metric, metric)}", fontsize=8)
+                ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
     handles, labels = [], []
     for ax in axes.ravel():
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=7, frameon=False,
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 5), fontsize=7, frameon=False,
                bbox_to_anchor=(0.5, 0.995))
-    fig.suptitle("Ground truth in the visualizations, against controls that cannot know it", y=1.03, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.suptitle("Ground truth in the visualizations, against controls that cannot know it "
+                 "(✓/✗: model-randomization check)", y=1.035, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.965))
     return save(fig, path)
