@@ -222,7 +222,7 @@ def test_tiny_study_end_to_end(tmp_path):
     for col in ("mean", "ci_low", "ci_high", "null_randomized", "gain_randomized_low", "calibrated", "z",
                 "randomization_check"):
         assert col in summary, col
-    assert set(pd.read_csv(res / "report/sanity.tsv", sep="\t")["randomization_check"]) <= {"pass", "fail", "n/a"}
+    assert set(pd.read_csv(res / "report/sanity.tsv", sep="\t")["randomization_check"]) <= {"pass", "fail", "no control"}
     # exemplars and attribution maps on the grid
     ex = nib.load(res / "exemplars/lesion/block2.norm/exemplars.nii.gz")
     assert ex.shape == ref.shape + (2 * 2,) and (ex.affine == ref.affine).all()
@@ -260,10 +260,12 @@ def test_tiny_study_end_to_end(tmp_path):
 
 
 def assert_newer_input_reruns(cfg, path, target, rule):
+    """A newer ``path`` reruns ``rule`` (Snakemake skips a newer small file whose checksum it recorded as
+    unchanged; with that turned off, the mtime alone shows whether the file is a declared input)."""
     st = path.stat()
     os.utime(path, (st.st_atime + 3600, st.st_mtime + 3600))
     try:
-        p = smk("-n", str(target), *cfg)
+        p = smk("-n", "--max-checksum-file-size", "0", str(target), *cfg)
         assert re.search(rf"^{rule}\s+1$", p.stdout, re.M), f"a newer {path.name} does not rerun {rule}"
     finally:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -845,8 +845,9 @@ def hookable(model):
 
 def find_output_layer(model, input_shape, device="cpu"):
     """The module that produces the model's output (the class logits): the innermost module whose output
-    *is* the tensor the model returns, on one zero input of ``input_shape`` (C, X, Y, Z); None if no module
-    returns it as it is (e.g. a final functional op)."""
+    *is* the tensor the model returns (for a wrapped TorchScript module: the last leaf module whose output
+    equals it), on one zero input of ``input_shape`` (C, X, Y, Z); None if no module returns it as it is
+    (e.g. a final functional op)."""
     hits = []
     handles = [m.register_forward_hook(lambda mod, i, o, name=name: hits.append((name, o)))
                for name, m in model.named_modules() if name]
@@ -859,7 +860,10 @@ def find_output_layer(model, input_shape, device="cpu"):
     for name, o in hits:  # hooks fire innermost first
         if o is out:
             return name
-    return None
+    # a wrapped TorchScript module returns its graph's tensor, not the one a hook sees: compare values
+    leaves = {n for n, m in model.named_modules() if n and not any(True for _ in m.children())}
+    same = [n for n, o in hits if n in leaves and torch.is_tensor(o) and o.shape == out.shape and torch.equal(o, out)]
+    return same[-1] if same else None
 
 
 def task_model(job, device="cpu"):

@@ -132,7 +132,7 @@ def summarise(paired, metrics, n_boot=2000, seed=0):
             z = g[f"{m}_z"].to_numpy(float) if f"{m}_z" in g else np.array([np.nan])
             row["z"] = float(np.nanmean(z)) if np.isfinite(z).any() else np.nan
             row["randomization_check"] = ("pass" if row.get("gain_randomized_low", np.nan) > 0 else "fail") \
-                if np.isfinite(row.get("gain_randomized_low", np.nan)) else "n/a"
+                if np.isfinite(row.get("gain_randomized_low", np.nan)) else "no control"
             rows.append(row)
     return pd.DataFrame(rows)
 
