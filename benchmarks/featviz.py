@@ -1,6 +1,6 @@
 """Feature-visualization speed, measured in one run and printed as ratios.
 
-    .venv/bin/python benchmarks/featviz.py [--model results/models/lesion/rep-0/model.pt] [--steps 20] [--repeats 3]
+    .venv/bin/python benchmarks/featviz.py [--model results/models/lesion/main/model.pt] [--steps 20] [--repeats 3]
 
 (a) brainfv's batched loop (all units in one batch, forward truncated at the target layer) versus a
     straightforward per-unit loop that runs the full network with a forward hook, one unit at a time
@@ -75,7 +75,7 @@ def main():
     from brainfv.models import build_model, load_checkpoint
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "results/models/lesion/rep-0/model.pt"))
+    ap.add_argument("--model", default=str(ROOT / "results/models/lesion/main/model.pt"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)

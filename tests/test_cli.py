@@ -40,7 +40,7 @@ def table_rows(stdout):
 
 @pytest.fixture
 def study_checkpoint(tmp_path):
-    path = tmp_path / "results/models/sex/rep-0/model.pt"
+    path = tmp_path / "results/models/sex/main/model.pt"
     save_checkpoint(path, build_model({"channels": [4, 8]}).eval(), classes=["F", "M"],
                     grid={"shape": [16, 20, 16], "voxel_size": 8.0, "origin": [0, 0, 0]},
                     normalisation="z-score within brain mask")
@@ -93,7 +93,8 @@ def test_units_of_torchscript_full_and_spec_file(monai_state_dict, tmp_path, cap
     ts_out = capsys.readouterr().out
     assert "format torchscript; DenseNet" in ts_out
     ts_rows = table_rows(ts_out)
-    assert ts_rows["features.conv0"] == ["Conv3d", "8x8x8x8", "8", "7x7x7", "2x2x2"]
+    # a compiled graph does not say whether layers form a chain: no receptive fields ("-")
+    assert ts_rows["features.conv0"] == ["Conv3d", "8x8x8x8", "8", "-", "-"]
     assert ts_rows["class_layers.out"] == ["Linear", "2", "2", "-", "-"]
     # the same network from a config-style spec file (checkpoint relative to the file)
     (tmp_path / "spec.json").write_text(json.dumps({"model": {
@@ -102,7 +103,9 @@ def test_units_of_torchscript_full_and_spec_file(monai_state_dict, tmp_path, cap
         "input": {"shape": [16, 16, 16], "channels": 1}, "classes": ["control", "patient"]}}))
     assert main(["units", str(tmp_path / "spec.json"), "--layers-only-with-channels"]) == 0
     spec_out = capsys.readouterr().out
-    assert "classes: control, patient" in spec_out and table_rows(spec_out) == ts_rows
+    spec_rows = table_rows(spec_out)
+    assert "classes: control, patient" in spec_out and spec_rows["features.conv0"][3:] == ["7x7x7", "2x2x2"]
+    assert {k: v[:3] for k, v in spec_rows.items()} == {k: v[:3] for k, v in ts_rows.items()}
     # a whole pickled model: refused, then loaded with --allow-pickle
     torch.save(net, tmp_path / "full.pt")
     assert main(["units", str(tmp_path / "full.pt"), "--shape", "16", "16", "16"]) == 2
@@ -134,6 +137,33 @@ def test_help_shows_examples(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for text in ("--architecture monai:DenseNet121", "--format full --allow-pickle", "LAYER:CHANNEL",
-                 "results/models/sex/rep-0/model.pt", "--layers-only-with-channels", "--tsv"):
+                 "results/models/sex/main/model.pt", "--layers-only-with-channels", "--tsv"):
         assert text in out
-    assert "visualize" not in build_parser().format_help()  # not registered until it exists
+    assert "visualize" in build_parser().format_help()
+
+
+def test_visualize_without_snakemake_writes_what_the_rule_writes(tmp_path):
+    """`brainfv visualize` on a study-style checkpoint and a dataset folder: the rule's NIfTI and table."""
+    import nibabel as nib
+    import pandas as pd
+
+    from conftest import toy_dataset
+
+    ds = toy_dataset(tmp_path / "toy", n=12, shape=(12, 14, 12))
+    ck = tmp_path / "model.pt"
+    save_checkpoint(ck, build_model({"channels": [4, 8]}).eval(), classes=["A", "B"], task="toy", target="label")
+    out = tmp_path / "fv"
+    assert main(["visualize", str(ck), "--dataset", str(ds), "--layer", "block2.norm", "--units", "0,3",
+                 "--steps", "3", "--seeds", "2", "--preset", '{"param": "fourier", "jitter": 1}', "--randomized",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    img = nib.load(out / "units.nii.gz")
+    ref = nib.load(ds / "reference.nii.gz")
+    assert img.shape == (12, 14, 12, 4) and (img.affine == ref.affine).all()
+    assert nib.load(out / "randomized.nii.gz").shape == img.shape
+    t = pd.read_csv(out / "units.tsv", sep="\t")
+    assert set(t["network"]) == {"trained", "randomized"} and sorted(t["unit"].unique()) == [0, 3]
+    for col in ("objective_start", "objective_end", "act_matched_z", "stability", "region"):
+        assert col in t
+    assert (out / "trajectory.tsv").exists()
+    assert main(["visualize", str(ck), "--dataset", str(ds), "--layer", "block2.norm", "--preset", "nope",
+                 "--out", str(out)]) == 2  # an unknown preset is a one-line error

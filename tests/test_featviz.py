@@ -360,3 +360,27 @@ def test_feature_accentuation_starts_from_a_subject_and_stays_near_it():
     assert (free.table["objective_end"] > free.table["objective_start"]).all()
     tpl = visualize_layer(m, "block2.norm", [1], {"init": "template", "init_std": 0.0}, template=subject * 0.5, **kw)
     assert corr(tpl.images[0, 0], subject) > 0.9
+
+
+def test_receptive_field_stops_at_a_skip_connection():
+    """A chain's receptive field is known; after a residual add (a side branch) it is not, and no crop is planned."""
+    from brainfv.featviz.units import describe_units, receptive_field
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.act = nn.Conv3d(1, 2, 3, padding=1), nn.ReLU(inplace=True)
+            self.conv2, self.conv3 = nn.Conv3d(2, 2, 3, padding=1), nn.Conv3d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            y = self.act(self.conv1(x))
+            z = self.conv2(y)
+            z += y  # in place, as ResNet blocks do
+            return self.conv3(self.act(z))
+
+    m = Res().eval()
+    assert receptive_field(m, "conv2", (1, 12, 12, 12)) == ((5, 1, 2),) * 3
+    assert receptive_field(m, "conv3", (1, 12, 12, 12)) is None
+    rows = {r["layer"]: r for r in describe_units(m, (1, 12, 12, 12))}
+    assert rows["conv2"]["rf_size"] == (5, 5, 5) and rows["conv3"]["rf_size"] is None
+    assert crop_box(m, "conv3", (12, 12, 12))[0] is None

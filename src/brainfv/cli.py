@@ -16,7 +16,7 @@ __all__ = ["main", "build_parser", "format_table"]
 _UNITS_EXAMPLES = """\
 examples:
   # a model trained by the brainfv study (grid read from the checkpoint)
-  brainfv units results/models/sex/rep-0/model.pt
+  brainfv units results/models/sex/main/model.pt
 
   # a TorchScript export: torch.jit.save(torch.jit.script(model), "model_ts.pt")
   brainfv units model_ts.pt --shape 182 218 182

@@ -100,9 +100,11 @@ def frozen(model, device=None, copy=True):
     m = _copy.deepcopy(model) if copy else model
     if device is not None:
         m = m.to(device)
-    m = m.eval().to(memory_format=torch.channels_last_3d)
+    m = m.eval()
     for p in m.parameters():
         p.requires_grad_(False)
+        if p.dim() == 5:  # only 5D tensors have a 3D channels-last layout (Module.to would also try 4D buffers)
+            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
     return m
 
 

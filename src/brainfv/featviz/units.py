@@ -89,24 +89,58 @@ def receptive_field(model, layer, input_shape, device="cpu"):
 
     Returns per-axis ``(size, stride, offset)`` such that output index ``p`` sees
     input indices ``[p * stride - offset, p * stride - offset + size)``, or ``None``
-    when the path to ``layer`` contains a module whose footprint is unknown
-    (then no cropping is done).
+    when the path to ``layer`` contains a module whose footprint is unknown, or is not a chain: a
+    module that does not take the previous module's output (a skip connection, a concatenation, a
+    functional op in between); then no cropping is done.
     """
-    order = []
-    handles = []
-    for name, m in model.named_modules():
-        if len(list(m.children())) == 0:
-            handles.append(m.register_forward_hook(lambda mod, i, o, name=name: order.append((name, mod))))
+    x = torch.zeros((1,) + tuple(input_shape), device=device)
+    chain = _Chain(x)
+    handles = [h for _, m in model.named_modules() if len(list(m.children())) == 0 for h in chain.register(m)]
     try:
-        capture_activations(model, torch.zeros((1,) + tuple(input_shape), device=device), [layer])
+        capture_activations(model, x, [layer])
     finally:
         for h in handles:
             h.remove()
-    size, stride, offset = [1, 1, 1], [1, 1, 1], [0, 0, 0]
-    for name, m in order:
-        if not _rf_step(m, size, stride, offset):
-            return None
-    return tuple(zip(size, stride, offset))
+    return chain.field()
+
+
+class _Chain:
+    """The receptive field of a chain of leaf modules, composed as they run (forward hook ``hook``): broken
+    (None) when a module is not windowed or pointwise, or (with ``check``) when its input is not the previous
+    module's output."""
+
+    def __init__(self, x, check=True):
+        self.current, self.check, self.ok = (x, _version(x)), check, True
+        self.size, self.stride, self.offset = [1, 1, 1], [1, 1, 1], [0, 0, 0]
+
+    def pre_hook(self, module, inputs):
+        """Before a leaf runs: its input must be the previous leaf's output, unchanged since (an in-place
+        residual add bumps the tensor's version; the module's own in-place work comes after this check)."""
+        if self.ok and self.check and not (inputs and inputs[0] is self.current[0]
+                                           and _version(inputs[0]) == self.current[1]):
+            self.ok = False
+
+    def hook(self, module, inputs, output):
+        self.step(module, inputs, output)
+
+    def step(self, module, inputs, output):
+        if self.ok:
+            self.ok = _rf_step(module, self.size, self.stride, self.offset)
+        self.current = (output, _version(output) if torch.is_tensor(output) else None)
+        return self.ok
+
+    def register(self, module):
+        """Hooks on ``module`` (a leaf): the chain check before it runs, the field after."""
+        return [module.register_forward_pre_hook(self.pre_hook), module.register_forward_hook(self.hook)]
+
+    def field(self):
+        return tuple(zip(self.size, self.stride, self.offset)) if self.ok else None
+
+
+def _is_script_wrapper(model):
+    from ..model_io import TorchScriptModel
+
+    return isinstance(model, TorchScriptModel)
 
 
 _POINTWISE = (nn.BatchNorm3d, nn.InstanceNorm3d, nn.GroupNorm, nn.ReLU, nn.ELU, nn.LeakyReLU, nn.GELU,
@@ -195,14 +229,16 @@ def describe_units(model, input_shape, device="cpu"):
     names = {m: n for n, m in reversed(list(model.named_modules())) if n}  # first name of shared modules
     rows, keep, handles = {}, [], []
     produced = {}  # (id, version) of first-call outputs -> module name: the "same tensor" test
-    size, stride, offset = [1, 1, 1], [1, 1, 1], [0, 0, 0]
+    x = torch.zeros((1,) + tuple(int(s) for s in input_shape), device=device)
+    chain = _Chain(x)
+    size, stride = chain.size, chain.stride
     rf_known = [True]
 
     def hook(module, inputs, output):
         name = names[module]
         leaf = len(list(module.children())) == 0
-        if leaf and rf_known[0]:  # every call counts, as in receptive_field
-            rf_known[0] = _rf_step(module, size, stride, offset)
+        if leaf:  # every call counts, as in receptive_field
+            rf_known[0] = chain.step(module, inputs, output)
         if name in rows:
             rows[name]["calls"] += 1
             return
@@ -223,8 +259,9 @@ def describe_units(model, input_shape, device="cpu"):
     try:
         for module in names:
             if not isinstance(module, torch.jit.ScriptModule):
+                if len(list(module.children())) == 0:
+                    handles.append(module.register_forward_pre_hook(chain.pre_hook))
                 handles.append(module.register_forward_hook(hook))
-        x = torch.zeros((1,) + tuple(int(s) for s in input_shape), device=device)
         with _eval_mode(model):
             model(x)
     finally:

@@ -307,7 +307,8 @@ def compare_job(job):
     attr = []
     for (task, method), path in zip(p["attributions"], inp.get("attributions", [])):
         maps = np.moveaxis(np.asarray(nib.load(path).dataobj, np.float32), -1, 0)
-        for layer in {e["layer"] for e in p["entries"] if e["task"] == task and e["module"] == outputs[task]}:
+        # first-seen order, not a set's: row order must not depend on the interpreter's string hash seed
+        for layer in dict.fromkeys(e["layer"] for e in p["entries"] if e["task"] == task and e["module"] == outputs[task]):
             attr += attribution_rows(truths[task], dict(enumerate(maps)), method, layer, outputs[task])
     metrics = sorted({m for t in truths.values() for m in GT_METRICS.get(t.kind, [])}) + ["transfer_prob"]
     paired = paired_table(trained, controls, metrics)
