@@ -115,3 +115,16 @@ def test_task_training_overrides_merge_with_the_section():
     tr = C.task_training(cfg, "t")
     assert (tr["epochs"], tr["lr"], tr["augment"]["flip"], tr["augment"]["shift_vox"]) == (
         3, 0.01, True, C.default("training.augment.shift_vox"))
+
+
+def test_task_and_preset_names_that_cannot_be_path_parts_are_named():
+    with pytest.raises(ConfigError, match=r"tasks: 'my_model' does not match"):
+        C.check(C.complete({"tasks": {"my_model": {"dataset": "cohort", "target": "sex"}}}))
+    with pytest.raises(ConfigError, match=r"featviz\.regularizers: 'a/b' does not match"):
+        C.check(C.complete({"featviz": {"regularizers": {"a/b": {}}}}))
+
+
+def test_transfer_model_differs_from_the_main_one_by_default():
+    cfg = C.complete({})
+    assert cfg["transfer"]["bootstrap"] is True
+    assert C.transfer_model(cfg) != cfg["model"]

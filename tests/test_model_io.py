@@ -316,10 +316,41 @@ def test_resolve_units_against_the_real_channel_count():
     assert resolve_units(net, "features.conv0", "all", shape) == list(range(8))
     assert resolve_units(net, "features.conv0", 3, shape) == [0, 1, 2]
     assert resolve_units(net, "features.conv0", 100, shape) == list(range(8))  # as brainfv.arch: clipped
-    assert resolve_units(torch.jit.script(net), "features.conv0", [7, 2], shape) == [7, 2]
+    assert resolve_units(torch.jit.script(net), "features.conv0", [7, 2], shape) == [2, 7]  # ascending
     with pytest.raises(UnitError, match=r"layer 'features\.conv0' has 8 channels \(0\.\.7\); channels \[8\]"):
         resolve_units(net, "features.conv0", [1, 8], shape)
     with pytest.raises(UnitError, match=r"'features\.conv0'.*must be 'all'"):
         resolve_units(net, "features.conv0", "some", shape)
     with pytest.raises(UnitError, match=r"layer 'feature\.conv0' is not in the model"):
         resolve_units(net, "feature.conv0", "all", shape)
+
+
+def test_describe_job_needs_the_output_order_and_known_layers(tmp_path):
+    """A given model must name its outputs (else a male logit could be read as female), and every layer the
+    config asks for must exist: both fail in describe_model, before any visualization, naming the keys."""
+    import nibabel as nib
+    import pandas as pd
+
+    from brainfv.job import Job
+    from brainfv.model_io import describe_job
+
+    torch.save(densenet().state_dict(), tmp_path / "dn.pt")
+    nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.diag([2.0, 2.0, 2.0, 1.0])).to_filename(tmp_path / "reference.nii.gz")
+    pd.DataFrame({"subject": ["a", "b", "c", "d"], "sex": ["F", "M", "F", "M"], "split": ["train"] * 4,
+                  "index": range(4)}).to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
+
+    def job(spec, layers):
+        return Job(input={"model": str(tmp_path / "dn.pt"), "participants": str(tmp_path / "participants.tsv"),
+                          "reference": str(tmp_path / "reference.nii.gz")},
+                   output={"info": str(tmp_path / "model.json"), "units": str(tmp_path / "units.tsv")},
+                   params={"task": "sex", "target": "sex", "model": {"format": "state_dict", "architecture": DENSENET,
+                                                                      **spec},
+                           "model_key": "tasks.sex.model", "layers": layers}, log=lambda m: None)
+
+    with pytest.raises(ConfigError, match=r"tasks\.sex\.model\.classes: not given.*\['F', 'M'\]"):
+        describe_job(job({}, ["features.denseblock1"]))
+    with pytest.raises(ConfigError, match=r"featviz\.layers: \['features\.nope'\] are not layers of tasks\.sex\.model"):
+        describe_job(job({"classes": ["F", "M"]}, ["features.denseblock1", "features.nope"]))
+    assert not (tmp_path / "units.tsv").exists()
+    describe_job(job({"classes": ["F", "M"]}, ["features.denseblock1", "class_layers.out"]))
+    assert (tmp_path / "units.tsv").exists() and (tmp_path / "model.json").exists()

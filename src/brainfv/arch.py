@@ -38,7 +38,8 @@ def n_units(arch, layer):
 
 
 def resolve_units(spec, n, where="units"):
-    """Unit indices from a config spec: ``"all"``, an int N (first N) or a list of indices."""
+    """Unit indices from a config spec: ``"all"``, an int N (first N) or a list of indices (sorted, without
+    repeats: a request's volumes and table rows are in ascending channel order)."""
     if spec == "all":
         return list(range(n))
     if isinstance(spec, bool):
@@ -51,5 +52,5 @@ def resolve_units(spec, n, where="units"):
         bad = [u for u in spec if not (isinstance(u, int) and 0 <= u < n)]
         if bad:
             raise ConfigError(f"{where}: channels {bad} out of range 0..{n - 1}")
-        return list(spec)
+        return sorted(set(spec))
     raise ConfigError(f"{where}: expected 'all', a count or a list of channels, got {spec!r}")

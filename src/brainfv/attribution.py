@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import default
 from .errors import ConfigError, InputDataError
 from .utils import Progress, atomic_path
 
@@ -158,7 +159,7 @@ def _explainer(model, method, layer, x_shape, device):
 
 
 def class_attribution_maps(model, volumes, labels, n_classes, method="integrated_gradients", *, baseline="zeros",
-                           n_steps=32, batch_size=4, device="cpu", only_correct=True, layer=None,
+                           n_steps=default("attribution.n_steps"), batch_size=4, device="cpu", only_correct=True, layer=None,
                            internal_batch_size=None, log=None):
     """Mean attribution map of each class's logit over the subjects of that class.
 

@@ -898,7 +898,10 @@ def describe_job(job):
         raise ConfigError(f"tasks.{p['task']}.target: column {p['target']!r} is not in the dataset's participants "
                           f"table (columns: {list(parts.columns)})")
     values = sorted(parts.loc[parts["split"] == "train", p["target"]].dropna().unique())
-    classes = list(info.get("classes") or values)
+    if not info.get("classes"):  # a brainfv checkpoint stores them; any other file cannot say its output order
+        raise ConfigError(f"{where}.classes: not given; list the model's outputs in order as values of the target "
+                          f"column {p['target']!r} (e.g. {values}): without it a male logit could be read as female")
+    classes = list(info["classes"])
     out_shape = check_model_input({**info, "classes": classes}, grid.shape, grid.voxel_size, model, where=where)
     unknown = [c for c in classes if c not in set(parts[p["target"]].dropna())]
     if unknown:
@@ -909,6 +912,12 @@ def describe_job(job):
     if out_layer is None:
         log("no module returns the model's output as it is: class-logit metrics and attributions are left out")
     rows = describe_units(model, (channels,) + tuple(grid.shape))
+    names = {r["layer"] for r in rows} | {n for n, _ in hookable(model).named_modules() if n}
+    unknown = [layer for layer in p.get("layers", []) if layer not in names]
+    if unknown:  # before any visualization job starts, not in one of them
+        raise ConfigError(f"featviz.layers: {unknown} are not layers of {where} (its layers: "
+                          f"{', '.join(r['layer'] for r in rows)}; `brainfv units {info['checkpoint']}` lists them "
+                          "with their shapes)")
     with atomic_path(job.output["units"]) as tmp:
         pd.DataFrame(rows).to_csv(tmp, sep="\t", index=False)
     cohort = str(parts["cohort"].iloc[0]) if "cohort" in parts else ""

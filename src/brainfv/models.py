@@ -104,7 +104,9 @@ def frozen(model, device=None, copy=True):
     for p in m.parameters():
         p.requires_grad_(False)
         if p.dim() == 5:  # only 5D tensors have a 3D channels-last layout (Module.to would also try 4D buffers)
-            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+            # .to restrides even where .contiguous sees nothing to do (one input channel: both layouts count as
+            # contiguous, but oneDNN reads the strides; (27, 27, 9, 3, 1) made every step 2.5x slower)
+            p.data = p.data.to(memory_format=torch.channels_last_3d)
     return m
 
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
 from .config import TrainingConfig
 from .device import compute_settings, pick_device
 from .errors import InputDataError
@@ -240,7 +239,9 @@ def make_loaders(volumes_path, splits, cfg, seed, pin_memory=False, bootstrap=Fa
 
 def checkpoint_key(**parts):
     """A short hash of everything a training run is made from (config, seed, classes, data content, code)."""
-    parts = {**parts, "code": __version__, "format": CHECKPOINT_FORMAT}
+    from .provenance import code_hash
+
+    parts = {**parts, "code": code_hash(__name__), "format": CHECKPOINT_FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

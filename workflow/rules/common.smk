@@ -13,6 +13,16 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
 from brainfv import config as bfv_config  # noqa: E402
+from brainfv.provenance import code_hash  # noqa: E402
+
+_SCRIPTS = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).resolve().parent / "scripts"
+
+
+def code(script):
+    """A rule's `code` param: the hash of the library modules its script runs, so that editing the logic
+    (not only the 8-line script) reruns the steps that use it."""
+    return code_hash(_SCRIPTS / f"{script}.py")
+
 
 config.update(bfv_config.check(bfv_config.complete(config)))
 

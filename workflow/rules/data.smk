@@ -17,6 +17,7 @@ rule prepare_cohort:
         figure=report(f"{DATASET.format(dataset='cohort')}/qc.png", caption="../report/cohort_qc.rst",
                       category="1. Data"),
     params:
+        code=code("prepare_cohort"),  # the library modules it runs (brainfv.provenance)
         cfg=data_params("grid", "cohort"),
     log:
         f"{LOGS}/prepare_cohort.log",
@@ -49,6 +50,7 @@ rule synthesize_lesions:
         figure=report(f"{DATASET.format(dataset='lesions')}/examples.png", caption="../report/lesion_examples.rst",
                       category="1. Data"),
     params:
+        code=code("synthesize_lesions"),  # the library modules it runs (brainfv.provenance)
         cfg=data_params("lesions"),
     log:
         f"{LOGS}/synthesize_lesions.log",

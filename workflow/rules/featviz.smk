@@ -12,6 +12,7 @@ rule visualize:
         table=f"{FEATVIZ}/units.tsv",
         trajectory=f"{FEATVIZ}/trajectory.tsv",
     params:
+        code=code("visualize"),  # the library modules it runs (brainfv.provenance)
         request=lambda wc: visualize_request(wc),
         model=lambda wc: model_param(wc.task),
         model_key=lambda wc: f"tasks.{wc.task}.model",
@@ -46,6 +47,7 @@ rule visualize_unit:
         nifti=f"{FEATVIZ}/unit-{{unit}}.nii.gz",
         table=f"{FEATVIZ}/unit-{{unit}}.tsv",
     params:
+        code=code("visualize"),  # the library modules it runs (brainfv.provenance)
         request=lambda wc: visualize_request(wc, int(wc.unit)),
         model=lambda wc: model_param(wc.task),
         model_key=lambda wc: f"tasks.{wc.task}.model",
@@ -72,6 +74,7 @@ rule exemplars:
         nifti=f"{EXEMPLARS}/exemplars.nii.gz",
         table=f"{EXEMPLARS}/exemplars.tsv",
     params:
+        code=code("exemplars"),  # the library modules it runs (brainfv.provenance)
         request=lambda wc: exemplars_request(wc),
         model=lambda wc: model_param(wc.task),
         model_key=lambda wc: f"tasks.{wc.task}.model",
@@ -100,6 +103,7 @@ rule attribute:
         **{m: f"{ATTRIBUTION}/{m}.nii.gz" for m in config["attribution"]["methods"]},
         table=f"{ATTRIBUTION}/attribution.tsv",
     params:
+        code=code("attribute"),  # the library modules it runs (brainfv.provenance)
         model=lambda wc: model_param(wc.task),
         model_key=lambda wc: f"tasks.{wc.task}.model",
         methods=config["attribution"]["methods"],

@@ -26,6 +26,7 @@ rule compare_regularizers:
         sanity=report(f"{REPORT}/sanity.tsv", caption="../report/sanity.rst", category="4. Comparison"),
         transfer=f"{REPORT}/transfer_models.tsv",
     params:
+        code=code("compare_regularizers"),  # the library modules it runs (brainfv.provenance)
         entries=featviz_entries(),
         tasks=list(config["tasks"]),
         transfer_tasks=transfer_tasks(),
@@ -63,6 +64,7 @@ rule report_figures:
                             category="4. Comparison"),
         models=report(f"{REPORT}/models.png", caption="../report/models.rst", category="2. Models"),
     params:
+        code=code("report_figures"),  # the library modules it runs (brainfv.provenance)
     log:
         f"{LOGS}/report_figures.log",
     benchmark:
@@ -90,6 +92,7 @@ rule unit_figures:
                       category="3. Visualizations", subcategory="{task}", labels={"task": "{task}", "request": "{layer}",
                                                                                    "kind": "interactive viewer"}),
     params:
+        code=code("unit_figures"),  # the library modules it runs (brainfv.provenance)
         spec=lambda wc: unit_figure_params(wc),
     wildcard_constraints:
         layer=r"[^/]+",

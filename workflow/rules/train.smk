@@ -12,10 +12,12 @@ rule describe_model:
         units=report(f"{R}/models/{{task}}/provided/units.tsv", caption="../report/model_units.rst",
                      category="2. Models", subcategory="{task}"),
     params:
+        code=code("describe_model"),  # the library modules it runs (brainfv.provenance)
         task=lambda wc: wc.task,
         target=lambda wc: config["tasks"][wc.task]["target"],
         model=lambda wc: model_param(wc.task),
         model_key=lambda wc: f"tasks.{wc.task}.model",
+        layers=lambda wc: sorted({s["layer"] for s in task_layers(wc.task).values()}),
     log:
         f"{LOGS}/describe_model/{{task}}.log",
     threads: 1
@@ -39,6 +41,7 @@ rule train_model:
         curve=report(model_file("{task}", "{role}", "learning_curve.png"), caption="../report/learning_curve.rst",
                      category="2. Models", subcategory="{task}", labels={"task": "{task}", "model": "{role}"}),
     params:
+        code=code("train_model"),  # the library modules it runs (brainfv.provenance)
         spec=lambda wc: model_spec(wc.task, wc.role),
         checkpoint_dir=lambda wc: f"{CHECKPOINTS}/{wc.task}/{wc.role}",
     wildcard_constraints:

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..config import complete, default
 from ..errors import ConfigError, InputDataError
 from ..utils import (atomic_path, get_logger, Progress, remove_stale_temporaries, stable_seed,
                      terminate_cleanly)
@@ -49,7 +50,7 @@ DEFAULT_SEX_CODING = {
 }
 
 #: defaults of ``cohort.qc`` (the config schema states the same values; see the schema for why)
-DEFAULT_QC = {"min_template_corr": 0.5, "min_coverage": 0.5, "accept": []}
+DEFAULT_QC = default("cohort.qc")  # the schema's (cohort.qc), for callers that give no qc section
 #: resolution (FWHM, mm) at which an image is compared with the template (:func:`template_similarity`)
 QC_FWHM_MM = 8.0
 
@@ -422,13 +423,14 @@ def prepare_cohort(cfg, out_dir, log=None):
 def _prepare_cohort(cfg, out_dir, log):
     import pandas as pd
 
+    cfg = complete(cfg)  # a partial config gets the schema's defaults (no second copy of them here)
     ccfg = cfg["cohort"]
     grid = Grid.from_config(cfg["grid"])
     seed = int(cfg["seed"])
     source = ccfg["source"]
     log(f"cohort source={source}; grid {grid.shape} at {grid.voxel_size} mm ({grid.n_voxels} voxels)")
-    on_missing = ccfg.get("on_missing", "error")
-    strat = ccfg.get("stratify", "sex")
+    on_missing = ccfg["on_missing"]
+    strat = ccfg["stratify"]
     fractions = np.array(list(ccfg["splits"].values()), dtype=float)
     if not np.isclose(fractions.sum(), 1.0, atol=1e-6):  # assign_splits says the same, but only at the end
         raise ConfigError(f"cohort.splits fractions must sum to 1, got {dict(ccfg['splits'])} "
@@ -440,7 +442,7 @@ def _prepare_cohort(cfg, out_dir, log):
         from .synthetic import SyntheticCohort, SYNTHETIC_LABEL
 
         scfg = ccfg["synthetic"]
-        gen = SyntheticCohort(grid, scfg["n_subjects"], seed, scfg.get("male_fraction", 0.5),
+        gen = SyntheticCohort(grid, scfg["n_subjects"], seed, scfg["male_fraction"],
                               scfg.get("sex_effect"), scfg.get("variability"))
         n = gen.n
         label = SYNTHETIC_LABEL

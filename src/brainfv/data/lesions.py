@@ -161,7 +161,10 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
 
     from .store import Dataset, VolumeWriter, open_volumes, write_manifest
 
+    from ..config import complete
+
     log = log or get_logger().info
+    cfg = complete(cfg)  # a partial config gets the schema's defaults (no second copy of them here)
     lc = cfg["lesions"]
     seed = int(cfg["seed"])
     cohort = Dataset(cohort_dir)
@@ -172,7 +175,7 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     vs = grid.voxel_size
     scheme = lc["labelling"]
     shapes_cfg = lc["shapes"]
-    for s in shapes_cfg + [lc.get("shape_a", "sphere"), lc.get("shape_b", "cross")]:
+    for s in shapes_cfg + [lc["shape_a"], lc["shape_b"]]:
         if s not in SHAPES:
             raise ConfigError(f"lesions.shapes: unknown shape {s!r}; known: {list(SHAPES)}")
     dmin, dmax = lc["diameter_mm"]
@@ -183,7 +186,7 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     if not (1 <= nmin <= nmax):
         raise ConfigError(f"lesions.count must be [min, max] with 1 <= min <= max, got {lc['count']}")
 
-    paired = bool(lc.get("paired", True)) and scheme == "presence"
+    paired = bool(lc["paired"]) and scheme == "presence"
     if paired:
         # matched pairs: every subject once without and once with lesions, in its own split, so the
         # two classes share the same anatomy and only the lesions tell them apart
@@ -193,7 +196,7 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
         # labels balanced within every split (systematic sampling over the split's subjects ordered by sex)
         sources = np.arange(len(parts))
         labels = np.zeros(len(parts), dtype=int)
-        frac = float(lc.get("fraction_positive", 0.5))
+        frac = float(lc["fraction_positive"])
         for split, grp in parts.groupby("split"):
             rng = np.random.default_rng(stable_seed(seed, "lesion-label", split))
             order = np.concatenate([rng.permutation(g.index.to_numpy()) for _, g in grp.groupby("sex")])
@@ -203,7 +206,7 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     if scheme == "presence":
         names = {0: "absent", 1: "present"}
     elif scheme == "shapes":
-        names = {0: lc.get("shape_a", "sphere"), 1: lc.get("shape_b", "cross")}
+        names = {0: lc["shape_a"], 1: lc["shape_b"]}
     else:
         raise ConfigError(f"lesions.labelling must be 'presence' or 'shapes', got {scheme!r}")
 
@@ -230,13 +233,13 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
                 shapes = [shapes_cfg[int(rng.integers(len(shapes_cfg)))] for _ in range(n_les)]
             radii = [float(rng.uniform(dmin, dmax)) / 2 for _ in range(n_les)]
             wm = np.asarray(wms[int(p["index"])], dtype=np.float32) / 255.0
-            centres, radii = place_lesions(wm, shapes, radii, vs, rng, lc.get("wm_threshold", 0.5),
-                                           lc.get("depth_margin_mm", 0.0), lc.get("min_gap_mm", 3.0), subject=sub,
+            centres, radii = place_lesions(wm, shapes, radii, vs, rng, lc["wm_threshold"],
+                                           lc["depth_margin_mm"], lc["min_gap_mm"], subject=sub,
                                            min_radius=dmin / 2, log=log)
             for k, (shape, r, c) in enumerate(zip(shapes, radii, centres)):
                 contrast = float(rng.uniform(cmin, cmax))
-                rot = random_rotation(rng) if (lc.get("random_orientation", True) and shape != "sphere") else None
-                prof, half = lesion_profile(shape, r, vs, lc.get("edge_mm", 1.0), rot)
+                rot = random_rotation(rng) if (lc["random_orientation"] and shape != "sphere") else None
+                prof, half = lesion_profile(shape, r, vs, lc["edge_mm"], rot)
                 sl, pp = insert_lesion(z, prof, half, tuple(int(v) for v in c), contrast,
                                        float(p["norm_mean"]), float(p["norm_std"]))
                 lesion_mask[sl] = np.maximum(lesion_mask[sl], pp)

@@ -16,7 +16,14 @@ __all__ = ["randomized_copy"]
 def randomized_copy(model, seed):
     """A copy of ``model`` with every parameter and buffer re-initialised (each module's own
     ``reset_parameters``/``reset_running_stats``), drawn from ``seed``; the caller's model and the global
-    RNG are untouched. Modules without parameters are unaffected."""
+    RNG are untouched. Modules without parameters are unaffected.
+
+    Parameters whose module has no initialiser — every parameter of a TorchScript model, which keeps no
+    Python modules — are redrawn from a normal distribution with their own tensor's spread (a constant
+    tensor, e.g. a BatchNorm weight of ones, from N(0, 1)); buffers of such models (running statistics) are
+    kept. That is a randomization, but not the architecture's own initialisation: for a model you give as
+    TorchScript, read the check with this in mind (a state dict with its architecture is re-initialised
+    exactly)."""
     net = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(int(seed))

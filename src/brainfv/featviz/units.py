@@ -285,7 +285,8 @@ def resolve_units(model, layer, spec, input_shape, device="cpu"):
     """Channel indices of ``layer`` that a config spec asks for, checked against the layer's real size.
 
     ``spec`` is ``"all"``, a count N (the first N channels; fewer if the layer has fewer, as in
-    :func:`brainfv.arch.resolve_units`) or a list of channel indices. ``input_shape`` is (C, X, Y, Z).
+    :func:`brainfv.arch.resolve_units`) or a list of channel indices (returned sorted, without repeats).
+    ``input_shape`` is (C, X, Y, Z).
     Raises :class:`UnitError` naming the layer and its channel count.
     """
     from ..model_io import hookable
@@ -304,7 +305,7 @@ def resolve_units(model, layer, spec, input_shape, device="cpu"):
         bad = [u for u in spec if isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < n]
         if bad:
             raise UnitError(f"layer {layer!r} has {n} channels (0..{n - 1}); channels {bad} are out of range")
-        return [int(u) for u in spec]
+        return sorted({int(u) for u in spec})  # ascending, once each: volumes and tables follow this order
     raise UnitError(f"layer {layer!r}: units must be 'all', a count or a list of channels (the layer has {n}), "
                     f"got {spec!r}")
 

@@ -25,6 +25,15 @@ __all__ = ["CONTROLS", "bootstrap_mean", "paired_table", "summarise", "sanity_ta
 CONTROLS = ("randomized", "other", "surrogate")
 
 
+GROUP = ["task", "layer", "regularizer", "class"]
+
+
+def _with_class(df):
+    """``df`` with a ``class`` column: its ``intended_class`` ('' where there is none)."""
+    cls = df["intended_class"] if "intended_class" in df else pd.Series("", index=df.index)
+    return df.assign(**{"class": cls.fillna("").astype(str)})
+
+
 def _grid(df, value):
     """``df`` (columns unit, seed, value) as an array (units, seeds) with NaN where missing."""
     piv = df.pivot_table(index="unit", columns="seed", values=value, aggfunc="mean")
@@ -80,14 +89,15 @@ def paired_table(trained, controls, metrics):
         avg = sub.groupby(keys, as_index=False)[[m for m in metrics if m in sub]].mean()
         avg = avg.rename(columns={m: f"{m}_{kind}" for m in metrics})
         out = out.merge(avg, on=keys, how="left")
-    pooled = controls[controls["control"].isin(["randomized", "other"])]
+    pooled = _with_class(controls[controls["control"].isin(["randomized", "other"])])
+    out = _with_class(out)
     for m in metrics:
         z = np.full(len(out), np.nan)
         pct = np.full(len(out), np.nan)
         if m in pooled:
-            for (t, l, r), idx in out.groupby(["task", "layer", "regularizer"]).groups.items():
-                null = pooled.loc[(pooled["task"] == t) & (pooled["layer"] == l) & (pooled["regularizer"] == r),
-                                  m].to_numpy(float)
+            for (t, l, r, c), idx in out.groupby(GROUP).groups.items():
+                null = pooled.loc[(pooled["task"] == t) & (pooled["layer"] == l) & (pooled["regularizer"] == r)
+                                  & (pooled["class"] == c), m].to_numpy(float)
                 null = null[np.isfinite(null)]
                 if len(null) < 2:
                     continue
@@ -102,16 +112,20 @@ def paired_table(trained, controls, metrics):
 
 
 def summarise(paired, metrics, n_boot=2000, seed=0):
-    """One row per task × layer × preset × metric: the mean with its 95 % CI, each control's mean, the
-    paired gain over each control with its CI, the calibrated score (the gain over the strongest control,
-    i.e. the one with the highest mean) and ``z`` (mean distance from the pooled controls in their SD)."""
+    """One row per task × layer × preset × class × metric: the mean with its 95 % CI, each control's mean,
+    the paired gain over each control with its CI, the calibrated score (the gain over the strongest control,
+    i.e. the one with the highest mean) and ``z`` (mean distance from the pooled controls in their SD).
+
+    ``class`` is the intended class of class-logit units (``intended_class``; its visualizations are read on
+    their own: a 'present' and an 'absent' logit answer different questions) and empty for other units."""
     rows = []
-    for (task, layer, reg), g in paired.groupby(["task", "layer", "regularizer"], sort=False):
+    for (task, layer, reg, cls), g in _with_class(paired).groupby(GROUP, sort=False):
         for m in metrics:
             if m not in g or not np.isfinite(g[m].to_numpy(float)).any():
                 continue
             mean, lo, hi, n = bootstrap_mean(_grid(g, m), n_boot, seed)
-            row = {"task": task, "layer": layer, "regularizer": reg, "metric": m, "n": n, "n_units": g["unit"].nunique(),
+            row = {"task": task, "layer": layer, "regularizer": reg, "class": cls, "metric": m, "n": n,
+                   "n_units": g["unit"].nunique(),
                    "mean": mean, "ci_low": lo, "ci_high": hi}
             strongest = None
             for kind in CONTROLS:
@@ -140,7 +154,7 @@ def summarise(paired, metrics, n_boot=2000, seed=0):
 def sanity_table(summary, metrics):
     """The model-randomization check per task × layer × preset for the ground-truth ``metrics``: trained and
     randomized means, the paired gain with its CI, and pass (the CI's lower bound is above zero) or fail."""
-    cols = ["task", "layer", "regularizer", "metric", "n", "mean", "null_randomized", "gain_randomized",
+    cols = ["task", "layer", "regularizer", "class", "metric", "n", "mean", "null_randomized", "gain_randomized",
             "gain_randomized_low", "gain_randomized_high", "randomization_check"]
     s = summary[summary["metric"].isin(metrics)]
     return s[[c for c in cols if c in s]].reset_index(drop=True)

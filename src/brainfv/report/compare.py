@@ -14,7 +14,8 @@ Ground-truth metrics (defined in :mod:`brainfv.report.metrics`):
 ``lesion_hit``        lesion task: 1 if that best match lies where lesions were planted in the training
                       volumes (``lesion_hit_base_rate``: the share of the region where they were: chance)
 ``lesion_map_corr``   lesion task: correlation, inside the region, of the visualization's darkness (−value)
-                      with the frequency of planted training lesions
+                      with the frequency of planted training lesions (for the 'absent' logit, of its
+                      brightness: its evidence is the absence of a dark lesion)
 ``effect_corr``       sex task, class logits and contrasts: correlation with the *regional* component of the
                       planted sex effect (the part the model can use; male with M−F, female with F−M)
 ``effect_corr_full``  the same with the full planted map (dominated by the global size difference)
@@ -83,6 +84,13 @@ class Truth:
                                float(np.mean([high_frequency_fraction(np.asarray(v)[region]) for v in self.real_volumes])))
         return self._real[key]
 
+    def lesion_sign(self, unit, is_output):
+        """Which way lesion evidence points for a unit: the 'absent' logit's evidence is *no* dark lesion
+        where lesions were planted (−1); every other unit is read as looking for dark lesions (+1)."""
+        if is_output and unit < len(self.classes) and str(self.classes[unit]) == "absent":
+            return -1.0
+        return 1.0
+
     def sign(self, unit, is_output):
         """+1 for a unit that should look male, −1 for female, 0 when the unit has no class."""
         if not is_output or unit >= len(self.classes):
@@ -104,15 +112,17 @@ def score_volumes(truth, volumes, units, region, is_output, batch=16):
         matches = []
         for i in range(0, len(volumes), batch):
             matches += truth.bank().match(np.asarray(volumes[i:i + batch]), region, truth.mask)
-        for o, v, m in zip(out, volumes, matches):
+        for o, v, m, u in zip(out, volumes, matches, units):
             o.update(lesion_ncc=m["ncc"], lesion_shape=m["shape"] or "", lesion_diameter_mm=m["diameter_mm"],
                      lesion_hit=lesion_hit(m["position"], truth.lesion_map),
-                     lesion_map_corr=correlation(-np.asarray(v), truth.lesion_map, rmask))
+                     lesion_map_corr=correlation(-truth.lesion_sign(u, is_output) * np.asarray(v), truth.lesion_map,
+                                                 rmask))
     if truth.kind == "sex":
         for o, v, u in zip(out, volumes, units):
             s = truth.sign(u, is_output)
             o.update(effect_corr=sex_effect_fidelity(v, truth.effect, rmask, s) if s else float("nan"),
-                     effect_corr_full=sex_effect_fidelity(v, truth.effect_full, rmask, s) if s else float("nan"))
+                     effect_corr_full=sex_effect_fidelity(v, truth.effect_full, rmask, s)
+                     if s and truth.effect_full is not None else float("nan"))
     return out
 
 
@@ -143,24 +153,36 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
     for e in entries:
         truth = truths[e["task"]]
         tab = e["table"]
-        tt = tab[tab["network"] == "trained"].sort_values(["seed", "unit"]).reset_index(drop=True)
+        # volume i of units.nii.gz is the table row with volume == i (never assume an order)
+        tt = tab[tab["network"] == "trained"].sort_values("volume").reset_index(drop=True)
         units = sorted(tt["unit"].unique())
-        n_seeds = int(tt["seed"].max()) + 1
         region = parse_region(tt["region"].iloc[0])
         out_layer = output_layers.get(e["task"]) if isinstance(output_layers, dict) else output_layers
         is_output = out_layer is not None and e["module"] == out_layer
         real_tv, real_hf = truth.real_stats(region)
+
+        def class_of(u):
+            return str(truth.classes[u]) if is_output and u < len(truth.classes) else ""
+
         vols = e["trained"].reshape((-1,) + truth.mask.shape)
-        unit_of = [units[i % len(units)] for i in range(len(vols))]
-        seed_of = [i // len(units) for i in range(len(vols))]
+        if tt["volume"].tolist() != list(range(len(vols))):
+            raise ValueError(f"{e['task']} {e['layer']} {e['regularizer']}: units.tsv rows do not index the "
+                             f"{len(vols)} volumes of units.nii.gz one to one")
+        unit_of, seed_of = tt["unit"].astype(int).tolist(), tt["seed"].astype(int).tolist()
+        rt = tab[tab["network"] == "randomized"].sort_values("volume")
+        if len(rt) and (rt["unit"].tolist() != unit_of or rt["seed"].tolist() != seed_of):
+            raise ValueError(f"{e['task']} {e['layer']} {e['regularizer']}: randomized.nii.gz is not laid out "
+                             "like units.nii.gz")
         scores = score_volumes(truth, vols, unit_of, region, is_output)
         probs = _transfer_probs(transfer_models.get(e["task"]), vols, unit_of) if is_output else [np.nan] * len(vols)
-        base = base_rate(truth.lesion_map, truth.mask, region) if truth.kind == "lesion" else float("nan")
+        # chance of a hit over the positions a best match can take (template centres inside region and mask)
+        base = base_rate(truth.lesion_map, truth.bank().valid_positions(region, truth.mask)) \
+            if truth.kind == "lesion" else float("nan")
         for i, (u, s) in enumerate(zip(unit_of, seed_of)):
-            row = tt[(tt["unit"] == u) & (tt["seed"] == s)].iloc[0].to_dict()
+            row = tt.iloc[i].to_dict()
             row.update(scores[i], **quality_ratios(vols[i], real_tv, real_hf, truth.mask, region),
                        transfer_prob=probs[i], lesion_hit_base_rate=base,
-                       intended_class=str(truth.classes[u]) if is_output and u < len(truth.classes) else "")
+                       intended_class=class_of(u))
             trained_rows.append(row)
 
         def add_controls(kind, volumes, units_, seeds_, source):
@@ -168,7 +190,8 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             pr = _transfer_probs(transfer_models.get(e["task"]), volumes, units_) if is_output else [np.nan] * len(volumes)
             for v_sc, p, u, s in zip(sc, pr, units_, seeds_):
                 control_rows.append({"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u,
-                                     "seed": s, "control": kind, "source": source, **v_sc, "transfer_prob": p})
+                                     "seed": s, "control": kind, "source": source, **v_sc, "transfer_prob": p,
+                                     "intended_class": class_of(u)})
 
         if e.get("randomized") is not None:
             add_controls("randomized", e["randomized"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
@@ -178,8 +201,8 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             if other_task == e["task"] or o is None:
                 continue
             ot = o["table"]
-            ot = ot[ot["network"] == "trained"]
-            if sorted(ot["unit"].unique()) != units or int(ot["seed"].max()) + 1 != n_seeds:
+            ot = ot[ot["network"] == "trained"].sort_values("volume")
+            if ot["unit"].tolist() != unit_of or ot["seed"].tolist() != seed_of:
                 log(f"{e['task']} {e['layer']} {e['regularizer']}: {other_task}'s request differs; no other-model control")
                 continue
             add_controls("other", o["trained"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
@@ -209,12 +232,13 @@ def attribution_rows(truth, maps, method, layer, output_layer):
         cls = str(truth.classes[u]) if u < len(truth.classes) else ""
         sc = {}
         if truth.kind == "lesion":
-            sign = {"present": 1.0, "absent": -1.0}.get(cls, 0.0)
-            sc["lesion_map_corr"] = correlation(sign * maps[u], truth.lesion_map, truth.mask) if sign else np.nan
+            sign = truth.lesion_sign(u, True)  # evidence for 'present' where lesions were, for 'absent' against
+            sc["lesion_map_corr"] = correlation(sign * maps[u], truth.lesion_map, truth.mask)
         if truth.kind == "sex":
             s = truth.sign(u, True)
             sc["effect_corr"] = sex_effect_fidelity(maps[u], truth.effect, truth.mask, s) if s else np.nan
-            sc["effect_corr_full"] = sex_effect_fidelity(maps[u], truth.effect_full, truth.mask, s) if s else np.nan
+            sc["effect_corr_full"] = sex_effect_fidelity(maps[u], truth.effect_full, truth.mask, s) \
+                if s and truth.effect_full is not None else np.nan
         rows.append({"task": truth.task, "layer": layer, "module": output_layer, "unit": u, "seed": 0,
                      "regularizer": f"attribution:{method}", "network": "trained", "intended_class": cls, **sc})
     return rows
@@ -244,8 +268,14 @@ def _truth(task, target, classes, files, lesions, n_real, log):
         log(f"task {task}: planted lesions cover {float((t.lesion_map[mask] > 0).mean()):.1%} of the brain mask "
             f"({len(train)} training volumes)")
     if target == "sex":
-        t.effect_full = nib.load(files["effect"]).get_fdata()
+        img = nib.load(files["effect"])
+        t.effect_full = img.get_fdata()
         t.effect = nib.load(files["effect_regional"]).get_fdata() if files.get("effect_regional") else t.effect_full
+        what = bytes(np.asarray(img.header["descrip"]).tobytes()).split(b"\0")[0].decode("ascii", "replace")
+        if "planted" not in what:  # real data: no ground truth, only the training split's M-F difference
+            t.effect_full = None
+            log(f"task {task}: no planted sex effect ({what or 'unlabelled map'}): effect_corr measures agreement "
+                "with the training split's mean M-F difference, not a known truth; effect_corr_full is left out")
     return t
 
 
@@ -325,7 +355,7 @@ def compare_job(job):
             df.to_csv(tmp, sep="\t", index=False)
     show = summary[summary["metric"].isin(metrics)]
     log("summary (mean [95% CI], paired gain over the strongest control):\n" + show[
-        ["task", "layer", "regularizer", "metric", "mean", "ci_low", "ci_high", "strongest_control", "calibrated",
+        ["task", "layer", "regularizer", "class", "metric", "mean", "ci_low", "ci_high", "strongest_control", "calibrated",
          "calibrated_low", "calibrated_high", "randomization_check"]].to_string(index=False, float_format="%.3f"))
 
 

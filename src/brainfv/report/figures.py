@@ -408,6 +408,9 @@ def signal_null_figure(summary, path, metrics=None):
     rate of lesion location."""
     plt = _mpl()
     s = summary.copy()
+    if "class" in s:  # class-logit units are read per intended class: one panel each
+        cls = s["class"].fillna("").astype(str)
+        s["layer"] = s["layer"] + np.where(cls != "", " · " + cls, "")
     metrics = metrics or [m for m in METRIC_LABELS if m in set(s["metric"]) and m != "effect_corr_full"]
     attr = s[s["regularizer"].str.startswith("attribution:")]
     base = s[s["metric"] == "lesion_hit_base_rate"]

@@ -116,6 +116,17 @@ class TemplateBank:
                                "position": tuple(int(i) for i in np.unravel_index(int(idx[b]), self.shape))}
         return best
 
+    def valid_positions(self, region=None, mask=None):
+        """Where :meth:`match` can place a best match (any template's valid centres), as a bool array: the
+        positions a hit rate's chance level must be computed over."""
+        reg = region_slices(region, self.shape)
+        ok = np.zeros(self.shape, bool)
+        for size in set(self.sizes):
+            v = self._valid(size, reg, mask)
+            if v is not None:
+                ok |= v.numpy()
+        return ok
+
     def _valid(self, size, reg, mask):
         ok = torch.zeros(self.shape, dtype=torch.bool)
         sl = []
@@ -165,11 +176,12 @@ def phase_surrogates(vol, n, rng, region=None, mask=None):
     vol = np.asarray(vol, np.float64)
     reg = region_slices(region, vol.shape)
     sub = vol[reg]
-    amp = np.abs(np.fft.rfftn(sub))
+    spec = np.fft.rfftn(sub)
+    amp = np.abs(spec)
     out = np.zeros((n,) + vol.shape, np.float32)
     for i in range(n):
         phase = np.angle(np.fft.rfftn(rng.standard_normal(sub.shape)))  # Hermitian-consistent random phases
-        phase.flat[0] = 0.0
+        phase.flat[0] = np.angle(spec.flat[0])  # the mean keeps its sign (a dark image stays dark)
         s = np.fft.irfftn(amp * np.exp(1j * phase), s=sub.shape, axes=(0, 1, 2))
         if mask is not None:
             s = s * np.asarray(mask)[reg]

@@ -1,0 +1,100 @@
+"""Which library code a result was made with: a hash of the modules a workflow step actually runs.
+
+The workflow's scripts are thin calls into this library, so Snakemake's own code trigger (a rule's script
+changed) does not see an edit of the logic. :func:`code_hash` follows a script's (or module's) imports of
+``brainfv`` statically — no import is executed, so it is cheap enough for every DAG build — and hashes the
+source of every module reached. A rule passes it as a param: editing a module reruns exactly the steps that
+run it (``--rerun-triggers mtime input`` keeps cached results after a cosmetic edit). Training keys its
+resumable checkpoint on the same hash, so a resumed run never mixes two versions of the training code.
+
+Standard library only: Snakemake evaluates this in every job.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = ["code_hash", "modules_used"]
+
+PACKAGE = "brainfv"
+ROOT = Path(__file__).resolve().parent  # src/brainfv
+
+
+def _file_of(module):
+    """The source file of ``brainfv.a.b`` (``a/b.py`` or ``a/b/__init__.py``), or None."""
+    parts = module.split(".")[1:]
+    base = ROOT.joinpath(*parts)
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def _with_parents(module):
+    """``brainfv.a.b`` and the packages whose ``__init__`` importing it runs."""
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _imports(path, module):
+    """``brainfv`` modules imported anywhere in ``path`` (module name ``module``; None for a script)."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    if module is None:
+        package = ""
+    else:
+        package = module if Path(path).name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == PACKAGE}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if not package:
+                    continue
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != PACKAGE:
+                continue
+            found.add(target)
+            found |= {f"{target}.{a.name}" for a in node.names if _file_of(f"{target}.{a.name}") is not None}
+    return {m for name in found for m in _with_parents(name) if _file_of(m) is not None}
+
+
+@lru_cache(maxsize=None)
+def _closure(module):
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo += sorted(_imports(_file_of(m), m) - seen)
+    return frozenset(seen)
+
+
+def modules_used(entry):
+    """The ``brainfv`` modules ``entry`` runs: a module name (``brainfv.training``) or a script's path."""
+    if isinstance(entry, str) and entry.split(".")[0] == PACKAGE and _file_of(entry) is not None:
+        start = {m for m in _with_parents(entry) if _file_of(m) is not None}
+    else:
+        start = _imports(entry, None)
+    return sorted(set().union(*(_closure(m) for m in start)) if start else set())
+
+
+@lru_cache(maxsize=None)
+def _file_digest(path):
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+
+
+def code_hash(entry):
+    """A short hash of the source of every ``brainfv`` module ``entry`` runs (see :func:`modules_used`).
+    The config's values are not in it: the workflow passes them to each job as params of their own."""
+    h = hashlib.blake2b(digest_size=8)
+    for f in sorted(_file_of(m) for m in modules_used(str(entry))):
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + _file_digest(f).encode())
+    return h.hexdigest()
