@@ -453,6 +453,8 @@ def signal_null_figure(summary, path, metrics=None):
                 if len(b):
                     ax.axhline(float(b["mean"].iloc[0]), color="0.5", ls=":", lw=1, zorder=1, label="base rate")
             ax.margins(y=0.18)
+            if metric in ("lesion_hit", "transfer_prob"):  # shares and probabilities: always on their full scale
+                ax.set_ylim(-0.08, 1.12)
             lo, hi = ax.get_ylim()
             for xi, check in zip(x, d["randomization_check"]):
                 if check in ("pass", "fail"):
