@@ -116,3 +116,22 @@ def test_finished_run_leaves_no_checkpoint(tmp_path):
     root = toy_dataset(tmp_path / "toy", n=16)
     train_task(root, "toy", "label", ARCH, {**FAST, "epochs": 2}, 0, tmp_path / "o", tmp_path / "ck")
     assert not (tmp_path / "ck" / "last.pt").exists()
+
+
+def test_volume_dataset_takes_augmentation_as_a_dict(tmp_path):
+    """The library accepts the config's plain dict (as benchmarks/training.py passes it); unset fields come
+    from the schema, and a misspelt one is named."""
+    from brainfv.config import AugmentConfig
+    from brainfv.data.store import VolumeWriter
+    from brainfv.errors import ConfigError
+    from brainfv.training import VolumeDataset
+
+    with VolumeWriter(tmp_path / "v.npy", 2, (8, 8, 8)) as w:
+        for i in range(2):
+            w.append(np.full((8, 8, 8), float(i), np.float32))
+    ds = VolumeDataset(tmp_path / "v.npy", [0, 1], [0, 1], {"shift_vox": 1, "intensity": 0.1}, seed=0)
+    assert isinstance(ds.augment, AugmentConfig) and ds.augment.shift_vox == 1
+    x, y = ds[1]
+    assert tuple(x.shape) == (1, 8, 8, 8) and int(y) == 1
+    with pytest.raises(ConfigError, match="shift_vx"):
+        VolumeDataset(tmp_path / "v.npy", [0], [0], {"shift_vx": 1})

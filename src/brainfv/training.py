@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainingConfig
+from .config import AugmentConfig, TrainingConfig
 from .device import compute_settings, pick_device
 from .errors import InputDataError
 from .utils import atomic_path, get_logger, stable_seed, write_json
@@ -51,7 +51,8 @@ class VolumeDataset(torch.utils.data.Dataset):
         self.path = str(volumes_path)
         self.rows = np.asarray(rows, dtype=int)
         self.labels = np.asarray(labels, dtype=int)
-        self.augment = augment or None
+        # an AugmentConfig or a dict of its fields (the rest from the schema's training.augment defaults)
+        self.augment = AugmentConfig.from_config(augment, "training.augment") if augment else None
         self.seed = seed
         self.epoch = 0
         self._mm = None
