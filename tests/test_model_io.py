@@ -345,7 +345,8 @@ def test_describe_job_needs_the_output_order_and_known_layers(tmp_path):
                    output={"info": str(tmp_path / "model.json"), "units": str(tmp_path / "units.tsv")},
                    params={"task": "sex", "target": "sex", "model": {"format": "state_dict", "architecture": DENSENET,
                                                                       **spec},
-                           "model_key": "tasks.sex.model", "layers": layers}, log=lambda m: None)
+                           "model_key": "tasks.sex.model"}, log=lambda m: None,
+                   config={"featviz": {"layers": [{"layer": layer} for layer in layers]}})
 
     with pytest.raises(ConfigError, match=r"tasks\.sex\.model\.classes: not given.*\['F', 'M'\]"):
         describe_job(job({}, ["features.denseblock1"]))

@@ -38,3 +38,9 @@ def test_editing_a_module_changes_the_hash_of_the_steps_that_run_it_only(tmp_pat
 @pytest.mark.parametrize("module", ["brainfv.training", "brainfv.featviz.study"])
 def test_module_entries(module):
     assert module in P.modules_used(module) and len(P.code_hash(module)) == 16
+
+
+def test_excluded_modules_leave_the_hash_alone():
+    mods = P.modules_used("brainfv.training")
+    assert "brainfv.report.figures" in mods
+    assert P.code_hash("brainfv.training", exclude=("brainfv.report",)) != P.code_hash("brainfv.training")

@@ -25,6 +25,7 @@ class Job:
     threads: int = 1
     log: object = print
     rule: str = ""
+    config: dict = field(default_factory=dict)  # the run's whole config, for checks that must not be params
 
     @classmethod
     def from_snakemake(cls, smk, log):
@@ -32,7 +33,8 @@ class Job:
             return {k: (v if isinstance(v, (str, int, float, bool, dict, type(None))) else list(v))
                     for k, v in items.items()}
         return cls(input=named(smk.input), output=named(smk.output), params=named(smk.params),
-                   wildcards=named(smk.wildcards), threads=int(smk.threads), log=log, rule=smk.rule)
+                   wildcards=named(smk.wildcards), threads=int(smk.threads), log=log, rule=smk.rule,
+                   config=dict(getattr(smk, "config", {}) or {}))
 
     def folder(self, *names):
         """The common folder of the named inputs (they must share one: a dataset or model folder)."""

@@ -913,7 +913,11 @@ def describe_job(job):
         log("no module returns the model's output as it is: class-logit metrics and attributions are left out")
     rows = describe_units(model, (channels,) + tuple(grid.shape))
     names = {r["layer"] for r in rows} | {n for n, _ in hookable(model).named_modules() if n}
-    unknown = [layer for layer in p.get("layers", []) if layer not in names]
+    # the layers the config asks of this task (read from the run's config, not a param: adding a request
+    # must not rerun this job, whose model.json every visualization of the task depends on)
+    requests = (job.config.get("featviz") or {}).get("layers") or []
+    wanted = [r["layer"] for r in requests if p["task"] in r.get("tasks", [p["task"]])]
+    unknown = [layer for layer in dict.fromkeys(wanted) if layer not in names]
     if unknown:  # before any visualization job starts, not in one of them
         raise ConfigError(f"featviz.layers: {unknown} are not layers of {where} (its layers: "
                           f"{', '.join(r['layer'] for r in rows)}; `brainfv units {info['checkpoint']}` lists them "
@@ -924,6 +928,6 @@ def describe_job(job):
     write_json({"task": p["task"], "target": p["target"], "classes": classes, "output_layer": out_layer,
                 "format": info["format"], "architecture": info.get("architecture"), "checkpoint": info["checkpoint"],
                 "n_parameters": info.get("n_parameters"), "output_shape": list(out_shape or ()), "cohort": cohort,
-                "role": "provided", "notes": info.get("notes", [])}, job.output["info"])
+                "role": "provided", "notes": info.get("notes", []), "modules": sorted(names)}, job.output["info"])
     log(f"task {p['task']}: {info['format']} model {info.get('architecture')} ({info.get('n_parameters')} parameters), "
         f"classes {classes}, output layer {out_layer!r}; {len(rows)} layers listed in {job.output['units']}")

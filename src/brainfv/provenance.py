@@ -91,10 +91,12 @@ def _file_digest(path):
     return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
 
 
-def code_hash(entry):
-    """A short hash of the source of every ``brainfv`` module ``entry`` runs (see :func:`modules_used`).
-    The config's values are not in it: the workflow passes them to each job as params of their own."""
+def code_hash(entry, exclude=()):
+    """A short hash of the source of every ``brainfv`` module ``entry`` runs (see :func:`modules_used`),
+    leaving out modules under the ``exclude`` prefixes (e.g. plotting, for a training checkpoint). The
+    config's values are not in it: the workflow passes them to each job as params of their own."""
     h = hashlib.blake2b(digest_size=8)
-    for f in sorted(_file_of(m) for m in modules_used(str(entry))):
+    mods = [m for m in modules_used(str(entry)) if not any(m == e or m.startswith(e + ".") for e in exclude)]
+    for f in sorted(_file_of(m) for m in mods):
         h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + _file_digest(f).encode())
     return h.hexdigest()

@@ -242,7 +242,8 @@ def checkpoint_key(**parts):
     """A short hash of everything a training run is made from (config, seed, classes, data content, code)."""
     from .provenance import code_hash
 
-    parts = {**parts, "code": code_hash(__name__), "format": CHECKPOINT_FORMAT}
+    # the training code, not its plots: a figure edit must not throw resumable checkpoints away
+    parts = {**parts, "code": code_hash(__name__, exclude=("brainfv.report",)), "format": CHECKPOINT_FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -160,6 +160,18 @@ def task_layers(task):
     return {bfv_config.layer_id(s): s for s in config["featviz"]["layers"] if task in s.get("tasks", config["tasks"])}
 
 
+def check_provided_layer(task, module):
+    """A request added after describe_model ran is checked against the given model's layer list at DAG time."""
+    info = Path(f"{R}/models/{task}/provided/model.json")
+    if provided(task) and info.exists():
+        import json
+
+        names = json.loads(info.read_text()).get("modules")
+        if names is not None and module not in names:
+            raise ValueError(f"featviz.layers: {module!r} is not a layer of tasks.{task}.model (its layers: "
+                             f"{info.with_name('units.tsv')}, or `brainfv units`)")
+
+
 def layer_spec(task, layer):
     """The request ``layer`` (an id) of ``task``."""
     specs = task_layers(task)
@@ -191,6 +203,7 @@ def visualize_request(wc, unit=None):
     """Everything a visualize job optimises; for one ``unit``, the same request as its layer's job (so the
     same numbers) with ``only_unit`` saying which unit's volumes to write."""
     spec = layer_spec(wc.task, wc.layer)
+    check_provided_layer(wc.task, spec["layer"])
     fv = config["featviz"]
     return {"only_unit": unit, "task": wc.task, "layer": wc.layer, "module": spec["layer"],
             "regularizer": wc.regularizer, "units": spec["units"], "objective": spec["objective"],

@@ -17,7 +17,6 @@ rule describe_model:
         target=lambda wc: config["tasks"][wc.task]["target"],
         model=lambda wc: model_param(wc.task),
         model_key=lambda wc: f"tasks.{wc.task}.model",
-        layers=lambda wc: sorted({s["layer"] for s in task_layers(wc.task).values()}),
     log:
         f"{LOGS}/describe_model/{{task}}.log",
     threads: 1

@@ -11,8 +11,10 @@ Ground-truth metrics (defined in :mod:`brainfv.report.metrics`):
 
 ``lesion_ncc``        lesion task: best normalised cross-correlation with a dark lesion template of the
                       configured shapes and sizes, inside the optimised region, templates that fit it only
+                      (not for the 'absent' logit, whose evidence is no lesion: NaN there, as lesion_hit)
 ``lesion_hit``        lesion task: 1 if that best match lies where lesions were planted in the training
-                      volumes (``lesion_hit_base_rate``: the share of the region where they were: chance)
+                      volumes (``lesion_hit_base_rate``: chance, the share of the positions a match can
+                      take where they were)
 ``lesion_map_corr``   lesion task: correlation, inside the region, of the visualization's darkness (−value)
                       with the frequency of planted training lesions (for the 'absent' logit, of its
                       brightness: its evidence is the absence of a dark lesion)
@@ -113,8 +115,11 @@ def score_volumes(truth, volumes, units, region, is_output, batch=16):
         for i in range(0, len(volumes), batch):
             matches += truth.bank().match(np.asarray(volumes[i:i + batch]), region, truth.mask)
         for o, v, m, u in zip(out, volumes, matches, units):
-            o.update(lesion_ncc=m["ncc"], lesion_shape=m["shape"] or "", lesion_diameter_mm=m["diameter_mm"],
-                     lesion_hit=lesion_hit(m["position"], truth.lesion_map),
+            # shape and location of a *dark lesion* say nothing of the 'absent' logit: left out (NaN) there
+            dark = truth.lesion_sign(u, is_output) > 0
+            o.update(lesion_ncc=m["ncc"] if dark else float("nan"), lesion_shape=(m["shape"] or "") if dark else "",
+                     lesion_diameter_mm=m["diameter_mm"] if dark else float("nan"),
+                     lesion_hit=lesion_hit(m["position"], truth.lesion_map) if dark else float("nan"),
                      lesion_map_corr=correlation(-truth.lesion_sign(u, is_output) * np.asarray(v), truth.lesion_map,
                                                  rmask))
     if truth.kind == "sex":

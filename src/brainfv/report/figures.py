@@ -394,7 +394,7 @@ CONTROL_STYLE = {"randomized": ("#d95f02", "s", "re-initialised network"),
                  "other": ("#1b9e77", "^", "other task's model"),
                  "surrogate": ("#7570b3", "v", "phase-randomised copies")}
 METRIC_LABELS = {"lesion_ncc": "lesion shape (NCC)", "lesion_hit": "lesion location (hit rate)",
-                 "lesion_map_corr": "darkness × lesion map (r)", "effect_corr": "regional sex effect (r)",
+                 "lesion_map_corr": "lesion evidence × lesion map (r)", "effect_corr": "regional sex effect (r)",
                  "effect_corr_full": "full sex-effect map (r)", "transfer_prob": "transfer p(intended class)"}
 
 
