@@ -179,6 +179,12 @@ def layer_id(spec):
     return spec["layer"] if obj in ("channel", "neuron") else f"{spec['layer']}-{obj}"
 
 
+def task_requests(cfg, task):
+    """The ``featviz.layers`` requests that apply to ``task`` (those without ``tasks`` apply to every task),
+    keyed by :func:`layer_id`."""
+    return {layer_id(s): s for s in cfg["featviz"]["layers"] if task in s.get("tasks", [task])}
+
+
 def _no_defaults(n):
     """``n`` without ``default`` entries (to validate partial overrides without filling them)."""
     if isinstance(n, dict):

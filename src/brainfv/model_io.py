@@ -885,6 +885,7 @@ def describe_job(job):
     import nibabel as nib
     import pandas as pd
 
+    from .config import task_requests
     from .data.grid import Grid
     from .featviz.units import describe_units
     from .utils import atomic_path, write_json
@@ -915,8 +916,7 @@ def describe_job(job):
     names = {r["layer"] for r in rows} | {n for n, _ in hookable(model).named_modules() if n}
     # the layers the config asks of this task (read from the run's config, not a param: adding a request
     # must not rerun this job, whose model.json every visualization of the task depends on)
-    requests = (job.config.get("featviz") or {}).get("layers") or []
-    wanted = [r["layer"] for r in requests if p["task"] in r.get("tasks", [p["task"]])]
+    wanted = [r["layer"] for r in task_requests(job.config, p["task"]).values()] if job.config else []
     unknown = [layer for layer in dict.fromkeys(wanted) if layer not in names]
     if unknown:  # before any visualization job starts, not in one of them
         raise ConfigError(f"featviz.layers: {unknown} are not layers of {where} (its layers: "

@@ -8,14 +8,15 @@ import sys
 from pathlib import Path
 
 # the library (brainfv.config, brainfv.arch: yaml + jsonschema only, no torch) from this checkout
-_SRC = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).resolve().parents[1] / "src"
+_RULES = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).resolve()  # workflow/rules
+_SRC = _RULES.parents[1] / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
 from brainfv import config as bfv_config  # noqa: E402
 from brainfv.provenance import code_hash  # noqa: E402
 
-_SCRIPTS = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).resolve().parent / "scripts"
+_SCRIPTS = _RULES.parent / "scripts"
 
 
 def code(script):
@@ -157,7 +158,7 @@ def job_mem_mb(attempt, batch=1):
 
 def task_layers(task):
     """The featviz requests (``featviz.layers`` entries) that apply to ``task``, keyed by their id."""
-    return {bfv_config.layer_id(s): s for s in config["featviz"]["layers"] if task in s.get("tasks", config["tasks"])}
+    return bfv_config.task_requests(config, task)
 
 
 def check_provided_layer(task, module):

@@ -106,17 +106,16 @@ def receptive_field(model, layer, input_shape, device="cpu"):
 
 class _Chain:
     """The receptive field of a chain of leaf modules, composed as they run (forward hook ``hook``): broken
-    (None) when a module is not windowed or pointwise, or (with ``check``) when its input is not the previous
-    module's output."""
+    (None) when a module is not windowed or pointwise, or when its input is not the previous module's output."""
 
-    def __init__(self, x, check=True):
-        self.current, self.check, self.ok = (x, _version(x)), check, True
+    def __init__(self, x):
+        self.current, self.ok = (x, _version(x)), True
         self.size, self.stride, self.offset = [1, 1, 1], [1, 1, 1], [0, 0, 0]
 
     def pre_hook(self, module, inputs):
         """Before a leaf runs: its input must be the previous leaf's output, unchanged since (an in-place
         residual add bumps the tensor's version; the module's own in-place work comes after this check)."""
-        if self.ok and self.check and not (inputs and inputs[0] is self.current[0]
+        if self.ok and not (inputs and inputs[0] is self.current[0]
                                            and _version(inputs[0]) == self.current[1]):
             self.ok = False
 
@@ -135,12 +134,6 @@ class _Chain:
 
     def field(self):
         return tuple(zip(self.size, self.stride, self.offset)) if self.ok else None
-
-
-def _is_script_wrapper(model):
-    from ..model_io import TorchScriptModel
-
-    return isinstance(model, TorchScriptModel)
 
 
 _POINTWISE = (nn.BatchNorm3d, nn.InstanceNorm3d, nn.GroupNorm, nn.ReLU, nn.ELU, nn.LeakyReLU, nn.GELU,
@@ -231,14 +224,12 @@ def describe_units(model, input_shape, device="cpu"):
     produced = {}  # (id, version) of first-call outputs -> module name: the "same tensor" test
     x = torch.zeros((1,) + tuple(int(s) for s in input_shape), device=device)
     chain = _Chain(x)
-    size, stride = chain.size, chain.stride
-    rf_known = [True]
 
     def hook(module, inputs, output):
         name = names[module]
         leaf = len(list(module.children())) == 0
         if leaf:  # every call counts, as in receptive_field
-            rf_known[0] = chain.step(module, inputs, output)
+            chain.step(module, inputs, output)
         if name in rows:
             rows[name]["calls"] += 1
             return
@@ -252,8 +243,8 @@ def describe_units(model, input_shape, device="cpu"):
         spatial = shape is not None and len(shape) == 4
         rows[name] = {"layer": name, "type": _type_name(module), "output_shape": shape,
                       "channels": int(shape[0]) if shape else None, "spatial": spatial,
-                      "rf_size": tuple(size) if rf_known[0] and spatial else None,
-                      "rf_stride": tuple(stride) if rf_known[0] and spatial else None,
+                      "rf_size": tuple(chain.size) if chain.ok and spatial else None,
+                      "rf_stride": tuple(chain.stride) if chain.ok and spatial else None,
                       "calls": 1, "_skip": same}
 
     try:

@@ -111,17 +111,20 @@ def score_volumes(truth, volumes, units, region, is_output, batch=16):
     rmask[region] = True
     rmask &= truth.mask
     if truth.kind == "lesion":
-        matches = []
-        for i in range(0, len(volumes), batch):
-            matches += truth.bank().match(np.asarray(volumes[i:i + batch]), region, truth.mask)
-        for o, v, m, u in zip(out, volumes, matches, units):
-            # shape and location of a *dark lesion* say nothing of the 'absent' logit: left out (NaN) there
-            dark = truth.lesion_sign(u, is_output) > 0
-            o.update(lesion_ncc=m["ncc"] if dark else float("nan"), lesion_shape=(m["shape"] or "") if dark else "",
-                     lesion_diameter_mm=m["diameter_mm"] if dark else float("nan"),
-                     lesion_hit=lesion_hit(m["position"], truth.lesion_map) if dark else float("nan"),
-                     lesion_map_corr=correlation(-truth.lesion_sign(u, is_output) * np.asarray(v), truth.lesion_map,
-                                                 rmask))
+        signs = [truth.lesion_sign(u, is_output) for u in units]
+        # shape and location of a *dark lesion* say nothing of the 'absent' logit: not matched (NaN) there
+        dark = [i for i, s in enumerate(signs) if s > 0]
+        matches = {}
+        for k in range(0, len(dark), batch):
+            idx = dark[k:k + batch]
+            matches.update(zip(idx, truth.bank().match(np.stack([np.asarray(volumes[i]) for i in idx]), region,
+                                                       truth.mask)))
+        none = {"ncc": float("nan"), "shape": None, "diameter_mm": float("nan"), "position": None}
+        for i, (o, v, s) in enumerate(zip(out, volumes, signs)):
+            m = matches.get(i, none)
+            o.update(lesion_ncc=m["ncc"], lesion_shape=m["shape"] or "", lesion_diameter_mm=m["diameter_mm"],
+                     lesion_hit=lesion_hit(m["position"], truth.lesion_map),
+                     lesion_map_corr=correlation(-s * np.asarray(v), truth.lesion_map, rmask))
     if truth.kind == "sex":
         for o, v, u in zip(out, volumes, units):
             s = truth.sign(u, is_output)
