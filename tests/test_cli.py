@@ -167,3 +167,70 @@ def test_visualize_without_snakemake_writes_what_the_rule_writes(tmp_path):
     assert (out / "trajectory.tsv").exists()
     assert main(["visualize", str(ck), "--dataset", str(ds), "--layer", "block2.norm", "--preset", "nope",
                  "--out", str(out)]) == 2  # an unknown preset is a one-line error
+
+
+# --- never a silent wrong answer (issue 21) --------------------------------------------------------------
+
+def _toy_and_checkpoint(tmp_path, grid):
+    from conftest import toy_dataset
+
+    ds = toy_dataset(tmp_path / "toy", n=12, shape=(12, 14, 12))  # 8 mm voxels
+    ck = tmp_path / "model.pt"
+    save_checkpoint(ck, build_model({"channels": [4, 8]}).eval(), classes=["A", "B"], task="toy", target="label",
+                    grid=grid)
+    return ds, ck
+
+
+def _visualize(ck, ds, out, *extra):
+    return main(["visualize", str(ck), "--dataset", str(ds), "--layer", "block2.norm", "--units", "0,1",
+                 "--steps", "1", "--seeds", "1", "--out", str(out), "--device", "cpu", *extra])
+
+
+def test_visualize_checks_the_model_grid_against_the_dataset(tmp_path, capsys):
+    """A model trained on another grid (a brainfv checkpoint's own grid, or a spec's stated input) is refused:
+    networks with adaptive pooling would run on any grid and give a confident picture of unseen data."""
+    ds, ck = _toy_and_checkpoint(tmp_path, {"shape": [52, 64, 52], "voxel_size": 3.0, "origin": [0, 0, 0]})
+    assert _visualize(ck, ds, tmp_path / "fv") == 2
+    err = capsys.readouterr().err
+    assert f"MODEL: the model does not match the dataset {ds}" in err
+    assert "expects input 52x64x52 (MODEL.input.shape) but the dataset" in err and "12x14x12 voxels of 8 mm" in err
+    assert "expects 3 mm voxels" in err and not (tmp_path / "fv" / "units.nii.gz").exists()
+    # a spec's stated input is checked too, and the message names the spec file's key
+    _, ok = _toy_and_checkpoint(tmp_path / "b", {"shape": [12, 14, 12], "voxel_size": 8.0, "origin": [0, 0, 0]})
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"checkpoint": str(ok), "input": {"shape": [121, 145, 121], "voxel_size": 1.5}}))
+    assert _visualize(spec, ds, tmp_path / "fv") == 2
+    err = capsys.readouterr().err
+    assert f"{spec}: the model does not match the dataset" in err and "121x145x121" in err and "1.5 mm" in err
+    # the same model on its own grid runs; a model that states no grid runs with a warning that says so
+    assert _visualize(ok, ds, tmp_path / "fv") == 0
+    assert "WARNING" not in capsys.readouterr().out
+    _, bare = _toy_and_checkpoint(tmp_path / "c", None)
+    assert _visualize(bare, ds, tmp_path / "fv2") == 0
+    assert "WARNING: MODEL does not state the grid it was trained on" in capsys.readouterr().out
+
+
+def test_visualize_command_line_errors_are_one_line_naming_the_flag(tmp_path, capsys):
+    ds, ck = _toy_and_checkpoint(tmp_path, None)
+
+    def error(*args, out=tmp_path / "fv", model=ck):
+        assert _visualize(model, ds, out, *args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+    err = error("--preset", "{jitter: 2}")
+    assert err.startswith("brainfv visualize: error: --preset: not valid JSON") and '{"param": "maco"' in err
+    (tmp_path / "afile").write_text("x")
+    err = error(out=tmp_path / "afile" / "fv")
+    assert err.startswith(f"brainfv visualize: error: --out: cannot write to {tmp_path / 'afile' / 'fv'}")
+    err = error(model=tmp_path / "missing.pt")
+    assert f"MODEL: model file not found: {tmp_path / 'missing.pt'}" in err and "--dataset" not in err
+    # an architecture for a file that carries its own network is an error, not ignored in silence
+    err = error("--architecture", "monai:DenseNet121")
+    assert "MODEL.architecture:" in err and "is a brainfv file, which brings its own network" in err
+    assert "architecture is --architecture/--kwargs" in err
+    ts = tmp_path / "model_ts.pt"
+    torch.jit.save(torch.jit.trace(build_model({"channels": [4, 8]}).eval(), torch.zeros(1, 1, 12, 14, 12)), ts)
+    err = error("--architecture", "monai:DenseNet121", model=ts)
+    assert "is a torchscript file, which brings its own network" in err

@@ -192,6 +192,44 @@ def test_checkpoint_with_python_objects_needs_opt_in(tmp_path):
     assert same_output(model, net)
 
 
+@pytest.mark.parametrize("damage", ["random bytes", "truncated zip", "flipped bytes", "truncated legacy pickle",
+                                    "random after a pickle header", "empty"])
+@pytest.mark.parametrize("fmt", ["auto", "state_dict", "torchscript", "brainfv", "full"])
+def test_damaged_file_is_named_damaged_never_a_pickled_model(tmp_path, damage, fmt):
+    """A damaged file is said to be damaged, naming the path, under every format, and never gets the
+    advice to allow unpickling (which would execute it)."""
+    import os
+
+    good = tmp_path / "good.pt"
+    legacy = damage == "truncated legacy pickle"
+    torch.save(build_model({"channels": [2, 4]}).state_dict(), good, _use_new_zipfile_serialization=not legacy)
+    data = good.read_bytes()
+    rng = np.random.default_rng(0)
+    bad = tmp_path / "model.pt"
+    bad.write_bytes({"random bytes": rng.bytes(4096) if rng.bytes(1) != b"\x80" else b"\x00" * 4096,
+                     "truncated zip": data[:len(data) // 2],
+                     "flipped bytes": data[:len(data) // 2] + bytes(b ^ 0xFF for b in data[len(data) // 2:][:64])
+                     + data[len(data) // 2 + 64:],
+                     "truncated legacy pickle": data[:len(data) // 2],
+                     "random after a pickle header": b"\x80\x02" + os.urandom(4096),
+                     "empty": b""}[damage])
+    spec = {"checkpoint": str(bad), "format": fmt, "allow_pickle": fmt == "full"}
+    if fmt == "state_dict":
+        spec["architecture"] = TINY
+    with pytest.raises(ConfigError) as e:
+        load_model(spec, where="tasks.mine.model")
+    msg = str(e.value)
+    assert msg.startswith(f"tasks.mine.model.checkpoint: {bad} is damaged or not a model file"), msg
+    assert "allow_pickle" not in msg and "Python objects" not in msg
+
+
+def test_an_intact_pickle_is_no_torchscript_file(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(build_model({"channels": [2, 4]}).state_dict(), path, _use_new_zipfile_serialization=False)
+    with pytest.raises(ConfigError, match=r"model\.format: \S+w\.pt is not a TorchScript file .*format: state_dict"):
+        load_model({"checkpoint": str(path), "format": "torchscript"})
+
+
 def test_spec_errors_name_the_key(tmp_path, monkeypatch):
     where = "tasks.mymodel.model"
     with pytest.raises(ConfigError, match=r"^tasks\.mymodel\.model\.checkpoint: file not found: .*nope\.pt"):

@@ -237,7 +237,8 @@ def _cmd_visualize(args):
     cfg = C.complete(cfg)
     fv = cfg["featviz"]
     if args.preset.lstrip().startswith("{"):
-        preset = C.Preset.from_config(json.loads(args.preset), "--preset").as_dict()
+        preset = C.Preset.from_config(_json_arg(args.preset, "--preset", '{"param": "maco", "jitter": 2}'),
+                                      "--preset").as_dict()
     elif args.preset in fv["regularizers"]:
         preset = fv["regularizers"][args.preset]
     else:
@@ -248,9 +249,13 @@ def _cmd_visualize(args):
     inputs = {"model": spec.pop("checkpoint"), **{k: str(ds / f) for k, f in (
         ("participants", "participants.tsv"), ("volumes", "volumes.npy"), ("mask", "mask.nii.gz"),
         ("reference", "reference.nii.gz"))}}
+    if not Path(inputs["model"]).is_file():
+        key = "MODEL" if where == "MODEL" else f"{where}.checkpoint"
+        raise ConfigError(f"{key}: model file not found: {inputs['model']}")
     for k, f in inputs.items():
         if not Path(f).exists():
             raise ConfigError(f"--dataset: {f} not found (expected a brainfv dataset folder)")
+    _check_writable(args.out, "--out")
     name = args.preset if not args.preset.lstrip().startswith("{") else "custom"
     request = {"only_unit": None, "task": "cli", "layer": args.layer, "module": args.layer, "regularizer": name,
                "units": args.units, "objective": args.objective, "preset": preset,
@@ -269,6 +274,38 @@ def _cmd_visualize(args):
     return 0
 
 
+def _check_writable(folder, flag):
+    """Create ``folder`` if needed and make sure files can be written in it, before any work is done."""
+    import os
+    import tempfile
+
+    from .errors import ConfigError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".brainfv-write-test-"):
+            pass
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise ConfigError(f"{flag}: cannot write to {folder}: {why}"
+                          + (f" ({e.filename})" if e.filename and str(e.filename) != str(folder) else "")) from None
+
+
+def _json_arg(text, flag, example):
+    """A JSON object given on the command line; an error naming ``flag`` otherwise."""
+    from .errors import ConfigError
+
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag}: not valid JSON ({e.msg} at character {e.pos}): {text!r}; keys and strings need "
+                          f"double quotes, e.g. '{example}'") from None
+    if not isinstance(v, dict):
+        raise ConfigError(f"{flag}: expected a JSON object {{...}}, got {text!r}")
+    return v
+
+
 def _threads():
     import os
 
@@ -285,7 +322,10 @@ def _spec_from_args(args):
             raise ConfigError(f"{path}: file not found")
         text = path.read_text()
         if path.suffix.lower() == ".json":
-            spec = json.loads(text)
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
         else:
             try:
                 import yaml

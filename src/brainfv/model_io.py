@@ -54,7 +54,7 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = ["FORMATS", "NORMALISATIONS", "load_model", "build_architecture", "extract_state_dict",
-           "check_model_input", "TorchScriptModel", "hookable"]
+           "check_model_input", "check_model_dataset", "check_model_file", "TorchScriptModel", "hookable"]
 
 FORMATS = ("auto", "torchscript", "state_dict", "full", "brainfv")
 
@@ -114,12 +114,17 @@ def load_model(spec, device="cpu", where="model"):
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "file not found"
         raise ConfigError(f"{where}.checkpoint: {what}: {path}")
+    check_model_file(path, where)
     device = torch.device(device)
     fmt = spec.get("format") or "auto"
     notes = []
     if fmt == "auto":
         fmt = _detect_format(path, spec, where)
         notes.append(f"format detected as {fmt}")
+        if spec.get("architecture") and fmt != "state_dict":  # never ignored in silence
+            raise ConfigError(f"{where}.architecture: {path} is a {fmt} file, which brings its own network, so "
+                              f"architecture {spec['architecture']['name']!r} would not be used; remove it (it is "
+                              f"only for weights-only files, format: state_dict)")
     info = {"format": fmt, "checkpoint": str(path), "architecture": None, "classes": spec.get("classes"),
             "input": _input_info(spec.get("input"), where), "notes": notes}
     if fmt == "torchscript":
@@ -218,6 +223,46 @@ def _normalisation_name(name, where):
 # formats
 # ----------------------------------------------------------------------------------------------------------
 
+def check_model_file(path, where="model"):
+    """Raise :class:`ConfigError` if ``path`` cannot be a PyTorch model file (damaged, truncated, or another
+    kind of file), before any loader sees it: such a file is named as damaged, never as a pickled model.
+
+    A model file is either a zip archive (``torch.save`` since PyTorch 1.6, ``torch.jit.save``), whose
+    members are checked against their CRCs, or a legacy pickle (``torch.save(...,
+    _use_new_zipfile_serialization=False)``), which starts with a pickle protocol byte.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head == b"PK\x03\x04" or zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise ConfigError(_damaged(path, where, f"a zip archive that cannot be read ({e}): truncated or "
+                                                    f"partly overwritten")) from None
+        if bad is not None:
+            raise ConfigError(_damaged(path, where, f"member {bad!r} of the zip archive fails its checksum"))
+        return
+    if not head:
+        raise ConfigError(_damaged(path, where, "the file is empty"))
+    if head[0] != 0x80:  # every pickle protocol >= 2 (what torch.save writes) starts with PROTO 0x80
+        raise ConfigError(_damaged(path, where, f"neither a PyTorch zip archive nor a pickle (it starts with bytes "
+                                                f"{head.hex(' ')})"))
+
+
+def _damaged(path, where, detail):
+    size = Path(path).stat().st_size
+    return (f"{where}.checkpoint: {path} is damaged or not a model file: {detail}; {size:,} bytes. Copy it again "
+            f"or export it again (torch.save / torch.jit.save)")
+
+
+def _refused_object(e):
+    """Whether a torch.load error is weights_only refusing a Python object (an intact pickle holding more than
+    tensors), not broken data (random bytes give 'Unsupported operand', truncation an IndexError/EOFError)."""
+    return isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e)
+
+
 def _detect_format(path, spec, where):
     """``torchscript`` for a TorchScript archive, ``brainfv`` for a study checkpoint, else ``state_dict``."""
     if zipfile.is_zipfile(path):
@@ -228,6 +273,8 @@ def _detect_format(path, spec, where):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - weights_only refuses Python objects; say what that means
+        if not _refused_object(e):
+            raise ConfigError(_damaged(path, where, f"its data does not unpickle ({_load_error(e)})")) from None
         if spec.get("allow_pickle"):
             ck = _torch_load(path, "cpu", True, where)
             return "full" if isinstance(ck, nn.Module) else "state_dict"
@@ -244,6 +291,8 @@ def _torch_load(path, device, allow_pickle, where):
     try:
         return torch.load(path, map_location=device, weights_only=not allow_pickle)
     except Exception as e:  # noqa: BLE001
+        if not _refused_object(e):  # not a refusal of Python objects: the data itself is broken
+            raise ConfigError(_damaged(path, where, f"its data does not unpickle ({_load_error(e)})")) from None
         if not allow_pickle and isinstance(e, pickle.UnpicklingError):
             raise ConfigError(f"{where}.checkpoint: {path} holds Python objects besides tensors, which "
                               f"torch.load(weights_only=True) refuses ({_unpickling_reason(e)}). {_PICKLE_ADVICE} "
@@ -252,6 +301,14 @@ def _torch_load(path, device, allow_pickle, where):
 
 
 def _load_torchscript(path, device, where, notes):
+    if not zipfile.is_zipfile(path):  # check_model_file let it through as a pickle: an intact one?
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            if not _refused_object(e):
+                raise ConfigError(_damaged(path, where, f"its data does not unpickle ({_load_error(e)})")) from None
+        raise ConfigError(f"{where}.format: {path} is not a TorchScript file (torch.jit.save writes a zip archive; "
+                          f"this is a pickle): weights (format: state_dict) or a pickled model (format: full)?")
     try:
         script = torch.jit.load(str(path), map_location=device)
     except Exception as e:  # noqa: BLE001
@@ -277,7 +334,7 @@ def _load_full(path, spec, device, where):
 def _load_brainfv(path, device, where, info):
     from .models import load_checkpoint
 
-    ck = torch.load(path, map_location="cpu", weights_only=True)  # peek safely before the full load
+    ck = _torch_load(path, "cpu", False, where)  # peek safely before the full load
     if not (isinstance(ck, dict) and {"state_dict", "arch", "meta"} <= set(ck)):
         raise ConfigError(f"{where}.format: {path} is not a brainfv checkpoint (no state_dict/arch/meta keys)")
     model, meta = load_checkpoint(path, map_location=device)
@@ -497,9 +554,9 @@ def check_model_input(info, grid_shape, voxel_size, model=None, *, normalisation
         problems.append(f"the model expects intensities {want} ({NORMALISATIONS[want]}; "
                         f"{where}.input.normalisation) but the cohort provides {have} ({NORMALISATIONS[have]})")
     if problems:
-        raise ConfigError(f"{where}: the model does not match the cohort: " + "; ".join(problems)
-                          + ". Set grid.voxel_size (and the template) so the cohort matches the model's training "
-                            "grid, or correct the model's input section if it is wrong")
+        raise ConfigError(f"{where}: the model does not match {_dataset_name(grid_label)}: " + "; ".join(problems)
+                          + ". Use data on the model's training grid (in the workflow: set grid.voxel_size and "
+                            "grid.bbox_mm), or correct the model's input section if it is wrong")
     if model is None:
         return None
     channels = int(inp.get("channels") or 1)
@@ -523,6 +580,45 @@ def check_model_input(info, grid_shape, voxel_size, model=None, *, normalisation
         raise ConfigError(f"{where}.classes: {len(classes)} classes {list(classes)} but the model's output "
                           f"on the cohort grid has shape {tuple(out.shape[1:])} (without batch)")
     return tuple(out.shape[1:])
+
+
+def check_model_dataset(model, info, grid, *, where="model", dataset="the cohort", log=None, probe=True):
+    """The one check of a model against the dataset it is about to be run on, shared by the workflow
+    (``describe_model``, every ``visualize`` job) and ``brainfv visualize``.
+
+    The grid the model states (a brainfv checkpoint's training grid, or a spec's ``input.shape`` /
+    ``input.voxel_size`` / ``input.normalisation``) must be the dataset's, and (``probe``) one forward pass on
+    the dataset's grid must work. A model that states no grid cannot be checked: ``log`` gets a warning
+    saying so (a network with adaptive pooling accepts any grid, so nothing else would notice).
+
+    Parameters
+    ----------
+    model : nn.Module
+    info : dict
+        ``info`` of :func:`load_model`.
+    grid : brainfv.data.grid.Grid
+        The dataset's grid (``Dataset.grid``).
+    where : str
+        Config key (or command-line name) of the model, for messages.
+    dataset : str
+        How messages name the dataset, e.g. ``"the dataset results/data/cohort"``.
+
+    Returns
+    -------
+    tuple or None
+        As :func:`check_model_input`: the output shape of the probe forward.
+    """
+    stated = info.get("input") or {}
+    if stated.get("shape") is None and stated.get("voxel_size") is None and log is not None:
+        log(f"WARNING: {where} does not state the grid it was trained on (input.shape, input.voxel_size), so it "
+            f"cannot be checked against {dataset} ({_fmt_shape(grid.shape)} voxels of {_fmt_vs(grid.voxel_size)} mm); "
+            f"state it in the model's input section")
+    return check_model_input(info, grid.shape, grid.voxel_size, model if probe else None, where=where,
+                             grid_label=f"{dataset}'s grid")
+
+
+def _dataset_name(grid_label):
+    return grid_label.removesuffix("'s grid").removesuffix(" grid")
 
 
 class _eval_mode:
@@ -574,6 +670,12 @@ def _first_line(e):
         last = lines[-1]
         return re.sub(r"^\w+(Error|Exception): ", "", last)
     return lines[0]
+
+
+def _load_error(e):
+    """torch.load's reason in a few words (its weights_only messages bury it under advice)."""
+    m = re.search(r"(Unsupported operand \S+|Unsupported global: GLOBAL \S+)", str(e))
+    return m.group(1) if m else f"{type(e).__name__}: {_first_line(e)}"
 
 
 def _unpickling_reason(e):
@@ -903,7 +1005,7 @@ def describe_job(job):
         raise ConfigError(f"{where}.classes: not given; list the model's outputs in order as values of the target "
                           f"column {p['target']!r} (e.g. {values}): without it a male logit could be read as female")
     classes = list(info["classes"])
-    out_shape = check_model_input({**info, "classes": classes}, grid.shape, grid.voxel_size, model, where=where)
+    out_shape = check_model_dataset(model, {**info, "classes": classes}, grid, where=where, log=log)
     unknown = [c for c in classes if c not in set(parts[p["target"]].dropna())]
     if unknown:
         raise ConfigError(f"{where}.classes: {unknown} never occur in the task's target column {p['target']!r} "

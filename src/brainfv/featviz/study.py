@@ -7,6 +7,7 @@ inputs, call it, write the outputs atomically). Both are usable without Snakemak
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -205,16 +206,18 @@ def visualize_job(job):
 
     from ..data.store import Dataset
     from ..device import pick_device
-    from ..model_io import task_model
+    from ..model_io import check_model_dataset, task_model
     from ..utils import atomic_path, stable_seed
     from .controls import randomized_copy
 
     torch.set_num_threads(job.threads)
     p, log = job.params["request"], job.log
     device = pick_device(p["device"])
-    model, _ = task_model(job, device)
+    model, info = task_model(job, device)
     ds = Dataset(job.folder("participants", "volumes", "mask", "reference"))
     grid = ds.grid
+    check_model_dataset(model, info, grid, where=job.params.get("model_key", "model"), log=log,
+                        dataset=f"the dataset {Path(job.input['volumes']).parent}")
     units = resolve_request_units(model, p, grid.shape, device)
     real, test = split_volumes(ds, "train", p["n_real"]), split_volumes(ds, "test")
     networks = [("trained", model)]
