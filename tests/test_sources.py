@@ -97,3 +97,57 @@ def test_sources_is_light_and_fast(tmp_path):
     t = time.perf_counter()
     files = source_files({"source": "bids", "bids": {"root": str(root), "space": SPACE}})
     assert len(files) == 1001 and time.perf_counter() - t < 1.0
+
+
+def _listed_bids(root, ids, space=SPACE):
+    """A BIDS folder whose images are empty files (source_files lists them, never opens them)."""
+    for i in ids:
+        d = Path(root) / f"sub-{i}" / "anat"
+        d.mkdir(parents=True)
+        (d / f"sub-{i}_space-{space}_desc-preproc_T1w.nii.gz").touch()
+    (Path(root) / "participants.tsv").write_text("participant_id\tsex\n" + "".join(f"sub-{i}\tM\n" for i in ids))
+    return root
+
+
+def test_qc_accept_entries_that_match_no_subject_are_named(tmp_path):
+    import yaml
+
+    root = _listed_bids(tmp_path / "bids", ["001", "002", "005"])
+    bids = {"root": str(root)}
+    for text, match in [("accept: [005]", r"cohort.qc.accept\[0\]: 5 matches no subject: YAML read it as the "
+                                          r"integer 5; write the id in quotes, '005'"),
+                        ("accept: ['002', sub-005]", r"cohort.qc.accept\[1\]: 'sub-005' matches no subject: ids are "
+                                                     r"written without 'sub-', '005'"),
+                        ("accept: ['009']", r"cohort.qc.accept\[0\]: '009' matches no subject \(the cohort's "
+                                            r"subjects: '001', '002', '005'\)")]:
+        with pytest.raises(ConfigError, match=match):
+            source_files({"source": "bids", "bids": bids, "qc": yaml.safe_load(text)})
+    assert len(source_files({"source": "bids", "bids": bids, "qc": {"accept": ["005", "002"]}})) == 4
+    table = tmp_path / "subjects.csv"
+    table.write_text("subject,path,sex\ns1,a.nii.gz,M\ns2,b.nii.gz,F\n")
+    with pytest.raises(ConfigError, match=r"cohort.qc.accept\[0\]: 's3' matches no subject"):
+        source_files({"source": "csv", "csv": {"table": str(table)}, "qc": {"accept": ["s3"]}})
+
+
+def test_bids_space_or_session_that_no_file_carries_names_the_key_and_what_exists(tmp_path):
+    root = _listed_bids(tmp_path / "bids", ["01", "02"])
+    (root / "sub-02" / "anat" / "sub-02_desc-preproc_T1w.nii.gz").touch()  # a native-space image too
+    with pytest.raises(ConfigError, match=r"cohort.bids.space: no T1w image under \S+bids has space-MNI152NLin6Asym; "
+                                          r"spaces found: \['MNI152NLin2009cAsym'\] \(and images without a space- "
+                                          r"entity\)"):
+        source_files({"source": "bids", "bids": {"root": str(root), "space": "MNI152NLin6Asym"}})
+    with pytest.raises(ConfigError, match=r"cohort.bids.session: no T1w image under \S+ has ses-2"):
+        source_files({"source": "bids", "bids": {"root": str(root), "session": 2}})
+
+
+def test_prepare_cohort_checks_qc_accept_before_any_image(tmp_path, monkeypatch):
+    import brainfv.data.cohort as cohort
+    from test_cohort import MIXED, bids_cfg
+
+    root = make_bids(tmp_path / "bids", MIXED)
+    monkeypatch.setattr(cohort, "load_volume", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    cfg = bids_cfg(root)
+    cfg["cohort"]["qc"] = {"accept": [1]}
+    with pytest.raises(ConfigError, match=r"cohort.qc.accept\[0\]: 1 matches no subject: YAML read it as the "
+                                          r"integer 1; write the id in quotes, '01'"):
+        prepare_cohort(cfg, tmp_path / "out")

@@ -26,7 +26,8 @@ def layer_units(arch, n_classes=2):
             out[f"block{i}.{part}"] = int(c)
     if a.hidden:
         out["fc"] = out["fc_act"] = int(a.hidden)
-    out["classifier"] = int((arch or {}).get("n_classes", n_classes))
+    n = (arch or {}).get("n_classes", n_classes)
+    out["classifier"] = int(n) if n is not None else None  # None: known only from the data
     return out
 
 

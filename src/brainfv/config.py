@@ -167,7 +167,64 @@ def check(cfg):
                 raise ConfigError(f"config key featviz.layers[{i}]: request {lid!r} of task {t!r} repeats "
                                   f"featviz.layers[{seen[t, lid]}]; give one of them a different `name`")
             seen[t, lid] = i
+    check_requests(cfg)
     return cfg
+
+
+def check_requests(cfg):
+    """Every ``featviz.layers`` request names a layer of each of its tasks' models and units within it; raise
+    :class:`ConfigError` naming the request's key, before any job (``check`` runs when the workflow loads).
+
+    A trained task's layers come from the torch-free layer table (:func:`brainfv.arch.layer_units`; the
+    classifier has two units for the ``sex`` and ``lesion`` targets, an unknown number otherwise). A given
+    model's (``tasks.<task>.model``) come from its ``describe_model`` outputs (``model.json`` and
+    ``units.tsv`` under ``results``) once they exist; before that, that job checks them, ahead of every
+    visualization of the task.
+    """
+    from .arch import layer_units, resolve_units
+
+    for i, spec in enumerate(cfg["featviz"]["layers"]):
+        for task in spec.get("tasks", list(cfg["tasks"])):
+            tcfg = cfg["tasks"][task]
+            if "model" in tcfg:
+                what = f"tasks.{task}.model"
+                units = _described_units(Path(cfg["results"]) / "models" / task / "provided", tcfg["model"])
+                if units is None:
+                    continue
+            else:
+                what = "the study's model (config: model)"
+                n_classes = 2 if tcfg.get("target") in ("sex", "lesion") else None
+                units = layer_units(cfg["model"], n_classes)
+            layer = spec["layer"]
+            if layer not in units:
+                shown = [f"{k} ({v})" if v is not None else k for k, v in units.items()]
+                raise ConfigError(f"config key featviz.layers[{i}].layer: {layer!r} is not a layer of {what} "
+                                  f"(task {task!r}); layers (units): {', '.join(shown)}")
+            if units[layer] is not None:
+                resolve_units(spec.get("units", "all"), units[layer], where=(
+                    f"config key featviz.layers[{i}].units (layer {layer!r} of {what} has {units[layer]} units, "
+                    f"task {task!r})"))
+
+
+def _described_units(folder, spec):
+    """``{layer: channels or None}`` of a given model, from its describe_model outputs; None before they exist
+    or when they describe another file (a changed checkpoint: describe_model runs again and checks)."""
+    import csv
+    import json
+
+    info, table = folder / "model.json", folder / "units.tsv"
+    ck = Path(spec.get("checkpoint", "")).expanduser()
+    if not (info.exists() and table.exists() and ck.is_file()) or ck.stat().st_mtime > info.stat().st_mtime:
+        return None
+    described = json.loads(info.read_text())
+    if Path(described.get("checkpoint", "")).resolve() != ck.resolve():
+        return None
+    units = dict.fromkeys(described.get("modules") or [])
+    with open(table, newline="") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            ch = row.get("channels")
+            units[row["layer"]] = int(float(ch)) if ch not in (None, "", "nan") else None
+    return units
 
 
 def layer_id(spec):

@@ -33,7 +33,7 @@ from ..errors import ConfigError, InputDataError
 from ..utils import (atomic_path, get_logger, Progress, remove_stale_temporaries, stable_seed,
                      terminate_cleanly)
 from .grid import Grid, load_volume
-from .sources import bids_files, csv_files, read_table
+from .sources import bids_files, check_accept, csv_files, read_table
 from .store import VolumeWriter, write_manifest
 from .template import template_on_grid
 
@@ -455,6 +455,7 @@ def _prepare_cohort(cfg, out_dir, log):
             records, problems = bids_records(ccfg["bids"], coding, log=log)
         else:
             records, problems = csv_records(ccfg["csv"], coding)
+        check_accept(ccfg["qc"], set(records.get("subject", [])) | {p.subject for p in problems})
         records, problems = _check_records(records, problems, strat, ccfg["splits"], on_missing, label, log)
         qc_rows += [{"subject": p.subject, "status": "skipped", "reason": p.reason} for p in problems]
         n = len(records)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import ConfigError, InputDataError
 
 __all__ = ["NA_VALUES", "Table", "read_table", "entities", "BidsFiles", "bids_files", "CsvFiles", "csv_files",
-           "resolve_table_path", "source_files"]
+           "resolve_table_path", "source_files", "check_accept"]
 
 #: cell values read as missing (pandas' defaults, which include BIDS's ``n/a``)
 NA_VALUES = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
@@ -128,19 +128,61 @@ def bids_files(bids_cfg):
     space, session = bids_cfg.get("space"), bids_cfg.get("session")
     out = BidsFiles(root=root, table=table)
     found = sorted(list(root.glob("sub-*/anat/*.nii*")) + list(root.glob("sub-*/ses-*/anat/*.nii*")))
+    seen = {"space": set(), "ses": set()}  # of every T1w image, to name them when the selection matches none
     for f in found:
         ent = entities(f.name)
         sub = ent.get("sub")
+        stem = f.name.split(".")[0]
+        if sub is not None and stem.endswith("_T1w"):
+            for k in seen:
+                seen[k].add(ent.get(k))
         if sub is None or (space and ent.get("space") != space) or (session and ent.get("ses") != str(session)):
             continue
-        stem = f.name.split(".")[0]
         if stem.endswith("_T1w"):
             out.candidates.setdefault(sub, []).append(f)
             out.images.setdefault(sub, f)  # sorted: first session/run wins
         elif stem.endswith("_mask") and ent.get("desc") == "brain":
             out.masks.setdefault(sub, f)
     out.candidates = {s: c for s, c in out.candidates.items() if len(c) > 1}
+    if not out.images:
+        for key, entity, value in (("space", "space", space), ("session", "ses", session)):
+            if value and seen[entity] and str(value) not in seen[entity]:
+                named = sorted(v for v in seen[entity] if v is not None)
+                none = f" (and images without a {entity}- entity)" if None in seen[entity] else ""
+                raise ConfigError(f"cohort.bids.{key}: no T1w image under {root} has {entity}-{value}; "
+                                  f"{'spaces' if key == 'space' else 'sessions'} found: {named}{none}")
     return out
+
+
+def check_accept(qc_cfg, subjects):
+    """Every ``cohort.qc.accept`` entry names a subject of the cohort (``subjects``: the ids the source
+    lists); raise :class:`ConfigError` naming the entries that match none, and why they may not (an id
+    YAML read as a number, a ``sub-`` prefix)."""
+    subjects = {str(s) for s in subjects}
+    bad = []
+    for i, entry in enumerate((qc_cfg or {}).get("accept") or []):
+        if str(entry) in subjects:
+            continue
+        why = ""
+        if isinstance(entry, (int, float)) and not isinstance(entry, bool):
+            near = sorted(s for s in subjects if s.lstrip("0") == str(entry).lstrip("0") or
+                          (s.isdigit() and s.startswith("0") and _octal(s) == entry))
+            why = (f": YAML read it as the integer {entry}; write the id in quotes"
+                   + (f", '{near[0]}'" if near else " (e.g. '005')"))
+        elif str(entry).startswith("sub-") and str(entry)[4:] in subjects:
+            why = f": ids are written without 'sub-', '{str(entry)[4:]}'"
+        bad.append(f"cohort.qc.accept[{i}]: {entry!r} matches no subject{why}")
+    if bad:
+        shown = sorted(subjects)
+        more = f", ... ({len(shown)} in all)" if len(shown) > 10 else ""
+        raise ConfigError(f"{'; '.join(bad)} (the cohort's subjects: {', '.join(map(repr, shown[:10]))}{more})")
+
+
+def _octal(text):
+    try:
+        return int(text, 8)
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -205,9 +247,11 @@ def source_files(cohort_cfg):
     if source == "bids":
         found = bids_files(cohort_cfg.get("bids") or {})
         files = [found.table, *found.images.values(), *(m for s, m in found.masks.items() if s in found.images)]
+        check_accept(cohort_cfg.get("qc"), found.images)
     elif source == "csv":
         found = csv_files(cohort_cfg.get("csv") or {})
         files = [found.table.path, *(p for p in found.images + found.masks if p is not None and p.is_file())]
+        check_accept(cohort_cfg.get("qc"), [(r[found.subject_column] or "").strip() for r in found.table.rows])
     else:
         raise ConfigError(f"cohort.source must be one of synthetic, bids, csv; got {source!r}")
     return sorted({str(f) for f in files})
