@@ -231,7 +231,7 @@ def test_template_similarity_tolerates_bias_and_noise():
 
 def test_misregistered_image_is_an_error_naming_subject_file_value_and_key(tmp_path):
     bad = {"sub": "07", "sex": "M", "transform": rigid(15, (0, 20, 0))}
-    fine = {"sub": "08", "sex": "F", "transform": rigid(5, (0, 5, 0), 1.05)}
+    fine = {"sub": "08", "sex": "F", "transform": rigid(2, (0, 2, 0), 1.02)}
     root = make_bids(tmp_path / "bids", MIXED + [bad, fine])
     cfg = bids_cfg(root)
     with pytest.raises(InputDataError) as e:
@@ -249,7 +249,7 @@ def test_misregistered_image_is_an_error_naming_subject_file_value_and_key(tmp_p
     qc = read_qc(tmp_path / "out")
     assert (qc["status"] == "ok").all() and qc["template_corr"].notna().all() and qc["coverage"].notna().all()
     assert qc.loc["07", "template_corr"] < 0.5 and "accepted by cohort.qc.accept" in qc.loc["07", "reason"]
-    assert qc.drop(["07", "08"])["template_corr"].min() > 0.98 and qc.loc["08", "template_corr"] > 0.6
+    assert qc.drop(["07", "08"])["template_corr"].min() > 0.98 and qc.loc["08", "template_corr"] > 0.8
     # or skip it: listed in qc.tsv with the reason
     cfg["cohort"].update(qc={}, on_missing="skip")
     parts = prepare_cohort(cfg, tmp_path / "out")
@@ -395,3 +395,80 @@ def test_qc_defaults_match_the_schema():
     from brainfv.data.cohort import DEFAULT_QC
 
     assert small_config()["cohort"]["qc"] == DEFAULT_QC
+
+
+# --- the template check relative to the cohort (issue 21) ------------------------------------------------
+
+def _registered_like(img, seed):
+    """The template image as a registered subject: a smooth bias field, noise, a residual 2 mm / 2 deg / 3%."""
+    rng = np.random.default_rng(seed)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    src = Grid.from_bbox(2.0, [[-90, 90], [-126, 90], [-72, 108]])
+    xyz = src.world_coords(np.indices(data.shape).reshape(3, -1).T)
+    bias = (1 + rng.uniform(0.1, 0.3) * np.sin(xyz[:, 0] / rng.uniform(40, 90) + rng.uniform(0, 6))
+            * np.cos(xyz[:, 1] / rng.uniform(50, 100)) + rng.uniform(-0.15, 0.15) * xyz[:, 2] / 100).reshape(data.shape)
+    noise = rng.normal(0, 0.05 * data[data > 0].mean(), data.shape) * (data > 0)
+    return data * bias + noise, rigid(rng.uniform(-2, 2), rng.uniform(-2, 2, 3), 1 + rng.uniform(-0.03, 0.03),
+                                      axis="xyz"[seed % 3])
+
+
+def test_template_outliers_relative_to_a_realistic_cohort():
+    """In a cohort of registered images (0.8-0.95), a 15 mm shift or a 15 deg rotation passes the absolute
+    min_template_corr but not the check relative to the cohort; no registered image fails it."""
+    from brainfv.data.cohort import DEFAULT_QC, qc_outliers, template_similarity
+
+    grid = Grid.from_bbox(4.0, [[-78, 78], [-114, 78], [-72, 84]])
+    img = template_image(2.0)
+    measured = {}
+    for i in range(10):
+        data, T = _registered_like(img, i)
+        measured[f"r{i}"] = (template_similarity(grid.resample(data, T @ img.affine), grid)[0], f"r{i}.nii.gz")
+    data, _ = _registered_like(img, 0)
+    for name, T in (("shift15", rigid(shift_mm=(0, 15, 0))), ("rot15", rigid(15, axis="y"))):
+        measured[name] = (template_similarity(grid.resample(data, T @ img.affine), grid)[0], f"{name}.nii.gz")
+    assert measured["shift15"][0] > DEFAULT_QC["min_template_corr"] < measured["rot15"][0]  # the absolute bar passes
+    problems = qc_outliers(measured, DEFAULT_QC)
+    assert sorted(p.subject for p in problems) == ["rot15", "shift15"], measured
+    med = np.median([v[0] for v in measured.values()])
+    msg = next(p.reason for p in problems if p.subject == "rot15")
+    assert re.match(rf"rot15\.nii\.gz correlates with the template at r = 0\.\d\d, far below the cohort's median "
+                    rf"{med:.2f} \(bar 0\.\d\d: median - 5 x 0\.\d+, the robust spread of 12 subjects; "
+                    r"cohort.qc.outlier_k: 5\)", msg), msg
+    assert "cohort.qc.accept" in msg
+    assert qc_outliers(measured, {**DEFAULT_QC, "accept": {"rot15"}})[0].subject == "shift15"
+    assert not qc_outliers(measured, {**DEFAULT_QC, "outlier_k": 0})
+
+
+def test_synthetic_subjects_pass_the_cohort_relative_check():
+    """The synthetic cohort's own spread (0.51-0.88 on 3-4 mm grids) keeps every subject."""
+    from brainfv.config import complete
+    from brainfv.data.cohort import DEFAULT_QC, qc_outliers, template_similarity
+    from brainfv.data.synthetic import SyntheticCohort
+
+    cfg = complete({"grid": {"voxel_size": 4.0}})
+    grid = Grid.from_config(cfg["grid"])
+    sc = cfg["cohort"]["synthetic"]
+    gen = SyntheticCohort(grid, 16, 0, sc["male_fraction"], sc["sex_effect"], sc["variability"])
+    measured = {i: (template_similarity(gen.generate(i)["t1"], grid)[0], "synthetic") for i in range(gen.n)}
+    assert min(v[0] for v in measured.values()) > DEFAULT_QC["min_template_corr"]
+    assert qc_outliers(measured, DEFAULT_QC) == []
+
+
+def test_misregistration_in_a_registered_cohort_is_an_error_or_skipped(tmp_path):
+    """End to end: a 15 mm shift and a 15 deg rotation (both above min_template_corr) among registered images."""
+    bad = [{"sub": "07", "sex": "M", "transform": rigid(shift_mm=(0, 15, 0))},
+           {"sub": "08", "sex": "F", "transform": rigid(15, axis="y")}]
+    root = make_bids(tmp_path / "bids", MIXED + bad)
+    with pytest.raises(InputDataError) as e:
+        prepare_cohort(bids_cfg(root), tmp_path / "out")
+    msg = str(e.value)
+    assert "2 problem(s) with 2 subject(s); nothing was written" in msg
+    for sub in ("07", "08"):
+        assert re.search(rf"subject '{sub}': \S+sub-{sub}_\S+ correlates with the template at r = 0\.[5-7]\d, far "
+                         rf"below the cohort's median 0\.99", msg), msg
+    assert not list((tmp_path / "out").iterdir())
+    parts = prepare_cohort(bids_cfg(root, on_missing="skip"), tmp_path / "out")
+    qc = read_qc(tmp_path / "out")
+    assert sorted(parts["subject"]) == ["01", "02", "03", "04", "05", "06"] and sorted(parts["index"]) == list(range(6))
+    assert (qc.loc[["07", "08"], "status"] == "skipped").all() and "outlier_k" in qc.loc["07", "reason"]
+    assert len(Dataset(tmp_path / "out").volumes) == 6

@@ -151,3 +151,36 @@ def test_prepare_cohort_checks_qc_accept_before_any_image(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=r"cohort.qc.accept\[0\]: 1 matches no subject: YAML read it as the "
                                           r"integer 1; write the id in quotes, '01'"):
         prepare_cohort(cfg, tmp_path / "out")
+
+
+def test_inputs_digest_sees_a_replacement_that_keeps_the_modification_time(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    import brainfv.data.sources as sources
+    from brainfv.data.sources import inputs_digest
+
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"img{i}.nii.gz")
+        files[-1].write_bytes(bytes([i]) * 1000)
+    cache = tmp_path / "state" / "hashes.json"
+    first = inputs_digest(files, cache)
+    reads = []
+    real = sources._file_hash
+    monkeypatch.setattr(sources, "_file_hash", lambda f: reads.append(f) or real(f))
+    assert inputs_digest(files, cache) == first and reads == []  # cached: nothing read again
+    # cp -p / rsync -a: new content of the same size, the old modification time
+    other = tmp_path / "other.nii.gz"
+    other.write_bytes(b"\x07" * 1000)
+    old = files[1].stat()
+    os.utime(other, ns=(old.st_atime_ns, old.st_mtime_ns))
+    shutil.copy2(other, files[1])
+    assert files[1].stat().st_mtime_ns == old.st_mtime_ns
+    changed = inputs_digest(files, cache)
+    assert changed != first and reads == [str(files[1])]
+    # the old content back (same mtime again): the old digest, so nothing reruns for it
+    files[1].write_bytes(bytes([1]) * 1000)
+    os.utime(files[1], ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert inputs_digest(files, cache) == first
+    assert inputs_digest(files[:2], cache) != first  # a file less

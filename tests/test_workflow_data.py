@@ -47,3 +47,43 @@ def test_missing_data_root_after_an_existing_run_names_the_key(bids_study, tmp_p
     p = smk("-n", "--configfile", str(bad), check=False)
     assert p.returncode != 0
     assert "cohort.bids.root: folder not found" in p.stdout + p.stderr
+
+
+def test_replacement_that_keeps_the_modification_time_reruns_the_cohort(bids_study):
+    """cp -p, rsync -a or a restore from backup: new content under the old mtime is seen by content."""
+    import os
+    import shutil
+
+    root, cfg, target = bids_study
+    img = next(root.glob("sub-03/ses-02/anat/*T1w.nii*"))
+    st = img.stat()
+    donor = next(root.glob("sub-01/anat/*T1w.nii.gz"))
+    staged = img.with_name("staged.tmp")
+    shutil.copyfile(donor, staged)
+    os.utime(staged, ns=(st.st_atime_ns, st.st_mtime_ns))
+    original = img.read_bytes()
+    shutil.copy2(staged, img)  # what cp -p does: new content, the old modification time
+    staged.unlink()
+    assert img.stat().st_mtime_ns == st.st_mtime_ns
+    p = smk("-n", target, "--configfile", str(cfg))
+    assert re.search(r"^prepare_cohort\s+1$", p.stdout, re.M), p.stdout[-2000:]
+    img.write_bytes(original)  # the old content back: nothing to do
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert "Nothing to be done" in smk("-n", target, "--configfile", str(cfg)).stdout
+
+
+def test_unknown_layer_or_units_stop_the_dry_run_before_any_job(tmp_path):
+    cfg = tmp_path / "layers.yaml"
+    cfg.write_text(yaml.safe_dump({"results": str(tmp_path / "res"), "featviz": {"layers": [
+        {"layer": "block2.norm", "units": 2}, {"layer": "block4.norm", "units": [0, 1]},
+        {"layer": "block9.norm"}]}}))
+    p = smk("-n", "--configfile", str(cfg), check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "featviz.layers[2].layer: 'block9.norm' is not a layer of the study's model" in out, out[-3000:]
+    assert "Job stats" not in out and "InputFunctionException" not in out
+    cfg.write_text(yaml.safe_dump({"results": str(tmp_path / "res"), "featviz": {"layers": [
+        {"layer": "block4.norm", "units": [0, 99]}]}}))
+    p = smk("-n", "--configfile", str(cfg), check=False)
+    assert p.returncode != 0 and "featviz.layers[0].units" in p.stdout + p.stderr
+    assert "channels [99] out of range" in p.stdout + p.stderr

@@ -123,6 +123,14 @@ def cohort_inputs(wildcards):
     return source_files(config["cohort"])
 
 
+def cohort_content(wildcards):
+    """The content hash of those files (a param: new content reruns the cohort also when a file keeps its
+    modification time, as after cp -p or rsync -a; hashes cached on size, mtime, ctime and inode)."""
+    from brainfv.data.sources import inputs_digest, source_files
+
+    return inputs_digest(source_files(config["cohort"]), f"{R}/.inputs/hashes.json")
+
+
 def roles(task):
     """The models trained for ``task``: ``main`` (visualised) and, if enabled, ``transfer`` (an independent
     model on which class-logit visualizations are tested); none for a given model."""

@@ -19,6 +19,7 @@ rule prepare_cohort:
     params:
         code=code("prepare_cohort"),  # the library modules it runs (brainfv.provenance)
         cfg=data_params("grid", "cohort"),
+        content=cohort_content,  # the input files' content (brainfv.data.sources.inputs_digest)
     log:
         f"{LOGS}/prepare_cohort.log",
     benchmark:

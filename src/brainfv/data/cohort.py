@@ -38,7 +38,8 @@ from .store import VolumeWriter, write_manifest
 from .template import template_on_grid
 
 __all__ = ["normalise", "assign_splits", "map_sex", "sex_coding", "bids_records", "csv_records",
-           "template_similarity", "prepare_cohort", "Problem", "DEFAULT_SEX_CODING", "DEFAULT_QC"]
+           "template_similarity", "qc_outliers", "prepare_cohort", "Problem", "DEFAULT_SEX_CODING",
+           "DEFAULT_QC"]
 
 #: BIDS codes sex as male/m/M, female/f/F, other/o/O; IXI/ABIDE/UK Biobank-style numeric codings
 #: differ between datasets, so numbers are *not* mapped unless the config says how
@@ -53,6 +54,10 @@ DEFAULT_SEX_CODING = {
 DEFAULT_QC = default("cohort.qc")  # the schema's (cohort.qc), for callers that give no qc section
 #: resolution (FWHM, mm) at which an image is compared with the template (:func:`template_similarity`)
 QC_FWHM_MM = 8.0
+#: the cohort-relative template check (:func:`qc_outliers`): least robust spread of the template correlations
+#: (a cohort of near-identical images has almost none) and least number of measured images
+QC_MIN_SPREAD = 0.02
+QC_MIN_SUBJECTS = 6
 
 ON_MISSING_HINT = ("fix them, or set cohort.on_missing: skip to leave these subjects out "
                    "(they are then listed in qc.tsv with the reason)")
@@ -386,6 +391,32 @@ def _real_subject(rec, grid, tpl, qc=None):
     return z, tpl["wm"], {"norm_mean": mean, "norm_std": std, "brain_voxels": int(mask.sum()), **info}
 
 
+def qc_outliers(measured, qc, failed=()):
+    """The subjects whose template correlation is far below their own cohort's: ``r < median - k * spread``,
+    with ``k`` = ``cohort.qc.outlier_k`` (0: off) and ``spread`` the cohort's robust standard deviation
+    (1.4826 x the median absolute deviation, at least :data:`QC_MIN_SPREAD`). This catches misregistration
+    that the absolute ``min_template_corr`` passes (a 15 mm shift or a 15 degree rotation in a cohort of
+    well-registered images) while a cohort whose images all differ from the template (e.g. synthetic
+    subjects: 0.51-0.88) keeps every subject. Needs :data:`QC_MIN_SUBJECTS` measured images.
+
+    ``measured``: subject -> (template_corr, path). Subjects in ``failed`` (already reported) and in
+    ``cohort.qc.accept`` are not reported. Returns a list of :class:`Problem`.
+    """
+    k = float(qc.get("outlier_k") or 0)
+    if k <= 0 or len(measured) < QC_MIN_SUBJECTS:
+        return []
+    r = np.array([v[0] for v in measured.values()], dtype=float)
+    med = float(np.median(r))
+    spread = max(1.4826 * float(np.median(np.abs(r - med))), QC_MIN_SPREAD)
+    bar = med - k * spread
+    return [Problem(sub, f"{path} correlates with the template at r = {corr:.2f}, far below the cohort's median "
+                         f"{med:.2f} (bar {bar:.2f}: median - {k:g} x {spread:.3f}, the robust spread of {len(r)} "
+                         f"subjects; cohort.qc.outlier_k: {k:g}); is it registered to the template like the others? "
+                         f"If the image is right, list the subject in cohort.qc.accept to keep it")
+            for sub, (corr, path) in measured.items()
+            if corr < bar and sub not in set(failed) and str(sub) not in qc["accept"]]
+
+
 def _class_problems(records, strat, fractions):
     """Problems for subjects whose stratification class is too small to give every split one subject."""
     names = [k for k, v in fractions.items() if v > 0]
@@ -465,6 +496,7 @@ def _prepare_cohort(cfg, out_dir, log):
 
     rows = []
     image_problems = []
+    measured = {}  # subject -> (template_corr, path) of every image read, for the cohort-relative check
     prog = Progress(n, "prepare_cohort subjects", log=log, unit="subj")
     with VolumeWriter(out_dir / "volumes.npy", n, grid.shape) as vw, \
             VolumeWriter(out_dir / "wm.npy", n, grid.shape, dtype=np.uint8) as ww:
@@ -485,6 +517,8 @@ def _prepare_cohort(cfg, out_dir, log):
                 except InputDataError as e:
                     reason = str(e).removeprefix(f"subject {rec['subject']!r}: ")
                     image_problems.append(Problem(rec["subject"], reason))
+                    if "template_corr" in getattr(e, "qc", {}):
+                        measured[rec["subject"]] = (e.qc["template_corr"], rec["path"])
                     if on_missing == "skip":
                         log(f"SKIP subject {rec['subject']}: {reason}")
                         qc_rows.append({"subject": rec["subject"], "status": "skipped", "reason": reason,
@@ -492,6 +526,7 @@ def _prepare_cohort(cfg, out_dir, log):
                     prog.update()
                     continue
                 note = info.pop("qc_note")
+                measured[rec["subject"]] = (info["template_corr"], rec["path"])
                 extra = {k: v for k, v in rec.items() if k not in ("subject", "sex", "path", "mask_path")}
                 row = {"subject": rec["subject"], "sex": rec["sex"], "source_path": rec["path"], **info, **extra}
                 qc_row = {"subject": row["subject"], "status": "ok", "reason": note,
@@ -504,6 +539,9 @@ def _prepare_cohort(cfg, out_dir, log):
             rows.append(row)
             qc_rows.append(qc_row)
             prog.update()
+        outliers = qc_outliers(measured, qc, failed={p.subject for p in image_problems}) if records is not None else []
+        if on_missing != "skip":
+            image_problems += outliers
         if image_problems and on_missing != "skip":
             raise InputDataError(_problem_report(image_problems, f"cohort ({label}), images"))
         if not rows:
@@ -512,11 +550,16 @@ def _prepare_cohort(cfg, out_dir, log):
         if strat not in parts.columns:
             raise ConfigError(f"cohort.stratify: column {strat!r} not in participants ({list(parts.columns)})")
         if records is not None:  # skipped images can leave a class too small for the split
-            late = _class_problems(parts, strat, ccfg["splits"])
+            for o in outliers:
+                log(f"SKIP subject {o.subject}: {o.reason}")
+            out_ids = {o.subject for o in outliers}
+            late = outliers + _class_problems(parts[~parts["subject"].astype(str).isin(out_ids)], strat,
+                                              ccfg["splits"])
+            if len(late) > len(outliers):
+                log(f"WARNING: {_problem_report(late[len(outliers):], 'split after skipping images', hint='', written=True)}"
+                    f"\n(cohort.on_missing: skip) leaving these subjects out")
             if late:
                 gone = {p.subject for p in late}
-                log(f"WARNING: {_problem_report(late, 'split after skipping images', hint='', written=True)}\n"
-                    f"(cohort.on_missing: skip) leaving these subjects out")
                 drop = parts["subject"].astype(str).isin(gone)
                 for w in (vw, ww):
                     w.drop(parts.loc[drop, "index"])

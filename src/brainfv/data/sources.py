@@ -10,6 +10,9 @@ images make the cohort.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +20,7 @@ from pathlib import Path
 from ..errors import ConfigError, InputDataError
 
 __all__ = ["NA_VALUES", "Table", "read_table", "entities", "BidsFiles", "bids_files", "CsvFiles", "csv_files",
-           "resolve_table_path", "source_files", "check_accept"]
+           "resolve_table_path", "source_files", "check_accept", "inputs_digest"]
 
 #: cell values read as missing (pandas' defaults, which include BIDS's ``n/a``)
 NA_VALUES = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
@@ -255,3 +258,49 @@ def source_files(cohort_cfg):
     else:
         raise ConfigError(f"cohort.source must be one of synthetic, bids, csv; got {source!r}")
     return sorted({str(f) for f in files})
+
+
+def inputs_digest(files, cache):
+    """One hash of the content of ``files`` (and of their paths): a rule parameter that changes when any file
+    gets new content, even content that keeps its old modification time (``cp -p``, ``rsync -a``, a restore
+    from backup), which Snakemake's time-based rerun trigger does not see; its ``params`` trigger reruns the
+    rule. Putting back the old content gives back the old hash, so nothing reruns for it.
+
+    Each file's hash is cached in the JSON file ``cache``, keyed on its size, mtime, ctime and inode: a file
+    is read again only when one of them changed, and a replaced file always gets a new ctime or inode,
+    whatever its mtime says. Standard library only (the workflow calls this while it builds the DAG).
+    """
+    cache = Path(cache)
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    fresh = {}
+    total = hashlib.blake2b(digest_size=20)
+    for f in sorted({str(f) for f in files}):
+        st = os.stat(f)
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = known.get(f)
+        digest = entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[0] == key else _file_hash(f)
+        fresh[f] = [key, digest]
+        total.update(f"{digest}  {f}\n".encode())
+    if fresh != known:
+        _write_atomic(cache, json.dumps(fresh))
+    return total.hexdigest()
+
+
+def _file_hash(f, chunk=1 << 20):
+    h = hashlib.blake2b(digest_size=20)
+    with open(f, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path, text):
+    """Write ``text`` to ``path`` through a temporary file in its folder (concurrent Snakemake processes that
+    build the DAG may write the same file: each rename is whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
