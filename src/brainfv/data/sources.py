@@ -289,12 +289,10 @@ def inputs_digest(files, cache):
     return total.hexdigest()
 
 
-def _file_hash(f, chunk=1 << 20):
-    h = hashlib.blake2b(digest_size=20)
+def _file_hash(f):
+    """SHA-256 of a file's bytes (about twice blake2b's speed where the CPU has SHA extensions)."""
     with open(f, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _write_atomic(path, text):
