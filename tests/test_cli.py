@@ -193,8 +193,9 @@ def test_visualize_checks_the_model_grid_against_the_dataset(tmp_path, capsys):
     assert _visualize(ck, ds, tmp_path / "fv") == 2
     err = capsys.readouterr().err
     assert f"MODEL: the model does not match the dataset {ds}" in err
-    assert "expects input 52x64x52 (MODEL.input.shape) but the dataset" in err and "12x14x12 voxels of 8 mm" in err
-    assert "expects 3 mm voxels" in err and not (tmp_path / "fv" / "units.nii.gz").exists()
+    assert ("expects input 52x64x52 (MODEL.input.shape) and 3 mm voxels (MODEL.input.voxel_size) but the dataset "
+            f"{ds}'s grid is 12x14x12 voxels of 8 mm") in err
+    assert not (tmp_path / "fv" / "units.nii.gz").exists()
     # a spec's stated input is checked too, and the message names the spec file's key
     _, ok = _toy_and_checkpoint(tmp_path / "b", {"shape": [12, 14, 12], "voxel_size": 8.0, "origin": [0, 0, 0]})
     spec = tmp_path / "spec.json"

@@ -541,13 +541,13 @@ def check_model_input(info, grid_shape, voxel_size, model=None, *, normalisation
     grid_shape = tuple(int(s) for s in grid_shape)
     cohort = f"{grid_label} is {_fmt_shape(grid_shape)} voxels" + (
         f" of {_fmt_vs(voxel_size)} mm" if voxel_size is not None else "")
-    problems = []
+    expects = []
     if inp.get("shape") is not None and tuple(inp["shape"]) != grid_shape:
-        problems.append(f"the model expects input {_fmt_shape(inp['shape'])} ({where}.input.shape) but {cohort}")
+        expects.append(f"input {_fmt_shape(inp['shape'])} ({where}.input.shape)")
     if inp.get("voxel_size") is not None and voxel_size is not None and not _same_vs(inp["voxel_size"], voxel_size,
                                                                                       rtol):
-        problems.append(f"the model expects {_fmt_vs(inp['voxel_size'])} mm voxels ({where}.input.voxel_size) "
-                        f"but {cohort}")
+        expects.append(f"{_fmt_vs(inp['voxel_size'])} mm voxels ({where}.input.voxel_size)")
+    problems = [f"the model expects {' and '.join(expects)} but {cohort}"] if expects else []
     want = _normalisation_name(inp.get("normalisation"), f"{where}.input.normalisation")
     have = _normalisation_name(normalisation, "cohort normalisation")
     if want is not None and have is not None and want != have:
