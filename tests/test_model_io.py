@@ -384,12 +384,16 @@ def test_describe_job_needs_the_output_order_and_known_layers(tmp_path):
                    params={"task": "sex", "target": "sex", "model": {"format": "state_dict", "architecture": DENSENET,
                                                                       **spec},
                            "model_key": "tasks.sex.model"}, log=lambda m: None,
-                   config={"featviz": {"layers": [{"layer": layer} for layer in layers]}})
+                   config={"featviz": {"layers": [{"layer": layer} if isinstance(layer, str) else
+                                                  {"layer": layer[0], "units": layer[1]} for layer in layers]}})
 
     with pytest.raises(ConfigError, match=r"tasks\.sex\.model\.classes: not given.*\['F', 'M'\]"):
         describe_job(job({}, ["features.denseblock1"]))
     with pytest.raises(ConfigError, match=r"featviz\.layers: \['features\.nope'\] are not layers of tasks\.sex\.model"):
         describe_job(job({"classes": ["F", "M"]}, ["features.denseblock1", "features.nope"]))
     assert not (tmp_path / "units.tsv").exists()
+    with pytest.raises(ConfigError, match=r"featviz\.layers\[class_layers\.out\]\.units \(layer 'class_layers\.out' "
+                                          r"of tasks\.sex\.model has 2 units\): channels \[5\] out of range 0\.\.1"):
+        describe_job(job({"classes": ["F", "M"]}, ["features.denseblock1", ("class_layers.out", [0, 5])]))
     describe_job(job({"classes": ["F", "M"]}, ["features.denseblock1", "class_layers.out"]))
     assert (tmp_path / "units.tsv").exists() and (tmp_path / "model.json").exists()

@@ -987,6 +987,7 @@ def describe_job(job):
     import nibabel as nib
     import pandas as pd
 
+    from .arch import resolve_units
     from .config import task_requests
     from .data.grid import Grid
     from .featviz.units import describe_units
@@ -1018,12 +1019,18 @@ def describe_job(job):
     names = {r["layer"] for r in rows} | {n for n, _ in hookable(model).named_modules() if n}
     # the layers the config asks of this task (read from the run's config, not a param: adding a request
     # must not rerun this job, whose model.json every visualization of the task depends on)
-    wanted = [r["layer"] for r in task_requests(job.config, p["task"]).values()] if job.config else []
+    requests = task_requests(job.config, p["task"]) if job.config else {}
+    wanted = [r["layer"] for r in requests.values()]
     unknown = [layer for layer in dict.fromkeys(wanted) if layer not in names]
     if unknown:  # before any visualization job starts, not in one of them
         raise ConfigError(f"featviz.layers: {unknown} are not layers of {where} (its layers: "
                           f"{', '.join(r['layer'] for r in rows)}; `brainfv units {info['checkpoint']}` lists them "
                           "with their shapes)")
+    n_units = {r["layer"]: r["channels"] for r in rows if r["channels"]}
+    for lid, spec in requests.items():  # and the units, against the layer's real channel count
+        if spec["layer"] in n_units:
+            resolve_units(spec.get("units", "all"), n_units[spec["layer"]], where=(
+                f"featviz.layers[{lid}].units (layer {spec['layer']!r} of {where} has {n_units[spec['layer']]} units)"))
     with atomic_path(job.output["units"]) as tmp:
         pd.DataFrame(rows).to_csv(tmp, sep="\t", index=False)
     cohort = str(parts["cohort"].iloc[0]) if "cohort" in parts else ""
