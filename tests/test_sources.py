@@ -114,12 +114,12 @@ def test_qc_accept_entries_that_match_no_subject_are_named(tmp_path):
 
     root = _listed_bids(tmp_path / "bids", ["001", "002", "005"])
     bids = {"root": str(root)}
-    for text, match in [("accept: [005]", r"cohort.qc.accept\[0\]: 5 matches no subject: YAML read it as the "
-                                          r"integer 5; write the id in quotes, '005'"),
-                        ("accept: ['002', sub-005]", r"cohort.qc.accept\[1\]: 'sub-005' matches no subject: ids are "
-                                                     r"written without 'sub-', '005'"),
-                        ("accept: ['009']", r"cohort.qc.accept\[0\]: '009' matches no subject \(the cohort's "
-                                            r"subjects: '001', '002', '005'\)")]:
+    for text, match in [("accept: [005]", (r"cohort.qc.accept\[0\]: 5 matches no subject: YAML read it as the "
+                                           r"integer 5; write the id in quotes, '005'")),
+                        ("accept: ['002', sub-005]", (r"cohort.qc.accept\[1\]: 'sub-005' matches no subject: ids are "
+                                                      r"written without 'sub-', '005'")),
+                        ("accept: ['009']", (r"cohort.qc.accept\[0\]: '009' matches no subject \(the cohort's "
+                                             r"subjects: '001', '002', '005'\)"))]:
         with pytest.raises(ConfigError, match=match):
             source_files({"source": "bids", "bids": bids, "qc": yaml.safe_load(text)})
     assert len(source_files({"source": "bids", "bids": bids, "qc": {"accept": ["005", "002"]}})) == 4
@@ -141,7 +141,7 @@ def test_bids_space_or_session_that_no_file_carries_names_the_key_and_what_exist
 
 
 def test_prepare_cohort_checks_qc_accept_before_any_image(tmp_path, monkeypatch):
-    import brainfv.data.cohort as cohort
+    from brainfv.data import cohort
     from test_cohort import MIXED, bids_cfg
 
     root = make_bids(tmp_path / "bids", MIXED)
@@ -157,7 +157,7 @@ def test_inputs_digest_sees_a_replacement_that_keeps_the_modification_time(tmp_p
     import os
     import shutil
 
-    import brainfv.data.sources as sources
+    from brainfv.data import sources
     from brainfv.data.sources import inputs_digest
 
     files = []

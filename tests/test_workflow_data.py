@@ -66,7 +66,7 @@ def test_replacement_that_keeps_the_modification_time_reruns_the_cohort(bids_stu
     staged.unlink()
     assert img.stat().st_mtime_ns == st.st_mtime_ns
     p = smk("-n", target, "--configfile", str(cfg))
-    assert re.search(r"^prepare_cohort\s+1$", p.stdout, re.M), p.stdout[-2000:]
+    assert re.search(r"^prepare_cohort\s+1$", p.stdout, re.MULTILINE), p.stdout[-2000:]
     img.write_bytes(original)  # the old content back: nothing to do
     os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert "Nothing to be done" in smk("-n", target, "--configfile", str(cfg)).stdout

@@ -137,8 +137,8 @@ def bids_files(bids_cfg):
         sub = ent.get("sub")
         stem = f.name.split(".")[0]
         if sub is not None and stem.endswith("_T1w"):
-            for k in seen:
-                seen[k].add(ent.get(k))
+            for k, values in seen.items():
+                values.add(ent.get(k))
         if sub is None or (space and ent.get("space") != space) or (session and ent.get("ses") != str(session)):
             continue
         if stem.endswith("_T1w"):
