@@ -150,7 +150,9 @@ def _transfer_probs(model, volumes, units):
 
 def compare_entries(entries, truths, transfer_models, output_layers, n_surrogates=2, seed=0, log=None):
     """Score every entry (dict: ``task, layer, module, regularizer, table`` (the visualize table),
-    ``trained`` and ``randomized`` (arrays seeds × units × X × Y × Z, randomized may be None)) against its
+    ``trained`` and ``randomized`` (arrays seeds × units × X × Y × Z, randomized may be None), optionally
+    ``replicate``: the independently trained network it comes from, the top level of the summary's
+    hierarchy; the other task's control is then that task's network of the same replicate index) against its
     task's :class:`Truth`, with its controls. ``output_layers``: the class-logit module of each task (a name
     for all tasks, or a dict task -> name or None). Returns ``(trained rows, control rows)`` as DataFrames."""
     import pandas as pd
@@ -159,7 +161,7 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
     from ..utils import stable_seed
 
     log = log or (lambda m: None)
-    by_key = {(e["task"], e["layer"], e["regularizer"]): e for e in entries}
+    by_key = {(e["task"], e["layer"], e["regularizer"], e.get("replicate")): e for e in entries}
     trained_rows, control_rows = [], []
     for e in entries:
         truth = truths[e["task"]]
@@ -194,6 +196,8 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             row.update(scores[i], **quality_ratios(vols[i], real_tv, real_hf, truth.mask, region),
                        transfer_prob=probs[i], lesion_hit_base_rate=base,
                        intended_class=class_of(u))
+            if e.get("replicate") is not None:
+                row["replicate"] = e["replicate"]
             trained_rows.append(row)
 
         def add_controls(kind, volumes, units_, seeds_, source):
@@ -202,13 +206,14 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             for v_sc, p, u, s in zip(sc, pr, units_, seeds_):
                 control_rows.append({"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u,
                                      "seed": s, "control": kind, "source": source, **v_sc, "transfer_prob": p,
-                                     "intended_class": class_of(u)})
+                                     "intended_class": class_of(u),
+                                     **({"replicate": e["replicate"]} if e.get("replicate") is not None else {})})
 
         if e.get("randomized") is not None:
             add_controls("randomized", e["randomized"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
                          "re-initialised weights")
         for other_task in truths:
-            o = by_key.get((other_task, e["layer"], e["regularizer"]))
+            o = by_key.get((other_task, e["layer"], e["regularizer"], e.get("replicate")))
             if other_task == e["task"] or o is None:
                 continue
             ot = o["table"]
@@ -219,7 +224,8 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             add_controls("other", o["trained"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
                          f"{other_task} model")
         if n_surrogates:
-            rng = np.random.default_rng(stable_seed(seed, "surrogate", e["task"], e["layer"], e["regularizer"]))
+            rep = () if e.get("replicate") is None else (e["replicate"],)
+            rng = np.random.default_rng(stable_seed(seed, "surrogate", e["task"], e["layer"], e["regularizer"], *rep))
             sur, su, ss = [], [], []
             for i, v in enumerate(vols):
                 for sv in phase_surrogates(v, n_surrogates, rng, region, truth.mask):
