@@ -15,6 +15,7 @@ from brainfv.report.findings import (
     START,
     fmt,
     fmt_p,
+    p_text,
     read_block,
     render,
     update_readme,
@@ -79,6 +80,7 @@ def test_verdicts():
     assert verdict(-0.01, 0.03, 0.05) == "absent (< 0.05, upper 95 % bound 0.030)"
     assert verdict(-0.01, 0.3, 0.05) == "undecided"
     assert verdict(np.nan, np.nan, 0.05).startswith("undecided")
+    assert (p_text("p", 0.0004), p_text("p", 0.0123), p_text("p", np.nan)) == ("p < 0.001", "p = 0.012", "p = n/a")
     s, _ = study()
     with pytest.raises(ConfigError, match="report.sesoi"):
         judge(s, [{"task": "lesion", "request": "classifier", "metric": "stability"}], {"lesion_ncc": 0.05})
@@ -103,7 +105,8 @@ def test_findings_text_agrees_with_the_table():
                                                                           f" · {r['regularizer']} · {r['metric']}**"))
         assert line.split("**: ")[1].startswith(r["verdict"])
         assert f"{fmt(r['min_gain'])} [{fmt(r['min_gain_lo'])}, {fmt(r['min_gain_hi'])}]" in line
-        assert f"p = {fmt_p(r['p_min_gain'])}" in line and f"adjusted p = {fmt_p(r['p_adj'])}" in line
+        assert f"{p_text('p', r['p_min_gain'])}," in line and f"{p_text('adjusted p', r['p_adj'])};" in line
+        assert fmt_p(r["p_adj"]) in line
     assert "**sex · classifier · effect_corr**: not run in this study" in text
     table = [line for line in text.splitlines() if line.startswith("| lesion")]
     survivors = s[~s["primary"] & (s["p_adj"] < 0.05)]

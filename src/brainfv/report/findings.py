@@ -34,6 +34,16 @@ def fmt_p(p):
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def p_text(label, p):
+    """``label = p`` as the findings print it (``label < 0.001`` below 0.001)."""
+    v = fmt_p(p)
+    return f"{label} {v}" if v.startswith("<") else f"{label} = {v}"
+
+
+def _plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _name(r):
     cls = f" · {r['class']}" if isinstance(r["class"], str) and r["class"] else ""
     return f"{r['task']} · {r['layer']}{cls} · {r['regularizer']} · {r['metric']}"
@@ -46,10 +56,12 @@ def _primary_line(r):
         size = f"; at least δ = {delta:g}" if r["min_gain_lo"] >= delta else \
             (f"; below δ = {delta:g} (upper bound {fmt(r['min_gain_hi'])})" if r["min_gain_hi"] < delta
              else f"; may be below δ = {delta:g}")
-    return (f"- **{_name(r)}**: {r['verdict']}{size} — smallest gain over every control ({r['controls'] or 'none'}) "
-            f"{fmt(r['min_gain'])} [{fmt(r['min_gain_lo'])}, {fmt(r['min_gain_hi'])}], p = {fmt_p(r['p_min_gain'])}, "
-            f"adjusted p = {fmt_p(r['p_adj'])}; mean {fmt(r['mean'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}], "
-            f"n = {int(r['n'])} ({int(r['n_units'])} units, {int(r.get('n_replicates', 1))} trained replicates)")
+    controls = ", ".join(str(r["controls"]).split(",")) if isinstance(r["controls"], str) and r["controls"] else "none"
+    return (f"- **{_name(r)}**: {r['verdict']}{size} — smallest gain over every control ({controls}) "
+            f"{fmt(r['min_gain'])} [{fmt(r['min_gain_lo'])}, {fmt(r['min_gain_hi'])}], {p_text('p', r['p_min_gain'])}, "
+            f"{p_text('adjusted p', r['p_adj'])}; mean {fmt(r['mean'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] "
+            f"over {_plural(int(r['n']), 'visualization')} ({_plural(int(r['n_units']), 'unit')}, "
+            f"{_plural(int(r.get('n_replicates', 1)), 'trained network')})")
 
 
 def render(summary, missing=(), alpha=ALPHA, method="t"):
