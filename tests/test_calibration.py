@@ -62,7 +62,7 @@ def test_unit_tuned_to_a_lesion_scores_far_above_its_nulls():
     assert row["mean"] > 0.9                      # the optimum is the lesion itself
     assert row["gain_randomized_low"] > 0.2       # far above the re-initialised network
     assert row["gain_surrogate_low"] > 0.2        # and above its own phase-randomised copies
-    assert row["randomization_check"] == "pass" and row["calibrated_low"] > 0.2
+    assert row["randomization_check"] == "pass" and row["min_gain_lo"] > 0.2 and row["p_min_gain"] < 0.01
     assert (paired["lesion_ncc_z"] > 2).all()
     # the receptive-field crop leaves the template room only around the planted positions: a hit is certain
     # there, so its chance level (over the positions a match can take) is 1, and the hit says nothing
@@ -83,6 +83,28 @@ def test_smooth_noise_scores_at_its_null():
     row = s[s["metric"] == "lesion_ncc"].iloc[0]
     assert row["mean"] > 0.2                                        # smoothness alone gives a "lesion" score...
     assert row["gain_surrogate_low"] < 0 < row["gain_surrogate_high"]  # ...that its null explains
+
+
+def test_trained_replicates_are_carried_to_the_summary():
+    """Entries of independently trained networks (``replicate``) keep their index in every row, are paired
+    with their own controls, and are the top level of the summary's interval."""
+    from scipy import ndimage
+
+    entries = []
+    for rep in (0, 1):
+        rng = np.random.default_rng(10 + rep)
+        vols = np.stack([ndimage.gaussian_filter(rng.normal(size=SHAPE), 1.5) for _ in range(4)]).astype(np.float32)
+        table = pd.DataFrame([{"task": "lesion", "layer": "n", "module": "n", "regularizer": "none", "network": "trained",
+                               "unit": u, "seed": s, "volume": 2 * s + u, "region": "0:24,0:24,0:24"}
+                              for s in range(2) for u in range(2)])
+        entries.append({"task": "lesion", "layer": "n", "module": "n", "regularizer": "none", "table": table,
+                        "trained": vols.reshape(2, 2, *SHAPE), "randomized": None, "replicate": rep})
+    trained, controls = compare_entries(entries, {"lesion": truth()}, {}, "classifier", n_surrogates=1)
+    assert sorted(set(trained["replicate"])) == sorted(set(controls["replicate"])) == [0, 1]
+    paired = paired_table(trained, controls, ["lesion_ncc"])
+    assert len(paired) == 8 and paired["lesion_ncc_surrogate"].notna().all()
+    row = summarise(paired, ["lesion_ncc"]).iloc[0]
+    assert row["n_replicates"] == 2 and row["n"] == 8 and row["n_units"] == 2
 
 
 def test_randomized_network_fails_the_check_a_trained_one_passes():

@@ -135,3 +135,24 @@ def test_volume_dataset_takes_augmentation_as_a_dict(tmp_path):
     assert tuple(x.shape) == (1, 8, 8, 8) and int(y) == 1
     with pytest.raises(ConfigError, match="shift_vx"):
         VolumeDataset(tmp_path / "v.npy", [0], [0], {"shift_vx": 1})
+
+
+def test_metrics_agree_with_a_hand_count():
+    """scikit-learn's metrics, read as before: recall averaged over the classes present, AUC as the share of
+    (positive, negative) pairs ranked right with ties counted half, one-vs-rest over classes with both."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 40)
+    y[y == 2] = 1                                    # class 2 absent from the labels
+    p = rng.dirichlet([1, 1, 1], 40)
+    p[:5] = [0.2, 0.4, 0.4]                          # ties
+    m = binary_metrics(y, p, 3)
+    pred = p.argmax(1)
+    recalls = [(pred[y == c] == c).mean() for c in (0, 1)]
+    assert m["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    aucs = []
+    for c in (0, 1):                                 # class 2 has no positives: left out
+        d = p[y == c, c][:, None] - p[y != c, c][None, :]
+        aucs.append(((d > 0).sum() + 0.5 * (d == 0).sum()) / d.size)
+    assert m["roc_auc"] == pytest.approx(np.mean(aucs))
+    assert m["n_per_class"] == [int((y == 0).sum()), int((y == 1).sum()), 0]
+    assert np.isnan(binary_metrics([1, 1], np.array([[0.2, 0.8], [0.6, 0.4]]), 2)["roc_auc"])

@@ -219,7 +219,8 @@ def test_tiny_study_end_to_end(tmp_path):
     assert table["regularizer"].str.startswith("attribution:").any()  # the positive control
     assert set(vis["task"]) == {"sex", "lesion", "densenet", "scripted"}
     summary = pd.read_csv(res / "report/summary.tsv", sep="\t")
-    for col in ("mean", "ci_low", "ci_high", "null_randomized", "gain_randomized_low", "calibrated", "z",
+    for col in ("mean", "ci_low", "ci_high", "null_randomized", "gain_randomized_low", "min_gain", "min_gain_lo",
+                "p_min_gain", "p_adj", "primary", "verdict", "z",
                 "randomization_check"):
         assert col in summary, col
     assert set(pd.read_csv(res / "report/sanity.tsv", sep="\t")["randomization_check"]) <= {"pass", "fail", "no control"}

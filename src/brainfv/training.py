@@ -120,28 +120,28 @@ def task_labels(participants, target, task="task"):
 
 
 def binary_metrics(y, prob, n_classes):
-    """Accuracy, balanced accuracy, ROC AUC (one-vs-rest mean), confusion matrix, n per class."""
+    """Accuracy, balanced accuracy (mean recall over the classes present), ROC AUC (one-vs-rest mean over the
+    classes with positives and negatives), confusion matrix, n per class (scikit-learn's metrics)."""
+    from sklearn import metrics as skm
+
     y = np.asarray(y, int)
     prob = np.asarray(prob, float)
-    pred = prob.argmax(1)
-    cm = np.zeros((n_classes, n_classes), int)
-    np.add.at(cm, (y, pred), 1)
-    recall = [cm[c, c] / cm[c].sum() for c in range(n_classes) if cm[c].sum() > 0]
+    pred = prob.argmax(1) if len(y) else np.zeros(0, int)
+    cm = skm.confusion_matrix(y, pred, labels=list(range(n_classes))) if len(y) else np.zeros((n_classes,) * 2, int)
+    present = [c for c in range(n_classes) if (y == c).any()]
     aucs = []
     for c in range(n_classes if n_classes > 2 else 1):
         cls = 1 if n_classes == 2 else c
-        pos, neg = prob[y == cls, cls], prob[y != cls, cls]
-        if len(pos) and len(neg):
-            # Mann-Whitney U with ties counted half
-            diff = pos[:, None] - neg[None, :]
-            aucs.append(float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size))
+        if 0 < (y == cls).sum() < len(y):
+            aucs.append(float(skm.roc_auc_score(y == cls, prob[:, cls])))
     return {
-        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
-        "balanced_accuracy": float(np.mean(recall)) if recall else float("nan"),
+        "accuracy": float(skm.accuracy_score(y, pred)) if len(y) else float("nan"),
+        "balanced_accuracy": float(skm.recall_score(y, pred, labels=present, average="macro", zero_division=0))
+        if present else float("nan"),
         "roc_auc": float(np.mean(aucs)) if aucs else float("nan"),
         "confusion_matrix": cm.tolist(),
         "n_per_class": cm.sum(1).tolist(),
-        "n": int(len(y)),
+        "n": len(y),
     }
 
 

@@ -25,6 +25,7 @@ rule compare_regularizers:
         summary=report(f"{REPORT}/summary.tsv", caption="../report/summary.rst", category="4. Comparison"),
         sanity=report(f"{REPORT}/sanity.tsv", caption="../report/sanity.rst", category="4. Comparison"),
         transfer=f"{REPORT}/transfer_models.tsv",
+        findings=report(f"{REPORT}/findings.md", caption="../report/findings.rst", category="4. Comparison"),
     params:
         code=code("compare_regularizers"),  # the library modules it runs (brainfv.provenance)
         entries=featviz_entries(),
@@ -34,6 +35,7 @@ rule compare_regularizers:
         attributions=attribution_files()[0],
         lesions=config["lesions"],
         compare=config["compare"],
+        report=config["report"],
         seed=config["seed"],
     log:
         f"{LOGS}/compare_regularizers.log",

@@ -10,17 +10,26 @@ preset) the study computes the metric on:
   target (another task's model);
 - ``surrogate``: phase-randomised copies of the visualization itself (same amplitude spectrum).
 
-Each control is paired with the visualization it mirrors (same unit and seed), so a *gain* (trained minus
-control) is computed per visualization and averaged; confidence intervals come from a hierarchical
-bootstrap over units, then seeds within units. A metric whose gain over a control is not above zero
-measures the preset, not the model.
+Each control is paired with the visualization it mirrors (same unit and seed, and trained replicate when
+there are several), so a *gain* (trained minus control) is computed per visualization and averaged;
+intervals and one-sided p-values come from :mod:`brainfv.report.stats` (t over the top level's means by
+default, chosen by simulated coverage). A visualization beats its controls only if it beats every one:
+``min_gain``, the smallest of the gains, with its interval (the intersection–union test). A metric whose
+smallest gain is not above zero measures the preset, not the model.
+
+:func:`judge` reads the summary against the questions named before the run (config ``report``): primary
+endpoints get a verdict (present / absent below the smallest effect of interest / undecided), every other
+row a Benjamini–Hochberg adjusted p-value.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["CONTROLS", "bootstrap_mean", "paired_table", "summarise", "sanity_table"]
+from ..errors import ConfigError
+from . import stats
+
+__all__ = ["CONTROLS", "bootstrap_mean", "judge", "paired_table", "sanity_table", "summarise", "verdict"]
 
 CONTROLS = ("randomized", "other", "surrogate")
 
@@ -36,51 +45,27 @@ def _with_class(df):
     return df.assign(**{"class": cls.fillna("").astype(str)})
 
 
-def _grid(df, value):
-    """``df`` (columns unit, seed, value) as an array (units, seeds) with NaN where missing."""
-    piv = df.pivot_table(index="unit", columns="seed", values=value, aggfunc="mean")
-    return piv.to_numpy(float)
-
-
 def bootstrap_mean(values, n_boot=2000, seed=0, level=0.95):
-    """Mean of ``values`` (array units × seeds, NaN = missing) and its bootstrap CI.
-
-    Units are resampled with replacement, then seeds within each resampled unit; NaNs are ignored.
-    Returns ``(mean, low, high, n)`` with ``n`` the number of finite values (NaNs when there are none).
-    """
-    v = np.atleast_2d(np.asarray(values, float))
-    finite = np.isfinite(v)
-    n = int(finite.sum())
-    if n == 0:
-        return float("nan"), float("nan"), float("nan"), 0
-    keep = finite.any(1)
-    v, finite = v[keep], finite[keep]
-    mean = float(np.nanmean(v))
-    if n == 1:
-        return mean, float("nan"), float("nan"), n
-    rng = np.random.default_rng(seed)
-    nu, ns = v.shape
-    units = rng.integers(0, nu, size=(n_boot, nu))
-    seeds = rng.integers(0, ns, size=(n_boot, nu, ns))
-    sample = v[units[..., None], seeds]            # (n_boot, nu, ns)
-    ok = finite[units[..., None], seeds]
-    with np.errstate(invalid="ignore"):
-        means = np.where(ok, sample, 0).sum((1, 2)) / ok.sum((1, 2))
-    means = means[np.isfinite(means)]
-    a = (1 - level) / 2
-    return mean, float(np.quantile(means, a)), float(np.quantile(means, 1 - a)), n
+    """Mean of ``values`` (array units × seeds or replicates × units × seeds, NaN = missing) and its
+    hierarchical percentile bootstrap CI: ``(mean, low, high, n)``, ``n`` the number of finite values.
+    (The summary's intervals are t intervals: :mod:`brainfv.report.stats` says why.)"""
+    mean, lo, hi, _, n = stats.mean_interval(values, "bootstrap", level, n_boot, seed)
+    return mean, lo, hi, n
 
 
 def paired_table(trained, controls, metrics):
     """Per trained visualization: each metric, its paired control values and calibrated scores.
 
-    ``trained``: rows (task, layer, regularizer, unit, seed, metrics...). ``controls``: rows with the same
+    ``trained``: rows (task, layer, regularizer, unit, seed, optionally replicate: the trained network's
+    training seed, metrics...). ``controls``: rows with the same
     keys plus ``control`` in :data:`CONTROLS` (surrogates may have several rows per visualization: they are
     averaged). Adds, per metric ``m``: ``m_<control>`` (the paired control's value), ``m_z`` (distance from
     the pooled randomized/other control values of the same task, layer and preset, in their SD) and
     ``m_pct`` (the share of those control values below it).
     """
     keys = ["task", "layer", "regularizer", "unit", "seed"]
+    if "replicate" in trained and "replicate" in controls:
+        keys.append("replicate")
     out = trained.copy()
     for kind in CONTROLS:
         sub = controls[controls["control"] == kind]
@@ -113,44 +98,99 @@ def paired_table(trained, controls, metrics):
     return out
 
 
-def summarise(paired, metrics, n_boot=2000, seed=0):
-    """One row per task × layer × preset × class × metric: the mean with its 95 % CI, each control's mean,
-    the paired gain over each control with its CI, the calibrated score (the gain over the strongest control,
-    i.e. the one with the highest mean) and ``z`` (mean distance from the pooled controls in their SD).
+def summarise(paired, metrics, n_boot=2000, seed=0, method="t", level=0.95):
+    """One row per task × layer × preset × class × metric: ``mean`` with its interval (``ci_low``,
+    ``ci_high``), each control's mean (``null_<control>``), the paired gain over each control with its
+    interval and one-sided p (``gain_<control>``, ``_low``, ``_high``, ``p_gain_<control>``), the smallest of
+    those gains over every control present (``controls``) with its interval and intersection–union p
+    (``min_gain``, ``min_gain_lo``, ``min_gain_hi``, ``p_min_gain``), ``z`` (mean distance from the pooled
+    controls in their SD) and the randomization check. Intervals and p: :mod:`brainfv.report.stats`
+    (``method`` t or bootstrap), over trained replicates (a ``replicate`` column), units and seeds.
 
     ``class`` is the intended class of class-logit units (``intended_class``; its visualizations are read on
     their own: a 'present' and an 'absent' logit answer different questions) and empty for other units."""
     rows = []
+    nan4 = (np.nan,) * 4
     for (task, layer, reg, cls), g in _with_class(paired).groupby(GROUP, sort=False):
         for m in metrics:
             if m not in g or not np.isfinite(g[m].to_numpy(float)).any():
                 continue
-            mean, lo, hi, n = bootstrap_mean(_grid(g, m), n_boot, seed)
+            mean, lo, hi, _, n = stats.mean_interval(stats.grid(g, m), method, level, n_boot, seed)
             row = {"task": task, "layer": layer, "regularizer": reg, "class": cls, "metric": m, "n": n,
                    "n_units": g["unit"].nunique(),
+                   "n_replicates": g["replicate"].nunique() if "replicate" in g else 1,
                    "mean": mean, "ci_low": lo, "ci_high": hi}
-            strongest = None
+            gains = {}
             for kind in CONTROLS:
                 col = f"{m}_{kind}"
-                if col not in g or not np.isfinite(g[col].to_numpy(float)).any():
-                    row.update({f"null_{kind}": np.nan, f"gain_{kind}": np.nan, f"gain_{kind}_low": np.nan,
-                                f"gain_{kind}_high": np.nan})
-                    continue
-                nm, _, _, _ = bootstrap_mean(_grid(g, col), n_boot, seed)
-                d = g.assign(_d=g[m] - g[col])
-                gm, gl, gh, _ = bootstrap_mean(_grid(d, "_d"), n_boot, seed)
-                row.update({f"null_{kind}": nm, f"gain_{kind}": gm, f"gain_{kind}_low": gl, f"gain_{kind}_high": gh})
-                if strongest is None or nm > row[f"null_{strongest}"]:
-                    strongest = kind
-            row["strongest_control"] = strongest or ""
-            for k in ("", "_low", "_high"):
-                row[f"calibrated{k}"] = row[f"gain_{strongest}{k}"] if strongest else np.nan
+                if col in g and np.isfinite(g[col].to_numpy(float)).any():
+                    row[f"null_{kind}"] = stats.mean_interval(stats.grid(g, col), "t")[0]
+                    gains[kind] = stats.grid(g.assign(_d=g[m] - g[col]), "_d")
+                else:
+                    row[f"null_{kind}"] = np.nan
+            per, smallest = stats.joint_gains(gains, method, level, n_boot, seed)
+            for kind in CONTROLS:
+                gm, gl, gh, gp = per.get(kind, nan4)
+                row.update({f"gain_{kind}": gm, f"gain_{kind}_low": gl, f"gain_{kind}_high": gh, f"p_gain_{kind}": gp})
+            row["controls"] = ",".join(per)
+            row.update(zip(["min_gain", "min_gain_lo", "min_gain_hi", "p_min_gain"], smallest))
             z = g[f"{m}_z"].to_numpy(float) if f"{m}_z" in g else np.array([np.nan])
             row["z"] = float(np.nanmean(z)) if np.isfinite(z).any() else np.nan
-            row["randomization_check"] = ("pass" if row.get("gain_randomized_low", np.nan) > MIN_GAIN else "fail") \
-                if np.isfinite(row.get("gain_randomized_low", np.nan)) else "no control"
+            row["randomization_check"] = ("pass" if row["gain_randomized_low"] > MIN_GAIN else "fail") \
+                if np.isfinite(row["gain_randomized_low"]) else "no control"
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _matches(summary, endpoint):
+    """Rows of ``summary`` a primary endpoint (config ``report.primary[]``) names."""
+    s = summary
+    sel = (s["task"] == endpoint["task"]) & (s["layer"] == endpoint["request"]) & (s["metric"] == endpoint["metric"])
+    sel &= ~s["regularizer"].astype(str).str.startswith("attribution:")
+    if endpoint.get("class") is not None:
+        sel &= s["class"].fillna("").astype(str) == str(endpoint["class"])
+    if endpoint.get("regularizer") is not None:
+        sel &= s["regularizer"].isin(endpoint["regularizer"])
+    return sel
+
+
+def verdict(lo, hi, delta):
+    """A primary endpoint's verdict from the 95 % interval ``[lo, hi]`` of its smallest gain over every control:
+    present (lo > 0: above every control, by any amount; whether it reaches δ is said beside it), absent
+    (hi < δ: any effect over the weakest control is below the smallest effect of interest) or undecided."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "undecided (no interval)"
+    if lo > 0:
+        return "present"
+    if hi < delta:
+        return f"absent (< {delta:g}, upper 95 % bound {hi:.3f})"
+    return "undecided"
+
+
+def judge(summary, primary, sesoi):
+    """``summary`` with the questions named before the run (config ``report``): ``primary`` (the row belongs
+    to an endpoint of ``primary``), ``sesoi`` (the metric's smallest effect of interest), ``verdict`` (primary
+    rows, :func:`verdict`) and ``p_adj``: for primary rows their own ``p_min_gain`` (each tested at 95 %),
+    for every other row with a p the Benjamini–Hochberg adjusted ``p_min_gain`` over all of them (a false
+    discovery rate: the secondary rows are a screen, not claims one by one). Also returns the endpoints
+    that matched no row (another study's tasks or requests)."""
+    s = summary.copy()
+    s["primary"] = False
+    missing = []
+    for i, e in enumerate(primary):
+        if e["metric"] not in sesoi:
+            raise ConfigError(f"report.primary[{i}]: metric {e['metric']!r} has no report.sesoi entry "
+                              f"(has: {sorted(sesoi)})")
+        sel = _matches(s, e) if len(s) else pd.Series(dtype=bool)
+        if not sel.any():
+            missing.append(e)
+        s.loc[sel[sel].index, "primary"] = True
+    s["sesoi"] = s["metric"].map(sesoi).astype(float) if len(s) else np.nan
+    s["verdict"] = [verdict(r.min_gain_lo, r.min_gain_hi, r.sesoi) if r.primary else "" for r in s.itertuples()]
+    p = s["p_min_gain"].to_numpy(float) if len(s) else np.array([])
+    adj = stats.adjust(np.where(s["primary"], np.nan, p)) if len(s) else p
+    s["p_adj"] = np.where(s["primary"], p, adj)
+    return s, missing
 
 
 def sanity_table(summary, metrics):

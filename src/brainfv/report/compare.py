@@ -4,8 +4,10 @@ For each task × layer × preset × unit × optimisation seed (``comparison.tsv`
 visualization) the ground-truth metrics are computed on the visualization and on its paired controls
 (``controls.tsv``): the same request optimised on the network with re-initialised weights
 (``randomized``), on another task's model (``other``), and phase-randomised surrogates of the
-visualization (``surrogate``); :mod:`brainfv.report.calibrate` turns them into paired gains, z-scores and
-bootstrap confidence intervals (``summary.tsv``) and the model-randomization check (``sanity.tsv``).
+visualization (``surrogate``); :mod:`brainfv.report.calibrate` turns them into paired gains, z-scores,
+intervals and p-values, the smallest gain over every control, verdicts on the primary endpoints
+(``summary.tsv``) and the model-randomization check (``sanity.tsv``); :mod:`brainfv.report.findings` writes
+``findings.md`` from them.
 
 Ground-truth metrics (defined in :mod:`brainfv.report.metrics`):
 
@@ -36,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import LesionConfig
-from .calibrate import paired_table, sanity_table, summarise
+from .calibrate import judge, paired_table, sanity_table, summarise
+from .findings import render
 from .metrics import TemplateBank, base_rate, lesion_hit, lesion_templates, phase_surrogates, quality_ratios, \
     region_slices, sex_effect_fidelity
 
@@ -147,7 +150,9 @@ def _transfer_probs(model, volumes, units):
 
 def compare_entries(entries, truths, transfer_models, output_layers, n_surrogates=2, seed=0, log=None):
     """Score every entry (dict: ``task, layer, module, regularizer, table`` (the visualize table),
-    ``trained`` and ``randomized`` (arrays seeds × units × X × Y × Z, randomized may be None)) against its
+    ``trained`` and ``randomized`` (arrays seeds × units × X × Y × Z, randomized may be None), optionally
+    ``replicate``: the independently trained network it comes from, the top level of the summary's
+    hierarchy; the other task's control is then that task's network of the same replicate index) against its
     task's :class:`Truth`, with its controls. ``output_layers``: the class-logit module of each task (a name
     for all tasks, or a dict task -> name or None). Returns ``(trained rows, control rows)`` as DataFrames."""
     import pandas as pd
@@ -156,7 +161,7 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
     from ..utils import stable_seed
 
     log = log or (lambda m: None)
-    by_key = {(e["task"], e["layer"], e["regularizer"]): e for e in entries}
+    by_key = {(e["task"], e["layer"], e["regularizer"], e.get("replicate")): e for e in entries}
     trained_rows, control_rows = [], []
     for e in entries:
         truth = truths[e["task"]]
@@ -191,6 +196,8 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             row.update(scores[i], **quality_ratios(vols[i], real_tv, real_hf, truth.mask, region),
                        transfer_prob=probs[i], lesion_hit_base_rate=base,
                        intended_class=class_of(u))
+            if e.get("replicate") is not None:
+                row["replicate"] = e["replicate"]
             trained_rows.append(row)
 
         def add_controls(kind, volumes, units_, seeds_, source):
@@ -199,13 +206,14 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             for v_sc, p, u, s in zip(sc, pr, units_, seeds_):
                 control_rows.append({"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u,
                                      "seed": s, "control": kind, "source": source, **v_sc, "transfer_prob": p,
-                                     "intended_class": class_of(u)})
+                                     "intended_class": class_of(u),
+                                     **({"replicate": e["replicate"]} if e.get("replicate") is not None else {})})
 
         if e.get("randomized") is not None:
             add_controls("randomized", e["randomized"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
                          "re-initialised weights")
         for other_task in truths:
-            o = by_key.get((other_task, e["layer"], e["regularizer"]))
+            o = by_key.get((other_task, e["layer"], e["regularizer"], e.get("replicate")))
             if other_task == e["task"] or o is None:
                 continue
             ot = o["table"]
@@ -216,7 +224,8 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             add_controls("other", o["trained"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
                          f"{other_task} model")
         if n_surrogates:
-            rng = np.random.default_rng(stable_seed(seed, "surrogate", e["task"], e["layer"], e["regularizer"]))
+            rep = () if e.get("replicate") is None else (e["replicate"],)
+            rng = np.random.default_rng(stable_seed(seed, "surrogate", e["task"], e["layer"], e["regularizer"], *rep))
             sur, su, ss = [], [], []
             for i, v in enumerate(vols):
                 for sv in phase_surrogates(v, n_surrogates, rng, region, truth.mask):
@@ -295,9 +304,10 @@ def compare_job(job):
     ``infos``, ``participants``, ``masks``, ``effects``, ``effects_regional``), ``transfer_tasks`` (the tasks
     with a transfer model: ``models``, ``predictions``, ``transfer_models``, ``transfer_predictions``, in
     order), ``lesion_tasks`` (the tasks with ``lesion_masks`` inputs), ``attributions`` ((task, method) per
-    ``attributions`` input), ``lesions`` and ``compare`` (config sections), ``seed``. Each task's ``infos``
-    file (a trained model's metrics.json, a given model's description) names its target, classes and output
-    layer. Outputs: ``table`` (comparison.tsv), ``controls``, ``summary``, ``sanity``, ``transfer``.
+    ``attributions`` input), ``lesions``, ``compare`` and ``report`` (config sections), ``seed``. Each task's
+    ``infos`` file (a trained model's metrics.json, a given model's description) names its target, classes and
+    output layer. Outputs: ``table`` (comparison.tsv), ``controls``, ``summary``, ``sanity``, ``transfer``,
+    ``findings`` (findings.md).
     """
     import json
 
@@ -350,21 +360,26 @@ def compare_job(job):
             attr += attribution_rows(truths[task], dict(enumerate(maps)), method, layer, outputs[task])
     metrics = sorted({m for t in truths.values() for m in GT_METRICS.get(t.kind, [])}) + ["transfer_prob"]
     paired = paired_table(trained, controls, metrics)
-    summary = summarise(paired, metrics + [m for m in SUMMARY_EXTRA if m != "transfer_prob"], cmp["bootstrap"], p["seed"])
+    method = cmp["interval"]
+    summary = summarise(paired, metrics + [m for m in SUMMARY_EXTRA if m != "transfer_prob"], cmp["bootstrap"], p["seed"],
+                        method)
     if attr:
         a = pd.DataFrame(attr)
-        summary = pd.concat([summary, summarise(a, [m for m in metrics if m in a], cmp["bootstrap"], p["seed"])],
+        summary = pd.concat([summary, summarise(a, [m for m in metrics if m in a], cmp["bootstrap"], p["seed"], method)],
                             ignore_index=True)
         paired = pd.concat([paired, a], ignore_index=True)
+    summary, missing = judge(summary, p["report"]["primary"], p["report"]["sesoi"])
+    for e in missing:
+        log(f"report.primary: no rows for {e} in this run: listed as not run in findings.md")
     sanity = sanity_table(summary, [m for m in metrics if m != "transfer_prob"])
     for key, df in (("table", paired), ("controls", controls), ("summary", summary), ("sanity", sanity),
                     ("transfer", pd.DataFrame(transfer_rows))):
         with atomic_path(job.output[key]) as tmp:
             df.to_csv(tmp, sep="\t", index=False)
-    show = summary[summary["metric"].isin(metrics)]
-    log("summary (mean [95% CI], paired gain over the strongest control):\n" + show[
-        ["task", "layer", "regularizer", "class", "metric", "mean", "ci_low", "ci_high", "strongest_control", "calibrated",
-         "calibrated_low", "calibrated_high", "randomization_check"]].to_string(index=False, float_format="%.3f"))
+    findings = render(summary, missing, method=method)
+    with atomic_path(job.output["findings"]) as tmp:
+        Path(tmp).write_text(findings)
+    log("findings.md:\n" + findings)
 
 
 def _transfer_agreement(task, main_pred, transfer_pred, meta, tmeta):

@@ -401,8 +401,8 @@ METRIC_LABELS = {"lesion_ncc": "lesion shape (NCC)", "lesion_hit": "lesion locat
 @_themed("paper")
 def signal_null_figure(summary, path, metrics=None):
     """Ground-truth metrics per preset against their controls: one row of panels per task × metric, one panel
-    per request that has the metric. Black: the trained model's visualizations (mean and 95 % bootstrap CI
-    over units and seeds); coloured markers: the same metric on the controls; the mark above a preset is
+    per request that has the metric. Black: the trained model's visualizations (mean and 95 % interval,
+    brainfv.report.stats); coloured markers: the same metric on the controls; the mark above a preset is
     the model-randomization check (✓: the paired gain over the re-initialised network has a CI above 0);
     dashed lines: attribution maps of the same model (positive control), where available; dotted: the base
     rate of lesion location."""
