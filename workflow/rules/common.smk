@@ -141,7 +141,7 @@ def transfer_tasks():
 
 def model_spec(task, role):
     """What ``train_model`` needs for one model: its architecture, training settings and seed key."""
-    arch = bfv_config.transfer_model(config) if role == "transfer" else config["model"]
+    arch = bfv_config.transfer_model(config, task) if role == "transfer" else bfv_config.task_arch(config, task)
     return {"task": task, "role": role, "target": config["tasks"][task]["target"], "arch": arch,
             "training": bfv_config.task_training(config, task), "seed": config["seed"],
             "bootstrap": role == "transfer" and config["transfer"]["bootstrap"]}
@@ -190,7 +190,7 @@ def layer_unit_count(task, layer):
     if provided(task):  # the layers of a given model are known to its describe_model job, not to the DAG
         return len(spec["units"]) if isinstance(spec["units"], list) else (
             spec["units"] if isinstance(spec["units"], int) else 16)
-    units = layer_units(config["model"])
+    units = layer_units(bfv_config.task_arch(config, task))
     if spec["layer"] not in units:
         raise ValueError(f"config key featviz.layers: layer {spec['layer']!r} is not in the model; layers: {list(units)}")
     return len(resolve_units(spec["units"], units[spec["layer"]], where=f"featviz.layers[{layer}].units"))

@@ -145,11 +145,22 @@ def _transfer_probs(model, volumes, units):
     return [float(p[i, u]) if u < p.shape[1] else float("nan") for i, u in enumerate(units)]
 
 
-def compare_entries(entries, truths, transfer_models, output_layers, n_surrogates=2, seed=0, log=None):
+def other_tasks(task, truths, heads=None):
+    """The tasks whose models serve as ``task``'s other-model control: those that never saw its target (another
+    kind of truth), of the same network head where one exists (a flatten-head lesion model is compared with the
+    flatten-head sex model), in config order."""
+    heads = heads or {}
+    others = [t for t in truths if t != task and truths[t].kind != truths[task].kind]
+    same = [t for t in others if heads.get(t) == heads.get(task)]
+    return same or others
+
+
+def compare_entries(entries, truths, transfer_models, output_layers, n_surrogates=2, seed=0, log=None, heads=None):
     """Score every entry (dict: ``task, layer, module, regularizer, table`` (the visualize table),
     ``trained`` and ``randomized`` (arrays seeds × units × X × Y × Z, randomized may be None)) against its
     task's :class:`Truth`, with its controls. ``output_layers``: the class-logit module of each task (a name
-    for all tasks, or a dict task -> name or None). Returns ``(trained rows, control rows)`` as DataFrames."""
+    for all tasks, or a dict task -> name or None); ``heads``: task -> network head (chooses the other-model
+    control, :func:`other_tasks`). Returns ``(trained rows, control rows)`` as DataFrames."""
     import pandas as pd
 
     from ..featviz.study import parse_region
@@ -204,9 +215,9 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
         if e.get("randomized") is not None:
             add_controls("randomized", e["randomized"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
                          "re-initialised weights")
-        for other_task in truths:
+        for other_task in other_tasks(e["task"], truths, heads)[:1]:
             o = by_key.get((other_task, e["layer"], e["regularizer"]))
-            if other_task == e["task"] or o is None:
+            if o is None:
                 continue
             ot = o["table"]
             ot = ot[ot["network"] == "trained"].sort_values("volume")
@@ -341,7 +352,8 @@ def compare_job(job):
         shape = (-1, n_units) + tr.shape[1:]
         entries.append({**e, "table": tab, "trained": tr.reshape(shape),
                         "randomized": rnd.reshape(shape) if rnd is not None else None})
-    trained, controls = compare_entries(entries, truths, transfer, outputs, cmp["surrogates"], p["seed"], log)
+    heads = p.get("heads") or {}
+    trained, controls = compare_entries(entries, truths, transfer, outputs, cmp["surrogates"], p["seed"], log, heads)
     attr = []
     for (task, method), path in zip(p["attributions"], inp.get("attributions", [])):
         maps = np.moveaxis(np.asarray(nib.load(path).dataobj, np.float32), -1, 0)
@@ -356,6 +368,7 @@ def compare_job(job):
         summary = pd.concat([summary, summarise(a, [m for m in metrics if m in a], cmp["bootstrap"], p["seed"])],
                             ignore_index=True)
         paired = pd.concat([paired, a], ignore_index=True)
+    summary.insert(1, "head", summary["task"].map(heads).fillna(""))  # findings are stated per network head
     sanity = sanity_table(summary, [m for m in metrics if m != "transfer_prob"])
     for key, df in (("table", paired), ("controls", controls), ("summary", summary), ("sanity", sanity),
                     ("transfer", pd.DataFrame(transfer_rows))):
