@@ -25,7 +25,7 @@ from .errors import ConfigError
 
 __all__ = ["SCHEMA_PATH", "schema", "node", "default", "complete", "check", "layer_id", "Section", "AugmentConfig",
            "TrainingConfig", "ModelConfig", "Preset", "SexEffectConfig", "VariabilityConfig", "LesionConfig",
-           "task_training", "task_arch", "task_head", "transfer_model"]
+           "task_training", "task_arch", "task_head", "task_model_kind", "transfer_model"]
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
@@ -151,6 +151,10 @@ def check(cfg):
     for task, spec in cfg["tasks"].items():
         _validate(spec.get("training") or {}, _no_defaults(node("training")), f"tasks.{task}.training")
         _validate(spec.get("arch") or {}, _no_defaults(node("model")), f"tasks.{task}.arch")
+        if spec.get("positive_control") and ("model" in spec or spec["dataset"] != "lesions"
+                                             or spec["target"] != "lesion"):
+            raise ConfigError(f"config key tasks.{task}.positive_control: a built positive control needs "
+                              "dataset: lesions, target: lesion and no `model`")
         if "arch" in spec and "model" in spec:
             raise ConfigError(f"config key tasks.{task}: `arch` changes a trained model, `model` gives one; "
                               "set one of them")
@@ -217,6 +221,12 @@ def task_head(cfg, task):
     if "model" in cfg["tasks"][task]:
         return "given"
     return task_arch(cfg, task).get("head", default("model.head"))
+
+
+def task_model_kind(cfg, task):
+    """``trained``, ``positive control`` (built by hand, brainfv.positive) or ``given`` (the user's model)."""
+    spec = cfg["tasks"][task]
+    return "given" if "model" in spec else "positive control" if spec.get("positive_control") else "trained"
 
 
 def transfer_model(cfg, task=None):

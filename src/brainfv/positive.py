@@ -108,3 +108,68 @@ def known_pattern(shape, diameter_vox: float, positions=None, n_blocks: int = 4)
     for p in positions:
         out[tuple(slice(c * step, (c + 1) * step) for c in p)] = 1
     return out
+
+
+def construct_positive_control(dataset_dir, arch: dict, task: str, target: str, out_dir, cells: int = 2,
+                               log=None) -> dict:
+    """Build ``task``'s positive-control network for a lesion dataset folder and write ``model.pt`` (a brainfv
+    checkpoint) and ``metrics.json`` (its target, classes and output layer, and how it was built) to ``out_dir``.
+
+    The template's diameter is the median planted lesion diameter (``lesions.tsv``), in voxels of the grid;
+    the flatten head reads the ``cells`` cells of the last maps where lesions were planted most often
+    (``lesion_frequency.nii.gz``)."""
+    import json
+    from pathlib import Path
+
+    import nibabel as nib
+    import pandas as pd
+
+    from .data.store import Dataset
+    from .models import save_checkpoint
+    from .utils import atomic_path, get_logger
+
+    log = log or get_logger().info
+    ds = Dataset(dataset_dir)
+    root = Path(dataset_dir)
+    lesions = pd.read_csv(root / "lesions.tsv", sep="\t")
+    if target != "lesion" or not len(lesions):
+        raise ConfigError(f"tasks.{task}.positive_control: needs the lesion dataset with planted lesions and "
+                          f"target 'lesion' (got target {target!r}, {len(lesions)} lesions)")
+    classes = sorted(ds.participants[target].astype(str).unique())
+    if classes != ["absent", "present"]:
+        raise ConfigError(f"tasks.{task}.positive_control: needs presence labelling (classes absent/present); "
+                          f"got {classes} (lesions.labelling)")
+    diameter = float(lesions["diameter_mm"].median()) / ds.grid.voxel_size
+    n_blocks = len(arch["channels"])
+    head = arch.get("head", "pool")
+    positions = None
+    if head == "flatten":
+        freq = np.asarray(nib.load(root / "lesion_frequency.nii.gz").dataobj, np.float32)
+        positions = lesion_positions(freq, n_blocks, cells)
+    model = positive_control_network(arch, ds.grid.shape, diameter, positions, n_classes=2,
+                                     present=classes.index("present"))
+    how = {"template_diameter_vox": round(diameter, 3), "head": head,
+           "cells": [list(p) for p in positions] if positions else None,
+           "cell_size_vox": 2 ** n_blocks}
+    meta = {"task": task, "target": target, "classes": classes, "role": "positive control",
+            "grid": {"shape": list(ds.grid.shape), "voxel_size": ds.grid.voxel_size, "origin": list(ds.grid.origin)},
+            "normalisation": "z-score within brain mask", "dataset": str(dataset_dir), "output_layer": "classifier",
+            "construction": how}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "model.pt", model, **meta)
+    with atomic_path(out / "metrics.json") as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=1))
+    log(f"task {task}: positive-control network ({head} head), dark-lesion template of {diameter:.1f} voxels"
+        + (f", read at cells {how['cells']} ({how['cell_size_vox']} voxels a side)" if positions else ""))
+    return meta
+
+
+def positive_control_job(job) -> None:
+    """The ``construct_model`` rule: a lesion dataset's ``participants``, ``lesions`` and ``frequency`` inputs
+    → ``model`` and ``info`` outputs. Params: ``task``, ``target``, ``arch`` (the task's architecture)."""
+    from pathlib import Path
+
+    p = job.params
+    construct_positive_control(job.folder("participants", "lesions", "frequency", "reference"), p["arch"], p["task"],
+                               p["target"], Path(job.output["model"]).parent, log=job.log)

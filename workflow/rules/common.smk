@@ -44,7 +44,7 @@ CHECKPOINTS = f"{R}/.checkpoints"  # resumable training state: not a rule output
 DATASET_FILES = {"volumes": "volumes.npy", "participants": "participants.tsv", "reference": "reference.nii.gz",
                  "mask": "mask.nii.gz", "sex_effect": "sex_effect.nii.gz",
                  "sex_effect_regional": "sex_effect_regional.nii.gz", "lesion_masks": "lesion_masks.npy",
-                 "manifest": "manifest.json"}
+                 "manifest": "manifest.json", "lesions": "lesions.tsv", "lesion_frequency": "lesion_frequency.nii.gz"}
 
 
 
@@ -123,16 +123,25 @@ def cohort_inputs(wildcards):
     return source_files(config["cohort"])
 
 
+def constructed(task):
+    """Whether ``task``'s model is a positive control built by hand (``tasks.<task>.positive_control``)."""
+    return bool(config["tasks"][task].get("positive_control"))
+
+
+def constructed_tasks():
+    return [t for t in config["tasks"] if constructed(t)]
+
+
 def roles(task):
     """The models trained for ``task``: ``main`` (visualised) and, if enabled, ``transfer`` (an independent
-    model on which class-logit visualizations are tested); none for a given model."""
-    if provided(task):
+    model on which class-logit visualizations are tested); none for a given or constructed model."""
+    if provided(task) or constructed(task):
         return []
     return ["main"] + (["transfer"] if config["transfer"]["enabled"] else [])
 
 
 def trained_tasks():
-    return [t for t in config["tasks"] if not provided(t)]
+    return [t for t in config["tasks"] if not provided(t) and not constructed(t)]
 
 
 def transfer_tasks():

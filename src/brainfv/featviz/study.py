@@ -133,11 +133,11 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     """Optimise every unit of ``layer`` (× ``n_seeds`` seeds) in one batch and measure each result.
 
     Per unit and seed: the objective at start and end; the activation at *matched amplitude*
-    (``act_matched``: the visualization rescaled to the standard deviation real test volumes have in the
-    optimised region, then scored; ``act_matched_z``/``act_matched_pct``: against the unit's values on the
-    real test volumes, which a value of 0 / 0.5 would match); image statistics inside the optimised region
-    (``region``: the receptive-field crop or the whole volume); ``stability`` (mean correlation, inside the
-    mask, between the unit's volumes from different seeds). ``layer_id`` names the request in seeds and
+    (``act_matched``: the visualization shifted and rescaled to the mean and standard deviation real test
+    volumes have in the optimised region, then scored; ``act_matched_z``/``act_matched_pct``: against the
+    unit's values on the real test volumes, which a value of 0 / 0.5 would match); image statistics inside the
+    optimised region (``region``: the receptive-field crop or the whole volume); ``stability`` (mean
+    correlation, inside the optimised region and the mask, between the unit's volumes from different seeds). ``layer_id`` names the request in seeds and
     tables (default: the layer; e.g. ``classifier-contrast``).
     """
     import pandas as pd
@@ -159,15 +159,18 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     m = (np.asarray(mask, bool) if mask is not None else np.ones(shape, bool)) & in_region
     real = objective_values(model, test_volumes, layer, units, objective, device) if len(test_volumes) else None
     real_sd_region = float(np.mean([np.asarray(v)[m].std() for v in test_volumes])) if len(test_volumes) else 1.0
+    real_mean_region = float(np.mean([np.asarray(v)[m].mean() for v in test_volumes])) if len(test_volumes) else 0.0
     scaled = []
     for s in range(n_seeds):
         for j in range(n):
-            sd = imgs[s, j][m].std()
-            scaled.append(imgs[s, j] * (real_sd_region / sd if sd > 0 else 0.0))
+            img = imgs[s, j].copy()
+            sd = img[m].std()
+            img[m] = (img[m] - img[m].mean()) * (real_sd_region / sd if sd > 0 else 0.0) + real_mean_region
+            scaled.append(img)
     matched = own_objective_values(model, scaled, layer, units * n_seeds, objective, device).reshape(n_seeds, n)
     rows = []
     for j, u in enumerate(units):
-        stab = [correlation(imgs[a, j], imgs[b, j], mask) for a in range(n_seeds) for b in range(a + 1, n_seeds)]
+        stab = [correlation(imgs[a, j], imgs[b, j], m) for a in range(n_seeds) for b in range(a + 1, n_seeds)]
         r = real[:, j] if real is not None else np.array([np.nan])
         rsd = float(r.std()) if real is not None and len(r) > 1 else float("nan")
         for s in range(n_seeds):
@@ -181,7 +184,7 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
                 "real_max": float(np.max(r)), "real_mean": float(np.mean(r)), "real_sd": rsd,
                 "act_matched": am, "act_matched_z": (am - float(np.mean(r))) / rsd if rsd and rsd > 0 else float("nan"),
                 "act_matched_pct": float((r < am).mean()) if real is not None else float("nan"),
-                "stability": float(np.mean(stab)) if stab else float("nan"), "region": region_text(region),
+                "stability": float(np.nanmean(stab)) if stab and not np.all(np.isnan(stab)) else float("nan"), "region": region_text(region),
                 "region_voxels": int(m.sum()), **st,
                 "seconds": res.seconds, "steps_per_s": res.steps_per_s, "batch": len(seeds)})
     traj = pd.DataFrame([{"unit": u, "step": int(step), "objective": float(res.trajectory[t, j])}

@@ -15,9 +15,11 @@ Ground-truth metrics (defined in :mod:`brainfv.report.metrics`):
 ``lesion_hit``        lesion task: 1 if that best match lies where lesions were planted in the training
                       volumes (``lesion_hit_base_rate``: chance, the share of the positions a match can
                       take where they were)
-``lesion_map_corr``   lesion task: correlation, inside the region, of the visualization's darkness (−value)
-                      with the frequency of planted training lesions (for the 'absent' logit, of its
-                      brightness: its evidence is the absence of a dark lesion)
+``lesion_map_corr``   lesion task: partial correlation, inside the region, of the visualization's darkness
+                      (−value) with the frequency of planted training lesions, white-matter probability (the
+                      MNI152 map on the grid) partialled out of both — lesions are planted in deep white
+                      matter, so a map that is merely dark in white matter would correlate otherwise (for the
+                      'absent' logit, of its brightness: its evidence is the absence of a dark lesion)
 ``effect_corr``       sex task, class logits and contrasts: correlation with the *regional* component of the
                       planted sex effect (the part the model can use; male with M−F, female with F−M)
 ``effect_corr_full``  the same with the full planted map (dominated by the global size difference)
@@ -57,6 +59,7 @@ class Truth:
     mask: np.ndarray
     voxel_size: float
     lesion_map: np.ndarray | None = None       # frequency of planted lesions in the training volumes
+    wm: np.ndarray | None = None                # white-matter probability (partialled out of lesion_map_corr)
     templates: list | None = None
     effect: np.ndarray | None = None            # regional component of the planted sex effect
     effect_full: np.ndarray | None = None
@@ -103,7 +106,7 @@ class Truth:
 def score_volumes(truth, volumes, units, region, is_output, batch=16):
     """Ground-truth metrics of ``volumes`` (n, X, Y, Z), volume ``i`` being a visualization of ``units[i]``,
     optimised inside ``region``: a list of dicts (see the module docstring)."""
-    from ..featviz.metrics import correlation
+    from ..featviz.metrics import partial_correlation
 
     region = region_slices(region, truth.mask.shape)
     out = [dict() for _ in volumes]
@@ -124,7 +127,7 @@ def score_volumes(truth, volumes, units, region, is_output, batch=16):
             m = matches.get(i, none)
             o.update(lesion_ncc=m["ncc"], lesion_shape=m["shape"] or "", lesion_diameter_mm=m["diameter_mm"],
                      lesion_hit=lesion_hit(m["position"], truth.lesion_map),
-                     lesion_map_corr=correlation(-s * np.asarray(v), truth.lesion_map, rmask))
+                     lesion_map_corr=partial_correlation(-s * np.asarray(v), truth.lesion_map, truth.wm, rmask))
     if truth.kind == "sex":
         for o, v, u in zip(out, volumes, units):
             s = truth.sign(u, is_output)
@@ -244,7 +247,7 @@ def attribution_rows(truth, maps, method, layer, output_layer):
     with the metrics that apply to an evidence map averaged over subjects: where the evidence lies (lesion
     task: correlation with the planted-lesion frequency, for 'present' positive and for 'absent' negative
     evidence) and how it matches the sex effect (male evidence with M−F, female with F−M)."""
-    from ..featviz.metrics import correlation
+    from ..featviz.metrics import partial_correlation
 
     rows = []
     for u in sorted(maps):
@@ -252,7 +255,7 @@ def attribution_rows(truth, maps, method, layer, output_layer):
         sc = {}
         if truth.kind == "lesion":
             sign = truth.lesion_sign(u, True)  # evidence for 'present' where lesions were, for 'absent' against
-            sc["lesion_map_corr"] = correlation(sign * maps[u], truth.lesion_map, truth.mask)
+            sc["lesion_map_corr"] = partial_correlation(sign * maps[u], truth.lesion_map, truth.wm, truth.mask)
         if truth.kind == "sex":
             s = truth.sign(u, True)
             sc["effect_corr"] = sex_effect_fidelity(maps[u], truth.effect, truth.mask, s) if s else np.nan
@@ -282,6 +285,8 @@ def _truth(task, target, classes, files, lesions, n_real, log):
         for i in train:
             acc += masks[int(i)]
         t.lesion_map = (acc / max(len(train), 1)).astype(np.float32)
+        from ..data.template import template_on_grid
+        t.wm = template_on_grid(ds.grid)["wm"]
         lc = LesionConfig.from_config(lesions)
         t.templates = lesion_templates(lc.template_shapes, np.linspace(*lc.diameter_mm, 3), t.voxel_size, lc.edge_mm)
         log(f"task {task}: planted lesions cover {float((t.lesion_map[mask] > 0).mean()):.1%} of the brain mask "
@@ -369,6 +374,7 @@ def compare_job(job):
                             ignore_index=True)
         paired = pd.concat([paired, a], ignore_index=True)
     summary.insert(1, "head", summary["task"].map(heads).fillna(""))  # findings are stated per network head
+    summary.insert(2, "model", summary["task"].map(p.get("model_kinds") or {}).fillna(""))
     sanity = sanity_table(summary, [m for m in metrics if m != "transfer_prob"])
     for key, df in (("table", paired), ("controls", controls), ("summary", summary), ("sanity", sanity),
                     ("transfer", pd.DataFrame(transfer_rows))):
