@@ -219,7 +219,19 @@ def visualize_request(wc, unit=None):
             "regularizer": wc.regularizer, "units": spec["units"], "objective": spec["objective"],
             "preset": fv["regularizers"][wc.regularizer], "steps": fv["steps"], "lr": fv["lr"],
             "n_seeds": layer_seeds(wc.task, wc.layer), "n_real": fv["n_real"], "micro_batch": fv["micro_batch"],
-            "device": fv["device"], "seed": config["seed"], "randomized": config["compare"]["randomized"]}
+            "device": fv["device"], "seed": config["seed"], "randomized": config["compare"]["randomized"],
+            "position": spec.get("position", "centre")}
+
+
+def probe_inputs(wc):
+    """Input function: the lesion frequency map a request probing at ``position: lesions`` reads."""
+    spec = layer_spec(wc.task, wc.layer)
+    if spec.get("position") != "lesions":
+        return {}
+    if "lesions" not in {t["dataset"] for t in config["tasks"].values()}:
+        raise ValueError(f"config key featviz.layers ({wc.layer}): position 'lesions' needs a task on the lesion "
+                         "dataset")
+    return {"position_map": dataset_file("lesions", "lesion_frequency")}
 
 
 def model_params(wc):

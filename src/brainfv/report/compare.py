@@ -89,10 +89,14 @@ class Truth:
                                float(np.mean([high_frequency_fraction(np.asarray(v)[region]) for v in self.real_volumes])))
         return self._real[key]
 
-    def lesion_sign(self, unit, is_output):
+    def lesion_sign(self, unit, is_output, preferred=""):
         """Which way lesion evidence points for a unit: the 'absent' logit's evidence is *no* dark lesion
-        where lesions were planted (−1); every other unit is read as looking for dark lesions (+1)."""
+        where lesions were planted (−1), as is that of an intermediate unit that prefers lesion-free volumes
+        (``preferred``: its preferred class measured on validation volumes); every other unit is read as
+        looking for dark lesions (+1)."""
         if is_output and unit < len(self.classes) and str(self.classes[unit]) == "absent":
+            return -1.0
+        if not is_output and str(preferred) == "absent":
             return -1.0
         return 1.0
 
@@ -103,9 +107,11 @@ class Truth:
         return {"M": 1.0, "F": -1.0}.get(str(self.classes[unit]), 0.0)
 
 
-def score_volumes(truth, volumes, units, region, is_output, batch=16):
+def score_volumes(truth, volumes, units, region, is_output, batch=16, preferred=None):
     """Ground-truth metrics of ``volumes`` (n, X, Y, Z), volume ``i`` being a visualization of ``units[i]``,
-    optimised inside ``region``: a list of dicts (see the module docstring)."""
+    optimised inside ``region``: a list of dicts (see the module docstring). ``preferred``: unit -> its preferred
+    class (intermediate units; the sign of their lesion metrics)."""
+    preferred = preferred or {}
     from ..featviz.metrics import partial_correlation
 
     region = region_slices(region, truth.mask.shape)
@@ -114,7 +120,7 @@ def score_volumes(truth, volumes, units, region, is_output, batch=16):
     rmask[region] = True
     rmask &= truth.mask
     if truth.kind == "lesion":
-        signs = [truth.lesion_sign(u, is_output) for u in units]
+        signs = [truth.lesion_sign(u, is_output, preferred.get(u, "")) for u in units]
         # shape and location of a *dark lesion* say nothing of the 'absent' logit: not matched (NaN) there
         dark = [i for i, s in enumerate(signs) if s > 0]
         matches = {}
@@ -195,7 +201,11 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
         if len(rt) and (rt["unit"].tolist() != unit_of or rt["seed"].tolist() != seed_of):
             raise ValueError(f"{e['task']} {e['layer']} {e['regularizer']}: randomized.nii.gz is not laid out "
                              "like units.nii.gz")
-        scores = score_volumes(truth, vols, unit_of, region, is_output)
+        # an intermediate unit's lesion metrics are read with its preferred class (measured on validation
+        # volumes); its controls with the same sign, so that the comparison stays paired
+        preferred = dict(zip(tt["unit"].astype(int), tt["preferred_class"].fillna("").astype(str))) \
+            if "preferred_class" in tt else {}
+        scores = score_volumes(truth, vols, unit_of, region, is_output, preferred=preferred)
         probs = _transfer_probs(transfer_models.get(e["task"]), vols, unit_of) if is_output else [np.nan] * len(vols)
         # chance of a hit over the positions a best match can take (template centres inside region and mask)
         base = base_rate(truth.lesion_map, truth.bank().valid_positions(region, truth.mask)) \
@@ -208,7 +218,7 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             trained_rows.append(row)
 
         def add_controls(kind, volumes, units_, seeds_, source):
-            sc = score_volumes(truth, volumes, units_, region, is_output)
+            sc = score_volumes(truth, volumes, units_, region, is_output, preferred=preferred)
             pr = _transfer_probs(transfer_models.get(e["task"]), volumes, units_) if is_output else [np.nan] * len(volumes)
             for v_sc, p, u, s in zip(sc, pr, units_, seeds_):
                 control_rows.append({"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u,
