@@ -137,7 +137,7 @@ def roles(task):
     model on which class-logit visualizations are tested); none for a given or constructed model."""
     if provided(task) or constructed(task):
         return []
-    return ["main"] + (["transfer"] if config["transfer"]["enabled"] else [])
+    return ["main"] + (["transfer"] if config["tasks"][task].get("transfer", config["transfer"]["enabled"]) else [])
 
 
 def trained_tasks():
