@@ -67,3 +67,21 @@ def test_units_preferring_lesion_free_volumes_are_scored_for_no_lesion():
               lesion_map=np.zeros((4, 4, 4), np.float32))
     assert t.lesion_sign(3, False, "absent") == -1 and t.lesion_sign(3, False, "present") == 1
     assert t.lesion_sign(3, False) == 1 and t.lesion_sign(0, True) == -1
+
+
+def test_exemplars_of_a_neuron_read_its_probe_position():
+    import torch
+
+    from brainfv.featviz.exemplars import top_exemplars
+    from brainfv.featviz.units import capture_activations
+
+    m = model()
+    rng = np.random.default_rng(0)
+    vols = [rng.normal(size=SHAPE).astype(np.float32) for _ in range(5)]
+    pos = (4, 2, 3)
+    res = top_exemplars(m, vols, None, "block2.norm", [0], k=2, kind="neuron", position=pos)
+    with torch.no_grad():
+        act = capture_activations(m, torch.as_tensor(np.stack(vols))[:, None], ["block2.norm"])["block2.norm"]
+    expect = act[:, 0, pos[0], pos[1], pos[2]].numpy()
+    assert np.allclose(res.scores[0], np.sort(expect)[::-1][:2], atol=1e-5)
+    assert (res.feature_pos[0] == pos).all()

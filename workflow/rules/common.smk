@@ -241,7 +241,8 @@ def model_params(wc):
 def exemplars_request(wc):
     spec = layer_spec(wc.task, wc.layer)
     return {"task": wc.task, "layer": wc.layer, "module": spec["layer"], "units": spec["units"],
-            "objective": spec["objective"], "k": config["featviz"]["exemplars"], "device": config["featviz"]["device"]}
+            "objective": spec["objective"], "k": config["featviz"]["exemplars"], "device": config["featviz"]["device"],
+            "position": spec.get("position", "centre")}
 
 
 def exemplar_layers(task):

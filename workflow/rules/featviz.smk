@@ -72,6 +72,7 @@ rule exemplars:
     """The real test volumes that activate each unit of a request most (one pass over the test split)."""
     input:
         unpack(model_and_dataset("participants", "volumes", "reference")),
+        unpack(probe_inputs),
     output:
         nifti=f"{EXEMPLARS}/exemplars.nii.gz",
         table=f"{EXEMPLARS}/exemplars.tsv",

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["probe_position", "position_mm", "class_preference"]
+__all__ = ["probe_position", "request_position", "position_mm", "class_preference"]
 
 
 def _field(model, layer, shape, device="cpu"):
@@ -71,6 +71,24 @@ def probe_position(model, layer: str, shape, grid, spec, frequency=None, device=
     vox = grid.voxel_coords(xyz)
     d = np.where(valid, np.linalg.norm(centre - vox, axis=-1), np.inf)
     return tuple(int(i) for i in np.unravel_index(np.argmin(d), out))
+
+
+def request_position(request: dict, position_map, model, grid, device="cpu", log=None):
+    """The map position a job's request (``objective``, ``module``, ``position``) probes, or None (the centre
+    or not a neuron objective); ``position_map``: the path of the lesion frequency map (for ``lesions``)."""
+    if request["objective"] != "neuron" or request.get("position", "centre") == "centre":
+        return None
+    freq = None
+    if position_map:
+        import nibabel as nib
+
+        freq = np.asarray(nib.load(position_map).dataobj, np.float32)
+    pos = probe_position(model, request["module"], grid.shape, grid, request["position"], freq, device)
+    if log:
+        mm = position_mm(model, request["module"], grid.shape, grid, pos, device)
+        log(f"probe position of {request['module']}: map index {pos}, receptive-field centre at MNI "
+            f"{tuple(round(v, 1) for v in mm)} mm")
+    return pos
 
 
 def position_mm(model, layer: str, shape, grid, position, device="cpu"):

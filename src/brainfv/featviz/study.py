@@ -280,19 +280,10 @@ def request_probe(job, model, ds, device):
     classes of the model's ``info``) on which each unit's preferred class is measured."""
     import json
 
-    from .probes import position_mm, probe_position
+    from .probes import request_position
 
     p = job.params["request"]
-    position = None
-    if p["objective"] == "neuron" and p.get("position", "centre") != "centre":
-        freq = None
-        if job.input.get("position_map"):
-            import nibabel as nib
-
-            freq = np.asarray(nib.load(job.input["position_map"]).dataobj, np.float32)
-        position = probe_position(model, p["module"], ds.grid.shape, ds.grid, p["position"], freq, device)
-        job.log(f"probe position of {p['module']}: map index {position}, receptive-field centre at MNI "
-                f"{tuple(round(v, 1) for v in position_mm(model, p['module'], ds.grid.shape, ds.grid, position, device))} mm")
+    position = request_position(p, job.input.get("position_map"), model, ds.grid, device, job.log)
     labelled = None
     info = json.loads(open(job.input["info"]).read()) if job.input.get("info") else {}
     target, classes = info.get("target"), info.get("classes")
