@@ -198,13 +198,15 @@ def test_visualize_layer_table():
     assert t["stability"].between(-1, 1).all() and np.isfinite(t["real_max"]).all()
     assert t["energy_inside_mask"].between(0, 1).all() and np.isfinite(t["act_matched_z"]).all()
     assert len(r.trajectory) == 2 * len(r.result.trajectory_steps)
-    # the activation at matched amplitude: the visualization rescaled to the real volumes' SD, then scored
+    # the activation at matched amplitude: the visualization shifted and rescaled to the real volumes' mean and
+    # SD in the optimised region, then scored
     from brainfv.featviz.study import own_objective_values
 
     v = r.images[0, 0]
     sd = v[mask].std()
-    real_sd = np.mean([x.std() for x in real])
-    assert np.isclose(t["act_matched"].iloc[0], own_objective_values(m, [v * real_sd / sd], "block2.norm", [0])[0],
+    real_sd, real_mean = np.mean([x.std() for x in real]), np.mean([x.mean() for x in real])
+    matched = (v - v.mean()) * real_sd / sd + real_mean
+    assert np.isclose(t["act_matched"].iloc[0], own_objective_values(m, [matched], "block2.norm", [0])[0],
                       rtol=1e-4, atol=1e-5)
 
 
@@ -402,3 +404,20 @@ def test_frozen_copy_is_channels_last_even_for_one_input_channel():
     assert all(p.stride() == p.to(memory_format=torch.channels_last_3d).stride() for p in f.parameters() if p.dim() == 5)
     assert f.masks.shape == (2, 3, 3, 3) and not any(p.requires_grad for p in f.parameters())
     assert net.block1.conv.weight.requires_grad                      # the caller's model is untouched
+
+
+def test_undefined_correlations_are_nan_and_wm_is_partialled_out():
+    from brainfv.featviz.metrics import correlation, partial_correlation
+
+    rng = np.random.default_rng(0)
+    wm = rng.random((12, 12, 12))
+    assert np.isnan(correlation(np.zeros((12, 12, 12)), wm))
+    # a map that is only "dark in white matter" correlates with a white-matter lesion map, but not beyond WM
+    lesion_map = 0.5 * wm + 0.05 * rng.random(wm.shape)
+    darkness = wm + 0.05 * rng.random(wm.shape)
+    assert correlation(darkness, lesion_map) > 0.9
+    assert abs(partial_correlation(darkness, lesion_map, wm)) < 0.15
+    # darkness that follows the lesions beyond WM keeps its correlation
+    extra = rng.random(wm.shape)
+    assert partial_correlation(wm + extra, 0.5 * wm + extra, wm) > 0.95
+    assert partial_correlation(darkness, lesion_map, None) == correlation(darkness, lesion_map)

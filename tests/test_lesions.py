@@ -110,3 +110,31 @@ def test_matched_pairs(cohort, tmp_path):
                               np.asarray(Dataset(cdir).volumes[absent["cohort_index"]]))
     les = pd.read_csv(tmp_path / "lesions.tsv", sep="\t", dtype={"subject": str})
     assert les["volume_id"].str.endswith("_present").all()
+
+
+def test_confined_lesions_stay_in_their_region(cohort, tmp_path):
+    """lesions.region_mm: every lesion centre lies inside the MNI box (so "where" has a right answer), and a box
+    too small for any lesion names the key."""
+    cdir, cfg = cohort
+    box = [[0, 40], [-50, 20], [0, 40]]  # right hemisphere, superior white matter
+    cfg = {**cfg, "lesions": {**cfg["lesions"], "diameter_mm": [8, 10], "count": [1, 2], "region_mm": box}}
+    synthesize_lesions(cdir, cfg, tmp_path)
+    les = pd.read_csv(tmp_path / "lesions.tsv", sep="\t", dtype={"subject": str})
+    assert len(les) >= 16
+    for ax, (lo, hi) in zip(("x_mm", "y_mm", "z_mm"), box):
+        assert les[ax].between(lo, hi).all(), les[ax].describe()
+    # and the lesion frequency map is zero outside a margin of the box (centres in it, shapes around them)
+    ds = Dataset(tmp_path)
+    from brainfv.data.lesions import region_mask
+    grown = region_mask(ds.grid, [[lo - 8, hi + 8] for lo, hi in box])
+    freq = np.asarray(nib_load(tmp_path / "lesion_frequency.nii.gz"))
+    assert freq[~grown].max() == 0 and freq[grown].max() > 0
+    tiny = {**cfg, "lesions": {**cfg["lesions"], "region_mm": [[-90, -88], [-120, -118], [-70, -68]]}}
+    with pytest.raises(InputDataError, match="lesions.region_mm"):
+        synthesize_lesions(cdir, tiny, tmp_path / "tiny")
+
+
+def nib_load(path):
+    import nibabel as nib
+
+    return nib.load(path).get_fdata()

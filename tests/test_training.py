@@ -156,3 +156,45 @@ def test_metrics_agree_with_a_hand_count():
     assert m["roc_auc"] == pytest.approx(np.mean(aucs))
     assert m["n_per_class"] == [int((y == 0).sum()), int((y == 1).sum()), 0]
     assert np.isnan(binary_metrics([1, 1], np.array([[0.2, 0.8], [0.6, 0.4]]), 2)["roc_auc"])
+
+
+def test_flatten_head_is_position_specific():
+    """head: flatten (the authors' FC 100 -> ELU -> classes on the flattened last maps): the classifier's logit
+    depends on where a pattern sits; the pooled head is (nearly) blind to it. Layers and receptive fields."""
+    import torch
+
+    from brainfv.arch import layer_units
+    from brainfv.featviz.units import describe_units
+
+    arch = {"channels": [4, 8], "head": "flatten", "hidden": 100, "activation": "elu", "dropout": 0.5}
+    m = build_model(arch, input_shape=(16, 20, 16)).eval()
+    assert m.fc.in_features == 8 * 4 * 5 * 4 and m.fc.out_features == 100
+    assert isinstance(m.fc_act, torch.nn.ELU)
+    assert layer_units(arch) == {**{f"block{i}.{p}": c for i, c in ((1, 4), (2, 8)) for p in ("conv", "norm", "act", "pool")},
+                                 "fc": 100, "fc_act": 100, "classifier": 2}
+    torch.manual_seed(0)
+    blob = torch.zeros(1, 1, 16, 20, 16)
+    blob[..., 2:6, 2:6, 2:6] = 1
+    moved = torch.roll(blob, shifts=(8, 10, 8), dims=(2, 3, 4))
+    with torch.no_grad():
+        flat = (m(blob) - m(moved)).abs().max().item()
+        pooled = build_model({"channels": [4, 8]}).eval()
+        pool = (pooled(blob) - pooled(moved)).abs().max().item()
+    assert flat > 10 * max(pool, 1e-6)
+    with pytest.raises(Exception, match="input grid's shape"):
+        build_model(arch)
+    # a saved flatten model reloads with its grid
+    import tempfile
+    from pathlib import Path
+
+    from brainfv.models import save_checkpoint
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(Path(d) / "m.pt", m, classes=["a", "b"])
+        again, _ = load_checkpoint(Path(d) / "m.pt")
+        with torch.no_grad():
+            assert torch.equal(again(blob), m(blob))
+    # every unit of fc and the classifier sees the whole grid
+    info = {r["layer"]: r for r in describe_units(m, (1, 16, 20, 16))}
+    assert info["block2.pool"]["output_shape"] == (8, 4, 5, 4) and info["block2.pool"]["rf_size"] is not None
+    assert info["fc"]["output_shape"] == (100,) and not info["fc"]["spatial"] and info["fc"]["rf_size"] is None
+    assert info["classifier"]["output_shape"] == (2,)

@@ -161,7 +161,7 @@ def user_models(folder):
     torch.jit.save(torch.jit.script(cnn), str(folder / "scripted.pt"))
     study = yaml.safe_load((ROOT / "config/test.yaml").read_text())
     for spec in study["featviz"]["layers"]:
-        spec["tasks"] = ["sex", "lesion"]
+        spec.setdefault("tasks", list(study["tasks"]))  # the study's tasks, not the user models
     study["featviz"]["layers"] += [
         {"layer": "features.denseblock1.denselayer2.layers.conv2", "units": 2, "tasks": ["densenet"]},
         {"layer": "class_layers.out", "units": "all", "tasks": ["densenet"]},
@@ -217,12 +217,22 @@ def test_tiny_study_end_to_end(tmp_path):
                 "effect_corr_surrogate", "transfer_prob_surrogate", "act_matched_z"):
         assert col in table, col
     assert table["regularizer"].str.startswith("attribution:").any()  # the positive control
-    assert set(vis["task"]) == {"sex", "lesion", "densenet", "scripted"}
+    assert set(vis["task"]) == {"sex", "lesion", "lesion-known", "densenet", "scripted"}
+    # the positive control: built (not trained), flatten head, summarised per head and model kind
+    known = json.loads((res / "models/lesion-known/main/metrics.json").read_text())
+    assert known["role"] == "positive control" and known["construction"]["head"] == "flatten"
+    assert not (res / "models/lesion-known/transfer").exists()
+    # block 1 neurons probe where lesions were planted, the same position for both tasks
+    pos = {t: set(pd.read_csv(res / f"featviz/{t}/block1.norm/fourier/units.tsv", sep="\t")["position"])
+           for t in ("sex", "lesion")}
+    assert pos["sex"] == pos["lesion"] and len(pos["sex"]) == 1 and "," in str(next(iter(pos["sex"])))
     summary = pd.read_csv(res / "report/summary.tsv", sep="\t")
     for col in ("mean", "ci_low", "ci_high", "null_randomized", "gain_randomized_low", "min_gain", "min_gain_lo",
-                "p_min_gain", "p_adj", "primary", "verdict", "z",
-                "randomization_check"):
+                "p_min_gain", "p_adj", "primary", "verdict", "z", "randomization_check", "head", "model"):
         assert col in summary, col
+    kinds = summary.drop_duplicates("task").set_index("task")
+    assert kinds.loc["lesion-known", "head"] == "flatten" and kinds.loc["lesion-known", "model"] == "positive control"
+    assert kinds.loc["lesion", "head"] == "pool" and kinds.loc["densenet", "model"] == "given"
     assert set(pd.read_csv(res / "report/sanity.tsv", sep="\t")["randomization_check"]) <= {"pass", "fail", "no control"}
     # exemplars and attribution maps on the grid
     ex = nib.load(res / "exemplars/lesion/block2.norm/exemplars.nii.gz")

@@ -25,7 +25,7 @@ from .errors import ConfigError
 
 __all__ = ["SCHEMA_PATH", "schema", "node", "default", "complete", "check", "layer_id", "Section", "AugmentConfig",
            "TrainingConfig", "ModelConfig", "Preset", "SexEffectConfig", "VariabilityConfig", "LesionConfig",
-           "task_training", "transfer_model"]
+           "task_training", "task_arch", "task_head", "task_model_kind", "transfer_model"]
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
@@ -150,6 +150,14 @@ def check(cfg):
         raise ConfigError(f"config key grid.bbox_mm: each axis needs min < max, got {cfg['grid']['bbox_mm']}")
     for task, spec in cfg["tasks"].items():
         _validate(spec.get("training") or {}, _no_defaults(node("training")), f"tasks.{task}.training")
+        _validate(spec.get("arch") or {}, _no_defaults(node("model")), f"tasks.{task}.arch")
+        if spec.get("positive_control") and ("model" in spec or spec["dataset"] != "lesions"
+                                             or spec["target"] != "lesion"):
+            raise ConfigError(f"config key tasks.{task}.positive_control: a built positive control needs "
+                              "dataset: lesions, target: lesion and no `model`")
+        if "arch" in spec and "model" in spec:
+            raise ConfigError(f"config key tasks.{task}: `arch` changes a trained model, `model` gives one; "
+                              "set one of them")
     _validate(cfg["transfer"]["model"], _no_defaults(node("model")), "transfer.model")
     fv = cfg["featviz"]
     unknown = [n for n in (fv.get("run_regularizers") or []) if n not in fv["regularizers"]]
@@ -259,9 +267,30 @@ def task_training(cfg, task):
     return merged
 
 
-def transfer_model(cfg):
-    """The transfer model's architecture: the model section with ``transfer.model`` overrides."""
-    return {**cfg["model"], **cfg["transfer"]["model"]}
+def task_arch(cfg, task):
+    """The architecture of ``task``'s trained main model: the model section with ``tasks.<task>.arch``
+    overrides (both validated)."""
+    return {**cfg["model"], **(cfg["tasks"][task].get("arch") or {})}
+
+
+def task_head(cfg, task):
+    """``pool`` or ``flatten`` for a trained task's network; ``given`` for a model the user gives."""
+    if "model" in cfg["tasks"][task]:
+        return "given"
+    return task_arch(cfg, task).get("head", default("model.head"))
+
+
+def task_model_kind(cfg, task):
+    """``trained``, ``positive control`` (built by hand, brainfv.positive) or ``given`` (the user's model)."""
+    spec = cfg["tasks"][task]
+    return "given" if "model" in spec else "positive control" if spec.get("positive_control") else "trained"
+
+
+def transfer_model(cfg, task=None):
+    """The transfer model's architecture: the task's architecture (:func:`task_arch`; the model section
+    without a task) with ``transfer.model`` overrides."""
+    base = task_arch(cfg, task) if task is not None else cfg["model"]
+    return {**base, **cfg["transfer"]["model"]}
 
 
 # --------------------------------------------------------------------------------------- typed sections
@@ -345,6 +374,7 @@ class ModelConfig(Section):
     spatial_dropout: float = _d("model.spatial_dropout")
     hidden: int = _d("model.hidden")
     global_pool: str = _d("model.global_pool")
+    head: str = _d("model.head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,6 +452,7 @@ class LesionConfig(Section):
     depth_margin_mm: float = _d("lesions.depth_margin_mm")
     min_gap_mm: float = _d("lesions.min_gap_mm")
     random_orientation: bool = _d("lesions.random_orientation")
+    region_mm: list | None = _d("lesions.region_mm")
 
     @property
     def template_shapes(self):

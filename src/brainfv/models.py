@@ -1,9 +1,10 @@
 """The paper-style 3D CNN with stable, readable layer names (see :mod:`brainfv.arch`).
 
 Eitel et al.'s lab used four conv layers (8/32/64/64 channels) with ELU and 3D
-dropout on 182×218×182 volumes, then FC→100→output. The default here is a
-lighter conv–BN–ReLU–maxpool stack (8-16-32-64) with global average pooling for
-the 3 mm laptop grid; every piece is a config value.
+dropout on 182×218×182 volumes, then flattened the last feature maps into FC→100→output
+(``head: flatten``: position-specific weights, so a class logit can prefer a pattern at one place).
+The default here is a lighter conv–BN–ReLU–maxpool stack (8-16-32-64) with global average pooling
+(``head: pool``: nearly blind to where a pattern sits) for the 3 mm laptop grid; every piece is a config value.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import ConfigError
 
-__all__ = ["ConvBlock", "BrainCNN", "build_model", "frozen", "save_checkpoint", "load_checkpoint"]
+__all__ = ["ConvBlock", "BrainCNN", "build_model", "flatten_shape", "frozen", "save_checkpoint", "load_checkpoint"]
 
 _DEFAULT = ModelConfig()  # the schema's defaults
 _ACT = {"relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "gelu": nn.GELU}
@@ -51,22 +52,37 @@ class BrainCNN(nn.Module):
 
     def __init__(self, channels=tuple(_DEFAULT.channels), kernel_size=_DEFAULT.kernel_size, norm=_DEFAULT.norm,
                  activation=_DEFAULT.activation, dropout=_DEFAULT.dropout, hidden=_DEFAULT.hidden, n_classes=2,
-                 in_channels=1, spatial_dropout=_DEFAULT.spatial_dropout, global_pool=_DEFAULT.global_pool):
+                 in_channels=1, spatial_dropout=_DEFAULT.spatial_dropout, global_pool=_DEFAULT.global_pool,
+                 head=_DEFAULT.head, input_shape=None):
         super().__init__()
         self.arch = dict(channels=list(channels), kernel_size=kernel_size, norm=norm, activation=activation,
                          dropout=dropout, hidden=hidden, n_classes=n_classes, in_channels=in_channels,
-                         spatial_dropout=spatial_dropout, global_pool=global_pool)
+                         spatial_dropout=spatial_dropout, global_pool=global_pool, head=head)
+        kernels = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else [kernel_size] * len(channels)
+        if len(kernels) != len(channels):
+            raise ConfigError(f"model.kernel_size: {len(kernels)} sizes for {len(channels)} blocks")
         cin = in_channels
         self.n_blocks = len(channels)
-        for i, c in enumerate(channels, start=1):
-            self.add_module(f"block{i}", ConvBlock(cin, c, kernel_size, norm, activation, spatial_dropout))
+        for i, (c, k) in enumerate(zip(channels, kernels), start=1):
+            self.add_module(f"block{i}", ConvBlock(cin, c, k, norm, activation, spatial_dropout))
             cin = c
-        if global_pool == "avg":
-            self.gap = nn.AdaptiveAvgPool3d(1)
-        elif global_pool == "max":
-            self.gap = nn.AdaptiveMaxPool3d(1)
+        if head == "pool":
+            if global_pool == "avg":
+                self.gap = nn.AdaptiveAvgPool3d(1)
+            elif global_pool == "max":
+                self.gap = nn.AdaptiveMaxPool3d(1)
+            else:
+                raise ConfigError(f"model.global_pool must be avg or max; got {global_pool!r}")
+        elif head == "flatten":
+            if input_shape is None:
+                raise ConfigError("model.head: flatten needs the input grid's shape (input_shape) to size its "
+                                  "first fully connected layer")
+            self.feature_shape = flatten_shape(input_shape, len(channels))
+            self.arch["input_shape"] = [int(n) for n in input_shape]
+            cin = cin * int(torch.tensor(self.feature_shape).prod())
         else:
-            raise ConfigError(f"model.global_pool must be avg or max; got {global_pool!r}")
+            raise ConfigError(f"model.head must be pool or flatten; got {head!r}")
+        self.head = head
         self.dropout = nn.Dropout(dropout)
         if hidden:
             self.fc = nn.Linear(cin, hidden)
@@ -77,16 +93,27 @@ class BrainCNN(nn.Module):
     def forward(self, x):
         for i in range(1, self.n_blocks + 1):
             x = getattr(self, f"block{i}")(x)
-        x = self.dropout(torch.flatten(self.gap(x), 1))
+        x = self.dropout(torch.flatten(self.gap(x) if self.head == "pool" else x, 1))
         if hasattr(self, "fc"):
             x = self.fc_act(self.fc(x))
         return self.classifier(x)
 
 
-def build_model(arch=None, n_classes=2):
-    """A :class:`BrainCNN` from an architecture dict (config ``model`` section, validated against the schema)."""
+def flatten_shape(input_shape, n_blocks):
+    """Spatial shape of the last feature maps (each block halves every axis, flooring, as MaxPool3d(2) does)."""
+    shape = [int(n) for n in input_shape]
+    for _ in range(n_blocks):
+        shape = [n // 2 for n in shape]
+    if min(shape) < 1:
+        raise ConfigError(f"model: {n_blocks} blocks halve the grid {list(input_shape)} to nothing")
+    return tuple(shape)
+
+
+def build_model(arch=None, n_classes=2, input_shape=None):
+    """A :class:`BrainCNN` from an architecture dict (config ``model`` section, validated against the schema);
+    ``input_shape`` (the grid's shape) sizes the flatten head."""
     a = ModelConfig.from_config(arch, "model").as_dict()
-    return BrainCNN(**a, n_classes=n_classes)
+    return BrainCNN(**a, n_classes=n_classes, input_shape=input_shape)
 
 
 def frozen(model, device=None, copy=True):

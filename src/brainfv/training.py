@@ -406,7 +406,7 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
     with torch.random.fork_rng(devices=[]), compute_settings(device, deterministic_cpu=True):
         torch.manual_seed(run_seed)  # weights and dropout; the caller's global RNG is restored afterwards
         # channels-last 3D convolutions: 2.6x the CPU throughput of the default layout (benchmarks/training.py)
-        model = build_model(arch, n_classes=len(classes)).to(device, memory_format=torch.channels_last_3d)
+        model = build_model(arch, n_classes=len(classes), input_shape=grid.shape).to(device, memory_format=torch.channels_last_3d)
         loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
         fitted = fit(model, loaders, cfg, device, loss_fn, len(classes), checkpointer, run_seed, log, stop_after_epoch)
         if fitted is None:

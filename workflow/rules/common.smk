@@ -44,7 +44,7 @@ CHECKPOINTS = f"{R}/.checkpoints"  # resumable training state: not a rule output
 DATASET_FILES = {"volumes": "volumes.npy", "participants": "participants.tsv", "reference": "reference.nii.gz",
                  "mask": "mask.nii.gz", "sex_effect": "sex_effect.nii.gz",
                  "sex_effect_regional": "sex_effect_regional.nii.gz", "lesion_masks": "lesion_masks.npy",
-                 "manifest": "manifest.json"}
+                 "manifest": "manifest.json", "lesions": "lesions.tsv", "lesion_frequency": "lesion_frequency.nii.gz"}
 
 
 
@@ -131,16 +131,25 @@ def cohort_content(wildcards):
     return inputs_digest(source_files(config["cohort"]), f"{R}/.inputs/hashes.json")
 
 
+def constructed(task):
+    """Whether ``task``'s model is a positive control built by hand (``tasks.<task>.positive_control``)."""
+    return bool(config["tasks"][task].get("positive_control"))
+
+
+def constructed_tasks():
+    return [t for t in config["tasks"] if constructed(t)]
+
+
 def roles(task):
     """The models trained for ``task``: ``main`` (visualised) and, if enabled, ``transfer`` (an independent
-    model on which class-logit visualizations are tested); none for a given model."""
-    if provided(task):
+    model on which class-logit visualizations are tested); none for a given or constructed model."""
+    if provided(task) or constructed(task):
         return []
-    return ["main"] + (["transfer"] if config["transfer"]["enabled"] else [])
+    return ["main"] + (["transfer"] if config["tasks"][task].get("transfer", config["transfer"]["enabled"]) else [])
 
 
 def trained_tasks():
-    return [t for t in config["tasks"] if not provided(t)]
+    return [t for t in config["tasks"] if not provided(t) and not constructed(t)]
 
 
 def transfer_tasks():
@@ -149,7 +158,7 @@ def transfer_tasks():
 
 def model_spec(task, role):
     """What ``train_model`` needs for one model: its architecture, training settings and seed key."""
-    arch = bfv_config.transfer_model(config) if role == "transfer" else config["model"]
+    arch = bfv_config.transfer_model(config, task) if role == "transfer" else bfv_config.task_arch(config, task)
     return {"task": task, "role": role, "target": config["tasks"][task]["target"], "arch": arch,
             "training": bfv_config.task_training(config, task), "seed": config["seed"],
             "bootstrap": role == "transfer" and config["transfer"]["bootstrap"]}
@@ -198,7 +207,7 @@ def layer_unit_count(task, layer):
     if provided(task):  # the layers of a given model are known to its describe_model job, not to the DAG
         return len(spec["units"]) if isinstance(spec["units"], list) else (
             spec["units"] if isinstance(spec["units"], int) else 16)
-    units = layer_units(config["model"])
+    units = layer_units(bfv_config.task_arch(config, task))
     if spec["layer"] not in units:
         raise ValueError(f"config key featviz.layers: layer {spec['layer']!r} is not in the model; layers: {list(units)}")
     return len(resolve_units(spec["units"], units[spec["layer"]], where=f"featviz.layers[{layer}].units"))
@@ -218,7 +227,19 @@ def visualize_request(wc, unit=None):
             "regularizer": wc.regularizer, "units": spec["units"], "objective": spec["objective"],
             "preset": fv["regularizers"][wc.regularizer], "steps": fv["steps"], "lr": fv["lr"],
             "n_seeds": layer_seeds(wc.task, wc.layer), "n_real": fv["n_real"], "micro_batch": fv["micro_batch"],
-            "device": fv["device"], "seed": config["seed"], "randomized": config["compare"]["randomized"]}
+            "device": fv["device"], "seed": config["seed"], "randomized": config["compare"]["randomized"],
+            "position": spec.get("position", "centre")}
+
+
+def probe_inputs(wc):
+    """Input function: the lesion frequency map a request probing at ``position: lesions`` reads."""
+    spec = layer_spec(wc.task, wc.layer)
+    if spec.get("position") != "lesions":
+        return {}
+    if "lesions" not in {t["dataset"] for t in config["tasks"].values()}:
+        raise ValueError(f"config key featviz.layers ({wc.layer}): position 'lesions' needs a task on the lesion "
+                         "dataset")
+    return {"position_map": dataset_file("lesions", "lesion_frequency")}
 
 
 def model_params(wc):
@@ -228,7 +249,8 @@ def model_params(wc):
 def exemplars_request(wc):
     spec = layer_spec(wc.task, wc.layer)
     return {"task": wc.task, "layer": wc.layer, "module": spec["layer"], "units": spec["units"],
-            "objective": spec["objective"], "k": config["featviz"]["exemplars"], "device": config["featviz"]["device"]}
+            "objective": spec["objective"], "k": config["featviz"]["exemplars"], "device": config["featviz"]["device"],
+            "position": spec.get("position", "centre")}
 
 
 def exemplar_layers(task):

@@ -6,6 +6,7 @@ attribution maps of the class logits."""
 rule visualize:
     input:
         unpack(model_and_dataset("participants", "volumes", "mask", "reference")),
+        unpack(probe_inputs),
     output:
         nifti=f"{FEATVIZ}/units.nii.gz",
         randomized=f"{FEATVIZ}/randomized.nii.gz" if config["compare"]["randomized"] else [],
@@ -43,6 +44,7 @@ rule visualize_unit:
     micro-batches, so the same volumes); any other unit of the layer is optimised alone."""
     input:
         unpack(model_and_dataset("participants", "volumes", "mask", "reference")),
+        unpack(probe_inputs),
     output:
         nifti=f"{FEATVIZ}/unit-{{unit}}.nii.gz",
         table=f"{FEATVIZ}/unit-{{unit}}.tsv",
@@ -70,6 +72,7 @@ rule exemplars:
     """The real test volumes that activate each unit of a request most (one pass over the test split)."""
     input:
         unpack(model_and_dataset("participants", "volumes", "reference")),
+        unpack(probe_inputs),
     output:
         nifti=f"{EXEMPLARS}/exemplars.nii.gz",
         table=f"{EXEMPLARS}/exemplars.tsv",

@@ -30,6 +30,8 @@ rule compare_regularizers:
         code=code("compare_regularizers"),  # the library modules it runs (brainfv.provenance)
         entries=featviz_entries(),
         tasks=list(config["tasks"]),
+        heads={t: bfv_config.task_head(config, t) for t in config["tasks"]},
+        model_kinds={t: bfv_config.task_model_kind(config, t) for t in config["tasks"]},
         transfer_tasks=transfer_tasks(),
         lesion_tasks=lesion_tasks(),
         attributions=attribution_files()[0],

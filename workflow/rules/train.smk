@@ -60,3 +60,33 @@ rule train_model:
         env("torch-gpu" if config["compute"]["gpu"] else "torch-cpu")
     script:
         "../scripts/train_model.py"
+
+
+rule construct_model:
+    """A positive-control network (tasks.<task>.positive_control): the study's architecture with weights set so
+    that its preferred input is known (brainfv.positive); no training."""
+    input:
+        participants=lambda wc: dataset_file(task_dataset(wc.task), "participants"),
+        reference=lambda wc: dataset_file(task_dataset(wc.task), "reference"),
+        lesions=lambda wc: dataset_file(task_dataset(wc.task), "lesions"),
+        frequency=lambda wc: dataset_file(task_dataset(wc.task), "lesion_frequency"),
+    output:
+        model=model_file("{task}", "main"),
+        info=model_file("{task}", "main", "metrics.json"),
+    params:
+        code=code("construct_model"),  # the library modules it runs (brainfv.provenance)
+        task=lambda wc: wc.task,
+        target=lambda wc: config["tasks"][wc.task]["target"],
+        arch=lambda wc: bfv_config.task_arch(config, wc.task),
+    wildcard_constraints:
+        task="|".join(constructed_tasks()) or "(?!)",
+    log:
+        f"{LOGS}/construct_model/{{task}}.log",
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: job_mem_mb(attempt),
+        runtime=lambda wc, attempt: 10 * attempt,
+    conda:
+        env("torch-cpu")
+    script:
+        "../scripts/construct_model.py"

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import ConfigError, InputDataError
 from ..utils import Progress, atomic_path, get_logger, stable_seed
 
-__all__ = ["SHAPES", "shape_distance", "lesion_profile", "place_lesions", "insert_lesion",
+__all__ = ["SHAPES", "shape_distance", "lesion_profile", "region_mask", "place_lesions", "insert_lesion",
            "synthesize_lesions", "random_rotation"]
 
 SHAPES = ("sphere", "cube", "ellipsoid", "cross")
@@ -87,12 +87,26 @@ def _extent(shape, radius):
             "cross": radius * np.sqrt(1 + 2 * CROSS_WIDTH ** 2)}[shape]
 
 
+def region_mask(grid, region_mm):
+    """Voxels of ``grid`` whose centres lie in the MNI box ``region_mm`` ([[x0, x1], [y0, y1], [z0, z1]]); all
+    voxels for ``None``."""
+    if region_mm is None:
+        return np.ones(grid.shape, bool)
+    box = np.asarray(region_mm, float)
+    if box.shape != (3, 2) or np.any(box[:, 0] >= box[:, 1]):
+        raise ConfigError(f"lesions.region_mm must be [[x0, x1], [y0, y1], [z0, z1]] with x0 < x1 ..., got {region_mm}")
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), -1).reshape(-1, 3)
+    xyz = grid.world_coords(ijk).reshape(grid.shape + (3,))
+    return np.all((xyz >= box[:, 0]) & (xyz <= box[:, 1]), axis=-1)
+
+
 def place_lesions(wm_prob, shapes, radii, voxel_size, rng, wm_threshold=0.5, depth_margin_mm=0.0,
-                  min_gap_mm=3.0, subject=None, min_radius=None, log=None):
+                  min_gap_mm=3.0, subject=None, min_radius=None, log=None, allowed=None):
     """Choose lesion centres (voxel indices) inside white matter.
 
     A centre is valid where the distance to the nearest non-WM voxel is at least the
-    lesion's radius plus ``depth_margin_mm``, and its distance to every lesion already
+    lesion's radius plus ``depth_margin_mm``, inside ``allowed`` (a boolean region, e.g. from
+    :func:`region_mask`; the whole grid if None), and its distance to every lesion already
     placed is at least the sum of their enclosing radii plus ``min_gap_mm``. A lesion
     that does not fit is shrunk in 10 % steps down to ``min_radius``; if it still does
     not fit, :class:`InputDataError` names the subject. Returns ``(centres, radii)``.
@@ -101,6 +115,8 @@ def place_lesions(wm_prob, shapes, radii, voxel_size, rng, wm_threshold=0.5, dep
 
     wm = wm_prob >= wm_threshold
     depth = ndimage.distance_transform_edt(wm) * voxel_size
+    if allowed is not None:
+        depth = np.where(allowed, depth, 0.0)
     placed, out_r = [], []
     for shape, r in zip(shapes, radii):
         r0 = r
@@ -116,8 +132,9 @@ def place_lesions(wm_prob, shapes, radii, voxel_size, rng, wm_threshold=0.5, dep
         if len(cand) == 0:
             raise InputDataError(
                 f"subject {subject!r}: no white-matter location fits a {shape} lesion of radius {r:.1f} mm "
-                f"(depth margin {depth_margin_mm} mm, gap {min_gap_mm} mm, {len(placed)} already placed); "
-                f"lower lesions.diameter_mm or lesions.count, or the WM threshold")
+                f"(depth margin {depth_margin_mm} mm, gap {min_gap_mm} mm, {len(placed)} already placed"
+                + ("" if allowed is None else ", inside lesions.region_mm") + "); lower lesions.diameter_mm or "
+                "lesions.count, or the WM threshold" + ("" if allowed is None else ", or widen lesions.region_mm"))
         if r < r0 and log:
             log(f"subject {subject}: {shape} lesion shrunk from radius {r0:.1f} to {r:.1f} mm to fit in WM")
         c = cand[rng.integers(len(cand))]
@@ -186,6 +203,7 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     if not (1 <= nmin <= nmax):
         raise ConfigError(f"lesions.count must be [min, max] with 1 <= min <= max, got {lc['count']}")
 
+    allowed = region_mask(grid, lc["region_mm"]) if lc["region_mm"] is not None else None
     paired = bool(lc["paired"]) and scheme == "presence"
     if paired:
         # matched pairs: every subject once without and once with lesions, in its own split, so the
@@ -235,7 +253,7 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
             wm = np.asarray(wms[int(p["index"])], dtype=np.float32) / 255.0
             centres, radii = place_lesions(wm, shapes, radii, vs, rng, lc["wm_threshold"],
                                            lc["depth_margin_mm"], lc["min_gap_mm"], subject=sub,
-                                           min_radius=dmin / 2, log=log)
+                                           min_radius=dmin / 2, log=log, allowed=allowed)
             for k, (shape, r, c) in enumerate(zip(shapes, radii, centres)):
                 contrast = float(rng.uniform(cmin, cmax))
                 rot = random_rotation(rng) if (lc["random_orientation"] and shape != "sphere") else None

@@ -105,8 +105,9 @@ def _frozen_copy(model, device):
     return frozen(model, device)
 
 
-def _scores_and_positions(act, units, kind):
-    """``act`` (B, C, ...) -> scores (B, U) and feature positions (B, U, 3) (or None) for ``units``."""
+def _scores_and_positions(act, units, kind, position=None):
+    """``act`` (B, C, ...) -> scores (B, U) and feature positions (B, U, 3) (or None) for ``units``; a neuron
+    is read at ``position`` (default: the map's centre)."""
     a = act[:, units].float()
     if a.dim() == 2:
         return a, None
@@ -120,7 +121,7 @@ def _scores_and_positions(act, units, kind):
         idx = flat.argmax(2)  # the first maximum in C order on ties
         pos = torch.stack(torch.unravel_index(idx, tuple(shape)), -1)
     elif kind == "neuron":
-        c = tuple(s // 2 for s in shape)
+        c = tuple(int(q) for q in position) if position is not None else tuple(s // 2 for s in shape)
         score = a[(slice(None), slice(None)) + c]
         pos = torch.as_tensor(c, device=a.device).expand(a.shape[0], a.shape[1], 3)
     else:
@@ -140,7 +141,7 @@ def _merge_topk(top, new, k):
 
 
 def top_exemplars(model, volumes, rows, layer, units, *, k=4, kind="channel", batch_size=4, device="cpu",
-                  log=None):
+                  log=None, position=None):
     """The ``k`` most activating volumes of each unit, in one pass over ``rows``.
 
     Parameters
@@ -153,7 +154,8 @@ def top_exemplars(model, volumes, rows, layer, units, *, k=4, kind="channel", ba
     layer : module name (``model.named_modules()``); a Conv/norm/activation/pool layer or a Linear one.
     units : channel indices of ``layer``.
     k : exemplars per unit.
-    kind : ``channel`` (spatial mean; location = argmax) or ``neuron`` (centre position).
+    kind : ``channel`` (spatial mean; location = argmax) or ``neuron`` (at ``position`` of the map, default
+        its centre: :func:`brainfv.featviz.probes.probe_position`).
     batch_size, device : volumes per forward pass and the torch device.
     log : callable for progress lines.
 
@@ -196,7 +198,7 @@ def top_exemplars(model, volumes, rows, layer, units, *, k=4, kind="channel", ba
                 if bad:
                     raise UnitError(f"units {bad} out of range for layer {layer!r}, which has {act.shape[1]} "
                                     f"channels (0..{act.shape[1] - 1})")
-            score, pos = _scores_and_positions(act, units, kind)
+            score, pos = _scores_and_positions(act, units, kind, position)
             del act
             score = score.double().cpu().numpy().T
             pos = (pos.cpu().numpy().transpose(1, 0, 2).astype(np.int64) if pos is not None
@@ -407,7 +409,10 @@ def exemplars_job(job):
     rows = parts.loc[parts["split"] == "test", "index"].to_numpy()
     units = resolve_request_units(model, p, ds.grid.shape, device)
     kind = "neuron" if p["objective"] == "neuron" else "channel"
-    res = top_exemplars(model, ds.volumes, rows, p["module"], units, k=p["k"], kind=kind, device=device, log=log)
+    from .probes import request_position
+    position = request_position(p, job.input.get("position_map"), model, ds.grid, device, log)
+    res = top_exemplars(model, ds.volumes, rows, p["module"], units, k=p["k"], kind=kind, device=device, log=log,
+                        position=position)
     table = write_exemplars(res, ds.volumes, ds.grid, job.output["nifti"], None, participants=parts)
     table.insert(0, "task", p["task"])
     table.insert(1, "request", p["layer"])

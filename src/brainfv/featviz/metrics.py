@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["relative_tv", "high_frequency_fraction", "energy_inside", "image_stats", "correlation"]
+__all__ = ["relative_tv", "high_frequency_fraction", "energy_inside", "image_stats", "correlation",
+           "partial_correlation"]
 
 
 def relative_tv(vol, mask=None):
@@ -39,14 +40,30 @@ def energy_inside(vol, mask):
 
 
 def correlation(a, b, mask=None):
-    """Pearson correlation of two volumes (inside ``mask``)."""
+    """Pearson correlation of two volumes (inside ``mask``); NaN where it is undefined (a constant volume:
+    no measured 0), so summaries count such cases instead of averaging them in."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if mask is not None:
         a, b = a[mask], b[mask]
     a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
     den = np.sqrt((a ** 2).sum() * (b ** 2).sum())
-    return float((a * b).sum() / den) if den > 0 else 0.0
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def partial_correlation(a, b, covariate, mask=None):
+    """Correlation of ``a`` and ``b`` (inside ``mask``) with ``covariate`` partialled out of both (each
+    residualised on an intercept and the covariate by least squares): e.g. a visualization's darkness against
+    where lesions were planted, beyond what white-matter probability alone explains. NaN where undefined;
+    without a covariate (None), the plain :func:`correlation`."""
+    if covariate is None:
+        return correlation(a, b, mask)
+    a, b, c = (np.asarray(x, dtype=np.float64) for x in (a, b, covariate))
+    if mask is not None:
+        a, b, c = a[mask], b[mask], c[mask]
+    design = np.stack([np.ones(a.size), c.ravel()], 1)
+    res = [y.ravel() - design @ np.linalg.lstsq(design, y.ravel(), rcond=None)[0] for y in (a, b)]
+    return correlation(res[0], res[1])
 
 
 def image_stats(vol, mask=None):

@@ -23,14 +23,15 @@ __all__ = ["make_objective", "unit_seeds", "objective_values", "real_activations
            "parse_region", "LayerResult", "visualize_layer", "visualize_job"]
 
 
-def make_objective(layer, channels, kind="channel"):
+def make_objective(layer, channels, kind="channel", position=None):
     """The objective named in config (``featviz.layers[].objective``) for ``channels`` of ``layer``:
     ``channel`` (mean of the feature map), ``neuron`` (its centre), ``probability`` (softmax of a class) or
-    ``contrast`` (a class's logit minus the mean of the others')."""
+    ``contrast`` (a class's logit minus the mean of the others'). ``position``: the map position a neuron
+    objective reads (None: the centre; :func:`brainfv.featviz.probes.probe_position`)."""
     if kind == "channel":
         return O.channel(layer, channels)
     if kind == "neuron":
-        return O.neuron(layer, channels)
+        return O.neuron(layer, channels, position)
     if kind == "probability":
         return O.class_probability(channels, layer)
     if kind == "contrast":
@@ -46,11 +47,11 @@ def unit_seeds(seed, layer, regularizer, units, n_seeds):
 
 
 @torch.no_grad()
-def objective_values(model, volumes, layer, units, kind="channel", device="cpu", batch=4):
+def objective_values(model, volumes, layer, units, kind="channel", device="cpu", batch=4, position=None):
     """Objective values of ``units`` on volumes: array (n_volumes, n_units), one forward per batch."""
     from .units import capture_activations
 
-    objs = [make_objective(layer, u, kind) for u in units]
+    objs = [make_objective(layer, u, kind, position) for u in units]
     out = []
     for i in range(0, len(volumes), batch):
         x = torch.as_tensor(np.stack([np.asarray(v, np.float32) for v in volumes[i:i + batch]]))[:, None]
@@ -63,11 +64,11 @@ real_activations = objective_values  # the name used for real volumes
 
 
 @torch.no_grad()
-def own_objective_values(model, volumes, layer, channels, kind="channel", device="cpu", batch=4):
+def own_objective_values(model, volumes, layer, channels, kind="channel", device="cpu", batch=4, position=None):
     """Volume ``b``'s objective on its own unit ``channels[b]``: array (n_volumes,)."""
     from .units import capture_activations
 
-    obj = make_objective(layer, list(channels), kind)
+    obj = make_objective(layer, list(channels), kind, position)
     out = []
     for i in range(0, len(volumes), batch):
         x = torch.as_tensor(np.stack([np.asarray(v, np.float32) for v in volumes[i:i + batch]]))[:, None]
@@ -130,16 +131,20 @@ class LayerResult:
 def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, test_volumes, seed, task,
                     regularizer, steps=default("featviz.steps"), lr=default("featviz.lr"),
                     n_seeds=default("featviz.seeds"), objective="channel", device="cpu", micro_batch=None, log=None,
-                    record_every=8, network="trained", layer_id=None, template=None):
+                    record_every=8, network="trained", layer_id=None, template=None, position=None,
+                    labelled=None):
     """Optimise every unit of ``layer`` (× ``n_seeds`` seeds) in one batch and measure each result.
 
     Per unit and seed: the objective at start and end; the activation at *matched amplitude*
-    (``act_matched``: the visualization rescaled to the standard deviation real test volumes have in the
-    optimised region, then scored; ``act_matched_z``/``act_matched_pct``: against the unit's values on the
-    real test volumes, which a value of 0 / 0.5 would match); image statistics inside the optimised region
-    (``region``: the receptive-field crop or the whole volume); ``stability`` (mean correlation, inside the
-    mask, between the unit's volumes from different seeds). ``layer_id`` names the request in seeds and
-    tables (default: the layer; e.g. ``classifier-contrast``).
+    (``act_matched``: the visualization shifted and rescaled to the mean and standard deviation real test
+    volumes have in the optimised region, then scored; ``act_matched_z``/``act_matched_pct``: against the
+    unit's values on the real test volumes, which a value of 0 / 0.5 would match); image statistics inside the
+    optimised region (``region``: the receptive-field crop or the whole volume); ``stability`` (mean
+    correlation, inside the optimised region and the mask, between the unit's volumes from different seeds). ``layer_id`` names the request in seeds and
+    tables (default: the layer; e.g. ``classifier-contrast``). ``position``: the map position a neuron objective
+    reads (None: the centre). ``labelled``: ``(volumes, labels, classes)`` of validation volumes, on which each
+    unit's preferred class and Cohen's d are measured (``preferred_class``, ``class_d``;
+    :func:`brainfv.featviz.probes.class_preference`).
     """
     import pandas as pd
 
@@ -147,7 +152,7 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     layer_id = layer_id or layer
     units = list(units)
     seeds = unit_seeds(seed, layer_id, regularizer, units, n_seeds)
-    obj = make_objective(layer, units * n_seeds, objective)
+    obj = make_objective(layer, units * n_seeds, objective, position)
     init_volume = starting_volume(preset, real_volumes, test_volumes, template)
     res = render(model, obj, shape, preset, steps=steps, lr=lr, seeds=seeds, device=device, mask=mask,
                  real_volumes=real_volumes, init_volume=init_volume, micro_batch=micro_batch, log=log,
@@ -158,17 +163,28 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     in_region = np.zeros(shape, bool)
     in_region[region] = True
     m = (np.asarray(mask, bool) if mask is not None else np.ones(shape, bool)) & in_region
-    real = objective_values(model, test_volumes, layer, units, objective, device) if len(test_volumes) else None
+    real = objective_values(model, test_volumes, layer, units, objective, device, position=position) \
+        if len(test_volumes) else None
+    pref, class_d = [""] * len(units), np.full(len(units), np.nan)
+    if labelled is not None and len(labelled[0]):
+        from .probes import class_preference
+
+        vals = objective_values(model, labelled[0], layer, units, objective, device, position=position)
+        pref, class_d = class_preference(vals, labelled[1], labelled[2])
     real_sd_region = float(np.mean([np.asarray(v)[m].std() for v in test_volumes])) if len(test_volumes) else 1.0
+    real_mean_region = float(np.mean([np.asarray(v)[m].mean() for v in test_volumes])) if len(test_volumes) else 0.0
     scaled = []
     for s in range(n_seeds):
         for j in range(n):
-            sd = imgs[s, j][m].std()
-            scaled.append(imgs[s, j] * (real_sd_region / sd if sd > 0 else 0.0))
-    matched = own_objective_values(model, scaled, layer, units * n_seeds, objective, device).reshape(n_seeds, n)
+            img = imgs[s, j].copy()
+            sd = img[m].std()
+            img[m] = (img[m] - img[m].mean()) * (real_sd_region / sd if sd > 0 else 0.0) + real_mean_region
+            scaled.append(img)
+    matched = own_objective_values(model, scaled, layer, units * n_seeds, objective, device,
+                                   position=position).reshape(n_seeds, n)
     rows = []
     for j, u in enumerate(units):
-        stab = [correlation(imgs[a, j], imgs[b, j], mask) for a in range(n_seeds) for b in range(a + 1, n_seeds)]
+        stab = [correlation(imgs[a, j], imgs[b, j], m) for a in range(n_seeds) for b in range(a + 1, n_seeds)]
         r = real[:, j] if real is not None else np.array([np.nan])
         rsd = float(r.std()) if real is not None and len(r) > 1 else float("nan")
         for s in range(n_seeds):
@@ -182,8 +198,9 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
                 "real_max": float(np.max(r)), "real_mean": float(np.mean(r)), "real_sd": rsd,
                 "act_matched": am, "act_matched_z": (am - float(np.mean(r))) / rsd if rsd and rsd > 0 else float("nan"),
                 "act_matched_pct": float((r < am).mean()) if real is not None else float("nan"),
-                "stability": float(np.mean(stab)) if stab else float("nan"), "region": region_text(region),
-                "region_voxels": int(m.sum()), **st,
+                "stability": float(np.nanmean(stab)) if stab and not np.all(np.isnan(stab)) else float("nan"), "region": region_text(region),
+                "region_voxels": int(m.sum()), **st, "position": "" if position is None else
+                ",".join(str(int(q)) for q in position), "preferred_class": pref[j], "class_d": float(class_d[j]),
                 "seconds": res.seconds, "steps_per_s": res.steps_per_s, "batch": len(seeds)})
     traj = pd.DataFrame([{"unit": u, "step": int(step), "objective": float(res.trajectory[t, j])}
                          for t, step in enumerate(res.trajectory_steps) for j, u in enumerate(units)])
@@ -220,6 +237,7 @@ def visualize_job(job):
                         dataset=f"the dataset {Path(job.input['volumes']).parent}")
     units = resolve_request_units(model, p, grid.shape, device)
     real, test = split_volumes(ds, "train", p["n_real"]), split_volumes(ds, "test")
+    position, labelled = request_probe(job, model, ds, device)
     networks = [("trained", model)]
     if p.get("randomized") and p.get("only_unit") is None:
         networks.append(("randomized", randomized_copy(model, stable_seed(p["seed"], "randomized", p["task"]))))
@@ -232,7 +250,8 @@ def visualize_job(job):
                             real_volumes=real, test_volumes=test, seed=p["seed"], task=p["task"],
                             regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
                             objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
-                            network=name, layer_id=p["layer"], template=np.asarray(ds.reference.dataobj, np.float32))
+                            network=name, layer_id=p["layer"], template=np.asarray(ds.reference.dataobj, np.float32),
+                            position=position, labelled=labelled)
         imgs, table = r.images, r.table
         if p.get("only_unit") is not None:  # visualize_unit: the requested unit's seeds only
             j = units.index(p["only_unit"])
@@ -256,6 +275,28 @@ def visualize_job(job):
         with atomic_path(job.output["trajectory"]) as tmp:
             pd.concat(trajs, ignore_index=True).assign(task=p["task"], layer=p["layer"],
                                                        regularizer=p["regularizer"]).to_csv(tmp, sep="\t", index=False)
+
+
+def request_probe(job, model, ds, device):
+    """Where the job's neuron objective reads (request ``position``; the ``position_map`` input holds the
+    lesion frequency for ``lesions``) and the labelled validation volumes (at most ``n_real``, balanced over the
+    classes of the model's ``info``) on which each unit's preferred class is measured."""
+    import json
+
+    from .probes import request_position
+
+    p = job.params["request"]
+    position = request_position(p, job.input.get("position_map"), model, ds.grid, device, job.log)
+    labelled = None
+    info = json.loads(open(job.input["info"]).read()) if job.input.get("info") else {}
+    target, classes = info.get("target"), info.get("classes")
+    parts = ds.participants
+    if target in parts and classes and p["module"] != info.get("output_layer"):
+        val = parts[parts["split"] == "val"]
+        per = max(p["n_real"] // len(classes), 1)
+        rows = val.groupby(val[target].astype(str)).head(per)
+        labelled = ([ds.volumes[int(i)] for i in rows["index"]], rows[target].astype(str).tolist(), classes)
+    return position, labelled
 
 
 def preset_text(preset):

@@ -17,9 +17,11 @@ Ground-truth metrics (defined in :mod:`brainfv.report.metrics`):
 ``lesion_hit``        lesion task: 1 if that best match lies where lesions were planted in the training
                       volumes (``lesion_hit_base_rate``: chance, the share of the positions a match can
                       take where they were)
-``lesion_map_corr``   lesion task: correlation, inside the region, of the visualization's darkness (−value)
-                      with the frequency of planted training lesions (for the 'absent' logit, of its
-                      brightness: its evidence is the absence of a dark lesion)
+``lesion_map_corr``   lesion task: partial correlation, inside the region, of the visualization's darkness
+                      (−value) with the frequency of planted training lesions, white-matter probability (the
+                      MNI152 map on the grid) partialled out of both — lesions are planted in deep white
+                      matter, so a map that is merely dark in white matter would correlate otherwise (for the
+                      'absent' logit, of its brightness: its evidence is the absence of a dark lesion)
 ``effect_corr``       sex task, class logits and contrasts: correlation with the *regional* component of the
                       planted sex effect (the part the model can use; male with M−F, female with F−M)
 ``effect_corr_full``  the same with the full planted map (dominated by the global size difference)
@@ -60,6 +62,7 @@ class Truth:
     mask: np.ndarray
     voxel_size: float
     lesion_map: np.ndarray | None = None       # frequency of planted lesions in the training volumes
+    wm: np.ndarray | None = None                # white-matter probability (partialled out of lesion_map_corr)
     templates: list | None = None
     effect: np.ndarray | None = None            # regional component of the planted sex effect
     effect_full: np.ndarray | None = None
@@ -89,10 +92,14 @@ class Truth:
                                float(np.mean([high_frequency_fraction(np.asarray(v)[region]) for v in self.real_volumes])))
         return self._real[key]
 
-    def lesion_sign(self, unit, is_output):
+    def lesion_sign(self, unit, is_output, preferred=""):
         """Which way lesion evidence points for a unit: the 'absent' logit's evidence is *no* dark lesion
-        where lesions were planted (−1); every other unit is read as looking for dark lesions (+1)."""
+        where lesions were planted (−1), as is that of an intermediate unit that prefers lesion-free volumes
+        (``preferred``: its preferred class measured on validation volumes); every other unit is read as
+        looking for dark lesions (+1)."""
         if is_output and unit < len(self.classes) and str(self.classes[unit]) == "absent":
+            return -1.0
+        if not is_output and str(preferred) == "absent":
             return -1.0
         return 1.0
 
@@ -103,10 +110,12 @@ class Truth:
         return {"M": 1.0, "F": -1.0}.get(str(self.classes[unit]), 0.0)
 
 
-def score_volumes(truth, volumes, units, region, is_output, batch=16):
+def score_volumes(truth, volumes, units, region, is_output, batch=16, preferred=None):
     """Ground-truth metrics of ``volumes`` (n, X, Y, Z), volume ``i`` being a visualization of ``units[i]``,
-    optimised inside ``region``: a list of dicts (see the module docstring)."""
-    from ..featviz.metrics import correlation
+    optimised inside ``region``: a list of dicts (see the module docstring). ``preferred``: unit -> its preferred
+    class (intermediate units; the sign of their lesion metrics)."""
+    preferred = preferred or {}
+    from ..featviz.metrics import partial_correlation
 
     region = region_slices(region, truth.mask.shape)
     out = [dict() for _ in volumes]
@@ -114,7 +123,7 @@ def score_volumes(truth, volumes, units, region, is_output, batch=16):
     rmask[region] = True
     rmask &= truth.mask
     if truth.kind == "lesion":
-        signs = [truth.lesion_sign(u, is_output) for u in units]
+        signs = [truth.lesion_sign(u, is_output, preferred.get(u, "")) for u in units]
         # shape and location of a *dark lesion* say nothing of the 'absent' logit: not matched (NaN) there
         dark = [i for i, s in enumerate(signs) if s > 0]
         matches = {}
@@ -127,7 +136,7 @@ def score_volumes(truth, volumes, units, region, is_output, batch=16):
             m = matches.get(i, none)
             o.update(lesion_ncc=m["ncc"], lesion_shape=m["shape"] or "", lesion_diameter_mm=m["diameter_mm"],
                      lesion_hit=lesion_hit(m["position"], truth.lesion_map),
-                     lesion_map_corr=correlation(-s * np.asarray(v), truth.lesion_map, rmask))
+                     lesion_map_corr=partial_correlation(-s * np.asarray(v), truth.lesion_map, truth.wm, rmask))
     if truth.kind == "sex":
         for o, v, u in zip(out, volumes, units):
             s = truth.sign(u, is_output)
@@ -148,13 +157,24 @@ def _transfer_probs(model, volumes, units):
     return [float(p[i, u]) if u < p.shape[1] else float("nan") for i, u in enumerate(units)]
 
 
-def compare_entries(entries, truths, transfer_models, output_layers, n_surrogates=2, seed=0, log=None):
+def other_tasks(task, truths, heads=None):
+    """The tasks whose models serve as ``task``'s other-model control: those that never saw its target (another
+    kind of truth), of the same network head where one exists (a flatten-head lesion model is compared with the
+    flatten-head sex model), in config order."""
+    heads = heads or {}
+    others = [t for t in truths if t != task and truths[t].kind != truths[task].kind]
+    same = [t for t in others if heads.get(t) == heads.get(task)]
+    return same or others
+
+
+def compare_entries(entries, truths, transfer_models, output_layers, n_surrogates=2, seed=0, log=None, heads=None):
     """Score every entry (dict: ``task, layer, module, regularizer, table`` (the visualize table),
     ``trained`` and ``randomized`` (arrays seeds × units × X × Y × Z, randomized may be None), optionally
     ``replicate``: the independently trained network it comes from, the top level of the summary's
     hierarchy; the other task's control is then that task's network of the same replicate index) against its
     task's :class:`Truth`, with its controls. ``output_layers``: the class-logit module of each task (a name
-    for all tasks, or a dict task -> name or None). Returns ``(trained rows, control rows)`` as DataFrames."""
+    for all tasks, or a dict task -> name or None); ``heads``: task -> network head (chooses the other-model
+    control, :func:`other_tasks`). Returns ``(trained rows, control rows)`` as DataFrames."""
     import pandas as pd
 
     from ..featviz.study import parse_region
@@ -186,7 +206,11 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
         if len(rt) and (rt["unit"].tolist() != unit_of or rt["seed"].tolist() != seed_of):
             raise ValueError(f"{e['task']} {e['layer']} {e['regularizer']}: randomized.nii.gz is not laid out "
                              "like units.nii.gz")
-        scores = score_volumes(truth, vols, unit_of, region, is_output)
+        # an intermediate unit's lesion metrics are read with its preferred class (measured on validation
+        # volumes); its controls with the same sign, so that the comparison stays paired
+        preferred = dict(zip(tt["unit"].astype(int), tt["preferred_class"].fillna("").astype(str))) \
+            if "preferred_class" in tt else {}
+        scores = score_volumes(truth, vols, unit_of, region, is_output, preferred=preferred)
         probs = _transfer_probs(transfer_models.get(e["task"]), vols, unit_of) if is_output else [np.nan] * len(vols)
         # chance of a hit over the positions a best match can take (template centres inside region and mask)
         base = base_rate(truth.lesion_map, truth.bank().valid_positions(region, truth.mask)) \
@@ -201,7 +225,7 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             trained_rows.append(row)
 
         def add_controls(kind, volumes, units_, seeds_, source):
-            sc = score_volumes(truth, volumes, units_, region, is_output)
+            sc = score_volumes(truth, volumes, units_, region, is_output, preferred=preferred)
             pr = _transfer_probs(transfer_models.get(e["task"]), volumes, units_) if is_output else [np.nan] * len(volumes)
             for v_sc, p, u, s in zip(sc, pr, units_, seeds_):
                 control_rows.append({"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u,
@@ -212,9 +236,9 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
         if e.get("randomized") is not None:
             add_controls("randomized", e["randomized"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
                          "re-initialised weights")
-        for other_task in truths:
+        for other_task in other_tasks(e["task"], truths, heads)[:1]:
             o = by_key.get((other_task, e["layer"], e["regularizer"], e.get("replicate")))
-            if other_task == e["task"] or o is None:
+            if o is None:
                 continue
             ot = o["table"]
             ot = ot[ot["network"] == "trained"].sort_values("volume")
@@ -242,7 +266,7 @@ def attribution_rows(truth, maps, method, layer, output_layer):
     with the metrics that apply to an evidence map averaged over subjects: where the evidence lies (lesion
     task: correlation with the planted-lesion frequency, for 'present' positive and for 'absent' negative
     evidence) and how it matches the sex effect (male evidence with M−F, female with F−M)."""
-    from ..featviz.metrics import correlation
+    from ..featviz.metrics import partial_correlation
 
     rows = []
     for u in sorted(maps):
@@ -250,7 +274,7 @@ def attribution_rows(truth, maps, method, layer, output_layer):
         sc = {}
         if truth.kind == "lesion":
             sign = truth.lesion_sign(u, True)  # evidence for 'present' where lesions were, for 'absent' against
-            sc["lesion_map_corr"] = correlation(sign * maps[u], truth.lesion_map, truth.mask)
+            sc["lesion_map_corr"] = partial_correlation(sign * maps[u], truth.lesion_map, truth.wm, truth.mask)
         if truth.kind == "sex":
             s = truth.sign(u, True)
             sc["effect_corr"] = sex_effect_fidelity(maps[u], truth.effect, truth.mask, s) if s else np.nan
@@ -280,6 +304,8 @@ def _truth(task, target, classes, files, lesions, n_real, log):
         for i in train:
             acc += masks[int(i)]
         t.lesion_map = (acc / max(len(train), 1)).astype(np.float32)
+        from ..data.template import template_on_grid
+        t.wm = template_on_grid(ds.grid)["wm"]
         lc = LesionConfig.from_config(lesions)
         t.templates = lesion_templates(lc.template_shapes, np.linspace(*lc.diameter_mm, 3), t.voxel_size, lc.edge_mm)
         log(f"task {task}: planted lesions cover {float((t.lesion_map[mask] > 0).mean()):.1%} of the brain mask "
@@ -351,7 +377,8 @@ def compare_job(job):
         shape = (-1, n_units) + tr.shape[1:]
         entries.append({**e, "table": tab, "trained": tr.reshape(shape),
                         "randomized": rnd.reshape(shape) if rnd is not None else None})
-    trained, controls = compare_entries(entries, truths, transfer, outputs, cmp["surrogates"], p["seed"], log)
+    heads = p.get("heads") or {}
+    trained, controls = compare_entries(entries, truths, transfer, outputs, cmp["surrogates"], p["seed"], log, heads)
     attr = []
     for (task, method), path in zip(p["attributions"], inp.get("attributions", [])):
         maps = np.moveaxis(np.asarray(nib.load(path).dataobj, np.float32), -1, 0)
@@ -368,6 +395,8 @@ def compare_job(job):
         summary = pd.concat([summary, summarise(a, [m for m in metrics if m in a], cmp["bootstrap"], p["seed"], method)],
                             ignore_index=True)
         paired = pd.concat([paired, a], ignore_index=True)
+    summary.insert(1, "head", summary["task"].map(heads).fillna(""))  # findings are stated per network head
+    summary.insert(2, "model", summary["task"].map(p.get("model_kinds") or {}).fillna(""))
     summary, missing = judge(summary, p["report"]["primary"], p["report"]["sesoi"])
     for e in missing:
         log(f"report.primary: no rows for {e} in this run: listed as not run in findings.md")
