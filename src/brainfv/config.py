@@ -303,6 +303,7 @@ class Preset(Section):
     anchor: float = _d("preset.anchor")
     init_std: float = _d("preset.init_std")
     range: str | None = _d("preset.range")
+    range_pct: float = _d("preset.range_pct")
     bound: float = _d("preset.bound")
     mask: bool = _d("preset.mask")
     l1: float = _d("preset.l1")
