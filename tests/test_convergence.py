@@ -13,7 +13,7 @@ from brainfv.featviz.render import Converge
 from brainfv.featviz.study import visualize_layer
 from brainfv.models import build_model
 
-SHAPE = (16, 20, 16)
+SHAPE = (12, 16, 12)
 LO, HI = -2.5, 3.5
 
 
@@ -98,9 +98,11 @@ def test_plateau_criterion_reads_the_last_quarter():
     t = np.arange(64, dtype=float)[:, None]
     rising = t * 1.0                              # constant slope: a quarter of the gain in the last quarter
     flat = np.minimum(t, 20.0)                    # reached its optimum at step 20
-    hist = np.hstack([rising, flat])
-    assert list(c.check(hist, 64)) == [False, True]
-    assert list(c.check(hist, 24)) == [False, False]  # step 20 is inside the last quarter of 24 steps
+    noisy = flat + np.where(t % 2, 0.5, -0.5)     # the same with jitter noise: still a plateau
+    slow = 20 * np.log1p(t)                       # still rising by more than 1 % a quarter at step 64
+    hist = np.hstack([rising, flat, noisy, slow])
+    assert list(c.check(hist, 64)) == [False, True, True, False]
+    assert list(c.check(hist, 24)) == [False, False, False, False]  # step 20 is in the last quarter of 24
 
 
 def test_stopped_elements_are_frozen_and_match_their_run_alone():

@@ -299,6 +299,7 @@ class Preset(Section):
     _path: ClassVar[str] = "preset"
     param: str = _d("preset.param")
     decay: float = _d("preset.decay")
+    lr: float | None = _d("preset.lr")
     init: str = _d("preset.init")
     anchor: float = _d("preset.anchor")
     init_std: float = _d("preset.init_std")

@@ -135,9 +135,10 @@ class Converge:
 
     Let ``J`` be what is maximised — the objective divided by its scale, minus the penalties — per batch
     element, ``n`` the steps it has run and ``q = n // 4``. Every ``every`` steps from ``min_steps`` on, the
-    element has converged when ``|mean J(last every steps) - mean J(the every steps ending q steps
-    earlier)| < rtol * |mean J(last every steps) - J(step 0)|``: the last quarter of its run added less than
-    ``rtol`` of everything it gained (means over ``every`` steps smooth the jitter of random transforms).
+    element has converged when the least-squares slope of ``J`` over its last ``q`` steps, times ``q``, is
+    below ``rtol`` times its total gain (``|mean J of the last every steps - J(step 0)|``): at its present
+    rate the last quarter of its run added less than ``rtol`` of everything it gained. The fitted slope, not
+    a difference of two values, so the jitter of random transforms neither fakes nor hides a plateau.
     The test uses only the element's own values, so a unit stops at the same step alone or in a batch.
     A converged element stops: its variables are frozen and it leaves the batch. With ``enabled=False``
     every element runs all steps and the flag is still computed at the end."""
@@ -159,13 +160,14 @@ class Converge:
     def check(self, hist, n):
         """Which elements have converged after ``n`` steps; ``hist`` is ``(steps, B)`` of ``J`` (rows ``< n`` set)."""
         q = n // 4
-        w = max(1, min(self.every, q))
-        if q < 1:
+        if q < 2:
             return np.zeros(hist.shape[1], bool)
-        now = hist[n - w:n].mean(0)
-        then = hist[n - q - w:n - q].mean(0)
+        last = hist[n - q:n]
+        t = np.arange(q) - (q - 1) / 2
+        slope = (t[:, None] * (last - last.mean(0))).sum(0) / (t ** 2).sum()
+        now = hist[n - max(1, min(self.every, q)):n].mean(0)
         gain = np.abs(now - hist[0])
-        return np.abs(now - then) <= self.rtol * np.maximum(gain, 1e-12 * (1 + np.abs(now)))
+        return np.abs(slope) * q <= self.rtol * np.maximum(gain, 1e-12 * (1 + np.abs(now)))
 
 
 @torch.no_grad()
@@ -354,6 +356,7 @@ def render(model, objective, shape, preset=None, *, steps=default("featviz.steps
     amp : bf16 autocast (default: on CUDA).
     """
     preset = Preset.from_config(preset)
+    lr = preset.lr if preset.lr is not None else lr
     log = log or (lambda m: None)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     amp = device.type == "cuda" if amp is None else amp
