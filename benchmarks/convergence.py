@@ -8,7 +8,7 @@ plateau criterion (``featviz.converge``) up to ``--steps`` and prints, per reque
 of elements (unit x seed) converged, the median and max steps they ran, seconds per step of the whole batch
 and the element-steps actually computed (with per-element stopping the batch shrinks). ``--variant``
 compares ways of bounding the image (``data``: the default squash into the data's percentiles; ``none``:
-unbounded; ``tanh4``: +-4) and ``--no-stop`` runs every element all steps (the cost without stopping).
+unbounded; ``tanh4``: +-4; ``project``: hard bounds, variables projected after each step) and ``--no-stop`` runs every element all steps (the cost without stopping).
 """
 import argparse
 import sys
@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--presets", default="none,jitter,fourier,maco")
     ap.add_argument("--requests", default="all", help="indices into featviz.layers (comma-separated) or all")
     ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--variant", default="data", help="range: data, none or tanh4")
+    ap.add_argument("--variant", default="data", help="range: data, none, tanh4 or project")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--no-stop", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
@@ -57,6 +57,8 @@ def main():
                 preset["range"] = "none"
             elif a.variant == "tanh4":
                 preset["range"] = "tanh"
+            elif a.variant == "project":
+                preset["bound_by"] = "project"
             from brainfv.featviz.units import layer_output_shape
 
             n = layer_output_shape(model, spec["layer"], (1,) + tuple(ds.grid.shape))[0]

@@ -39,20 +39,27 @@ def linear_unit(sign=1.0):
     return nn.Sequential(conv).eval()
 
 
+@pytest.mark.parametrize("project", [False, True])
 @pytest.mark.parametrize("kind", ["voxel", "fourier", "maco"])
-def test_bounded_parametrisations_never_leave_the_range(kind):
+def test_bounded_parametrisations_never_leave_the_range(kind, project):
     gens = [torch.Generator().manual_seed(s) for s in range(3)]
     mag = torch.fft.rfftn(torch.randn(SHAPE)).abs() * 50  # an amplitude far beyond the range
-    make = {"voxel": lambda: VoxelParam(SHAPE, gens, data=(LO, HI)),
-            "fourier": lambda: FourierParam(SHAPE, gens, data=(LO, HI)),
+    make = {"voxel": lambda: VoxelParam(SHAPE, gens, data=(LO, HI), project=project),
+            "fourier": lambda: FourierParam(SHAPE, gens, data=(LO, HI), project=project),
             "maco": lambda: MacoParam(SHAPE, gens, mag, data=(LO, HI))}[kind]
     p = make()
     for scale in (1.0, 1e3, 1e8):  # random, then adversarially large variables
         with torch.no_grad():
             for v in p.parameters():
                 v.copy_(torch.randn(v.shape, generator=gens[0]) * scale)
+        if hasattr(p, "project_"):
+            p.project_()  # what the loop does after every step
         x = p()
         assert torch.isfinite(x).all() and x.min() >= LO and x.max() <= HI
+        if project and kind != "maco":  # projected: the variables themselves hold an image inside the range (up to FFT rounding)
+            raw = p.x if kind == "voxel" else torch.fft.irfftn(torch.view_as_complex(p.spectrum) * p.scale,
+                                                                 s=SHAPE, dim=(-3, -2, -1))
+            assert raw.min() >= LO - 1e-3 * (HI - LO) and raw.max() <= HI + 1e-3 * (HI - LO)
     # and unbounded when asked for (experiments)
     p = {"voxel": VoxelParam, "fourier": FourierParam}.get(kind)
     if p is not None:

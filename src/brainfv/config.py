@@ -305,6 +305,7 @@ class Preset(Section):
     init_std: float = _d("preset.init_std")
     range: str | None = _d("preset.range")
     range_pct: float = _d("preset.range_pct")
+    bound_by: str = _d("preset.bound_by")
     bound: float = _d("preset.bound")
     mask: bool = _d("preset.mask")
     l1: float = _d("preset.l1")

@@ -63,9 +63,10 @@ class Squash(nn.Module):
     """Maps the unconstrained image into ``(lo, hi)``: ``c + h * tanh((x - c) / h)`` with ``c`` the
     centre and ``h`` the half-width (slope 1 at the centre). ``range=None``/``"none"``: the identity."""
 
-    def __init__(self, lo=None, hi=None):
+    def __init__(self, lo=None, hi=None, project=False):
         super().__init__()
         self.bounded = lo is not None
+        self.project = bool(project) and self.bounded  # hard bounds, kept by projecting after each step
         self.lo, self.hi = (float(lo), float(hi)) if self.bounded else (None, None)
         if self.bounded and not self.lo < self.hi:
             raise ConfigError(f"range: lower bound {lo} is not below the upper bound {hi}")
@@ -73,6 +74,8 @@ class Squash(nn.Module):
     def forward(self, x):
         if not self.bounded:
             return x
+        if self.project:  # the identity inside the range (the variables are projected into it after each step)
+            return x.clamp(self.lo, self.hi)
         c, h = (self.lo + self.hi) / 2, (self.hi - self.lo) / 2
         # tanh rounds to +-1 in float32 for large arguments; the clamp only removes that last bit
         return (c + h * torch.tanh((x - c) / h)).clamp(self.lo, self.hi)
@@ -82,28 +85,33 @@ class Squash(nn.Module):
         init volume starts as itself."""
         if not self.bounded:
             return v
+        if self.project:
+            return v.clamp(self.lo, self.hi)
         c, h = (self.lo + self.hi) / 2, (self.hi - self.lo) / 2
         return c + h * torch.atanh(((v - c) / h).clamp(-0.999, 0.999))
 
 
-def make_squash(value_range=default("preset.range"), bound=default("preset.bound"), data=None):
-    """The :class:`Squash` a preset's ``range`` asks for (``data``: into ``data=(lo, hi)``)."""
+def make_squash(value_range=default("preset.range"), bound=default("preset.bound"), data=None,
+                project=False):
+    """The :class:`Squash` a preset's ``range`` asks for (``data``: into ``data=(lo, hi)``; ``project``: hard
+    bounds kept by the parametrisation's ``project_`` instead of the tanh)."""
     if value_range not in RANGES + (None,):
         raise ConfigError(f"range must be one of {', '.join(RANGES)}; got {value_range!r}")
     if value_range == "data":
         if data is None:
             raise ConfigError("range 'data' needs the data's intensity range (data_range=(lo, hi), or real volumes "
                               "to take it from); set the preset's range: none for an unbounded image")
-        return Squash(*data)
+        return Squash(*data, project=project)
     if value_range in ("tanh", "sigmoid"):  # 2 * sigmoid(2y) - 1 == tanh(y): the same bound either way
-        return Squash(-bound, bound)
+        return Squash(-bound, bound, project=project)
     return Squash()
 
 
 class _Ranged(nn.Module):
-    def __init__(self, value_range=default("preset.range"), bound=default("preset.bound"), data=None):
+    def __init__(self, value_range=default("preset.range"), bound=default("preset.bound"), data=None,
+                 project=False):
         super().__init__()
-        self.squash = make_squash(value_range, bound, data)
+        self.squash = make_squash(value_range, bound, data, project)
 
     def constrain(self, x):
         return self.squash(x)
@@ -113,8 +121,8 @@ class VoxelParam(_Ranged):
     """One variable per voxel, initialised from seeded noise (per batch element) or a volume."""
 
     def __init__(self, shape, gens, init=default("preset.init"), init_std=default("preset.init_std"), init_volume=None,
-                 value_range=default("preset.range"), bound=default("preset.bound"), data=None):
-        super().__init__(value_range, bound, data)
+                 value_range=default("preset.range"), bound=default("preset.bound"), data=None, project=False):
+        super().__init__(value_range, bound, data, project)
         shape = tuple(shape)
         if init == "volume":
             v = self.squash.inverse(torch.as_tensor(np.asarray(init_volume), dtype=torch.float32))
@@ -124,9 +132,16 @@ class VoxelParam(_Ranged):
         else:
             x = _noise(gens, shape, init_std)
         self.x = nn.Parameter(x[:, None].contiguous())
+        self.project_()
 
     def forward(self):
         return self.constrain(self.x)
+
+    @torch.no_grad()
+    def project_(self):
+        """With hard bounds (``bound_by: project``): the variables back into the range (projected Adam)."""
+        if self.squash.project:
+            self.x.clamp_(self.squash.lo, self.squash.hi)
 
     @torch.no_grad()
     def blur_(self, sigma):
@@ -162,8 +177,8 @@ class FourierParam(_Ranged):
 
     def __init__(self, shape, gens, decay=default("preset.decay"), init=default("preset.init"),
                  init_std=default("preset.init_std"), init_volume=None, value_range=default("preset.range"),
-                 bound=default("preset.bound"), data=None):
-        super().__init__(value_range, bound, data)
+                 bound=default("preset.bound"), data=None, project=False):
+        super().__init__(value_range, bound, data, project)
         self.shape = tuple(shape)
         self.register_buffer("scale", spectrum_scale(self.shape, decay))
         fshape = self.scale.shape + (2,)
@@ -177,6 +192,17 @@ class FourierParam(_Ranged):
         else:
             spec = _noise(gens, fshape, spec_std)
         self.spectrum = nn.Parameter(spec[:, None].contiguous())
+        self.project_()
+
+    @torch.no_grad()
+    def project_(self):
+        """With hard bounds: the spectrum of the image clipped to the range (an exact projection in image
+        space: the spectrum is a linear, invertible function of the image)."""
+        if self.squash.project:
+            img = torch.fft.irfftn(torch.view_as_complex(self.spectrum) * self.scale, s=self.shape, dim=(-3, -2, -1))
+            clipped = img.clamp(self.squash.lo, self.squash.hi)
+            if not torch.equal(clipped, img):
+                self.spectrum.copy_(self.to_spectrum(clipped))
 
     def unit_noise_std(self):
         """Standard deviation of the image made from unit white noise in the spectrum variables (fixed
@@ -236,15 +262,17 @@ class MacoParam(_Ranged):
 
 def build_param(preset, shape, gens, magnitude=None, init_volume=None, data=None):
     """The parametrisation a :class:`~brainfv.featviz.render.Preset` asks for (``data``: the ``(lo, hi)``
-    intensity range of real brains, for ``range: data``)."""
+    intensity range of real brains, for ``range: data``). ``bound_by: project`` applies to the voxel and
+    Fourier parametrisations; MACO's phase-only variables cannot be projected, so MACO is always squashed."""
     kw = dict(value_range=preset.range, bound=preset.bound, data=data)
+    project = preset.bound_by == "project"
     init = "volume" if preset.init in ("volume", "template", "subject") else preset.init
     if init == "volume" and init_volume is None:
         raise ConfigError(f"init {preset.init!r} needs its starting volume (init_volume)")
     if preset.param == "voxel":
-        return VoxelParam(shape, gens, init, preset.init_std, init_volume, **kw)
+        return VoxelParam(shape, gens, init, preset.init_std, init_volume, project=project, **kw)
     if preset.param == "fourier":
-        return FourierParam(shape, gens, preset.decay, init, preset.init_std, init_volume, **kw)
+        return FourierParam(shape, gens, preset.decay, init, preset.init_std, init_volume, project=project, **kw)
     if preset.param == "maco":
         if magnitude is None:
             raise ConfigError("param 'maco' needs the amplitude spectrum of real volumes")

@@ -273,6 +273,8 @@ def optimize(net, objective, pieces, gens, *, steps, lr, device, mask=None, plan
         opt.step()
         if pieces.after_step is not None:
             pieces.after_step(param, step)
+        if hasattr(param, "project_"):  # hard bounds: back into the range (projected Adam)
+            param.project_()
         if frozen:
             with torch.no_grad():
                 done = torch.as_tensor(~active, device=device)
