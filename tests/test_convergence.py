@@ -192,3 +192,36 @@ def test_trained_network_and_controls_start_from_the_same_image(preset):
     assert np.allclose(start[0], start[1], atol=1e-5) and np.allclose(start[0], start[2], atol=1e-5)
     if preset.get("init") == "subject":  # the validation volume, not a test volume
         assert np.corrcoef(start[0][0, 0].ravel(), val[0].ravel())[0, 1] > 0.99
+
+
+def test_visualize_job_writes_steps_converged_and_the_cascade(tmp_path):
+    import nibabel as nib
+    import pandas as pd
+    from conftest import toy_dataset
+
+    from brainfv.job import Job
+    from brainfv.models import save_checkpoint
+
+    from brainfv.featviz.study import visualize_job
+
+    ds = toy_dataset(tmp_path / "toy", n=12, shape=(12, 14, 12))
+    ck = tmp_path / "model.pt"
+    save_checkpoint(ck, build_model({"channels": [4, 8]}).eval(), classes=["A", "B"], task="toy", target="label")
+    out = {k: str(tmp_path / f) for k, f in (("nifti", "units.nii.gz"), ("randomized", "randomized.nii.gz"),
+                                             ("cascade", "cascade.nii.gz"), ("cascade_table", "cascade.tsv"),
+                                             ("table", "units.tsv"), ("trajectory", "trajectory.tsv"))}
+    request = {"only_unit": None, "task": "toy", "layer": "block2.norm", "module": "block2.norm", "regularizer": "v",
+               "units": [0, 3], "objective": "channel", "preset": {"jitter": 1}, "steps": 12, "lr": 0.1,
+               "converge": {"min_steps": 4, "every": 4}, "n_seeds": 2, "n_real": 4, "micro_batch": None,
+               "device": "cpu", "seed": 1, "randomized": True}
+    inputs = {"model": str(ck), **{k: str(ds / f) for k, f in (("participants", "participants.tsv"),
+              ("volumes", "volumes.npy"), ("mask", "mask.nii.gz"), ("reference", "reference.nii.gz"))}}
+    visualize_job(Job(input=inputs, output=out, params={"request": request, "model": None, "model_key": "m"},
+                      log=lambda m: None, rule="visualize"))
+    t = pd.read_csv(out["table"], sep="\t")
+    assert t["steps"].between(1, 12).all() and t["converged"].isin([True, False]).all()
+    c = pd.read_csv(out["cascade_table"], sep="\t")
+    assert list(c["cascade_step"].unique()) == [1, 2, 3]  # block2's head, then block2, then block1
+    assert c.groupby("cascade_step")["randomized_stages"].first().tolist() == [
+        "classifier", "classifier,block2", "classifier,block2,block1"]
+    assert nib.load(out["cascade"]).shape == (12, 14, 12, 3 * 2)  # steps x units, first seed
