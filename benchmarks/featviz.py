@@ -20,6 +20,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 SHAPE = (52, 64, 52)
+# every step of every element timed: no early stopping; a fixed intensity range (range: data needs one)
+FIXED = dict(data_range=(-3.0, 4.0), converge={"enabled": False})
 
 
 def lucent_style(model, layer, units, steps, neuron=False, lr=0.05, seed=0):
@@ -94,10 +96,11 @@ def main():
     cases = [("block3.norm", list(range(8)), False), ("block1.norm", list(range(8)), True)]
     for layer, units, neuron in cases:
         obj = (O.neuron if neuron else O.channel)(layer, units)
-        fns = {"brainfv": lambda n: render(model, obj, SHAPE, {}, steps=n, seeds=units),
+        fns = {"brainfv": lambda n: render(model, obj, SHAPE, {}, steps=n, seeds=units, **FIXED),
                "per-unit": lambda n: lucent_style(model, layer, units, n, neuron)}
         if not neuron:  # what the network simplification (brainfv.featviz.simplify) contributes
-            fns["unsimplified"] = lambda n: render(model, obj, SHAPE, {}, steps=n, seeds=units, simplify=False)
+            fns["unsimplified"] = lambda n: render(model, obj, SHAPE, {}, steps=n, seeds=units, simplify=False,
+                                                                  **FIXED)
         med, rounds = interleaved(fns, a.steps, a.repeats)
         kind = "neuron objective, receptive-field crop" if neuron else "channel objective"
         print(f"(a) {layer}, {len(units)} units, {kind}: brainfv {med['brainfv']:.2f}s vs per-unit full network "
@@ -124,7 +127,7 @@ def main():
     fns = {"bare": bare}
     for name, preset in presets.items():
         fns[name] = lambda n, preset=preset: render(model, O.channel(layer, units), SHAPE, preset, steps=n,
-                                                    seeds=units, real_volumes=real)
+                                                    seeds=units, real_volumes=real, **FIXED)
     med, rounds = interleaved(fns, a.steps, a.repeats)
     for name, preset in presets.items():
         print(f"(b) {layer}, batch {len(units)}, {name} {preset}: {1000 * med[name] / a.steps:.0f} ms/step vs bare "
@@ -132,7 +135,7 @@ def main():
               f"{100 * (median_ratio(rounds, name, 'bare') - 1):+.0f}%")
     preset = {"param": "fourier", "jitter": 2}
     med, _ = interleaved({mb: lambda n, mb=mb: render(model, O.channel(layer, units), SHAPE, preset, steps=n,
-                                                      seeds=units, micro_batch=mb) for mb in (1, 2, 8)},
+                                                      seeds=units, micro_batch=mb, **FIXED) for mb in (1, 2, 8)},
                          a.steps, a.repeats)
     print(f"(c) {layer}, batch {len(units)}, micro-batch 1/2/8: "
           + " / ".join(f"{1000 * t / a.steps:.0f}" for t in med.values()) + " ms/step")

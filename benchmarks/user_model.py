@@ -24,7 +24,8 @@ def per_step(model, layer, shape, steps, repeats):
 
     obj = O.channel(layer, [0, 0, 0, 0, 1, 1, 1, 1])
     real = [np.random.default_rng(0).normal(size=shape).astype(np.float32)]
-    kw = dict(shape=shape, preset={"param": "maco", "jitter": 2}, seeds=list(range(8)), real_volumes=real)
+    kw = dict(shape=shape, preset={"param": "maco", "jitter": 2}, seeds=list(range(8)), real_volumes=real,
+              converge={"enabled": False})  # every step timed
     render(model, obj, steps=1, **kw)  # warm-up
     times = []
     for _ in range(repeats):

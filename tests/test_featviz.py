@@ -14,6 +14,7 @@ from brainfv.featviz.units import capture_activations, parse_unit
 from brainfv.models import build_model
 
 SHAPE = (24, 28, 24)
+R = (-3.0, 4.0)  # the intensity range of range: data (real brains: their brain voxels' percentiles)
 
 
 def corr(a, b):
@@ -38,8 +39,10 @@ def test_known_filter_is_recovered():
     w = gaussian_blur(w[None, None], 0.7)[0, 0]  # a smooth, structured filter
     conv.weight.data[:] = w
     model = nn.Sequential(conv)
-    res = render(model, O.neuron("0", [0]), (20, 20, 20), {"l2": 1.0, "init_std": 0.01}, steps=300, lr=0.05,
-                 seeds=[3])
+    # unbounded: the L2 optimum of a linear unit is proportional to its weights only where no bound cuts it
+    res = render(model, O.neuron("0", [0]), (20, 20, 20), {"l2": 1.0, "init_std": 0.01, "range": "none"}, steps=300,
+                 lr=0.05,
+                 seeds=[3], data_range=R)
     box = res.box
     assert box is not None and tuple(s.stop - s.start for s in box) == (5, 5, 5)
     assert corr(res.images[0][box], w.numpy()) >= 0.9
@@ -50,7 +53,7 @@ def test_fourier_roundtrip_and_scaling():
     shape = (16, 20, 12)
     vol = torch.randn(shape)
     g = [torch.Generator().manual_seed(0)]
-    p = FourierParam(shape, g, decay=1.0)
+    p = FourierParam(shape, g, decay=1.0, value_range="none")
     p.spectrum.data[:] = p.to_spectrum(vol)[None, None]
     assert torch.allclose(p()[0, 0], vol, atol=1e-4)
     s = spectrum_scale(shape, decay=1.5)
@@ -59,7 +62,7 @@ def test_fourier_roundtrip_and_scaling():
     assert np.isclose(float(s[4, 0, 0]), (16 / 4) ** 1.5 * n, rtol=1e-5)           # f = 4/16 = 0.25 c/vox
     assert np.isclose(float(s[0, 0, 3]), (12 / 3) ** 1.5 * n, rtol=1e-5)
     # white spectrum variables give 1/f^decay amplitudes: low frequencies dominate
-    img = FourierParam(shape, g, decay=1.0)()[0, 0].detach().numpy()
+    img = FourierParam(shape, g, decay=1.0, value_range="none")()[0, 0].detach().numpy()
     from brainfv.featviz.metrics import high_frequency_fraction
 
     assert high_frequency_fraction(img) < high_frequency_fraction(np.random.default_rng(0).normal(size=shape))
@@ -68,7 +71,7 @@ def test_fourier_roundtrip_and_scaling():
 def test_maco_keeps_magnitude():
     shape = (12, 12, 12)
     mag = torch.fft.rfftn(torch.randn(shape)).abs()
-    p = MacoParam(shape, [torch.Generator().manual_seed(0)], mag)
+    p = MacoParam(shape, [torch.Generator().manual_seed(0)], mag, value_range="none")
     out = p()[0, 0].detach()
     assert torch.allclose(torch.fft.rfftn(out).abs()[1:-1, 1:-1, 1:-1], mag[1:-1, 1:-1, 1:-1], rtol=1e-3, atol=1e-3)
 
@@ -126,30 +129,30 @@ def test_batched_equals_per_unit():
     preset = {"param": "fourier", "jitter": 2, "scale": 0.05, "rotate": 5, "tv": 0.1}
     seeds = [11, 12, 13]
     # one element per forward pass: identical whether alone or in a batch
-    batched = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, micro_batch=1)
-    alone = render(m, O.channel("block2.norm", [3]), SHAPE, preset, steps=8, seeds=[12], micro_batch=1)
+    batched = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, micro_batch=1, data_range=R)
+    alone = render(m, O.channel("block2.norm", [3]), SHAPE, preset, steps=8, seeds=[12], micro_batch=1, data_range=R)
     assert np.allclose(batched.images[1], alone.images[0], atol=1e-5)
     assert np.isclose(batched.objective_end[1], alone.objective_end[0], rtol=1e-5, atol=1e-6)
     # default CPU micro-batches (2 elements): the same optimisation up to float-level kernel differences
-    fast = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds)
+    fast = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, data_range=R)
     assert corr(fast.images[1], alone.images[0]) > 0.95
     simple = {"param": "fourier", "jitter": 2}
-    b2 = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, simple, steps=8, seeds=seeds)
-    a2 = render(m, O.channel("block2.norm", [3]), SHAPE, simple, steps=8, seeds=[12])
+    b2 = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, simple, steps=8, seeds=seeds, data_range=R)
+    a2 = render(m, O.channel("block2.norm", [3]), SHAPE, simple, steps=8, seeds=[12], data_range=R)
     # batch 2 and batch 1 convolutions differ in the last bits (both ~1e-6, with or without BatchNorm
     # folding); a max-pool near-tie can turn that into another voxel's gradient, so: the same image, not bits
     assert corr(b2.images[1], a2.images[0]) > 0.99
-    again = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds)
+    again = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, data_range=R)
     assert np.array_equal(fast.images, again.images)  # reproducible
 
 
 def test_objectives_compose_and_increase():
     m = small_model()
     obj = O.channel("block2.norm", [0, 1]) - 0.5 * O.channel("block1.norm", [2, 2])
-    res = render(m, obj, SHAPE, {"l2": 0.01}, steps=15, seeds=[1, 2])
+    res = render(m, obj, SHAPE, {"l2": 0.01}, steps=15, seeds=[1, 2], data_range=R)
     assert np.all(res.objective_end > res.objective_start)
     assert res.trajectory.shape[1] == 2
-    neg = render(m, -O.class_logit([1]), SHAPE, {}, steps=10, seeds=[1])
+    neg = render(m, -O.class_logit([1]), SHAPE, {}, steps=10, seeds=[1], data_range=R)
     assert neg.objective_end[0] > neg.objective_start[0]
 
 
@@ -168,18 +171,18 @@ def test_works_on_foreign_models():
 
     net = Net().eval()
     layer, ch = parse_unit("encoder.layers.3:2")
-    res = render(net, O.channel(layer, [ch, 0]), (16, 16, 16), {"jitter": 1}, steps=10, seeds=[0, 1])
+    res = render(net, O.channel(layer, [ch, 0]), (16, 16, 16), {"jitter": 1}, steps=10, seeds=[0, 1], data_range=R)
     assert res.images.shape == (2, 16, 16, 16) and np.all(res.objective_end > res.objective_start)
-    res = render(seq.eval(), O.neuron("3", [1]), (16, 16, 16), {}, steps=5, seeds=[0])
+    res = render(seq.eval(), O.neuron("3", [1]), (16, 16, 16), {}, steps=5, seeds=[0], data_range=R)
     assert res.box is not None
 
 
 def test_bad_units_are_explained():
     m = small_model()
     with pytest.raises(UnitError, match="layer 'block9.conv' is not in the model.*block1.conv"):
-        render(m, O.channel("block9.conv", [0]), SHAPE, {}, steps=1, seeds=[0])
+        render(m, O.channel("block9.conv", [0]), SHAPE, {}, steps=1, seeds=[0], data_range=R)
     with pytest.raises(UnitError, match=r"channels \[8\] out of range for layer 'block2.conv', which has 8"):
-        render(m, O.channel("block2.conv", [8]), SHAPE, {}, steps=1, seeds=[0])
+        render(m, O.channel("block2.conv", [8]), SHAPE, {}, steps=1, seeds=[0], data_range=R)
     with pytest.raises(UnitError, match="layer:channel"):
         parse_unit("block2.conv")
 
@@ -238,8 +241,8 @@ def test_randomized_copy_changes_weights_not_the_caller():
 def test_micro_batches_do_not_change_the_result():
     m = small_model()
     preset = {"param": "fourier", "jitter": 1, "tv": 0.1}
-    a = render(m, O.channel("block2.norm", [0, 1, 2]), SHAPE, preset, steps=5, seeds=[4, 5, 6], micro_batch=1)
-    b = render(m, O.channel("block2.norm", [0, 1, 2]), SHAPE, preset, steps=5, seeds=[4, 5, 6], micro_batch=3)
+    a = render(m, O.channel("block2.norm", [0, 1, 2]), SHAPE, preset, steps=5, seeds=[4, 5, 6], micro_batch=1, data_range=R)
+    b = render(m, O.channel("block2.norm", [0, 1, 2]), SHAPE, preset, steps=5, seeds=[4, 5, 6], micro_batch=3, data_range=R)
     # the same optimisation, up to float-level differences of the CPU kernels for other batch sizes
     assert all(corr(a.images[i], b.images[i]) > 0.98 for i in range(3))
     assert np.allclose(a.objective_end, b.objective_end, rtol=0.05, atol=1e-3)
@@ -296,7 +299,7 @@ def test_simplify_leaves_what_it_cannot_prove():
     assert changes == [] and s is not b
     m = small_model()
     flags = [p.requires_grad for p in m.parameters()]
-    render(m, O.channel("block2.norm", [0]), SHAPE, {}, steps=1, seeds=[0])
+    render(m, O.channel("block2.norm", [0]), SHAPE, {}, steps=1, seeds=[0], data_range=R)
     assert [p.requires_grad for p in m.parameters()] == flags and isinstance(m.block1.norm, nn.BatchNorm3d)
 
 
@@ -320,7 +323,7 @@ def test_composed_objectives_are_optimised_as_written(make, micro_batch):
     composed objective recomputed on the full-size result, and it increased."""
     m = small_model()
     obj = make()
-    res = render(m, obj, SHAPE, {"jitter": 1}, steps=6, lr=0.1, seeds=[1, 2], micro_batch=micro_batch)
+    res = render(m, obj, SHAPE, {"jitter": 1}, steps=6, lr=0.1, seeds=[1, 2], micro_batch=micro_batch, data_range=R)
     assert np.allclose(res.objective_end, _objective_on(m, obj, res.images), rtol=1e-3, atol=1e-4)
     assert res.objective_end.mean() > res.objective_start.mean()
     whole_maps = obj.footprint is None
@@ -330,8 +333,8 @@ def test_composed_objectives_are_optimised_as_written(make, micro_batch):
 def test_negated_neuron_lowers_the_activation():
     m = small_model()
     plain = O.neuron("block2.norm", [2])
-    up = render(m, plain, SHAPE, {}, steps=8, lr=0.1, seeds=[5])
-    down = render(m, -plain, SHAPE, {}, steps=8, lr=0.1, seeds=[5])
+    up = render(m, plain, SHAPE, {}, steps=8, lr=0.1, seeds=[5], data_range=R)
+    down = render(m, -plain, SHAPE, {}, steps=8, lr=0.1, seeds=[5], data_range=R)
     assert up.box is not None and down.box is not None
     act_up, act_down = _objective_on(m, plain, up.images)[0], _objective_on(m, plain, down.images)[0]
     start = up.objective_start[0]

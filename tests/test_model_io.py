@@ -93,7 +93,7 @@ def test_render_on_a_torchscript_model_matches_the_eager_model(tmp_path):
     torch.jit.save(torch.jit.script(net), tmp_path / "ts.pt")
     model, _ = load_model(str(tmp_path / "ts.pt"))
     obj = O.channel("features.transition1.conv", [0, 1])
-    kw = dict(shape=SHAPE, preset={"param": "fourier"}, steps=2, seeds=[1, 2])
+    kw = dict(shape=SHAPE, preset={"param": "fourier"}, steps=2, seeds=[1, 2], data_range=(-3.0, 4.0))
     a = render(net, obj, simplify=False, **kw).images
     b = render(model, obj, log=lambda *_: None, **kw).images
     assert np.abs(a).max() > 0 and np.allclose(a, b, atol=1e-4)

@@ -259,7 +259,8 @@ def _cmd_visualize(args):
     name = args.preset if not args.preset.lstrip().startswith("{") else "custom"
     request = {"only_unit": None, "task": "cli", "layer": args.layer, "module": args.layer, "regularizer": name,
                "units": args.units, "objective": args.objective, "preset": preset,
-               "steps": args.steps or fv["steps"], "lr": args.lr or fv["lr"], "n_seeds": args.seeds or fv["seeds"],
+               "steps": args.steps or fv["steps"], "lr": args.lr or fv["lr"], "converge": fv["converge"],
+               "n_seeds": args.seeds or fv["seeds"],
                "n_real": fv["n_real"], "micro_batch": fv["micro_batch"], "device": args.device,
                "seed": cfg["seed"] if args.seed is None else args.seed, "randomized": args.randomized}
     out = args.out

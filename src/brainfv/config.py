@@ -386,10 +386,13 @@ class Preset(Section):
     _path: ClassVar[str] = "preset"
     param: str = _d("preset.param")
     decay: float = _d("preset.decay")
+    lr: float | None = _d("preset.lr")
     init: str = _d("preset.init")
     anchor: float = _d("preset.anchor")
     init_std: float = _d("preset.init_std")
     range: str | None = _d("preset.range")
+    range_pct: float = _d("preset.range_pct")
+    bound_by: str = _d("preset.bound_by")
     bound: float = _d("preset.bound")
     mask: bool = _d("preset.mask")
     l1: float = _d("preset.l1")

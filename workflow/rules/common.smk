@@ -225,7 +225,7 @@ def visualize_request(wc, unit=None):
     fv = config["featviz"]
     return {"only_unit": unit, "task": wc.task, "layer": wc.layer, "module": spec["layer"],
             "regularizer": wc.regularizer, "units": spec["units"], "objective": spec["objective"],
-            "preset": fv["regularizers"][wc.regularizer], "steps": fv["steps"], "lr": fv["lr"],
+            "preset": fv["regularizers"][wc.regularizer], "steps": fv["steps"], "lr": fv["lr"], "converge": fv["converge"],
             "n_seeds": layer_seeds(wc.task, wc.layer), "n_real": fv["n_real"], "micro_batch": fv["micro_batch"],
             "device": fv["device"], "seed": config["seed"], "randomized": config["compare"]["randomized"],
             "position": spec.get("position", "centre")}

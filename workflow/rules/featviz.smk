@@ -10,6 +10,8 @@ rule visualize:
     output:
         nifti=f"{FEATVIZ}/units.nii.gz",
         randomized=f"{FEATVIZ}/randomized.nii.gz" if config["compare"]["randomized"] else [],
+        cascade=f"{FEATVIZ}/cascade.nii.gz" if config["featviz"]["cascade"] else [],
+        cascade_table=f"{FEATVIZ}/cascade.tsv" if config["featviz"]["cascade"] else [],
         table=f"{FEATVIZ}/units.tsv",
         trajectory=f"{FEATVIZ}/trajectory.tsv",
     params:

@@ -16,8 +16,10 @@ Example::
 
     from brainfv.featviz import render, objectives
     obj = objectives.channel("block3.norm", [0, 1, 2, 3])
-    res = render(model, obj, shape=(52, 64, 52), preset={"param": "fourier", "jitter": 3}, steps=256)
-    res.images  # (4, 52, 64, 52)
+    res = render(model, obj, shape=(52, 64, 52), preset={"param": "fourier", "jitter": 3}, steps=256,
+                 real_volumes=volumes, mask=brain_mask)  # range: data takes the intensity range from them
+    res.images  # (4, 52, 64, 52), inside the brain voxels' [0.5, 99.5] percentiles
+    res.info["converged"], res.info["steps_run"]  # the plateau criterion per element
 """
 from ..config import Preset  # noqa: F401
 from . import objectives  # noqa: F401

@@ -9,8 +9,19 @@ Every parametrisation is an ``nn.Module`` whose ``forward()`` returns ``(B, 1, X
 - :class:`MacoParam`    phase-only: the amplitude spectrum is fixed to that of real training
   volumes and only the phase is optimised (MACO, Fel et al. 2023), in 3D.
 
-An optional range constraint (``tanh``/``sigmoid``) bounds voxel values. ``init_std`` is the standard
-deviation of the initial noise *image* (input units) for every parametrisation.
+Every parametrisation ends in the same range constraint (:class:`Squash`), so the image stays inside the
+intensity range of real brains whatever the variables do. ``range: data`` (the default) squashes into the
+``[p, 100 - p]`` percentiles of brain voxels of real (z-scored) volumes with
+``c + h * tanh((x - c) / h)`` (``c``, ``h``: the range's centre and half-width): the identity near the
+centre (slope 1 at ``c``; a start image of small noise is left as it is) and saturating smoothly at the
+bounds, for the voxel, Fourier and MACO parametrisations alike (for Fourier this is Lucid's
+decorrelate-then-squash: the spectrum decorrelates, the squash bounds). Why a squash and not the
+alternatives (measured, ``benchmarks/convergence.py``): a norm constraint (rescaling the image to a
+real brain's norm) bounds energy, not voxels, so single voxels still reach many SD; a hard clip stops the
+gradient of every clipped voxel (it can never come back) and does not exist for the Fourier and MACO
+variables. ``range: none`` leaves the image unbounded (for experiments); ``tanh``/``sigmoid`` bound it to
+``+-bound``. ``init_std`` is the standard deviation of the initial noise *image* (input units) for every
+parametrisation.
 """
 from __future__ import annotations
 
@@ -23,7 +34,7 @@ from torch import nn
 from ..config import default
 from ..errors import ConfigError
 
-__all__ = ["VoxelParam", "FourierParam", "MacoParam", "frequencies", "spectrum_scale", "mean_amplitude_spectrum",
+__all__ = ["Squash", "data_range", "VoxelParam", "FourierParam", "MacoParam", "frequencies", "spectrum_scale", "mean_amplitude_spectrum",
            "build_param"]
 
 
@@ -31,40 +42,106 @@ def _noise(gens, shape, std):
     return torch.stack([torch.randn(shape, generator=g) * std for g in gens])
 
 
-class _Ranged(nn.Module):
-    def __init__(self, value_range=default("preset.range"), bound=default("preset.bound")):
+RANGES = ("data", "none", "tanh", "sigmoid")
+
+
+def data_range(volumes, mask=None, pct=default("preset.range_pct")):
+    """``(lo, hi)``: the ``pct`` and ``100 - pct`` percentiles of the brain voxels (``mask``; all voxels
+    when None) of real volumes, the range ``range: data`` squashes into."""
+    vols = [np.asarray(v, np.float32) for v in volumes]
+    if not vols:
+        raise ConfigError("range 'data' needs real volumes (or data_range=(lo, hi)) for the intensity range")
+    m = np.ones(vols[0].shape, bool) if mask is None else np.asarray(mask, bool)
+    vals = np.concatenate([v[m] for v in vols])
+    lo, hi = np.percentile(vals, [pct, 100 - pct])
+    if not lo < hi:
+        raise ConfigError(f"range 'data': the brain voxels of the real volumes span no range ({lo:g}, {hi:g})")
+    return float(lo), float(hi)
+
+
+class Squash(nn.Module):
+    """Maps the unconstrained image into ``(lo, hi)``: ``c + h * tanh((x - c) / h)`` with ``c`` the
+    centre and ``h`` the half-width (slope 1 at the centre). ``range=None``/``"none"``: the identity."""
+
+    def __init__(self, lo=None, hi=None, project=False):
         super().__init__()
-        if value_range not in (None, "none", "tanh", "sigmoid"):
-            raise ConfigError(f"range must be none, tanh or sigmoid; got {value_range!r}")
-        self.value_range = None if value_range == "none" else value_range
-        self.bound = bound
+        self.bounded = lo is not None
+        self.project = bool(project) and self.bounded  # hard bounds, kept by projecting after each step
+        self.lo, self.hi = (float(lo), float(hi)) if self.bounded else (None, None)
+        if self.bounded and not self.lo < self.hi:
+            raise ConfigError(f"range: lower bound {lo} is not below the upper bound {hi}")
+
+    def forward(self, x):
+        if not self.bounded:
+            return x
+        if self.project:  # the identity inside the range (the variables are projected into it after each step)
+            return x.clamp(self.lo, self.hi)
+        c, h = (self.lo + self.hi) / 2, (self.hi - self.lo) / 2
+        # tanh rounds to +-1 in float32 for large arguments; the clamp only removes that last bit
+        return (c + h * torch.tanh((x - c) / h)).clamp(self.lo, self.hi)
+
+    def inverse(self, v):
+        """The unconstrained values whose squash is ``v`` (values at or beyond a bound: just inside it), so an
+        init volume starts as itself."""
+        if not self.bounded:
+            return v
+        if self.project:
+            return v.clamp(self.lo, self.hi)
+        c, h = (self.lo + self.hi) / 2, (self.hi - self.lo) / 2
+        return c + h * torch.atanh(((v - c) / h).clamp(-0.999, 0.999))
+
+
+def make_squash(value_range=default("preset.range"), bound=default("preset.bound"), data=None,
+                project=False):
+    """The :class:`Squash` a preset's ``range`` asks for (``data``: into ``data=(lo, hi)``; ``project``: hard
+    bounds kept by the parametrisation's ``project_`` instead of the tanh)."""
+    if value_range not in RANGES + (None,):
+        raise ConfigError(f"range must be one of {', '.join(RANGES)}; got {value_range!r}")
+    if value_range == "data":
+        if data is None:
+            raise ConfigError("range 'data' needs the data's intensity range (data_range=(lo, hi), or real volumes "
+                              "to take it from); set the preset's range: none for an unbounded image")
+        return Squash(*data, project=project)
+    if value_range in ("tanh", "sigmoid"):  # 2 * sigmoid(2y) - 1 == tanh(y): the same bound either way
+        return Squash(-bound, bound, project=project)
+    return Squash()
+
+
+class _Ranged(nn.Module):
+    def __init__(self, value_range=default("preset.range"), bound=default("preset.bound"), data=None,
+                 project=False):
+        super().__init__()
+        self.squash = make_squash(value_range, bound, data, project)
 
     def constrain(self, x):
-        if self.value_range == "tanh":
-            return self.bound * torch.tanh(x / self.bound)
-        if self.value_range == "sigmoid":
-            return self.bound * (2 * torch.sigmoid(2 * x / self.bound) - 1)
-        return x
+        return self.squash(x)
 
 
 class VoxelParam(_Ranged):
     """One variable per voxel, initialised from seeded noise (per batch element) or a volume."""
 
     def __init__(self, shape, gens, init=default("preset.init"), init_std=default("preset.init_std"), init_volume=None,
-                 value_range=default("preset.range"), bound=default("preset.bound")):
-        super().__init__(value_range, bound)
+                 value_range=default("preset.range"), bound=default("preset.bound"), data=None, project=False):
+        super().__init__(value_range, bound, data, project)
         shape = tuple(shape)
         if init == "volume":
-            v = torch.as_tensor(np.asarray(init_volume), dtype=torch.float32)
+            v = self.squash.inverse(torch.as_tensor(np.asarray(init_volume), dtype=torch.float32))
             x = v.expand((len(gens),) + shape).clone() + _noise(gens, shape, init_std)
         elif init == "zeros":
             x = torch.zeros((len(gens),) + shape)
         else:
             x = _noise(gens, shape, init_std)
         self.x = nn.Parameter(x[:, None].contiguous())
+        self.project_()
 
     def forward(self):
         return self.constrain(self.x)
+
+    @torch.no_grad()
+    def project_(self):
+        """With hard bounds (``bound_by: project``): the variables back into the range (projected Adam)."""
+        if self.squash.project:
+            self.x.clamp_(self.squash.lo, self.squash.hi)
 
     @torch.no_grad()
     def blur_(self, sigma):
@@ -100,20 +177,32 @@ class FourierParam(_Ranged):
 
     def __init__(self, shape, gens, decay=default("preset.decay"), init=default("preset.init"),
                  init_std=default("preset.init_std"), init_volume=None, value_range=default("preset.range"),
-                 bound=default("preset.bound")):
-        super().__init__(value_range, bound)
+                 bound=default("preset.bound"), data=None, project=False):
+        super().__init__(value_range, bound, data, project)
         self.shape = tuple(shape)
         self.register_buffer("scale", spectrum_scale(self.shape, decay))
         fshape = self.scale.shape + (2,)
         spec_std = init_std / self.unit_noise_std()
         if init == "volume":
-            spec = self.to_spectrum(torch.as_tensor(np.asarray(init_volume), dtype=torch.float32))
+            v = self.squash.inverse(torch.as_tensor(np.asarray(init_volume), dtype=torch.float32))
+            spec = self.to_spectrum(v)
             spec = spec.expand((len(gens),) + fshape).clone() + _noise(gens, fshape, spec_std)
         elif init == "zeros":
             spec = torch.zeros((len(gens),) + fshape)
         else:
             spec = _noise(gens, fshape, spec_std)
         self.spectrum = nn.Parameter(spec[:, None].contiguous())
+        self.project_()
+
+    @torch.no_grad()
+    def project_(self):
+        """With hard bounds: the spectrum of the image clipped to the range (an exact projection in image
+        space: the spectrum is a linear, invertible function of the image)."""
+        if self.squash.project:
+            img = torch.fft.irfftn(torch.view_as_complex(self.spectrum) * self.scale, s=self.shape, dim=(-3, -2, -1))
+            clipped = img.clamp(self.squash.lo, self.squash.hi)
+            if not torch.equal(clipped, img):
+                self.spectrum.copy_(self.to_spectrum(clipped))
 
     def unit_noise_std(self):
         """Standard deviation of the image made from unit white noise in the spectrum variables (fixed
@@ -153,8 +242,8 @@ class MacoParam(_Ranged):
     """
 
     def __init__(self, shape, gens, magnitude, init=default("preset.init"), init_volume=None,
-                 value_range=default("preset.range"), bound=default("preset.bound")):
-        super().__init__(value_range, bound)
+                 value_range=default("preset.range"), bound=default("preset.bound"), data=None):
+        super().__init__(value_range, bound, data)
         self.shape = tuple(shape)
         mag = torch.as_tensor(magnitude, dtype=torch.float32)
         self.register_buffer("magnitude", mag)
@@ -171,16 +260,19 @@ class MacoParam(_Ranged):
         return self.constrain(torch.fft.irfftn(spec, s=self.shape, dim=(-3, -2, -1)))
 
 
-def build_param(preset, shape, gens, magnitude=None, init_volume=None):
-    """The parametrisation a :class:`~brainfv.featviz.render.Preset` asks for."""
-    kw = dict(value_range=preset.range, bound=preset.bound)
+def build_param(preset, shape, gens, magnitude=None, init_volume=None, data=None):
+    """The parametrisation a :class:`~brainfv.featviz.render.Preset` asks for (``data``: the ``(lo, hi)``
+    intensity range of real brains, for ``range: data``). ``bound_by: project`` applies to the voxel and
+    Fourier parametrisations; MACO's phase-only variables cannot be projected, so MACO is always squashed."""
+    kw = dict(value_range=preset.range, bound=preset.bound, data=data)
+    project = preset.bound_by == "project"
     init = "volume" if preset.init in ("volume", "template", "subject") else preset.init
     if init == "volume" and init_volume is None:
         raise ConfigError(f"init {preset.init!r} needs its starting volume (init_volume)")
     if preset.param == "voxel":
-        return VoxelParam(shape, gens, init, preset.init_std, init_volume, **kw)
+        return VoxelParam(shape, gens, init, preset.init_std, init_volume, project=project, **kw)
     if preset.param == "fourier":
-        return FourierParam(shape, gens, preset.decay, init, preset.init_std, init_volume, **kw)
+        return FourierParam(shape, gens, preset.decay, init, preset.init_std, init_volume, project=project, **kw)
     if preset.param == "maco":
         if magnitude is None:
             raise ConfigError("param 'maco' needs the amplitude spectrum of real volumes")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -30,12 +30,13 @@ from ..errors import ConfigError
 from . import regularizers as R
 from .crop import CropPlan, crop_box, plan_crop
 from .param import build_param, mean_amplitude_spectrum
+from .param import data_range as param_data_range
 from .simplify import simplify_for_featviz
 from .transforms import gaussian_blur, jitter, random_affine
 from .units import capture_activations, check_channels
 
-__all__ = ["Preset", "RenderResult", "Pieces", "preset_pieces", "prepare_network", "optimize", "render",
-           "crop_box", "CropPlan"]
+__all__ = ["Preset", "RenderResult", "Pieces", "Converge", "preset_pieces", "prepare_network", "objective_scale",
+           "optimize", "render", "crop_box", "CropPlan"]
 
 
 @dataclass
@@ -85,9 +86,10 @@ def preset_penalty(preset):
     return lambda x: R.penalty(x, weights)
 
 
-def preset_pieces(preset, shape, gens, real_volumes=None, init_volume=None, box=None):
+def preset_pieces(preset, shape, gens, real_volumes=None, init_volume=None, box=None, data_range=None):
     """:class:`Pieces` for a :class:`~brainfv.config.Preset` on inputs of ``shape`` (already cropped to
-    ``box`` when given; ``real_volumes`` and ``init_volume`` are full-size and cropped here)."""
+    ``box`` when given; ``real_volumes`` and ``init_volume`` are full-size and cropped here; ``data_range``:
+    ``(lo, hi)`` for ``range: data``)."""
     magnitude = None
     if preset.param == "maco":
         if real_volumes is None:
@@ -96,7 +98,7 @@ def preset_pieces(preset, shape, gens, real_volumes=None, init_volume=None, box=
     init = None
     if init_volume is not None:
         init = np.asarray(init_volume)[box] if box is not None else np.asarray(init_volume)
-    param = build_param(preset, shape, gens, magnitude, init)
+    param = build_param(preset, shape, gens, magnitude, init, data_range)
     penalty = preset_penalty(preset)
     if preset.anchor > 0:
         if init is None:
@@ -127,24 +129,98 @@ def _chunks(n, size):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def optimize(net, objective, pieces, gens, *, steps, lr, device, mask=None, plan=None, micro_batch=None,
-             amp=False, truncate=True, record_every=8, log=None):
-    """Maximise ``objective`` over ``pieces.param`` with Adam; returns a :class:`RenderResult` on the
-    parametrisation's (possibly cropped) shape.
+@dataclass(frozen=True)
+class Converge:
+    """The plateau criterion (config ``featviz.converge``).
 
-    The network sees the batch in chunks of ``micro_batch`` elements (each chunk its own leaf, so
-    gradients stay chunk-sized); every chunk gets its own elements' generators for the random
-    transforms. ``mask`` (``(1, 1, X, Y, Z)`` tensor) zeroes the image outside the brain.
+    Let ``J`` be what is maximised — the objective divided by its scale, minus the penalties — per batch
+    element, ``n`` the steps it has run and ``q = n // 4``. Every ``every`` steps from ``min_steps`` on, the
+    element has converged when the least-squares slope of ``J`` over its last ``q`` steps, times ``q``, is
+    below ``rtol`` times its total gain (``|mean J of the last every steps - J(step 0)|``): at its present
+    rate the last quarter of its run added less than ``rtol`` of everything it gained. The fitted slope, not
+    a difference of two values, so the jitter of random transforms neither fakes nor hides a plateau.
+    The test uses only the element's own values, so a unit stops at the same step alone or in a batch.
+    A converged element stops: its variables are frozen and it leaves the batch. With ``enabled=False``
+    every element runs all steps and the flag is still computed at the end."""
+
+    enabled: bool = default("featviz.converge.enabled")
+    rtol: float = default("featviz.converge.rtol")
+    every: int = default("featviz.converge.every")
+    min_steps: int = default("featviz.converge.min_steps")
+
+    @classmethod
+    def from_config(cls, c):
+        if c is None or isinstance(c, Converge):
+            return c or cls()
+        unknown = set(c) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"featviz.converge: unknown keys {sorted(unknown)}")
+        return cls(**c)
+
+    def check(self, hist, n):
+        """Which elements have converged after ``n`` steps; ``hist`` is ``(steps, B)`` of ``J`` (rows ``< n`` set)."""
+        q = n // 4
+        if q < 2:
+            return np.zeros(hist.shape[1], bool)
+        last = hist[n - q:n]
+        t = np.arange(q) - (q - 1) / 2
+        slope = (t[:, None] * (last - last.mean(0))).sum(0) / (t ** 2).sum()
+        now = hist[n - max(1, min(self.every, q)):n].mean(0)
+        gain = np.abs(now - hist[0])
+        return np.abs(slope) * q <= self.rtol * np.maximum(gain, 1e-12 * (1 + np.abs(now)))
+
+
+@torch.no_grad()
+def objective_scale(net, objective, volumes, B, *, device, plan=None, amp=False, truncate=True, box=None):
+    """Per batch element, the standard deviation of its objective over real ``volumes`` (its unit's natural
+    spread on real brains; ``box`` crops them to the optimised region): the objective is divided by it
+    before penalties are subtracted, so a penalty weight means the same on every network and unit (a unit
+    whose activation is 100 times larger gives the same image). A unit with no spread over the volumes (dead
+    on real data) is scaled by its mean absolute value, and by 1 when that is 0 too."""
+    vals = []
+    for v in volumes:
+        v = np.asarray(v, np.float32)
+        x = torch.as_tensor(v[box] if box is not None else v, device=device)[None, None]
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            acts = capture_activations(net, x, objective.layers, truncate=truncate)
+        acts = {k: a.expand((B,) + tuple(a.shape[1:])) for k, a in acts.items()}
+        vals.append(objective(plan.activations(acts) if plan is not None else acts, slice(0, B)).float().cpu())
+    if not vals:
+        return torch.ones(B)
+    vals = torch.stack(vals)
+    sd = vals.std(0) if len(vals) > 1 else torch.zeros(B)
+    ma = vals.abs().mean(0)
+    return torch.where(sd > 1e-12, sd, torch.where(ma > 1e-12, ma, torch.ones(B)))
+
+
+def optimize(net, objective, pieces, gens, *, steps, lr, device, mask=None, plan=None, micro_batch=None,
+             amp=False, truncate=True, record_every=8, log=None, scale=None, converge=None, betas=(0.9, 0.999)):
+    """Maximise ``objective / scale - penalty`` over ``pieces.param`` with Adam until every element has
+    converged (``converge``, a :class:`Converge`; None: the defaults) or ``steps`` ran out; returns a
+    :class:`RenderResult` on the parametrisation's (possibly cropped) shape, with ``steps_run`` and
+    ``converged`` per element in ``info``.
+
+    ``scale`` (``(B,)``, default 1) is each element's objective scale (:func:`objective_scale`). The
+    network sees the active elements in chunks of ``micro_batch`` (each chunk its own leaf, so gradients
+    stay chunk-sized); every chunk gets its own elements' generators for the random transforms. A converged
+    element leaves the batch (the work per step shrinks) and its variables are restored after every later
+    Adam step, so they stay exactly as they were: every parameter of ``pieces.param`` must hold the batch
+    in its first dimension. ``mask`` (``(1, 1, X, Y, Z)`` tensor) zeroes the image outside the brain.
     """
     log = log or (lambda m: None)
+    converge = Converge.from_config(converge)
     param = pieces.param.to(device)
     B = len(gens)
     mb = micro_batch or (B if device.type == "cuda" else 2)
-    chunks = _chunks(B, mb)
+    scale = (torch.ones(B) if scale is None else torch.as_tensor(scale, dtype=torch.float32)).to(device)
+    batched = [p for p in param.parameters() if p.dim() and p.shape[0] == B]
+    if len(batched) != len(list(param.parameters())):
+        raise ConfigError("every parameter of the parametrisation must hold the batch in its first dimension")
     try:  # the fused kernel: one pass over the variables, 5x faster than the default on the CPU (1 vs 5 ms a step)
-        opt = torch.optim.Adam(param.parameters(), lr=lr, fused=True)
+        opt = torch.optim.Adam(param.parameters(), lr=lr, betas=betas, fused=True)
     except (RuntimeError, ValueError):  # a device without it
-        opt = torch.optim.Adam(param.parameters(), lr=lr)
+        opt = torch.optim.Adam(param.parameters(), lr=lr, betas=betas)
 
     def image():
         img = param()
@@ -158,46 +234,87 @@ def optimize(net, objective, pieces, gens, *, steps, lr, device, mask=None, plan
         return objective(plan.activations(acts) if plan is not None else acts, rows)
 
     def score_all(img):
-        return torch.cat([score(img[rows], rows) for rows in chunks])
+        return torch.cat([score(img[rows], rows) for rows in _chunks(B, mb)])
 
     with torch.no_grad():
         obj_start = score_all(image()).float().cpu().numpy()
     traj, traj_steps = [], []
+    hist = np.zeros((steps, B))                  # J per step and element (what is maximised)
+    last_obj = np.array(obj_start, np.float64)   # the raw objective, carried on after an element stops
+    active = np.ones(B, bool)
+    converged = np.zeros(B, bool)
+    steps_run = np.zeros(B, int)
+    frozen = {}                                  # parameter -> its values, restored for converged elements
     t0 = last_log = time.perf_counter()
+    work = 0
     for step in range(steps):
+        idx = np.flatnonzero(active)
         img = image()
-        leaves = [c.detach().requires_grad_(True) for c in img.split(mb)]
-        objs = []
-        for rows, leaf in zip(chunks, leaves):
+        sub = img if len(idx) == B else img[torch.as_tensor(idx, device=img.device)]
+        leaves = [c.detach().requires_grad_(True) for c in sub.split(mb)]
+        objs, js = [], []
+        for k, leaf in enumerate(leaves):
+            rows = [int(i) for i in idx[k * mb:k * mb + len(leaf)]]
+            rows = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
             x = leaf
             for t in pieces.transforms:
-                x = t(x, gens[rows])
+                x = t(x, gens[rows] if isinstance(rows, slice) else [gens[i] for i in rows])
             obj_c = score(x, rows)
-            (-(obj_c - pieces.penalty(leaf)).sum()).backward()
+            j_c = obj_c.float() / scale[rows] - pieces.penalty(leaf).float()
+            (-j_c.sum()).backward()
             objs.append(obj_c.detach())
-        obj = torch.cat(objs)
+            js.append(j_c.detach())
+        work += len(idx)
         opt.zero_grad(set_to_none=True)
-        img.backward(torch.cat([leaf.grad for leaf in leaves]))  # gradients meet at the image, then the variables
+        grad = torch.cat([leaf.grad for leaf in leaves])
+        if len(idx) < B:
+            grad = torch.zeros_like(img).index_copy_(0, torch.as_tensor(idx, device=img.device), grad)
+        img.backward(grad)  # gradients meet at the image, then the variables
         opt.step()
         if pieces.after_step is not None:
             pieces.after_step(param, step)
-        if step % record_every == 0 or step == steps - 1:
-            traj.append(obj.float().cpu().numpy())
+        if hasattr(param, "project_"):  # hard bounds: back into the range (projected Adam)
+            param.project_()
+        if frozen:
+            with torch.no_grad():
+                done = torch.as_tensor(~active, device=device)
+                for p in batched:
+                    p[done] = frozen[p][done]
+        last_obj[idx] = torch.cat(objs).float().cpu().numpy()
+        hist[step, idx] = torch.cat(js).float().cpu().numpy()
+        steps_run[idx] += 1
+        n = step + 1
+        if converge.enabled and n % converge.every == 0 and n >= converge.min_steps or n == steps:
+            newly = active & converge.check(hist, n)
+            converged |= newly
+            if converge.enabled and newly.any():
+                active &= ~newly
+                with torch.no_grad():
+                    for p in batched:
+                        frozen.setdefault(p, p.detach().clone())[torch.as_tensor(newly, device=device)] = \
+                            p.detach()[torch.as_tensor(newly, device=device)]
+        if step % record_every == 0 or step == steps - 1 or not active.any():
+            traj.append(last_obj.astype(np.float32))
             traj_steps.append(step)
         now = time.perf_counter()
-        if now - last_log > 10 or step == steps - 1:
+        if now - last_log > 10 or step == steps - 1 or not active.any():
             last_log = now
             rate = (step + 1) / (now - t0)
-            log(f"step {step + 1}/{steps} objective mean {float(obj.mean()):.4f} [{float(obj.min()):.3f}, "
-                f"{float(obj.max()):.3f}] {rate:.2f} steps/s ETA {(steps - step - 1) / rate:.0f}s")
+            log(f"step {step + 1}/{steps} objective mean {float(last_obj.mean()):.4f} [{float(last_obj.min()):.3f}, "
+                f"{float(last_obj.max()):.3f}] converged {int(converged.sum())}/{B} {rate:.2f} steps/s")
+        if not active.any():
+            break
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         final = image().detach()
         obj_end = score_all(final).float().cpu().numpy()
+    n_steps = int(steps_run.max()) if B else 0
     return RenderResult(images=final[:, 0].float().cpu().numpy(), objective_start=obj_start, objective_end=obj_end,
                         trajectory=np.array(traj), trajectory_steps=np.array(traj_steps), seconds=seconds,
-                        steps_per_s=steps / seconds if seconds > 0 else float("inf"),
-                        box=plan.box if plan is not None else None, info={"batch": B})
+                        steps_per_s=n_steps / seconds if seconds > 0 else float("inf"),
+                        box=plan.box if plan is not None else None,
+                        info={"batch": B, "steps_run": steps_run, "converged": converged,
+                              "element_steps": int(work), "scale": scale.cpu().numpy()})
 
 
 def _batch_seeds(objective, seeds):
@@ -208,7 +325,8 @@ def _batch_seeds(objective, seeds):
 
 def render(model, objective, shape, preset=None, *, steps=default("featviz.steps"), lr=default("featviz.lr"),
            seeds=None, device=None, mask=None, real_volumes=None, init_volume=None, pieces=None, crop=True,
-           simplify=True, truncate=True, micro_batch=None, amp=None, record_every=8, log=None):
+           simplify=True, truncate=True, micro_batch=None, amp=None, record_every=8, log=None, data_range=None,
+           converge=None, normalise=True, betas=(0.9, 0.999)):
     """Optimise one input volume per batch element to maximise ``objective``.
 
     Parameters
@@ -220,8 +338,13 @@ def render(model, objective, shape, preset=None, *, steps=default("featviz.steps
     seeds : one int per batch element; element ``b``'s initialisation and random transforms come from
         its own generator, so a unit gives the same result alone or in a batch.
     mask : bool array (X, Y, Z); with ``preset.mask`` the image is zero outside.
-    real_volumes : real volumes (MACO's amplitude spectrum).
+    real_volumes : real (z-scored) volumes: MACO's amplitude spectrum, the intensity range of ``range: data``
+        (with ``mask``; see :func:`~brainfv.featviz.param.data_range`) and the objective's scale.
     init_volume : starting volume for ``init: volume``.
+    data_range : ``(lo, hi)`` for ``range: data`` (default: from ``real_volumes``).
+    converge : :class:`Converge` or its config dict (``featviz.converge``): when an element stops.
+    normalise : divide each element's objective by its spread over ``real_volumes``
+        (:func:`objective_scale`) before the penalties are subtracted (without real volumes: by 1).
     pieces : a callable ``(work_shape, gens, box) -> Pieces`` to use your own parametrisation,
         transforms and penalty instead of the preset's.
     crop : optimise only the receptive field when the objective reads known positions (same
@@ -235,6 +358,7 @@ def render(model, objective, shape, preset=None, *, steps=default("featviz.steps
     amp : bf16 autocast (default: on CUDA).
     """
     preset = Preset.from_config(preset)
+    lr = preset.lr if preset.lr is not None else lr
     log = log or (lambda m: None)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     amp = device.type == "cuda" if amp is None else amp
@@ -247,7 +371,9 @@ def render(model, objective, shape, preset=None, *, steps=default("featviz.steps
     work_shape = plan.shape if plan is not None else tuple(shape)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     if pieces is None:
-        pc = preset_pieces(preset, work_shape, gens, real_volumes, init_volume, box)
+        if preset.range == "data" and data_range is None and real_volumes is not None and len(real_volumes):
+            data_range = param_data_range(real_volumes, mask, preset.range_pct)
+        pc = preset_pieces(preset, work_shape, gens, real_volumes, init_volume, box, data_range)
     else:
         pc = pieces(work_shape, gens, box)
     mask_t = None
@@ -255,12 +381,18 @@ def render(model, objective, shape, preset=None, *, steps=default("featviz.steps
         m = np.asarray(mask)[box] if box is not None else np.asarray(mask)
         mask_t = torch.as_tensor(m, dtype=torch.float32, device=device)[None, None]
     with compute_settings(device):
+        scale = None
+        if normalise and real_volumes is not None and len(real_volumes):
+            scale = objective_scale(net, objective, real_volumes, len(seeds), device=device, plan=plan, amp=amp,
+                                    truncate=truncate, box=box)
         res = optimize(net, objective, pc, gens, steps=steps, lr=lr, device=device, mask=mask_t, plan=plan,
-                       micro_batch=micro_batch, amp=amp, truncate=truncate, record_every=record_every, log=log)
+                       micro_batch=micro_batch, amp=amp, truncate=truncate, record_every=record_every, log=log,
+                       scale=scale, converge=converge, betas=betas)
     if box is not None:
         full = np.zeros((len(seeds),) + tuple(shape), np.float32)
         full[(slice(None),) + box] = res.images
         res.images = full
     res.images = res.images.astype(np.float32)
     res.info["work_shape"] = work_shape
+    res.info["data_range"] = data_range
     return res

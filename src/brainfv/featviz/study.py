@@ -76,9 +76,11 @@ def own_objective_values(model, volumes, layer, channels, kind="channel", device
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def starting_volume(preset, real_volumes, test_volumes, template=None):
+def starting_volume(preset, real_volumes, init_volumes, template=None):
     """The image a preset starts from, if not noise: the mean training volume (``init: volume``), the
-    template (``template``) or the first test subject (``subject``: feature accentuation)."""
+    template (``template``) or the first of ``init_volumes`` (``subject``: feature accentuation; the study
+    passes the validation split, so no test volume, which the metrics use as references, is a start image).
+    It depends on the data only, so the trained network and every control start from the same image."""
     if preset.init == "volume":
         return np.mean([np.asarray(v, np.float32) for v in real_volumes], axis=0)
     if preset.init == "template":
@@ -86,9 +88,9 @@ def starting_volume(preset, real_volumes, test_volumes, template=None):
             raise ConfigError("init 'template' needs the grid's template image")
         return np.asarray(template, np.float32)
     if preset.init == "subject":
-        if not len(test_volumes):
-            raise ConfigError("init 'subject' needs a test subject")
-        return np.asarray(test_volumes[0], np.float32)
+        if not len(init_volumes):
+            raise ConfigError("init 'subject' needs a subject to start from (init_volumes: the validation split)")
+        return np.asarray(init_volumes[0], np.float32)
     return None
 
 
@@ -132,19 +134,21 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
                     regularizer, steps=default("featviz.steps"), lr=default("featviz.lr"),
                     n_seeds=default("featviz.seeds"), objective="channel", device="cpu", micro_batch=None, log=None,
                     record_every=8, network="trained", layer_id=None, template=None, position=None,
-                    labelled=None):
+                    labelled=None, converge=None, data_range=None, init_volumes=None):
     """Optimise every unit of ``layer`` (× ``n_seeds`` seeds) in one batch and measure each result.
 
-    Per unit and seed: the objective at start and end; the activation at *matched amplitude*
+    Per unit and seed: the objective at start and end; ``steps`` (run) and ``converged`` (the plateau
+    criterion held, :class:`~brainfv.featviz.render.Converge`); the activation at *matched amplitude*
     (``act_matched``: the visualization shifted and rescaled to the mean and standard deviation real test
     volumes have in the optimised region, then scored; ``act_matched_z``/``act_matched_pct``: against the
     unit's values on the real test volumes, which a value of 0 / 0.5 would match); image statistics inside the
     optimised region (``region``: the receptive-field crop or the whole volume); ``stability`` (mean
-    correlation, inside the optimised region and the mask, between the unit's volumes from different seeds). ``layer_id`` names the request in seeds and
-    tables (default: the layer; e.g. ``classifier-contrast``). ``position``: the map position a neuron objective
-    reads (None: the centre). ``labelled``: ``(volumes, labels, classes)`` of validation volumes, on which each
-    unit's preferred class and Cohen's d are measured (``preferred_class``, ``class_d``;
-    :func:`brainfv.featviz.probes.class_preference`).
+    correlation, inside the optimised region and the mask, between the unit's volumes from different seeds).
+    ``layer_id`` names the request in seeds and tables (default: the layer; e.g. ``classifier-contrast``).
+    ``position``: the map position a neuron objective reads (None: the centre). ``labelled``: ``(volumes,
+    labels, classes)`` of validation volumes, on which each unit's preferred class and Cohen's d are measured
+    (``preferred_class``, ``class_d``; :func:`brainfv.featviz.probes.class_preference`). ``init_volumes``: the
+    volumes ``init: subject`` starts from (default ``test_volumes``; the study passes the validation split).
     """
     import pandas as pd
 
@@ -153,10 +157,11 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     units = list(units)
     seeds = unit_seeds(seed, layer_id, regularizer, units, n_seeds)
     obj = make_objective(layer, units * n_seeds, objective, position)
-    init_volume = starting_volume(preset, real_volumes, test_volumes, template)
+    init_volume = starting_volume(preset, real_volumes, test_volumes if init_volumes is None else init_volumes,
+                                  template)
     res = render(model, obj, shape, preset, steps=steps, lr=lr, seeds=seeds, device=device, mask=mask,
                  real_volumes=real_volumes, init_volume=init_volume, micro_batch=micro_batch, log=log,
-                 record_every=record_every)
+                 record_every=record_every, converge=converge, data_range=data_range)
     n = len(units)
     imgs = res.images.reshape(n_seeds, n, *shape)
     region = region_of(res.box, shape)
@@ -201,6 +206,7 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
                 "stability": float(np.nanmean(stab)) if stab and not np.all(np.isnan(stab)) else float("nan"), "region": region_text(region),
                 "region_voxels": int(m.sum()), **st, "position": "" if position is None else
                 ",".join(str(int(q)) for q in position), "preferred_class": pref[j], "class_d": float(class_d[j]),
+                "steps": int(res.info["steps_run"][b]), "converged": bool(res.info["converged"][b]),
                 "seconds": res.seconds, "steps_per_s": res.steps_per_s, "batch": len(seeds)})
     traj = pd.DataFrame([{"unit": u, "step": int(step), "objective": float(res.trajectory[t, j])}
                          for t, step in enumerate(res.trajectory_steps) for j, u in enumerate(units)])
@@ -218,6 +224,11 @@ def visualize_job(job):
     Outputs: ``nifti`` (4D on the dataset grid: seeds × units, seed-major; for ``only_unit`` that unit's seeds),
     ``table`` (one row per network, unit and seed), and for whole layers ``trajectory`` and, with
     ``randomized``, ``randomized`` (the same request optimised on the network with re-initialised weights).
+    With ``cascade`` (output and request key), also ``cascade`` (4D: cascade steps × units, first seed only)
+    and ``cascade_table``: the request on every step of the cascading randomization
+    (:func:`~brainfv.featviz.controls.cascade`, top layer first; the last step is the randomized network).
+    Every network starts from the same images (same seeds, same ``init`` volume: the validation split's
+    first subject for ``init: subject``) and is optimised to the plateau criterion ``converge``.
     """
     import pandas as pd
 
@@ -225,7 +236,7 @@ def visualize_job(job):
     from ..device import pick_device
     from ..model_io import check_model_dataset, task_model
     from ..utils import atomic_path, stable_seed
-    from .controls import randomized_copy
+    from .controls import cascade, randomized_copy
 
     torch.set_num_threads(job.threads)
     p, log = job.params["request"], job.log
@@ -238,9 +249,11 @@ def visualize_job(job):
     units = resolve_request_units(model, p, grid.shape, device)
     real, test = split_volumes(ds, "train", p["n_real"]), split_volumes(ds, "test")
     position, labelled = request_probe(job, model, ds, device)
+    val = split_volumes(ds, "val", 1)  # init: subject starts here (the same image for every network)
     networks = [("trained", model)]
+    control_seed = stable_seed(p["seed"], "randomized", p["task"])
     if p.get("randomized") and p.get("only_unit") is None:
-        networks.append(("randomized", randomized_copy(model, stable_seed(p["seed"], "randomized", p["task"]))))
+        networks.append(("randomized", randomized_copy(model, control_seed)))
     tables, trajs, volumes = [], [], {}
     for name, net in networks:
         log(f"task {p['task']} {p['layer']} ({p['module']}) units {units} regularizer {p['regularizer']} "
@@ -251,7 +264,7 @@ def visualize_job(job):
                             regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
                             objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
                             network=name, layer_id=p["layer"], template=np.asarray(ds.reference.dataobj, np.float32),
-                            position=position, labelled=labelled)
+                            position=position, labelled=labelled, converge=p.get("converge"), init_volumes=val)
         imgs, table = r.images, r.table
         if p.get("only_unit") is not None:  # visualize_unit: the requested unit's seeds only
             j = units.index(p["only_unit"])
@@ -263,7 +276,24 @@ def visualize_job(job):
         log(f"{name}: {len(units)} units x {p['n_seeds']} seeds in {r.result.seconds:.1f}s "
             f"({r.result.steps_per_s:.2f} steps/s); objective mean {np.mean(r.result.objective_start):.3f} -> "
             f"{np.mean(r.result.objective_end):.3f}")
-    for key, name in (("nifti", "trained"), ("randomized", "randomized")):
+    if "cascade" in job.output:  # the cascade at the first seed: steps x units
+        steps, ctables = [], []
+        for k, (stages, net) in enumerate(cascade(model, control_seed)):
+            r = visualize_layer(net.to(device), p["module"], units, p["preset"], shape=grid.shape, mask=ds.mask,
+                                real_volumes=real, test_volumes=test, seed=p["seed"], task=p["task"],
+                                regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=1,
+                                objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
+                                network=f"cascade-{k + 1}", layer_id=p["layer"],
+                                template=np.asarray(ds.reference.dataobj, np.float32), converge=p.get("converge"),
+                                init_volumes=val)
+            steps.append(r.images[0])
+            ctables.append(r.table.assign(cascade_step=k + 1, randomized_stages=",".join(stages),
+                                          volume=lambda t, k=k: k * len(units) + t["volume"]))
+            log(f"cascade step {k + 1} (randomized {', '.join(stages)}): {r.result.seconds:.1f}s")
+        volumes["cascade"] = np.concatenate(steps)
+        with atomic_path(job.output["cascade_table"]) as tmp:
+            pd.concat(ctables, ignore_index=True).to_csv(tmp, sep="\t", index=False)
+    for key, name in (("nifti", "trained"), ("randomized", "randomized"), ("cascade", "cascade")):
         if key in job.output:
             img = grid.to_nifti(np.moveaxis(volumes[name], 0, -1))
             img.header["descrip"] = f"brainfv {p['task']} {p['layer']} {p['regularizer']} {name}"[:79].encode()
