@@ -43,7 +43,8 @@ def test_neuron_objective_reads_the_chosen_position():
     freq = np.zeros(SHAPE, np.float32)
     freq[16:20, 6:10, 14:18] = 1.0
     pos = probe_position(m, "block2.norm", SHAPE, GRID, "lesions", freq)
-    r = visualize_layer(m, "block2.norm", [0, 1], {}, shape=SHAPE, mask=np.ones(SHAPE, bool), real_volumes=[],
+    real = [np.random.default_rng(i).normal(size=SHAPE).astype(np.float32) for i in range(2)]
+    r = visualize_layer(m, "block2.norm", [0, 1], {}, shape=SHAPE, mask=np.ones(SHAPE, bool), real_volumes=real,
                         test_volumes=[], seed=0, task="t", regularizer="none", steps=2, n_seeds=1, objective="neuron",
                         position=pos)
     lo = np.array([s.start for s in r.region])
