@@ -194,3 +194,19 @@ def test_hit_base_rate_counts_only_positions_a_match_can_take():
     whole = bank.valid_positions(None, t.mask)
     assert whole.sum() < np.prod(SHAPE) and whole[12, 12, 12] and not whole[0, 0, 0]
     assert base_rate(t.lesion_map, whole) > base_rate(t.lesion_map, t.mask)   # lesions sit centrally here
+
+
+def test_summary_counts_undefined_values_and_converged_share():
+    """A metric that is undefined for a visualization (NaN: a constant image's correlation) is counted, not
+    averaged in as 0; the converged share of the optimisations is reported beside the estimate."""
+    import pandas as pd
+
+    from brainfv.report.calibrate import summarise
+
+    rows = [{"task": "t", "layer": "classifier", "regularizer": "none", "unit": 0, "seed": s,
+             "intended_class": "present", "lesion_map_corr": (np.nan if s == 0 else 0.1 * s),
+             "converged": s != 3} for s in range(4)]
+    out = summarise(pd.DataFrame(rows), ["lesion_map_corr"])
+    r = out.iloc[0]
+    assert r["n"] == 3 and r["n_undefined"] == 1 and r["converged_share"] == 0.75
+    assert np.isclose(r["mean"], 0.2)

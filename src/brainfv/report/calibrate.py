@@ -99,7 +99,9 @@ def paired_table(trained, controls, metrics):
 
 
 def summarise(paired, metrics, n_boot=2000, seed=0, method="t", level=0.95):
-    """One row per task × layer × preset × class × metric: ``mean`` with its interval (``ci_low``,
+    """One row per task × layer × preset × class × metric: ``n`` (visualizations with a value), ``n_undefined``
+    (those whose metric is undefined, NaN), ``converged_share`` (of the visualizations, those whose optimisation
+    met the plateau criterion), ``mean`` with its interval (``ci_low``,
     ``ci_high``), each control's mean (``null_<control>``), the paired gain over each control with its
     interval and one-sided p (``gain_<control>``, ``_low``, ``_high``, ``p_gain_<control>``), the smallest of
     those gains over every control present (``controls``) with its interval and intersection–union p
@@ -117,6 +119,8 @@ def summarise(paired, metrics, n_boot=2000, seed=0, method="t", level=0.95):
                 continue
             mean, lo, hi, _, n = stats.mean_interval(stats.grid(g, m), method, level, n_boot, seed)
             row = {"task": task, "layer": layer, "regularizer": reg, "class": cls, "metric": m, "n": n,
+                   "n_undefined": int(g[m].isna().sum()),  # e.g. a correlation of a constant image: not a 0
+                   "converged_share": float(g["converged"].astype(float).mean()) if "converged" in g else np.nan,
                    "n_units": g["unit"].nunique(),
                    "n_replicates": g["replicate"].nunique() if "replicate" in g else 1,
                    "mean": mean, "ci_low": lo, "ci_high": hi}
