@@ -138,7 +138,7 @@ def test_class_logits_are_scored_and_summarised_per_intended_class_by_the_volume
 
 
 def test_a_units_list_is_visualised_in_ascending_order_once():
-    from brainfv.arch import resolve_units
+    from brainfv.models.arch import resolve_units
     from brainfv.featviz.units import resolve_units as resolve_layer_units
 
     assert resolve_units([3, 0, 3], 4) == [0, 3]

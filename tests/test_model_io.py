@@ -10,7 +10,7 @@ from torch import nn
 
 from brainfv.errors import ConfigError, UnitError
 from brainfv.featviz.units import capture_activations, describe_units, receptive_field, resolve_units
-from brainfv.model_io import TorchScriptModel, check_model_input, load_model
+from brainfv.models import TorchScriptModel, check_model_input, load_model
 from brainfv.models import build_model, save_checkpoint
 
 monai_nets = pytest.importorskip("monai.networks.nets")
@@ -331,8 +331,8 @@ def test_describe_job_needs_the_output_order_and_known_layers(tmp_path):
     import nibabel as nib
     import pandas as pd
 
-    from brainfv.job import Job
-    from brainfv.model_io import describe_job
+    from brainfv.jobs.base import Job
+    from brainfv.jobs.models import describe_job
 
     torch.save(densenet().state_dict(), tmp_path / "dn.pt")
     nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.diag([2.0, 2.0, 2.0, 1.0])).to_filename(tmp_path / "reference.nii.gz")

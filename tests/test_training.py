@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from brainfv.arch import layer_units
+from brainfv.models.arch import layer_units
 from brainfv.errors import InputDataError
 from brainfv.models import build_model, load_checkpoint
 from brainfv.training import binary_metrics, train_task

@@ -165,7 +165,8 @@ _COLUMNS = [("layer", "layer"), ("type", "type"), ("output_shape", "output shape
 def _cmd_units(args):
     from .errors import ConfigError
     from .featviz.units import describe_units
-    from .model_io import check_model_input, load_model
+    from .models.checks import check_model_input
+    from .models.load import load_model
 
     spec, where = _spec_from_args(args)
     model, info = load_model(spec, device=args.device, where=where)
@@ -224,8 +225,8 @@ def _units_spec(text):
 def _cmd_visualize(args):
     from . import config as C
     from .errors import ConfigError
-    from .featviz.study import visualize_job
-    from .job import Job
+    from .jobs.base import Job
+    from .jobs.featviz import visualize_job
 
     cfg = {}
     if args.config:

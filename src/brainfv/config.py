@@ -23,7 +23,8 @@ from typing import ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["SCHEMA_PATH", "schema", "node", "default", "complete", "check", "layer_id", "Section", "AugmentConfig",
+__all__ = ["SCHEMA_PATH", "schema", "node", "default", "complete", "check", "check_source",
+           "layer_id", "Section", "AugmentConfig",
            "TrainingConfig", "ModelConfig", "Preset", "SexEffectConfig", "VariabilityConfig", "LesionConfig",
            "task_training", "transfer_model"]
 
@@ -139,8 +140,6 @@ def check(cfg):
     total = sum(splits.values())
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"config key cohort.splits: fractions must sum to 1, got {splits} (sum {total:.3f})")
-    from .data.sources import check_source
-
     check_source(cfg["cohort"])
     for key in ("diameter_mm", "contrast", "count"):
         lo, hi = cfg["lesions"][key]
@@ -168,6 +167,33 @@ def check(cfg):
                                   f"featviz.layers[{seen[t, lid]}]; give one of them a different `name`")
             seen[t, lid] = i
     return cfg
+
+
+def check_source(cohort_cfg: dict) -> None:
+    """The cheap part of finding the data: the configured folder or table exists. Raises
+    :class:`ConfigError` naming ``cohort.bids.root``, ``cohort.bids.participants`` or ``cohort.csv.table``;
+    run before any job (:func:`check`), so a mistyped path never reuses an earlier cohort."""
+    source = cohort_cfg.get("source", "synthetic")
+    if source == "bids":
+        cfg = cohort_cfg.get("bids") or {}
+        root = cfg.get("root")
+        if not root:
+            raise ConfigError("cohort.bids.root: not given; it must name the BIDS dataset (or derivatives) folder "
+                              "when cohort.source is 'bids'")
+        root = Path(root)
+        if not root.is_dir():
+            raise ConfigError(f"cohort.bids.root: folder not found: {root}")
+        table = root / cfg.get("participants", "participants.tsv")
+        if not table.is_file():
+            raise ConfigError(f"cohort.bids.participants: participants table not found: {table} "
+                              f"(cohort.bids.root: {root})")
+    elif source == "csv":
+        path = (cohort_cfg.get("csv") or {}).get("table")
+        if not path:
+            raise ConfigError("cohort.csv.table: not given; it must name the CSV/TSV table of subjects when "
+                              "cohort.source is 'csv'")
+        if not Path(path).is_file():
+            raise ConfigError(f"cohort.csv.table: table not found: {path}")
 
 
 def layer_id(spec):

@@ -33,7 +33,7 @@ from .errors import InputDataError
 from .utils import atomic_path, get_logger, stable_seed, write_json
 
 __all__ = ["VolumeDataset", "task_labels", "make_loaders", "Checkpointer", "checkpoint_key", "fit", "evaluate",
-           "binary_metrics", "write_outputs", "train_task", "train_job", "pick_device"]
+           "binary_metrics", "write_outputs", "train_task", "pick_device"]
 
 #: bumped when the checkpoint's content or the training loop changes what a resumed run computes
 CHECKPOINT_FORMAT = 2
@@ -242,8 +242,9 @@ def checkpoint_key(**parts):
     """A short hash of everything a training run is made from (config, seed, classes, data content, code)."""
     from .provenance import code_hash
 
-    # the training code, not its plots: a figure edit must not throw resumable checkpoints away
-    parts = {**parts, "code": code_hash(__name__, exclude=("brainfv.report",)), "format": CHECKPOINT_FORMAT}
+    # the training code only (its learning-curve plot is drawn by brainfv.jobs.train): a figure edit must not
+    # throw resumable checkpoints away
+    parts = {**parts, "code": code_hash(__name__), "format": CHECKPOINT_FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -349,7 +350,7 @@ def write_outputs(out_dir, model, meta, metrics, predictions, history):
     """``model.pt``, ``metrics.json``, ``predictions.tsv`` and ``history.tsv`` in ``out_dir``, each atomically."""
     import pandas as pd
 
-    from .models import save_checkpoint
+    from .models.cnn import save_checkpoint
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -375,7 +376,7 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
     import pandas as pd
 
     from .data.store import Dataset
-    from .models import build_model
+    from .models.cnn import build_model
 
     log = log or get_logger().info
     cfg = TrainingConfig.from_config(training, "training")
@@ -439,23 +440,3 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
     log(f"task {task}: test balanced accuracy {test['balanced_accuracy']:.3f}, accuracy {test['accuracy']:.3f}, "
         f"AUC {test['roc_auc']:.3f} (best epoch {best_epoch}, {time.perf_counter() - t_start:.0f}s)")
     return metrics
-
-
-def train_job(job):
-    """The ``train_model`` rule. Inputs: the task's dataset files (``volumes``, ``participants``,
-    ``reference``). Params: ``spec`` (task, role, target, arch, training, seed, bootstrap; see
-    ``model_spec`` in ``workflow/rules/common.smk``) and ``checkpoint_dir``. Outputs: ``model``, ``metrics``,
-    ``predictions``, ``history``, ``curve``."""
-    import pandas as pd
-
-    from .report.figures import learning_curve_figure
-
-    torch.set_num_threads(job.threads)
-    s = job.params["spec"]
-    out = Path(job.output["model"]).parent
-    metrics = train_task(job.folder("volumes", "participants", "reference", "manifest"), s["task"], s["target"], s["arch"],
-                         s["training"], s["seed"], out, job.params["checkpoint_dir"], log=job.log,
-                         replicate=0 if s["role"] == "main" else 1, role=s["role"], bootstrap=s["bootstrap"])
-    history = pd.read_csv(job.output["history"], sep="\t")
-    learning_curve_figure(history, metrics, job.output["curve"], f"task {s['task']} ({s['role']} model) — "
-                          f"{metrics['cohort']}")

@@ -7,7 +7,7 @@ functions build paths from these patterns and never retype them.
 import sys
 from pathlib import Path
 
-# the library (brainfv.config, brainfv.arch: yaml + jsonschema only, no torch) from this checkout
+# the library (brainfv.config, brainfv.models.arch: yaml + jsonschema only, no torch) from this checkout
 _RULES = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).resolve()  # workflow/rules
 _SRC = _RULES.parents[1] / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
@@ -92,7 +92,7 @@ def model_file(task, role="main", name="model.pt"):
 
 
 def model_param(task):
-    """How jobs load ``task``'s model (brainfv.model_io.load_model): the user's spec, or a study checkpoint."""
+    """How jobs load ``task``'s model (brainfv.models.load.load_model): the user's spec, or a study checkpoint."""
     if provided(task):
         return {k: v for k, v in config["tasks"][task]["model"].items() if k != "checkpoint"}
     return {"format": "brainfv"}
@@ -184,7 +184,7 @@ def layer_spec(task, layer):
 
 def layer_unit_count(task, layer):
     """How many units a request asks for (for memory estimates; the job resolves them on the real model)."""
-    from brainfv.arch import layer_units, resolve_units
+    from brainfv.models.arch import layer_units, resolve_units
 
     spec = layer_spec(task, layer)
     if provided(task):  # the layers of a given model are known to its describe_model job, not to the DAG

@@ -609,18 +609,3 @@ def _empirical_effect(volumes_path, parts):
             acc += vols[i]
         means[sex] = acc / max(len(idx), 1)
     return (means["M"] - means["F"]).astype(np.float32)
-
-
-
-def cohort_job(job):
-    """The ``prepare_cohort`` rule: the configured source → the cohort folder (outputs' folder), and its
-    QC figure. Param ``cfg``: the config's ``seed``, ``grid`` and ``cohort`` sections."""
-    import torch  # torchio (synthetic source) runs on torch
-
-    from ..config import complete
-    from ..report.figures import cohort_qc_figure
-
-    torch.set_num_threads(job.threads)
-    out = Path(job.output["volumes"]).parent
-    prepare_cohort(complete(job.params["cfg"]), out, log=job.log)
-    cohort_qc_figure(out, job.output["figure"])

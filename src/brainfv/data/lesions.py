@@ -278,16 +278,3 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     counts = pd_parts.groupby(["split", "lesion"]).size().unstack(fill_value=0)
     log(f"lesion dataset ready: {len(pd_parts)} subjects, {len(lesion_rows)} lesions; split x label:\n{counts}")
     return pd_parts
-
-
-def lesions_job(job):
-    """The ``synthesize_lesions`` rule: the cohort (inputs' folder) with artificial lesions → the lesion
-    dataset (outputs' folder), and its example figure. Param ``cfg``: the config's ``seed`` and
-    ``lesions`` sections."""
-    from ..config import complete
-    from ..report.figures import lesion_examples_figure
-
-    out = Path(job.output["volumes"]).parent
-    synthesize_lesions(job.folder("volumes", "wm", "participants", "reference", "mask", "sex_effect"),
-                       complete(job.params["cfg"]), out, log=job.log)
-    lesion_examples_figure(out, job.output["figure"])

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import check_source
 from ..errors import ConfigError, InputDataError
 
 __all__ = ["NA_VALUES", "Table", "read_table", "entities", "BidsFiles", "bids_files", "CsvFiles", "csv_files",
@@ -85,33 +86,6 @@ class BidsFiles:
     images: dict = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
     candidates: dict = field(default_factory=dict)
-
-
-def check_source(cohort_cfg):
-    """The cheap part of finding the data: the configured folder or table exists. Raises
-    :class:`ConfigError` naming ``cohort.bids.root``, ``cohort.bids.participants`` or ``cohort.csv.table``;
-    run before any job (``brainfv.config.check``), so a mistyped path never reuses an earlier cohort."""
-    source = cohort_cfg.get("source", "synthetic")
-    if source == "bids":
-        cfg = cohort_cfg.get("bids") or {}
-        root = cfg.get("root")
-        if not root:
-            raise ConfigError("cohort.bids.root: not given; it must name the BIDS dataset (or derivatives) folder "
-                              "when cohort.source is 'bids'")
-        root = Path(root)
-        if not root.is_dir():
-            raise ConfigError(f"cohort.bids.root: folder not found: {root}")
-        table = root / cfg.get("participants", "participants.tsv")
-        if not table.is_file():
-            raise ConfigError(f"cohort.bids.participants: participants table not found: {table} "
-                              f"(cohort.bids.root: {root})")
-    elif source == "csv":
-        path = (cohort_cfg.get("csv") or {}).get("table")
-        if not path:
-            raise ConfigError("cohort.csv.table: not given; it must name the CSV/TSV table of subjects when "
-                              "cohort.source is 'csv'")
-        if not Path(path).is_file():
-            raise ConfigError(f"cohort.csv.table: table not found: {path}")
 
 
 def bids_files(bids_cfg):

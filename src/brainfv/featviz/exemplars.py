@@ -100,7 +100,7 @@ class ExemplarResult:
 
 
 def _frozen_copy(model, device):
-    from ..models import frozen
+    from ..models.cnn import frozen
 
     return frozen(model, device)
 
@@ -382,35 +382,3 @@ def _write_nifti_4d(grid, n, vols, path):
             if count != n:
                 raise InputDataError(f"{count} volumes written; the header announced {n}")
     return path
-
-
-def exemplars_job(job):
-    """The ``exemplars`` rule: the real test volumes that activate each unit of one layer most.
-
-    Inputs: ``model`` and the dataset's ``participants``, ``volumes``, ``reference``. Param ``request``:
-    ``task, layer (id), module, units, objective, k, device``. Outputs: ``nifti`` (units × k volumes, cropped
-    to the receptive field around each unit's maximum for spatial layers) and ``table``.
-    """
-    import torch
-
-    from ..data.store import Dataset
-    from ..device import pick_device
-    from ..model_io import task_model
-    from .study import resolve_request_units
-
-    torch.set_num_threads(job.threads)
-    p, log = job.params["request"], job.log
-    device = pick_device(p["device"])
-    model, _ = task_model(job, device)
-    ds = Dataset(job.folder("participants", "volumes", "reference"))
-    parts = ds.participants
-    rows = parts.loc[parts["split"] == "test", "index"].to_numpy()
-    units = resolve_request_units(model, p, ds.grid.shape, device)
-    kind = "neuron" if p["objective"] == "neuron" else "channel"
-    res = top_exemplars(model, ds.volumes, rows, p["module"], units, k=p["k"], kind=kind, device=device, log=log)
-    table = write_exemplars(res, ds.volumes, ds.grid, job.output["nifti"], None, participants=parts)
-    table.insert(0, "task", p["task"])
-    table.insert(1, "request", p["layer"])
-    with atomic_path(job.output["table"]) as tmp:
-        table.to_csv(tmp, sep="\t", index=False)
-    log(f"exemplars of {len(units)} units of {p['module']} over {len(rows)} test volumes (k={p['k']})")

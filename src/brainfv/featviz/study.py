@@ -19,7 +19,8 @@ from .metrics import correlation, image_stats
 from .render import render
 
 __all__ = ["make_objective", "unit_seeds", "objective_values", "real_activations", "split_volumes", "region_of",
-           "parse_region", "LayerResult", "visualize_layer", "visualize_job"]
+           "parse_region", "LayerResult", "visualize_layer",
+           "preset_text", "resolve_request_units"]
 
 
 def make_objective(layer, channels, kind="channel"):
@@ -189,72 +190,6 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     return LayerResult(imgs, pd.DataFrame(rows), traj, res, region)
 
 
-def visualize_job(job):
-    """The ``visualize`` / ``visualize_unit`` rule.
-
-    Inputs: ``model`` (loaded as param ``model``, a model spec, says; a study checkpoint without one) and the
-    task's dataset files (``participants``, ``volumes``,
-    ``mask``, ``reference``). Param ``request``: ``task, layer (the request's id), module, regularizer, units,
-    objective, preset, steps, lr, n_seeds, n_real, micro_batch, device, seed, randomized`` and ``only_unit``
-    (write that unit alone; the request is the layer's, so its volumes are the ones the layer's job writes).
-    Outputs: ``nifti`` (4D on the dataset grid: seeds × units, seed-major; for ``only_unit`` that unit's seeds),
-    ``table`` (one row per network, unit and seed), and for whole layers ``trajectory`` and, with
-    ``randomized``, ``randomized`` (the same request optimised on the network with re-initialised weights).
-    """
-    import pandas as pd
-
-    from ..data.store import Dataset
-    from ..device import pick_device
-    from ..model_io import task_model
-    from ..utils import atomic_path, stable_seed
-    from .controls import randomized_copy
-
-    torch.set_num_threads(job.threads)
-    p, log = job.params["request"], job.log
-    device = pick_device(p["device"])
-    model, _ = task_model(job, device)
-    ds = Dataset(job.folder("participants", "volumes", "mask", "reference"))
-    grid = ds.grid
-    units = resolve_request_units(model, p, grid.shape, device)
-    real, test = split_volumes(ds, "train", p["n_real"]), split_volumes(ds, "test")
-    networks = [("trained", model)]
-    if p.get("randomized") and p.get("only_unit") is None:
-        networks.append(("randomized", randomized_copy(model, stable_seed(p["seed"], "randomized", p["task"]))))
-    tables, trajs, volumes = [], [], {}
-    for name, net in networks:
-        log(f"task {p['task']} {p['layer']} ({p['module']}) units {units} regularizer {p['regularizer']} "
-            f"{preset_text(p['preset'])} on the {name} network ({p['n_seeds']} seeds each, batch {len(units) * p['n_seeds']}, "
-            f"{p['steps']} steps, device {device})")
-        r = visualize_layer(net.to(device), p["module"], units, p["preset"], shape=grid.shape, mask=ds.mask,
-                            real_volumes=real, test_volumes=test, seed=p["seed"], task=p["task"],
-                            regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
-                            objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
-                            network=name, layer_id=p["layer"], template=np.asarray(ds.reference.dataobj, np.float32))
-        imgs, table = r.images, r.table
-        if p.get("only_unit") is not None:  # visualize_unit: the requested unit's seeds only
-            j = units.index(p["only_unit"])
-            imgs = imgs[:, j:j + 1]
-            table = table[table["unit"] == p["only_unit"]].assign(volume=lambda t: t["seed"])
-        volumes[name] = imgs.reshape((-1,) + tuple(grid.shape))
-        tables.append(table)
-        trajs.append(r.trajectory.assign(network=name))
-        log(f"{name}: {len(units)} units x {p['n_seeds']} seeds in {r.result.seconds:.1f}s "
-            f"({r.result.steps_per_s:.2f} steps/s); objective mean {np.mean(r.result.objective_start):.3f} -> "
-            f"{np.mean(r.result.objective_end):.3f}")
-    for key, name in (("nifti", "trained"), ("randomized", "randomized")):
-        if key in job.output:
-            img = grid.to_nifti(np.moveaxis(volumes[name], 0, -1))
-            img.header["descrip"] = f"brainfv {p['task']} {p['layer']} {p['regularizer']} {name}"[:79].encode()
-            with atomic_path(job.output[key]) as tmp:
-                img.to_filename(tmp)
-    with atomic_path(job.output["table"]) as tmp:
-        pd.concat(tables, ignore_index=True).to_csv(tmp, sep="\t", index=False)
-    if "trajectory" in job.output:
-        with atomic_path(job.output["trajectory"]) as tmp:
-            pd.concat(trajs, ignore_index=True).assign(task=p["task"], layer=p["layer"],
-                                                       regularizer=p["regularizer"]).to_csv(tmp, sep="\t", index=False)
-
-
 def preset_text(preset):
     """A preset as the keys that differ from the defaults (what a user wrote), for logs."""
     full = Preset.from_config(preset).as_dict()
@@ -265,7 +200,7 @@ def preset_text(preset):
 def resolve_request_units(model, request, shape, device="cpu"):
     """The request's units (``all``, a count N, or a list), checked against the layer's real channel count;
     for ``only_unit``, the layer's units if it is among them (so the same batch), else the unit alone."""
-    from ..arch import resolve_units
+    from ..models.arch import resolve_units
     from .units import layer_output_shape
 
     n = layer_output_shape(model, request["module"], (1,) + tuple(shape), device)[0]

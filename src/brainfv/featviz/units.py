@@ -144,7 +144,7 @@ _WINDOWED = (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)
 def _rf_kind(m):
     """``"window"`` (Conv3d / MaxPool3d / AvgPool3d), ``"pointwise"`` or None (footprint unknown).
 
-    Stand-ins for TorchScript submodules (``model_io.TorchScriptModel``) are judged by the scripted
+    Stand-ins for TorchScript submodules (``models.torchscript.TorchScriptModel``) are judged by the scripted
     class's ``original_name`` and the footprint attributes copied from it.
     """
     if isinstance(m, _WINDOWED):
@@ -193,7 +193,7 @@ def describe_units(model, input_shape, device="cpu"):
     Parameters
     ----------
     model : nn.Module or torch.jit.ScriptModule
-        A TorchScript module is wrapped in :class:`brainfv.model_io.TorchScriptModel`, whose stand-in
+        A TorchScript module is wrapped in :class:`brainfv.models.torchscript.TorchScriptModel`, whose stand-in
         submodules see the compiled graph's values (if its graph cannot be read, the modules are listed
         by name and type only, with no shapes).
     input_shape : sequence of int
@@ -213,7 +213,7 @@ def describe_units(model, input_shape, device="cpu"):
         container that computes a tensor of its own (a dense layer's concatenation, a residual block
         whose shared activation module runs twice) is listed.
     """
-    from ..model_io import TorchScriptModel, _eval_mode, hookable
+    from ..models.torchscript import TorchScriptModel, eval_mode, hookable
 
     model = hookable(model)
     if isinstance(model, TorchScriptModel) and model.tap_error:
@@ -253,7 +253,7 @@ def describe_units(model, input_shape, device="cpu"):
                 if len(list(module.children())) == 0:
                     handles.append(module.register_forward_pre_hook(chain.pre_hook))
                 handles.append(module.register_forward_hook(hook))
-        with _eval_mode(model):
+        with eval_mode(model):
             model(x)
     finally:
         for h in handles:
@@ -280,7 +280,7 @@ def resolve_units(model, layer, spec, input_shape, device="cpu"):
     ``input_shape`` is (C, X, Y, Z).
     Raises :class:`UnitError` naming the layer and its channel count.
     """
-    from ..model_io import hookable
+    from ..models.torchscript import hookable
 
     shape = layer_output_shape(hookable(model), layer, input_shape, device)
     if len(shape) == 0:

@@ -36,11 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config import LesionConfig
-from .calibrate import paired_table, sanity_table, summarise
 from .metrics import TemplateBank, base_rate, lesion_hit, lesion_templates, phase_surrogates, quality_ratios, \
     region_slices, sex_effect_fidelity
 
-__all__ = ["GT_METRICS", "Truth", "score_volumes", "compare_entries", "compare_job"]
+__all__ = ["GT_METRICS", "Truth", "score_volumes", "compare_entries"]
 
 GT_METRICS = {"lesion": ["lesion_ncc", "lesion_hit", "lesion_map_corr"], "sex": ["effect_corr", "effect_corr_full"]}
 SUMMARY_EXTRA = ["transfer_prob", "act_matched_z", "stability", "tv_ratio", "hf_ratio", "energy_inside_mask",
@@ -285,86 +284,6 @@ def _truth(task, target, classes, files, lesions, n_real, log):
             log(f"task {task}: no planted sex effect ({what or 'unlabelled map'}): effect_corr measures agreement "
                 "with the training split's mean M-F difference, not a known truth; effect_corr_full is left out")
     return t
-
-
-def compare_job(job):
-    """The ``compare_regularizers`` rule.
-
-    Params: ``entries`` (task, layer id, module, regularizer per visualization job, in the order of the
-    ``niftis``, ``randomized`` and ``tables`` inputs), ``tasks`` (in the order of the per-task inputs
-    ``infos``, ``participants``, ``masks``, ``effects``, ``effects_regional``), ``transfer_tasks`` (the tasks
-    with a transfer model: ``models``, ``predictions``, ``transfer_models``, ``transfer_predictions``, in
-    order), ``lesion_tasks`` (the tasks with ``lesion_masks`` inputs), ``attributions`` ((task, method) per
-    ``attributions`` input), ``lesions`` and ``compare`` (config sections), ``seed``. Each task's ``infos``
-    file (a trained model's metrics.json, a given model's description) names its target, classes and output
-    layer. Outputs: ``table`` (comparison.tsv), ``controls``, ``summary``, ``sanity``, ``transfer``.
-    """
-    import json
-
-    import nibabel as nib
-    import pandas as pd
-    import torch
-
-    from ..models import load_checkpoint
-    from ..utils import atomic_path
-
-    torch.set_num_threads(job.threads)
-    p, inp, log = job.params, job.input, job.log
-    cmp = p["compare"]
-    truths, transfer, outputs = {}, {}, {}
-    transfer_rows = []
-    for i, task in enumerate(p["tasks"]):
-        meta = json.loads(Path(inp["infos"][i]).read_text())
-        outputs[task] = meta.get("output_layer")
-        files = {"participants": inp["participants"][i], "mask": inp["masks"][i], "effect": inp["effects"][i],
-                 "effect_regional": inp["effects_regional"][i]}
-        if task in p["lesion_tasks"]:
-            files["lesion_masks"] = inp["lesion_masks"][p["lesion_tasks"].index(task)]
-        truths[task] = _truth(task, meta["target"], meta["classes"], files, p["lesions"], cmp["n_real"], log)
-    for i, task in enumerate(p["transfer_tasks"]):
-        main, meta = load_checkpoint(inp["models"][i])
-        transfer[task], tmeta = load_checkpoint(inp["transfer_models"][i])
-        transfer_rows.append(_transfer_agreement(task, inp["predictions"][i], inp["transfer_predictions"][i],
-                                                 {**meta, "arch": main.arch}, {**tmeta, "arch": transfer[task].arch}))
-    missing = [t for t in p["tasks"] if t not in transfer]
-    if missing:
-        log(f"no transfer model for {missing} (a given model, or transfer.enabled: false): transfer_prob left out")
-    entries = []
-    for k, e in enumerate(p["entries"]):
-        def load(path):
-            return np.moveaxis(np.asarray(nib.load(path).dataobj, dtype=np.float32), -1, 0)
-
-        tab = pd.read_csv(inp["tables"][k], sep="\t")
-        n_units = tab.loc[tab["network"] == "trained", "unit"].nunique()
-        tr = load(inp["niftis"][k])
-        rnd = load(inp["randomized"][k]) if inp.get("randomized") else None
-        shape = (-1, n_units) + tr.shape[1:]
-        entries.append({**e, "table": tab, "trained": tr.reshape(shape),
-                        "randomized": rnd.reshape(shape) if rnd is not None else None})
-    trained, controls = compare_entries(entries, truths, transfer, outputs, cmp["surrogates"], p["seed"], log)
-    attr = []
-    for (task, method), path in zip(p["attributions"], inp.get("attributions", [])):
-        maps = np.moveaxis(np.asarray(nib.load(path).dataobj, np.float32), -1, 0)
-        # first-seen order, not a set's: row order must not depend on the interpreter's string hash seed
-        for layer in dict.fromkeys(e["layer"] for e in p["entries"] if e["task"] == task and e["module"] == outputs[task]):
-            attr += attribution_rows(truths[task], dict(enumerate(maps)), method, layer, outputs[task])
-    metrics = sorted({m for t in truths.values() for m in GT_METRICS.get(t.kind, [])}) + ["transfer_prob"]
-    paired = paired_table(trained, controls, metrics)
-    summary = summarise(paired, metrics + [m for m in SUMMARY_EXTRA if m != "transfer_prob"], cmp["bootstrap"], p["seed"])
-    if attr:
-        a = pd.DataFrame(attr)
-        summary = pd.concat([summary, summarise(a, [m for m in metrics if m in a], cmp["bootstrap"], p["seed"])],
-                            ignore_index=True)
-        paired = pd.concat([paired, a], ignore_index=True)
-    sanity = sanity_table(summary, [m for m in metrics if m != "transfer_prob"])
-    for key, df in (("table", paired), ("controls", controls), ("summary", summary), ("sanity", sanity),
-                    ("transfer", pd.DataFrame(transfer_rows))):
-        with atomic_path(job.output[key]) as tmp:
-            df.to_csv(tmp, sep="\t", index=False)
-    show = summary[summary["metric"].isin(metrics)]
-    log("summary (mean [95% CI], paired gain over the strongest control):\n" + show[
-        ["task", "layer", "regularizer", "class", "metric", "mean", "ci_low", "ci_high", "strongest_control", "calibrated",
-         "calibrated_low", "calibrated_high", "randomization_check"]].to_string(index=False, float_format="%.3f"))
 
 
 def _transfer_agreement(task, main_pred, transfer_pred, meta, tmeta):

@@ -11,7 +11,7 @@ from ..utils import atomic_path
 
 __all__ = ["orthoslices", "subject_montage", "save", "cohort_qc_figure", "lesion_examples_figure",
            "learning_curve_figure", "featviz_grid_figure", "metrics_figure", "trajectories_figure", "models_figure",
-           "unit_labels", "report_job"]
+           "unit_labels"]
 
 DPI = 110
 
@@ -359,35 +359,6 @@ def unit_labels(layer, units, classes=None, output_layer="classifier"):
     """Row labels ``layer:unit``, with the class name for units of the model's output layer."""
     named = layer == output_layer and classes is not None
     return [f"{layer}:{u}" + (f"\n(logit '{classes[u]}')" if named and u < len(classes) else "") for u in units]
-
-
-def report_job(job):
-    """The ``report_figures`` rule: every study figure from cached results (no training, no optimisation).
-
-    Inputs: ``table`` (comparison), ``summary``, ``trajectories`` (one per visualization job),
-    ``model_metrics`` and ``histories`` (one per trained model). Outputs: ``metrics``, ``calibration``,
-    ``trajectories``, ``models``.
-    """
-    import json
-    from pathlib import Path
-
-    import pandas as pd
-
-    inp = job.input
-    table = pd.read_csv(inp["table"], sep="\t")
-    summary = pd.read_csv(inp["summary"], sep="\t")
-    vis = table[~table["regularizer"].astype(str).str.startswith("attribution:")]
-    metrics_figure(vis, job.output["metrics"])
-    signal_null_figure(summary, job.output["calibration"])
-    traj = pd.concat([pd.read_csv(t, sep="\t") for t in inp["trajectories"]], ignore_index=True)
-    traj = traj[traj.get("network", "trained") == "trained"] if "network" in traj else traj
-    trajectories_figure(traj, vis[vis["seed"] == 0], job.output["trajectories"])
-    metrics, hist = {}, {}
-    for mpath, hpath in zip(inp["model_metrics"], inp["histories"]):
-        m = json.loads(Path(mpath).read_text())
-        metrics[m["task"], m["role"]] = m
-        hist[m["task"], m["role"]] = pd.read_csv(hpath, sep="\t")
-    models_figure(metrics, hist, job.output["models"])
 
 
 CONTROL_STYLE = {"randomized": ("#d95f02", "s", "re-initialised network"),

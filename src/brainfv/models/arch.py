@@ -1,6 +1,6 @@
 """Torch-free description of the paper-style CNN's layers, so the DAG can list units cheaply.
 
-The model (:class:`brainfv.models.BrainCNN`) names its modules::
+The model (:class:`brainfv.models.cnn.BrainCNN`) names its modules::
 
     block{i}.conv  block{i}.norm  block{i}.act  block{i}.pool     i = 1..len(channels)
     fc  fc_act                                                    if hidden > 0
@@ -10,8 +10,8 @@ A unit is addressed as ``layer:channel``, e.g. ``block3.norm:12`` or ``classifie
 """
 from __future__ import annotations
 
-from .config import ModelConfig
-from .errors import ConfigError, UnitError
+from ..config import ModelConfig
+from ..errors import ConfigError, UnitError
 
 __all__ = ["layer_units", "n_units", "resolve_units"]
 

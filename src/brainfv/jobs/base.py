@@ -1,7 +1,7 @@
 """What a workflow rule hands the library: its files, parameters and a logger, as plain data.
 
 Every rule's script is two lines: it passes Snakemake's job object to :func:`run` with one library
-function (``brainfv.training.train_job``, ``brainfv.featviz.study.visualize_job``, ...). That function
+function (``brainfv.jobs.train.train_job``, ``brainfv.jobs.featviz.visualize_job``, ...). That function
 receives a :class:`Job` of plain dicts, so it is testable without Snakemake, and reads only the files
 named in ``job.input`` (the rule declares every file it reads).
 """
@@ -10,6 +10,9 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..errors import BrainFVError
+from ..utils import get_logger, terminate_cleanly
 
 __all__ = ["Job", "run"]
 
@@ -48,9 +51,6 @@ def run(fn, smk):
     """Run ``fn(job)`` for Snakemake's ``smk`` object, logging to the rule's log file; brainfv errors end
     the job with their one-line message instead of a traceback. SIGTERM (a cluster's time limit,
     ``snakemake`` being stopped) is turned into an exception, so temporary files are removed."""
-    from .errors import BrainFVError
-    from .utils import get_logger, terminate_cleanly
-
     logger = get_logger("brainfv", smk.log[0] if len(smk.log) else None)
     logger.info(f"rule {smk.rule} {dict(smk.wildcards)} threads={smk.threads}")
     job = Job.from_snakemake(smk, logger.info)

@@ -1,4 +1,4 @@
-"""The paper-style 3D CNN with stable, readable layer names (see :mod:`brainfv.arch`).
+"""The paper-style 3D CNN with stable, readable layer names (see :mod:`brainfv.models.arch`).
 
 Eitel et al.'s lab used four conv layers (8/32/64/64 channels) with ELU and 3D
 dropout on 182×218×182 volumes, then FC→100→output. The default here is a
@@ -7,11 +7,14 @@ the 3 mm laptop grid; every piece is a config value.
 """
 from __future__ import annotations
 
+import copy as _copy
+
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .errors import ConfigError
+from ..config import ModelConfig
+from ..errors import ConfigError, InputDataError
+from ..utils import atomic_path
 
 __all__ = ["ConvBlock", "BrainCNN", "build_model", "frozen", "save_checkpoint", "load_checkpoint"]
 
@@ -95,8 +98,6 @@ def frozen(model, device=None, copy=True):
     integrated gradients 6.3 instead of 8.5 s a volume, a forward pass to block4.norm 0.09-0.15 instead of
     0.15-0.29 s; benchmarks/training.py). For optimising or attributing inputs; the caller's model is
     untouched."""
-    import copy as _copy
-
     m = _copy.deepcopy(model) if copy else model
     if device is not None:
         m = m.to(device)
@@ -112,8 +113,6 @@ def frozen(model, device=None, copy=True):
 
 def save_checkpoint(path, model, **meta):
     """Save weights + architecture + metadata (classes, grid, task...) atomically."""
-    from .utils import atomic_path
-
     with atomic_path(path) as tmp:
         torch.save({"state_dict": model.state_dict(), "arch": model.arch, "meta": meta}, tmp)
 
@@ -126,8 +125,6 @@ def load_checkpoint(path, map_location="cpu"):
         model, meta = brainfv.models.load_checkpoint("results/models/lesion/model.pt")
         meta["classes"], meta["grid"]  # class names, and the grid/normalisation it expects
     """
-    from .errors import InputDataError
-
     try:
         ck = torch.load(path, map_location=map_location, weights_only=False)
     except FileNotFoundError:

@@ -1,0 +1,100 @@
+"""Jobs of the feature-visualization rules: ``visualize`` (and ``visualize_unit``) and ``exemplars``."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.store import Dataset
+from ..device import pick_device
+from ..featviz.controls import randomized_copy
+from ..featviz.exemplars import top_exemplars, write_exemplars
+from ..featviz.study import preset_text, resolve_request_units, split_volumes, visualize_layer
+from ..utils import atomic_path, stable_seed
+from .base import Job
+from .models import task_model
+
+__all__ = ["visualize_job", "exemplars_job"]
+
+
+def visualize_job(job: Job) -> None:
+    """The ``visualize`` / ``visualize_unit`` rule.
+
+    Inputs: ``model`` (loaded as param ``model``, a model spec, says; a study checkpoint without one) and the
+    task's dataset files (``participants``, ``volumes``,
+    ``mask``, ``reference``). Param ``request``: ``task, layer (the request's id), module, regularizer, units,
+    objective, preset, steps, lr, n_seeds, n_real, micro_batch, device, seed, randomized`` and ``only_unit``
+    (write that unit alone; the request is the layer's, so its volumes are the ones the layer's job writes).
+    Outputs: ``nifti`` (4D on the dataset grid: seeds × units, seed-major; for ``only_unit`` that unit's seeds),
+    ``table`` (one row per network, unit and seed), and for whole layers ``trajectory`` and, with
+    ``randomized``, ``randomized`` (the same request optimised on the network with re-initialised weights).
+    """
+    torch.set_num_threads(job.threads)
+    p, log = job.params["request"], job.log
+    device = pick_device(p["device"])
+    model, _ = task_model(job, device)
+    ds = Dataset(job.folder("participants", "volumes", "mask", "reference"))
+    grid = ds.grid
+    units = resolve_request_units(model, p, grid.shape, device)
+    real, test = split_volumes(ds, "train", p["n_real"]), split_volumes(ds, "test")
+    networks = [("trained", model)]
+    if p.get("randomized") and p.get("only_unit") is None:
+        networks.append(("randomized", randomized_copy(model, stable_seed(p["seed"], "randomized", p["task"]))))
+    tables, trajs, volumes = [], [], {}
+    for name, net in networks:
+        log(f"task {p['task']} {p['layer']} ({p['module']}) units {units} regularizer {p['regularizer']} "
+            f"{preset_text(p['preset'])} on the {name} network ({p['n_seeds']} seeds each, batch {len(units) * p['n_seeds']}, "
+            f"{p['steps']} steps, device {device})")
+        r = visualize_layer(net.to(device), p["module"], units, p["preset"], shape=grid.shape, mask=ds.mask,
+                            real_volumes=real, test_volumes=test, seed=p["seed"], task=p["task"],
+                            regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
+                            objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
+                            network=name, layer_id=p["layer"], template=np.asarray(ds.reference.dataobj, np.float32))
+        imgs, table = r.images, r.table
+        if p.get("only_unit") is not None:  # visualize_unit: the requested unit's seeds only
+            j = units.index(p["only_unit"])
+            imgs = imgs[:, j:j + 1]
+            table = table[table["unit"] == p["only_unit"]].assign(volume=lambda t: t["seed"])
+        volumes[name] = imgs.reshape((-1,) + tuple(grid.shape))
+        tables.append(table)
+        trajs.append(r.trajectory.assign(network=name))
+        log(f"{name}: {len(units)} units x {p['n_seeds']} seeds in {r.result.seconds:.1f}s "
+            f"({r.result.steps_per_s:.2f} steps/s); objective mean {np.mean(r.result.objective_start):.3f} -> "
+            f"{np.mean(r.result.objective_end):.3f}")
+    for key, name in (("nifti", "trained"), ("randomized", "randomized")):
+        if key in job.output:
+            img = grid.to_nifti(np.moveaxis(volumes[name], 0, -1))
+            img.header["descrip"] = f"brainfv {p['task']} {p['layer']} {p['regularizer']} {name}"[:79].encode()
+            with atomic_path(job.output[key]) as tmp:
+                img.to_filename(tmp)
+    with atomic_path(job.output["table"]) as tmp:
+        pd.concat(tables, ignore_index=True).to_csv(tmp, sep="\t", index=False)
+    if "trajectory" in job.output:
+        with atomic_path(job.output["trajectory"]) as tmp:
+            pd.concat(trajs, ignore_index=True).assign(task=p["task"], layer=p["layer"],
+                                                       regularizer=p["regularizer"]).to_csv(tmp, sep="\t", index=False)
+
+
+def exemplars_job(job: Job) -> None:
+    """The ``exemplars`` rule: the real test volumes that activate each unit of one layer most.
+
+    Inputs: ``model`` and the dataset's ``participants``, ``volumes``, ``reference``. Param ``request``:
+    ``task, layer (id), module, units, objective, k, device``. Outputs: ``nifti`` (units × k volumes, cropped
+    to the receptive field around each unit's maximum for spatial layers) and ``table``.
+    """
+    torch.set_num_threads(job.threads)
+    p, log = job.params["request"], job.log
+    device = pick_device(p["device"])
+    model, _ = task_model(job, device)
+    ds = Dataset(job.folder("participants", "volumes", "reference"))
+    parts = ds.participants
+    rows = parts.loc[parts["split"] == "test", "index"].to_numpy()
+    units = resolve_request_units(model, p, ds.grid.shape, device)
+    kind = "neuron" if p["objective"] == "neuron" else "channel"
+    res = top_exemplars(model, ds.volumes, rows, p["module"], units, k=p["k"], kind=kind, device=device, log=log)
+    table = write_exemplars(res, ds.volumes, ds.grid, job.output["nifti"], None, participants=parts)
+    table.insert(0, "task", p["task"])
+    table.insert(1, "request", p["layer"])
+    with atomic_path(job.output["table"]) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    log(f"exemplars of {len(units)} units of {p['module']} over {len(rows)} test volumes (k={p['k']})")
