@@ -20,7 +20,8 @@ FLOORS = {"brainfv": 0, "brainfv.config": 0, "brainfv.utils": 0, "brainfv.errors
           "brainfv.__main__": 7}
 
 #: modules Snakemake imports while it builds the DAG (workflow/rules/common.smk): no torch, numpy or pandas
-DAG_MODULES = ["brainfv.config", "brainfv.provenance", "brainfv.data.sources", "brainfv.models.arch"]
+DAG_MODULES = ["brainfv.config", "brainfv.provenance", "brainfv.data.sources", "brainfv.models.arch",
+               "brainfv.data.files", "brainfv.jobs.requests"]
 
 
 def _module_name(path):

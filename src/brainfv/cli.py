@@ -224,9 +224,11 @@ def _units_spec(text):
 
 def _cmd_visualize(args):
     from . import config as C
+    from .data.files import DATASET_FILES
     from .errors import ConfigError
     from .jobs.base import Job
     from .jobs.featviz import visualize_job
+    from .jobs.requests import visualize_request
 
     cfg = {}
     if args.config:
@@ -246,24 +248,22 @@ def _cmd_visualize(args):
                           f"{sorted(fv['regularizers'])}); give one of them or a JSON preset")
     spec, where = _spec_from_args(args)
     ds = args.dataset
-    inputs = {"model": spec.pop("checkpoint"), **{k: str(ds / f) for k, f in (
-        ("participants", "participants.tsv"), ("volumes", "volumes.npy"), ("mask", "mask.nii.gz"),
-        ("reference", "reference.nii.gz"))}}
+    inputs = {"model": spec.pop("checkpoint"),
+              **{k: str(ds / DATASET_FILES[k]) for k in ("participants", "volumes", "mask", "reference")}}
     for k, f in inputs.items():
         if not Path(f).exists():
             raise ConfigError(f"--dataset: {f} not found (expected a brainfv dataset folder)")
     name = args.preset if not args.preset.lstrip().startswith("{") else "custom"
-    request = {"only_unit": None, "task": "cli", "layer": args.layer, "module": args.layer, "regularizer": name,
-               "units": args.units, "objective": args.objective, "preset": preset,
-               "steps": args.steps or fv["steps"], "lr": args.lr or fv["lr"], "n_seeds": args.seeds or fv["seeds"],
-               "n_real": fv["n_real"], "micro_batch": fv["micro_batch"], "device": args.device,
-               "seed": cfg["seed"] if args.seed is None else args.seed, "randomized": args.randomized}
+    request = visualize_request(cfg, task="cli", layer=args.layer, regularizer=name, preset=preset,
+                                spec={"layer": args.layer, "units": args.units, "objective": args.objective},
+                                steps=args.steps, lr=args.lr, n_seeds=args.seeds, device=args.device, seed=args.seed,
+                                randomized=args.randomized)
     out = args.out
     outputs = {"nifti": str(out / "units.nii.gz"), "table": str(out / "units.tsv"),
                "trajectory": str(out / "trajectory.tsv")}
     if args.randomized:
         outputs["randomized"] = str(out / "randomized.nii.gz")
-    job = Job(input=inputs, output=outputs, params={"request": request, "model": spec, "model_key": where},
+    job = Job(input=inputs, output=outputs, params={"request": request.as_dict(), "model": spec, "model_key": where},
               threads=_threads(), log=lambda m: print(m, flush=True), rule="visualize")
     visualize_job(job)
     print("written: " + ", ".join(outputs.values()))

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import AugmentConfig, TrainingConfig
+from .data.files import DATASET_FILES
 from .device import compute_settings, pick_device
 from .errors import InputDataError
 from .utils import atomic_path, get_logger, stable_seed, write_json
@@ -387,10 +388,10 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
         log(f"task {task}: leaving out {len(dropped)} subjects whose {target!r} is not a training class "
             f"({sorted(dropped[target].astype(str).unique())})")
     grid = ds.grid
-    vol_path = ds.root / "volumes.npy"
+    vol_path = ds.root / DATASET_FILES["volumes"]
     if tuple(ds.volumes.shape[1:]) != tuple(grid.shape):
         raise InputDataError(f"{vol_path}: volumes of shape {ds.volumes.shape[1:]} do not match the grid "
-                             f"{grid.shape} of {ds.root / 'reference.nii.gz'}")
+                             f"{grid.shape} of {ds.root / DATASET_FILES['reference']}")
     run_seed = stable_seed(seed, "train", task, replicate)
     device = pick_device(cfg.device)
     splits = {s: df[df["split"] == s] for s in ("train", "val", "test")}

@@ -32,6 +32,7 @@ from ..config import complete, default
 from ..errors import ConfigError, InputDataError
 from ..utils import (atomic_path, get_logger, Progress, remove_stale_temporaries, stable_seed,
                      terminate_cleanly)
+from .files import DATASET_FILES
 from .grid import Grid, load_volume
 from .sources import bids_files, csv_files, read_table
 from .store import VolumeWriter, write_manifest
@@ -465,8 +466,8 @@ def _prepare_cohort(cfg, out_dir, log):
     rows = []
     image_problems = []
     prog = Progress(n, "prepare_cohort subjects", log=log, unit="subj")
-    with VolumeWriter(out_dir / "volumes.npy", n, grid.shape) as vw, \
-            VolumeWriter(out_dir / "wm.npy", n, grid.shape, dtype=np.uint8) as ww:
+    with VolumeWriter(out_dir / DATASET_FILES["volumes"], n, grid.shape) as vw, \
+            VolumeWriter(out_dir / DATASET_FILES["wm"], n, grid.shape, dtype=np.uint8) as ww:
         for i in range(n):
             if records is None:
                 s = gen.generate(i)
@@ -537,11 +538,11 @@ def _prepare_cohort(cfg, out_dir, log):
         regional = gen.effect_map(normalise, regional_only=True)
         effect_kind = "planted (synthetic ground truth)"
     else:  # real data: the effect's regional part cannot be separated from size differences
-        effect = regional = _empirical_effect(out_dir / "volumes.npy", parts)
+        effect = regional = _empirical_effect(out_dir / DATASET_FILES["volumes"], parts)
         effect_kind = "empirical mean difference M-F (training split)"
-    with atomic_path(out_dir / "reference.nii.gz") as tmp:
+    with atomic_path(out_dir / DATASET_FILES["reference"]) as tmp:
         grid.to_nifti(ref).to_filename(tmp)
-    with atomic_path(out_dir / "mask.nii.gz") as tmp:
+    with atomic_path(out_dir / DATASET_FILES["mask"]) as tmp:
         grid.to_nifti(tpl["mask"].astype(np.uint8), dtype=np.uint8).to_filename(tmp)
     for name, data, what in (("sex_effect", effect, effect_kind), ("sex_effect_regional", regional,
                                                                     "regional part of: " + effect_kind)):
@@ -549,12 +550,12 @@ def _prepare_cohort(cfg, out_dir, log):
             img = grid.to_nifti(data)
             img.header["descrip"] = what[:79].encode()
             img.to_filename(tmp)
-    with atomic_path(out_dir / "participants.tsv") as tmp:
+    with atomic_path(out_dir / DATASET_FILES["participants"]) as tmp:
         parts.to_csv(tmp, sep="\t", index=False)
-    with atomic_path(out_dir / "qc.tsv") as tmp:
+    with atomic_path(out_dir / DATASET_FILES["qc"]) as tmp:
         pd.DataFrame(qc_rows).to_csv(tmp, sep="\t", index=False)
-    write_manifest(out_dir, vw.hash, [("wm.npy", ww.hash), "reference.nii.gz", "mask.nii.gz",
-                                      "sex_effect.nii.gz", "sex_effect_regional.nii.gz", "qc.tsv"])
+    write_manifest(out_dir, vw.hash, [(DATASET_FILES["wm"], ww.hash)] + [DATASET_FILES[k] for k in (
+        "reference", "mask", "sex_effect", "sex_effect_regional", "qc")])
     counts = parts.groupby(["split", "sex"]).size().unstack(fill_value=0)
     log(f"cohort ready: {len(parts)} subjects ({label}); split x sex:\n{counts}")
     return parts

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputDataError
 from ..utils import Progress, atomic_path, get_logger, stable_seed
+from .files import DATASET_FILES
 
 __all__ = ["SHAPES", "shape_distance", "lesion_profile", "place_lesions", "insert_lesion",
            "synthesize_lesions", "random_rotation"]
@@ -171,7 +172,7 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     parts = cohort.participants
     grid = cohort.grid
     vols = cohort.volumes
-    wms = open_volumes(Path(cohort_dir) / "wm.npy")
+    wms = open_volumes(Path(cohort_dir) / DATASET_FILES["wm"])
     vs = grid.voxel_size
     scheme = lc["labelling"]
     shapes_cfg = lc["shapes"]
@@ -214,8 +215,8 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     freq = np.zeros(grid.shape, np.float32)
     n_out = len(sources)
     prog = Progress(n_out, "synthesize_lesions volumes", log=log, unit="vol")
-    with VolumeWriter(Path(out_dir) / "volumes.npy", n_out, grid.shape) as vw, \
-            VolumeWriter(Path(out_dir) / "lesion_masks.npy", n_out, grid.shape, dtype=np.uint8) as mw:
+    with VolumeWriter(Path(out_dir) / DATASET_FILES["volumes"], n_out, grid.shape) as vw, \
+            VolumeWriter(Path(out_dir) / DATASET_FILES["lesion_masks"], n_out, grid.shape, dtype=np.uint8) as mw:
         for pos, src in enumerate(sources):
             p = parts.iloc[int(src)]
             sub = p["subject"]
@@ -261,20 +262,19 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
 
     out_dir = Path(out_dir)
     pd_parts = pd.DataFrame(rows)
-    with atomic_path(out_dir / "participants.tsv") as tmp:
+    with atomic_path(out_dir / DATASET_FILES["participants"]) as tmp:
         pd_parts.to_csv(tmp, sep="\t", index=False)
     cols = ["subject", "volume_id", "lesion_id", "shape", "radius_mm", "diameter_mm", "contrast", "x_mm", "y_mm", "z_mm",
             "i", "j", "k", "volume_mm3"]
-    with atomic_path(out_dir / "lesions.tsv") as tmp:
+    with atomic_path(out_dir / DATASET_FILES["lesions"]) as tmp:
         pd.DataFrame(lesion_rows, columns=cols).to_csv(tmp, sep="\t", index=False)
-    with atomic_path(out_dir / "lesion_frequency.nii.gz") as tmp:
+    with atomic_path(out_dir / DATASET_FILES["lesion_frequency"]) as tmp:
         grid.to_nifti(freq / max(len(parts), 1)).to_filename(tmp)
-    for name in ("reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz", "sex_effect_regional.nii.gz"):
+    for name in (DATASET_FILES[k] for k in ("reference", "mask", "sex_effect", "sex_effect_regional")):
         with atomic_path(out_dir / name) as tmp:
             shutil.copyfile(Path(cohort_dir) / name, tmp)
-    write_manifest(out_dir, vw.hash, [("lesion_masks.npy", mw.hash), "lesions.tsv", "lesion_frequency.nii.gz",
-                                      "reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz",
-                                      "sex_effect_regional.nii.gz"])
+    write_manifest(out_dir, vw.hash, [(DATASET_FILES["lesion_masks"], mw.hash)] + [DATASET_FILES[k] for k in (
+        "lesions", "lesion_frequency", "reference", "mask", "sex_effect", "sex_effect_regional")])
     counts = pd_parts.groupby(["split", "lesion"]).size().unstack(fill_value=0)
     log(f"lesion dataset ready: {len(pd_parts)} subjects, {len(lesion_rows)} lesions; split x label:\n{counts}")
     return pd_parts

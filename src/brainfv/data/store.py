@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InputDataError
 from ..utils import remove_stale_temporaries, temporary_name, write_json
+from .files import DATASET_FILES
 
 __all__ = ["VolumeWriter", "VolumeReader", "open_volumes", "Dataset", "write_manifest", "file_hash", "store_hash",
            "MANIFEST_FORMAT", "HASH"]
@@ -233,16 +234,17 @@ def write_manifest(root, volumes_hash=None, files=(), extra=None):
     JSON values). No paths or times: the same content gives the same manifest wherever it lies.
     """
     root = Path(root)
-    vols = open_volumes(root / "volumes.npy")
+    vols = open_volumes(root / DATASET_FILES["volumes"])
     hashes = {}
     for f in files:
         name, digest = (f if isinstance(f, tuple) else (f, None))
         hashes[str(name)] = digest or (store_hash(root / name) if str(name).endswith(".npy") else file_hash(root / name))
     manifest = {"format": MANIFEST_FORMAT, "hash": HASH, "n_volumes": int(vols.shape[0]),
                 "shape": [int(s) for s in vols.item_shape], "dtype": np.dtype(vols.dtype).str,
-                "volumes_hash": volumes_hash or store_hash(root / "volumes.npy"), "participants_hash": file_hash(root / "participants.tsv"),
+                "volumes_hash": volumes_hash or store_hash(root / DATASET_FILES["volumes"]),
+                "participants_hash": file_hash(root / DATASET_FILES["participants"]),
                 "files": dict(sorted(hashes.items())), **(extra or {})}
-    write_json(manifest, root / "manifest.json")
+    write_json(manifest, root / DATASET_FILES["manifest"])
     return manifest
 
 
@@ -259,24 +261,24 @@ class Dataset:
 
     def __init__(self, root):
         self.root = Path(root)
-        if not (self.root / "participants.tsv").exists():
+        if not (self.root / DATASET_FILES["participants"]).exists():
             raise InputDataError(f"{self.root} is not a brainfv dataset (no participants.tsv)")
 
     @property
     def participants(self):
         import pandas as pd
 
-        return pd.read_csv(self.root / "participants.tsv", sep="\t", dtype={"subject": str})
+        return pd.read_csv(self.root / DATASET_FILES["participants"], sep="\t", dtype={"subject": str})
 
     @property
     def volumes(self):
-        return open_volumes(self.root / "volumes.npy")
+        return open_volumes(self.root / DATASET_FILES["volumes"])
 
     @property
     def reference(self):
         import nibabel as nib
 
-        return nib.load(str(self.root / "reference.nii.gz"))
+        return nib.load(str(self.root / DATASET_FILES["reference"]))
 
     @property
     def grid(self):
@@ -288,12 +290,12 @@ class Dataset:
     def mask(self):
         import nibabel as nib
 
-        return np.asarray(nib.load(str(self.root / "mask.nii.gz")).dataobj) > 0
+        return np.asarray(nib.load(str(self.root / DATASET_FILES["mask"])).dataobj) > 0
 
     @property
     def manifest(self):
         """The dataset's ``manifest.json`` as a dict (:func:`write_manifest`)."""
-        path = self.root / "manifest.json"
+        path = self.root / DATASET_FILES["manifest"]
         if not path.exists():
             raise InputDataError(
                 f"{path} not found: the dataset was made before brainfv wrote manifests, or not by "

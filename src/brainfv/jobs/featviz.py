@@ -1,10 +1,13 @@
 """Jobs of the feature-visualization rules: ``visualize`` (and ``visualize_unit``) and ``exemplars``."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 import torch
 
+from ..data.grid import Grid
 from ..data.store import Dataset
 from ..device import pick_device
 from ..featviz.controls import randomized_copy
@@ -13,6 +16,7 @@ from ..featviz.study import preset_text, resolve_request_units, split_volumes, v
 from ..utils import atomic_path, stable_seed
 from .base import Job
 from .models import task_model
+from .requests import VisualizeRequest
 
 __all__ = ["visualize_job", "exemplars_job"]
 
@@ -30,37 +34,50 @@ def visualize_job(job: Job) -> None:
     ``randomized``, ``randomized`` (the same request optimised on the network with re-initialised weights).
     """
     torch.set_num_threads(job.threads)
-    p, log = job.params["request"], job.log
+    p = VisualizeRequest.from_dict(job.params["request"]).as_dict()
     device = pick_device(p["device"])
     model, _ = task_model(job, device)
     ds = Dataset(job.folder("participants", "volumes", "mask", "reference"))
-    grid = ds.grid
-    units = resolve_request_units(model, p, grid.shape, device)
+    units = resolve_request_units(model, p, ds.grid.shape, device)
     real, test = split_volumes(ds, "train", p["n_real"]), split_volumes(ds, "test")
     networks = [("trained", model)]
     if p.get("randomized") and p.get("only_unit") is None:
         networks.append(("randomized", randomized_copy(model, stable_seed(p["seed"], "randomized", p["task"]))))
     tables, trajs, volumes = [], [], {}
     for name, net in networks:
-        log(f"task {p['task']} {p['layer']} ({p['module']}) units {units} regularizer {p['regularizer']} "
-            f"{preset_text(p['preset'])} on the {name} network ({p['n_seeds']} seeds each, batch {len(units) * p['n_seeds']}, "
-            f"{p['steps']} steps, device {device})")
-        r = visualize_layer(net.to(device), p["module"], units, p["preset"], shape=grid.shape, mask=ds.mask,
-                            real_volumes=real, test_volumes=test, seed=p["seed"], task=p["task"],
-                            regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
-                            objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
-                            network=name, layer_id=p["layer"], template=np.asarray(ds.reference.dataobj, np.float32))
-        imgs, table = r.images, r.table
-        if p.get("only_unit") is not None:  # visualize_unit: the requested unit's seeds only
-            j = units.index(p["only_unit"])
-            imgs = imgs[:, j:j + 1]
-            table = table[table["unit"] == p["only_unit"]].assign(volume=lambda t: t["seed"])
-        volumes[name] = imgs.reshape((-1,) + tuple(grid.shape))
+        volumes[name], table, traj = _visualize_network(net.to(device), name, p, units, ds, (real, test), device,
+                                                        job.log)
         tables.append(table)
-        trajs.append(r.trajectory.assign(network=name))
-        log(f"{name}: {len(units)} units x {p['n_seeds']} seeds in {r.result.seconds:.1f}s "
-            f"({r.result.steps_per_s:.2f} steps/s); objective mean {np.mean(r.result.objective_start):.3f} -> "
-            f"{np.mean(r.result.objective_end):.3f}")
+        trajs.append(traj)
+    _write_visualizations(job, p, ds.grid, volumes, tables, trajs)
+
+
+def _visualize_network(net: torch.nn.Module, name: str, p: dict, units: list[int], ds: Dataset,
+                       real_test: tuple, device: torch.device, log: Callable) -> tuple:
+    """One network's visualizations of the request: (volumes (seeds × units, seed-major), table, trajectory);
+    for ``only_unit``, that unit's seeds only."""
+    grid = ds.grid
+    log(f"task {p['task']} {p['layer']} ({p['module']}) units {units} regularizer {p['regularizer']} "
+        f"{preset_text(p['preset'])} on the {name} network ({p['n_seeds']} seeds each, "
+        f"batch {len(units) * p['n_seeds']}, {p['steps']} steps, device {device})")
+    r = visualize_layer(net, p["module"], units, p["preset"], shape=grid.shape, mask=ds.mask,
+                        real_volumes=real_test[0], test_volumes=real_test[1], seed=p["seed"], task=p["task"],
+                        regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
+                        objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
+                        network=name, layer_id=p["layer"], template=np.asarray(ds.reference.dataobj, np.float32))
+    imgs, table = r.images, r.table
+    if p.get("only_unit") is not None:  # visualize_unit: the requested unit's seeds only
+        j = units.index(p["only_unit"])
+        imgs = imgs[:, j:j + 1]
+        table = table[table["unit"] == p["only_unit"]].assign(volume=lambda t: t["seed"])
+    log(f"{name}: {len(units)} units x {p['n_seeds']} seeds in {r.result.seconds:.1f}s "
+        f"({r.result.steps_per_s:.2f} steps/s); objective mean {np.mean(r.result.objective_start):.3f} -> "
+        f"{np.mean(r.result.objective_end):.3f}")
+    return imgs.reshape((-1,) + tuple(grid.shape)), table, r.trajectory.assign(network=name)
+
+
+def _write_visualizations(job: Job, p: dict, grid: Grid, volumes: dict, tables: list, trajs: list) -> None:
+    """The job's outputs: a 4D NIfTI per network, the table and (whole layers) the trajectory."""
     for key, name in (("nifti", "trained"), ("randomized", "randomized")):
         if key in job.output:
             img = grid.to_nifti(np.moveaxis(volumes[name], 0, -1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..utils import atomic_path
+from ..data.files import DATASET_FILES
 
 __all__ = ["orthoslices", "subject_montage", "save", "cohort_qc_figure", "lesion_examples_figure",
            "learning_curve_figure", "featviz_grid_figure", "metrics_figure", "trajectories_figure", "models_figure",
@@ -132,11 +133,11 @@ def lesion_examples_figure(dataset_dir, path, n=4):
     parts = ds.participants
     if "volume_id" not in parts:
         parts["volume_id"] = parts["subject"]
-    les = pd.read_csv(ds.root / "lesions.tsv", sep="\t", dtype={"subject": str})
+    les = pd.read_csv(ds.root / DATASET_FILES["lesions"], sep="\t", dtype={"subject": str})
     if "volume_id" not in les:
         les["volume_id"] = les["subject"]
     vols = ds.volumes
-    masks = open_volumes(ds.root / "lesion_masks.npy")
+    masks = open_volumes(ds.root / DATASET_FILES["lesion_masks"])
     with_les = parts[parts["n_lesions"] > 0].head(n)
     twins = parts[(parts["n_lesions"] == 0) & parts["subject"].isin(with_les["subject"])].head(max(1, n // 2))
     if len(twins) == 0:
