@@ -138,8 +138,8 @@ def test_class_logits_are_scored_and_summarised_per_intended_class_by_the_volume
 
 
 def test_a_units_list_is_visualised_in_ascending_order_once():
-    from brainfv.models.arch import resolve_units
     from brainfv.featviz.units import resolve_units as resolve_layer_units
+    from brainfv.models.arch import resolve_units
 
     assert resolve_units([3, 0, 3], 4) == [0, 3]
     assert resolve_layer_units(lesion_detector(), "0", [0, 0], (1,) + SHAPE) == [0]

@@ -390,7 +390,6 @@ def test_frozen_copy_is_channels_last_even_for_one_input_channel():
     """A (C, 1, k, k, k) weight counts as contiguous in both layouts; oneDNN reads the strides, and the
     plain ones made every optimisation step 2.5x slower on the CPU. Other tensors (4D buffers) are kept."""
     import torch
-    from torch import nn
 
     from brainfv.models import build_model, frozen
 
@@ -399,6 +398,7 @@ def test_frozen_copy_is_channels_last_even_for_one_input_channel():
     f = frozen(net)
     w = f.block1.conv.weight
     assert w.shape[1] == 1 and w.stride() == w.to(memory_format=torch.channels_last_3d).stride() and w.stride()[1] == 1
-    assert all(p.stride() == p.to(memory_format=torch.channels_last_3d).stride() for p in f.parameters() if p.dim() == 5)
+    assert all(p.stride() == p.to(memory_format=torch.channels_last_3d).stride()
+               for p in f.parameters() if p.dim() == 5)
     assert f.masks.shape == (2, 3, 3, 3) and not any(p.requires_grad for p in f.parameters())
     assert net.block1.conv.weight.requires_grad                      # the caller's model is untouched

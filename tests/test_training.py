@@ -4,12 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import toy_dataset
 
-from brainfv.models.arch import layer_units
 from brainfv.errors import InputDataError
 from brainfv.models import build_model, load_checkpoint
+from brainfv.models.arch import layer_units
 from brainfv.training import binary_metrics, train_task
-from conftest import toy_dataset
 
 FAST = {"epochs": 6, "batch_size": 4, "lr": 3e-3, "patience": 50, "augment": {"shift_vox": 0, "intensity": 0}}
 ARCH = {"channels": [4, 8], "dropout": 0.0}

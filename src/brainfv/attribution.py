@@ -159,8 +159,8 @@ def _explainer(model, method, layer, x_shape, device):
 
 
 def class_attribution_maps(model, volumes, labels, n_classes, method="integrated_gradients", *, baseline="zeros",
-                           n_steps=default("attribution.n_steps"), batch_size=4, device="cpu", only_correct=True, layer=None,
-                           internal_batch_size=None, log=None):
+                           n_steps=default("attribution.n_steps"), batch_size=4, device="cpu", only_correct=True,
+                           layer=None, internal_batch_size=None, log=None):
     """Mean attribution map of each class's logit over the subjects of that class.
 
     For every subject ``i`` the attribution of logit ``labels[i]`` (the pre-softmax output of the true

@@ -30,8 +30,7 @@ import numpy as np
 
 from ..config import complete, default
 from ..errors import ConfigError, InputDataError
-from ..utils import (atomic_path, get_logger, Progress, remove_stale_temporaries, stable_seed,
-                     terminate_cleanly)
+from ..utils import Progress, atomic_path, get_logger, remove_stale_temporaries, stable_seed, terminate_cleanly
 from .files import DATASET_FILES
 from .grid import Grid, load_volume
 from .sources import bids_files, csv_files, read_table
@@ -70,8 +69,8 @@ class Problem(NamedTuple):
 def _problem_report(problems, what, hint=ON_MISSING_HINT, written=False):
     """One message listing every problem (count, then one line per problem, then the hints)."""
     n_sub = len({p.subject for p in problems})
-    lines = [f"{what}: {len(problems)} problem(s) with {n_sub} subject(s)" + ("" if written else "; nothing was written")
-             + ":"]
+    lines = [f"{what}: {len(problems)} problem(s) with {n_sub} subject(s)"
+             + ("" if written else "; nothing was written") + ":"]
     lines += [f"  subject {p.subject!r}: {p.reason}" for p in problems]
     hints = list(dict.fromkeys(p.hint for p in problems if p.hint))
     lines += hints + [hint[0].upper() + hint[1:]] if hint else hints
@@ -440,7 +439,7 @@ def _prepare_cohort(cfg, out_dir, log):
 
     if source == "synthetic":
         tpl = template_on_grid(grid)
-        from .synthetic import SyntheticCohort, SYNTHETIC_LABEL
+        from .synthetic import SYNTHETIC_LABEL, SyntheticCohort
 
         scfg = ccfg["synthetic"]
         gen = SyntheticCohort(grid, scfg["n_subjects"], seed, scfg["male_fraction"],

@@ -117,8 +117,9 @@ def load_volume(path, subject=None):
     A 4D image with a single volume is accepted (squeezed); other 4D images,
     NaN/inf values and constant images are rejected.
     """
-    import nibabel as nib
     from pathlib import Path
+
+    import nibabel as nib
 
     who = f"subject {subject!r}: " if subject is not None else ""
     path = Path(path)

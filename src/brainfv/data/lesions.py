@@ -160,9 +160,8 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
 
     import pandas as pd
 
-    from .store import Dataset, VolumeWriter, open_volumes, write_manifest
-
     from ..config import complete
+    from .store import Dataset, VolumeWriter, open_volumes, write_manifest
 
     log = log or get_logger().info
     cfg = complete(cfg)  # a partial config gets the schema's defaults (no second copy of them here)
@@ -246,7 +245,8 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
                 lesion_mask[sl] = np.maximum(lesion_mask[sl], pp)
                 xyz = grid.world_coords(c)
                 lesion_rows.append({
-                    "subject": sub, "volume_id": f"{sub}_{names[y]}" if paired else sub, "lesion_id": k, "shape": shape, "radius_mm": round(r, 3),
+                    "subject": sub, "volume_id": f"{sub}_{names[y]}" if paired else sub, "lesion_id": k,
+                    "shape": shape, "radius_mm": round(r, 3),
                     "diameter_mm": round(2 * r, 3), "contrast": round(contrast, 4),
                     "x_mm": xyz[0], "y_mm": xyz[1], "z_mm": xyz[2], "i": int(c[0]), "j": int(c[1]),
                     "k": int(c[2]), "volume_mm3": round(float((pp >= 0.5).sum()) * vs ** 3, 1)})
@@ -264,8 +264,8 @@ def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
     pd_parts = pd.DataFrame(rows)
     with atomic_path(out_dir / DATASET_FILES["participants"]) as tmp:
         pd_parts.to_csv(tmp, sep="\t", index=False)
-    cols = ["subject", "volume_id", "lesion_id", "shape", "radius_mm", "diameter_mm", "contrast", "x_mm", "y_mm", "z_mm",
-            "i", "j", "k", "volume_mm3"]
+    cols = ["subject", "volume_id", "lesion_id", "shape", "radius_mm", "diameter_mm", "contrast", "x_mm", "y_mm",
+            "z_mm", "i", "j", "k", "volume_mm3"]
     with atomic_path(out_dir / DATASET_FILES["lesions"]) as tmp:
         pd.DataFrame(lesion_rows, columns=cols).to_csv(tmp, sep="\t", index=False)
     with atomic_path(out_dir / DATASET_FILES["lesion_frequency"]) as tmp:

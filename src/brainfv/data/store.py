@@ -238,7 +238,8 @@ def write_manifest(root, volumes_hash=None, files=(), extra=None):
     hashes = {}
     for f in files:
         name, digest = (f if isinstance(f, tuple) else (f, None))
-        hashes[str(name)] = digest or (store_hash(root / name) if str(name).endswith(".npy") else file_hash(root / name))
+        hashes[str(name)] = digest or (store_hash(root / name) if str(name).endswith(".npy")
+                                       else file_hash(root / name))
     manifest = {"format": MANIFEST_FORMAT, "hash": HASH, "n_volumes": int(vols.shape[0]),
                 "shape": [int(s) for s in vols.item_shape], "dtype": np.dtype(vols.dtype).str,
                 "volumes_hash": volumes_hash or store_hash(root / DATASET_FILES["volumes"]),
@@ -306,8 +307,9 @@ class Dataset:
         except (OSError, ValueError) as e:
             raise InputDataError(f"{path}: cannot read the manifest: {e}") from e
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            raise InputDataError(f"{path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
-                                 f" is not {MANIFEST_FORMAT}; rerun the rule that makes the dataset")
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise InputDataError(f"{path}: manifest format {found!r} is not {MANIFEST_FORMAT}; rerun the rule that "
+                                 f"makes the dataset")
         return manifest
 
     def fingerprint(self):

@@ -64,7 +64,7 @@ def plan_crop(model, objective, shape, device="cpu", verify=True, log=None):
         if g is None:
             return None
         geo[layer] = g
-    align = [math.lcm(*[int(geo[l][1][a][1]) for l in fp]) for a in range(3)]
+    align = [math.lcm(*[int(geo[name][1][a][1]) for name in fp]) for a in range(3)]
     lo, hi = [None] * 3, [None] * 3
     for layer, positions in fp.items():
         out_shape, rf = geo[layer]
@@ -82,8 +82,8 @@ def plan_crop(model, objective, shape, device="cpu", verify=True, log=None):
     box = tuple(box)
     if np.prod([s.stop - s.start for s in box]) >= np.prod(shape):
         return None
-    plan = CropPlan(box, {l: tuple(s.start // int(geo[l][1][a][1]) for a, s in enumerate(box)) for l in fp},
-                    {l: tuple(geo[l][0]) for l in fp})
+    plan = CropPlan(box, {name: tuple(s.start // int(geo[name][1][a][1]) for a, s in enumerate(box)) for name in fp},
+                    {name: tuple(geo[name][0]) for name in fp})
     if verify and not _verified(model, objective, shape, plan, device, log):
         return None
     log(f"receptive-field crop: optimising {plan.shape} instead of {tuple(shape)}")

@@ -82,7 +82,8 @@ class Objective:
 
     def _combine(self, other, fn, name):
         return Objective(fn, self.layers + other.layers, name, self.units + other.units,
-                         _merge_batch(self.batch, other.batch, name), _merge_footprints(self.footprint, other.footprint))
+                         _merge_batch(self.batch, other.batch, name),
+                         _merge_footprints(self.footprint, other.footprint))
 
     def _same(self, fn, name):
         return Objective(fn, self.layers, name, self.units, self.batch, self.footprint)

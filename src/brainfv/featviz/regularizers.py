@@ -24,7 +24,8 @@ def total_variation(x, power=2):
     """3D total variation of ``(B, ...)`` volumes: the sum over the three axes of the mean
     ``|neighbour difference| ** power`` (``power=2``: the smooth, squared form used as a penalty;
     ``power=1``: the classic form, used by :func:`brainfv.featviz.metrics.relative_tv`)."""
-    d = (x[..., 1:, :, :] - x[..., :-1, :, :], x[..., :, 1:, :] - x[..., :, :-1, :], x[..., :, :, 1:] - x[..., :, :, :-1])
+    d = (x[..., 1:, :, :] - x[..., :-1, :, :], x[..., :, 1:, :] - x[..., :, :-1, :],
+         x[..., :, :, 1:] - x[..., :, :, :-1])
     t = [(a.abs() if power == 1 else a ** 2 if power == 2 else a.abs() ** power).flatten(1).mean(1) for a in d]
     return t[0] + t[1] + t[2]
 

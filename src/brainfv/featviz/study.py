@@ -1,26 +1,28 @@
 """One visualization job of the study: a task's model, one layer, its units, one regularizer preset.
 
 :func:`visualize_layer` optimises every unit of a layer (× seeds) in one batch and measures the
-results; :func:`visualize_job` is what the workflow's ``visualize`` rule runs (read the declared
-inputs, call it, write the outputs atomically). Both are usable without Snakemake.
+results; :func:`brainfv.jobs.featviz.visualize_job` is what the workflow's ``visualize`` rule runs (read the
+declared inputs, call it, write the outputs atomically).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..config import Preset, default
 from ..errors import ConfigError
+from ..models.arch import resolve_units
 from ..utils import stable_seed
 from . import objectives as O
 from .metrics import correlation, image_stats
 from .render import render
+from .units import capture_activations, layer_output_shape
 
 __all__ = ["make_objective", "unit_seeds", "objective_values", "real_activations", "split_volumes", "region_of",
-           "parse_region", "LayerResult", "visualize_layer",
-           "preset_text", "resolve_request_units"]
+           "parse_region", "LayerResult", "visualize_layer", "preset_text", "resolve_request_units"]
 
 
 def make_objective(layer, channels, kind="channel"):
@@ -48,8 +50,6 @@ def unit_seeds(seed, layer, regularizer, units, n_seeds):
 @torch.no_grad()
 def objective_values(model, volumes, layer, units, kind="channel", device="cpu", batch=4):
     """Objective values of ``units`` on volumes: array (n_volumes, n_units), one forward per batch."""
-    from .units import capture_activations
-
     objs = [make_objective(layer, u, kind) for u in units]
     out = []
     for i in range(0, len(volumes), batch):
@@ -65,13 +65,12 @@ real_activations = objective_values  # the name used for real volumes
 @torch.no_grad()
 def own_objective_values(model, volumes, layer, channels, kind="channel", device="cpu", batch=4):
     """Volume ``b``'s objective on its own unit ``channels[b]``: array (n_volumes,)."""
-    from .units import capture_activations
-
     obj = make_objective(layer, list(channels), kind)
     out = []
     for i in range(0, len(volumes), batch):
         x = torch.as_tensor(np.stack([np.asarray(v, np.float32) for v in volumes[i:i + batch]]))[:, None]
-        out.append(obj(capture_activations(model, x.to(device), obj.layers), slice(i, i + len(x))).float().cpu().numpy())
+        acts = capture_activations(model, x.to(device), obj.layers)
+        out.append(obj(acts, slice(i, i + len(x))).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -121,8 +120,8 @@ class LayerResult:
     a table with one row per unit and seed, the trajectory (seed 0) and the optimisation's result."""
 
     images: np.ndarray
-    table: "pd.DataFrame"
-    trajectory: "pd.DataFrame"
+    table: pd.DataFrame
+    trajectory: pd.DataFrame
     result: object
     region: tuple
 
@@ -141,8 +140,6 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     mask, between the unit's volumes from different seeds). ``layer_id`` names the request in seeds and
     tables (default: the layer; e.g. ``classifier-contrast``).
     """
-    import pandas as pd
-
     preset = Preset.from_config(preset)
     layer_id = layer_id or layer
     units = list(units)
@@ -200,9 +197,6 @@ def preset_text(preset):
 def resolve_request_units(model, request, shape, device="cpu"):
     """The request's units (``all``, a count N, or a list), checked against the layer's real channel count;
     for ``only_unit``, the layer's units if it is among them (so the same batch), else the unit alone."""
-    from ..models.arch import resolve_units
-    from .units import layer_output_shape
-
     n = layer_output_shape(model, request["module"], (1,) + tuple(shape), device)[0]
     units = resolve_units(request["units"], n, where=f"featviz.layers[{request['layer']}].units")
     only = request.get("only_unit")

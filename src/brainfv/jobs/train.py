@@ -21,8 +21,8 @@ def train_job(job: Job) -> None:
     torch.set_num_threads(job.threads)
     s = job.params["spec"]
     out = Path(job.output["model"]).parent
-    metrics = train_task(job.folder("volumes", "participants", "reference", "manifest"), s["task"], s["target"], s["arch"],
-                         s["training"], s["seed"], out, job.params["checkpoint_dir"], log=job.log,
+    metrics = train_task(job.folder("volumes", "participants", "reference", "manifest"), s["task"], s["target"],
+                         s["arch"], s["training"], s["seed"], out, job.params["checkpoint_dir"], log=job.log,
                          replicate=0 if s["role"] == "main" else 1, role=s["role"], bootstrap=s["bootstrap"])
     history = pd.read_csv(job.output["history"], sep="\t")
     learning_curve_figure(history, metrics, job.output["curve"], f"task {s['task']} ({s['role']} model) — "

@@ -229,8 +229,8 @@ def _detect_format(path, spec, where):
             ck = _torch_load(path, "cpu", True, where)
             return "full" if isinstance(ck, nn.Module) else "state_dict"
         raise ConfigError(f"{where}.checkpoint: {path} is not a TorchScript archive and holds Python objects "
-                          f"besides tensors (torch.load(weights_only=True) says: {_unpickling_reason(e)}). It is probably "
-                          f"a whole pickled model (format: full) or a training checkpoint with extra objects. "
+                          f"besides tensors (torch.load(weights_only=True) says: {_unpickling_reason(e)}). It is "
+                          f"probably a whole pickled model (format: full) or a training checkpoint with extra objects. "
                           f"{_PICKLE_ADVICE}.") from None
     if isinstance(ck, dict) and {"state_dict", "arch", "meta"} <= set(ck):
         return "brainfv"

@@ -36,8 +36,16 @@ from pathlib import Path
 import numpy as np
 
 from ..config import LesionConfig
-from .metrics import TemplateBank, base_rate, lesion_hit, lesion_templates, phase_surrogates, quality_ratios, \
-    region_slices, sex_effect_fidelity
+from .metrics import (
+    TemplateBank,
+    base_rate,
+    lesion_hit,
+    lesion_templates,
+    phase_surrogates,
+    quality_ratios,
+    region_slices,
+    sex_effect_fidelity,
+)
 
 __all__ = ["GT_METRICS", "Truth", "score_volumes", "compare_entries"]
 
@@ -81,8 +89,9 @@ class Truth:
         key = tuple((s.start, s.stop) for s in region)
         if key not in self._real:
             m = self.mask[region]
-            self._real[key] = (float(np.mean([relative_tv(np.asarray(v)[region], m) for v in self.real_volumes])),
-                               float(np.mean([high_frequency_fraction(np.asarray(v)[region]) for v in self.real_volumes])))
+            real = [np.asarray(v)[region] for v in self.real_volumes]
+            self._real[key] = (float(np.mean([relative_tv(v, m) for v in real])),
+                               float(np.mean([high_frequency_fraction(v) for v in real])))
         return self._real[key]
 
     def lesion_sign(self, unit, is_output):
@@ -162,7 +171,6 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
         tab = e["table"]
         # volume i of units.nii.gz is the table row with volume == i (never assume an order)
         tt = tab[tab["network"] == "trained"].sort_values("volume").reset_index(drop=True)
-        units = sorted(tt["unit"].unique())
         region = parse_region(tt["region"].iloc[0])
         out_layer = output_layers.get(e["task"]) if isinstance(output_layers, dict) else output_layers
         is_output = out_layer is not None and e["module"] == out_layer
@@ -194,7 +202,8 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
 
         def add_controls(kind, volumes, units_, seeds_, source):
             sc = score_volumes(truth, volumes, units_, region, is_output)
-            pr = _transfer_probs(transfer_models.get(e["task"]), volumes, units_) if is_output else [np.nan] * len(volumes)
+            pr = (_transfer_probs(transfer_models.get(e["task"]), volumes, units_) if is_output
+                  else [np.nan] * len(volumes))
             for v_sc, p, u, s in zip(sc, pr, units_, seeds_):
                 control_rows.append({"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u,
                                      "seed": s, "control": kind, "source": source, **v_sc, "transfer_prob": p,
@@ -210,7 +219,8 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             ot = o["table"]
             ot = ot[ot["network"] == "trained"].sort_values("volume")
             if ot["unit"].tolist() != unit_of or ot["seed"].tolist() != seed_of:
-                log(f"{e['task']} {e['layer']} {e['regularizer']}: {other_task}'s request differs; no other-model control")
+                log(f"{e['task']} {e['layer']} {e['regularizer']}: {other_task}'s request differs; "
+                    "no other-model control")
                 continue
             add_controls("other", o["trained"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
                          f"{other_task} model")
@@ -298,10 +308,11 @@ def _transfer_agreement(task, main_pred, transfer_pred, meta, tmeta):
     r = float(np.corrcoef(logit(m[pos + "_main"]), logit(m[pos + "_transfer"]))[0, 1]) if len(m) > 2 else np.nan
     differs = [f"seed ({meta.get('seed')} vs {tmeta.get('seed')})"]
     if tmeta.get("arch") and meta.get("arch") and tmeta["arch"] != meta["arch"]:
-        differs.append("architecture (" + ", ".join(f"{k}: {meta['arch'].get(k)} -> {v}" for k, v in tmeta["arch"].items()
-                                                    if meta["arch"].get(k) != v) + ")")
+        changed = [f"{k}: {meta['arch'].get(k)} -> {v}" for k, v in tmeta["arch"].items() if meta["arch"].get(k) != v]
+        differs.append("architecture (" + ", ".join(changed) + ")")
     if tmeta.get("bootstrap"):
         differs.append("training subjects (bootstrap resample)")
-    return {"task": task, "test_margin_corr": r, "main_accuracy": float((m["label_main"] == m["predicted_main"]).mean()),
+    return {"task": task, "test_margin_corr": r,
+            "main_accuracy": float((m["label_main"] == m["predicted_main"]).mean()),
             "transfer_accuracy": float((m["label_transfer"] == m["predicted_transfer"]).mean()),
             "differs_in": "; ".join(differs)}

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..utils import atomic_path
 from ..data.files import DATASET_FILES
+from ..utils import atomic_path
 
 __all__ = ["orthoslices", "subject_montage", "save", "cohort_qc_figure", "lesion_examples_figure",
            "learning_curve_figure", "featviz_grid_figure", "metrics_figure", "trajectories_figure", "models_figure",
@@ -167,7 +167,6 @@ def lesion_examples_figure(dataset_dir, path, n=4):
 def learning_curve_figure(history, metrics, path, title):
     """Loss and validation balanced accuracy per epoch, with the test result in the legend."""
     plt = _mpl()
-    import seaborn as sns
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
     a1.plot(history["epoch"], history["train_loss"], "o-", ms=3, label="train")
@@ -391,13 +390,13 @@ def signal_null_figure(summary, path, metrics=None):
     rows = []
     for task in dict.fromkeys(s["task"]):
         for metric in metrics:
-            layers = [l for l in dict.fromkeys(s["layer"])
-                      if ((s["task"] == task) & (s["metric"] == metric) & (s["layer"] == l)).any()]
+            layers = [lay for lay in dict.fromkeys(s["layer"])
+                      if ((s["task"] == task) & (s["metric"] == metric) & (s["layer"] == lay)).any()]
             if layers:
                 rows.append((task, metric, layers))
     ncol = max(len(r[2]) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(0.42 * len(regs) * ncol + 1.6 * ncol + 1.2, 2.3 * len(rows) + 0.9),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncol, squeeze=False,
+                             figsize=(0.42 * len(regs) * ncol + 1.6 * ncol + 1.2, 2.3 * len(rows) + 0.9))
     x = np.arange(len(regs))
     for i, (task, metric, layers) in enumerate(rows):
         for j in range(ncol):

@@ -33,10 +33,10 @@ from .anatomy import (
     DIVERGING_CMAP,
     THRESHOLD_FRACTION,
     _cheap_gc,
+    _mask_for,
     choose_cut_coords,
     panel_style,
     robust_max,
-    _mask_for,
 )
 
 __all__ = ["ViewerPage", "write_viewer", "parse_view", "repack_png"]
@@ -368,17 +368,22 @@ def _page(title, description, data, library, threshold_fraction, display_mm, gri
     return _TEMPLATE.substitute(
         TITLE=esc(title), DESCRIPTION=esc(description), NOTES=esc(notes), DATA=_json_for_script(data),
         LIBRARY=lib,
+        CSP=_CSP,
     )
 
 
 from string import Template  # noqa: E402  (the page template reads better at the end of the module)
+
+#: the page's Content-Security-Policy: nothing from the network, its own inline script, style and images only
+_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+        "frame-src 'self' data: about:; child-src 'self' data: about:")
 
 _TEMPLATE = Template(r"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy"
-      content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; frame-src 'self' data: about:; child-src 'self' data: about:">
+      content="$CSP">
 <title>$TITLE</title>
 <style>
   :root { color-scheme: dark; }
