@@ -32,7 +32,7 @@ SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
 @functools.lru_cache(maxsize=1)
-def schema():
+def schema() -> dict:
     """The parsed config schema (cached; treat as read-only)."""
     import yaml
 
@@ -50,7 +50,7 @@ def _resolve(n):
     return n
 
 
-def node(path):
+def node(path: str) -> dict:
     """The schema node of a dotted config path: ``"training"``, ``"training.augment"``; a first part naming a
     ``$defs`` entry (``"preset"``) selects it."""
     s = schema()
@@ -68,7 +68,7 @@ def node(path):
     return _resolve(n)
 
 
-def default(path):
+def default(path: str) -> object:
     """The schema default of the key at ``path`` (a deep copy, with its own keys' defaults filled in)."""
     n = node(path)
     if "default" not in n:
@@ -122,7 +122,7 @@ def _validate(instance, n, where=""):
     raise ConfigError(f"config key {key}: {e.message}")
 
 
-def complete(cfg=None, validate=True):
+def complete(cfg: dict | None = None, validate: bool = True) -> dict:
     """A copy of ``cfg`` with every schema default filled in, validated against the schema.
 
     Presets under ``featviz.regularizers`` are added to the default presets (schema keyword
@@ -134,7 +134,7 @@ def complete(cfg=None, validate=True):
     return out
 
 
-def check(cfg):
+def check(cfg: dict) -> dict:
     """Cross-key checks of a completed config that JSON schema cannot express; raise ConfigError."""
     splits = cfg["cohort"]["splits"]
     total = sum(splits.values())
@@ -196,7 +196,7 @@ def check_source(cohort_cfg: dict) -> None:
             raise ConfigError(f"cohort.csv.table: table not found: {path}")
 
 
-def layer_id(spec):
+def layer_id(spec: dict) -> str:
     """The name of a featviz request (``featviz.layers[]``) in paths and tables: its ``name``, else the layer,
     with ``-<objective>`` for objectives that read a layer differently than its units (probability, contrast)."""
     if spec.get("name"):
@@ -205,7 +205,7 @@ def layer_id(spec):
     return spec["layer"] if obj in ("channel", "neuron") else f"{spec['layer']}-{obj}"
 
 
-def task_requests(cfg, task):
+def task_requests(cfg: dict, task: str) -> dict[str, dict]:
     """The ``featviz.layers`` requests that apply to ``task`` (those without ``tasks`` apply to every task),
     keyed by :func:`layer_id`."""
     return {layer_id(s): s for s in cfg["featviz"]["layers"] if task in s.get("tasks", [task])}
@@ -220,7 +220,7 @@ def _no_defaults(n):
     return n
 
 
-def task_training(cfg, task):
+def task_training(cfg: dict, task: str) -> dict:
     """The training section with ``tasks.<task>.training`` overrides applied (both already validated)."""
     over = cfg["tasks"][task].get("training") or {}
     merged = {**cfg["training"], **over}
@@ -228,7 +228,7 @@ def task_training(cfg, task):
     return merged
 
 
-def transfer_model(cfg):
+def transfer_model(cfg: dict) -> dict:
     """The transfer model's architecture: the model section with ``transfer.model`` overrides."""
     return {**cfg["model"], **cfg["transfer"]["model"]}
 
@@ -242,7 +242,7 @@ class Section:
     _path: ClassVar[str] = ""
 
     @classmethod
-    def from_config(cls, values=None, where=None):
+    def from_config(cls, values: dict | Section | None = None, where: str | None = None) -> Section:
         if isinstance(values, cls):
             return values
         values = dict(values or {})
@@ -257,7 +257,7 @@ class Section:
             kwargs[f.name] = sub.from_config(v, f"{where or cls._path}.{f.name}") if sub else v
         return cls(**kwargs)
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
@@ -343,7 +343,7 @@ class Preset(Section):
     pre_blur: float = _d("preset.pre_blur")
 
     @classmethod
-    def from_dict(cls, d, name="preset"):
+    def from_dict(cls, d: dict, name: str = "preset") -> Preset:
         """A preset from a config dict; unknown keys raise ConfigError naming ``featviz.regularizers.<name>``."""
         return cls.from_config(d, f"featviz.regularizers.{name}")
 
@@ -393,6 +393,6 @@ class LesionConfig(Section):
     random_orientation: bool = _d("lesions.random_orientation")
 
     @property
-    def template_shapes(self):
+    def template_shapes(self) -> list[str]:
         """The shapes a class can show: all configured shapes (presence) or shape A/B (shapes labelling)."""
         return list(self.shapes) if self.labelling == "presence" else [self.shape_a, self.shape_b]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import nibabel as nib
 import pandas as pd
+import torch
+from torch import nn
 
 from ..config import task_requests
 from ..data.grid import Grid
@@ -17,7 +19,7 @@ from .base import Job
 __all__ = ["task_model", "describe_job"]
 
 
-def task_model(job, device="cpu"):
+def task_model(job: Job, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """A job's model: ``job.input["model"]`` loaded as the spec in ``job.params["model"]`` says (a study
     checkpoint when there is none); returns ``(model, info)``."""
     spec = {**(job.params.get("model") or {"format": "brainfv"}), "checkpoint": job.input["model"]}

@@ -16,7 +16,7 @@ from ..errors import ConfigError, UnitError
 __all__ = ["layer_units", "n_units", "resolve_units"]
 
 
-def layer_units(arch, n_classes=2):
+def layer_units(arch: dict | ModelConfig | None, n_classes: int = 2) -> dict[str, int]:
     """``{layer name: number of units}`` for every addressable layer of the architecture (config ``model``;
     the classifier's units are the classes, known once the data is: ``n_classes``)."""
     a = ModelConfig.from_config({k: v for k, v in (arch or {}).items() if k != "n_classes"}, "model")
@@ -30,14 +30,14 @@ def layer_units(arch, n_classes=2):
     return out
 
 
-def n_units(arch, layer):
+def n_units(arch: dict | ModelConfig | None, layer: str) -> int:
     units = layer_units(arch)
     if layer not in units:
         raise UnitError(f"layer {layer!r} is not in the model; layers: {list(units)}")
     return units[layer]
 
 
-def resolve_units(spec, n, where="units"):
+def resolve_units(spec: str | int | list[int], n: int, where: str = "units") -> list[int]:
     """Unit indices from a config spec: ``"all"``, an int N (first N) or a list of indices (sorted, without
     repeats: a request's volumes and table rows are in ascending channel order)."""
     if spec == "all":

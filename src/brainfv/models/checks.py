@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from .load import NORMALISATIONS, _input_info, _normalisation_name
@@ -12,8 +14,10 @@ from .torchscript import eval_mode, first_line
 __all__ = ["check_model_input", "find_output_layer"]
 
 
-def check_model_input(info, grid_shape, voxel_size, model=None, *, normalisation="zscore-brain", where="model",
-                      device=None, rtol=1e-3, grid_label="the cohort grid"):
+def check_model_input(info: dict, grid_shape: Sequence[int], voxel_size: float | Sequence[float] | None,
+                      model: nn.Module | None = None, *, normalisation: str | None = "zscore-brain",
+                      where: str = "model", device: str | torch.device | None = None, rtol: float = 1e-3,
+                      grid_label: str = "the cohort grid") -> tuple | None:
     """Check that the cohort's grid is what the model was trained on; optionally probe the model with it.
 
     Parameters
@@ -107,7 +111,7 @@ def _fmt_vs(vs):
     return "x".join(f"{float(v):g}" for v in vals)
 
 
-def find_output_layer(model, input_shape, device="cpu"):
+def find_output_layer(model: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu") -> str | None:
     """The module that produces the model's output (the class logits): the innermost module whose output
     *is* the tensor the model returns (for a wrapped TorchScript module: the last leaf module whose output
     equals it), on one zero input of ``input_shape`` (C, X, Y, Z); None if no module returns it as it is

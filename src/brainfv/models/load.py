@@ -85,7 +85,7 @@ _PICKLE_ADVICE = ("Unpickling executes arbitrary code from the file. Prefer a To
 # the spec
 # ----------------------------------------------------------------------------------------------------------
 
-def load_model(spec, device="cpu", where="model"):
+def load_model(spec: dict | str, device: str | torch.device = "cpu", where: str = "model") -> tuple[nn.Module, dict]:
     """Load the model a spec describes; returns ``(model in eval mode on device, info)``.
 
     Parameters
@@ -290,7 +290,7 @@ def _load_brainfv(path, device, where, info):
 # architectures and weights
 # ----------------------------------------------------------------------------------------------------------
 
-def build_architecture(arch, where="model.architecture"):
+def build_architecture(arch: dict | str, where: str = "model.architecture") -> nn.Module:
     """Instantiate ``arch["name"](**arch["kwargs"])``.
 
     ``name`` is ``"monai:<Name>"`` (a class of :mod:`monai.networks.nets`, MONAI being an optional
@@ -339,7 +339,8 @@ def build_architecture(arch, where="model.architecture"):
     return model
 
 
-def extract_state_dict(ckpt, key=None, where="model", path=None, notes=None):
+def extract_state_dict(ckpt: object, key: str | None = None, where: str = "model", path: str | Path | None = None,
+                       notes: list | None = None) -> dict:
     """The ``{name: tensor}`` mapping inside a loaded checkpoint.
 
     With ``key`` (``state_dict_key`` in the spec; ``"a.b"`` for nested dicts) that entry is used; else the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -41,10 +42,10 @@ class _Tap(nn.Module):
             if isinstance(v, (int, str, tuple, list)) or v is None:
                 setattr(self, attr, v)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return self.original_name
 
 
@@ -181,7 +182,7 @@ class TorchScriptModel(nn.Module):
         return fn
 
     # -- nn.Module behaviour ----------------------------------------------------------------------------
-    def forward(self, *args):
+    def forward(self, *args: torch.Tensor) -> object:
         taps = dict(self.named_modules())
         hooked = tuple(e for e, (_, _, leaves) in enumerate(self.events)
                        if any(taps[n]._forward_hooks or taps[n]._forward_pre_hooks for n in leaves))
@@ -197,20 +198,20 @@ class TorchScriptModel(nn.Module):
         self.script._apply(fn, *args, **kwargs)
         return self
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> TorchScriptModel:
         self.script.train(mode)
         return super().train(mode)
 
-    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator:
         return self.script.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
 
-    def named_buffers(self, prefix="", recurse=True, remove_duplicate=True):
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator:
         return self.script.named_buffers(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
 
-    def state_dict(self, *args, **kwargs):
+    def state_dict(self, *args: object, **kwargs: object) -> dict:
         return self.script.state_dict(*args, **kwargs)
 
-    def load_state_dict(self, state_dict, strict=True, assign=False):
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False) -> object:
         return self.script.load_state_dict(state_dict, strict=strict)
 
     def __getstate__(self):  # copies rebuild the probe functions lazily
@@ -230,7 +231,7 @@ class TorchScriptModel(nn.Module):
             p_new.requires_grad_(p_old.requires_grad)
         return new
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"TorchScript {self.original_name}"
 
 
@@ -260,7 +261,7 @@ def _user_scope(node):
     return path
 
 
-def hookable(model):
+def hookable(model: nn.Module) -> nn.Module:
     """``model`` itself, or a :class:`TorchScriptModel` around it if it is a TorchScript module."""
     if isinstance(model, TorchScriptModel) or not isinstance(model, torch.jit.ScriptModule):
         return model
@@ -286,7 +287,7 @@ class eval_mode:
         return False
 
 
-def first_line(e):
+def first_line(e: BaseException) -> str:
     """The informative line of an exception message (TorchScript puts it last, after a traceback)."""
     s = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
     if not s:
