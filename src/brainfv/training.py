@@ -20,17 +20,22 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from .config import AugmentConfig, TrainingConfig
 from .data.files import DATASET_FILES
+from .data.store import Dataset, VolumeReader
 from .device import compute_settings, pick_device
 from .errors import InputDataError
+from .models.cnn import build_model, save_checkpoint
+from .provenance import code_hash
 from .utils import atomic_path, get_logger, stable_seed, write_json
 
 __all__ = ["VolumeDataset", "task_labels", "make_loaders", "Checkpointer", "checkpoint_key", "fit", "evaluate",
@@ -66,8 +71,6 @@ class VolumeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if self._mm is None:  # opened lazily, once per worker process
-            from .data.store import VolumeReader
-
             self._mm = VolumeReader(self.path)
         vol = np.asarray(self._mm[self.rows[i]], dtype=np.float32)
         if self.augment:
@@ -241,8 +244,6 @@ def make_loaders(volumes_path, splits, cfg, seed, pin_memory=False, bootstrap=Fa
 
 def checkpoint_key(**parts):
     """A short hash of everything a training run is made from (config, seed, classes, data content, code)."""
-    from .provenance import code_hash
-
     # the training code only (its learning-curve plot is drawn by brainfv.jobs.train): a figure edit must not
     # throw resumable checkpoints away
     parts = {**parts, "code": code_hash(__name__), "format": CHECKPOINT_FORMAT}
@@ -303,20 +304,7 @@ def fit(model, loaders, cfg, device, loss_fn, n_classes, checkpointer, seed, log
         if bad_epochs >= cfg.patience:
             break
         t0 = time.perf_counter()
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in loaders.train(epoch, seed):
-            x, y = x.to(device, non_blocking=True, memory_format=torch.channels_last_3d), y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
-            seen += len(y)
+        loss_sum, correct, seen = _train_epoch(model, loaders.train(epoch, seed), opt, sched, loss_fn, device, amp)
         recalibrate_batchnorm(model, loaders.bn, device)
         val, _ = evaluate(model, loaders.val, device, n_classes, amp)
         dt = time.perf_counter() - t0
@@ -347,12 +335,29 @@ def fit(model, loaders, cfg, device, loss_fn, n_classes, checkpointer, seed, log
     return history, best_state
 
 
+def _train_epoch(model: nn.Module, batches: Iterable, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, device: torch.device,
+                 amp: bool) -> tuple[float, int, int]:
+    """One pass over the training batches: (summed loss, correct predictions, volumes seen)."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True, memory_format=torch.channels_last_3d), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += len(y)
+    return loss_sum, correct, seen
+
+
 def write_outputs(out_dir, model, meta, metrics, predictions, history):
     """``model.pt``, ``metrics.json``, ``predictions.tsv`` and ``history.tsv`` in ``out_dir``, each atomically."""
-    import pandas as pd
-
-    from .models.cnn import save_checkpoint
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out_dir / "model.pt", model.cpu(), **meta)
@@ -361,6 +366,36 @@ def write_outputs(out_dir, model, meta, metrics, predictions, history):
         predictions.to_csv(tmp, sep="\t", index=False)
     with atomic_path(out_dir / "history.tsv") as tmp:
         pd.DataFrame(history).to_csv(tmp, sep="\t", index=False)
+
+
+def _train_and_evaluate(arch: dict, n_classes: int, weights: torch.Tensor, loaders: Loaders, cfg: TrainingConfig,
+                        device: torch.device, checkpointer: Checkpointer, run_seed: int, log: Callable,
+                        stop_after_epoch: int | None) -> tuple | None:
+    """A new model fitted with its seed (the caller's global RNG restored afterwards), at its best state, and
+    its test and validation metrics: (model, history, test, test probabilities, val); None if stopped early."""
+    with torch.random.fork_rng(devices=[]), compute_settings(device, deterministic_cpu=True):
+        torch.manual_seed(run_seed)  # weights and dropout; the caller's global RNG is restored afterwards
+        # channels-last 3D convolutions: 2.6x the CPU throughput of the default layout (benchmarks/training.py)
+        model = build_model(arch, n_classes=n_classes).to(device, memory_format=torch.channels_last_3d)
+        loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
+        fitted = fit(model, loaders, cfg, device, loss_fn, n_classes, checkpointer, run_seed, log, stop_after_epoch)
+        if fitted is None:
+            return None
+        history, best_state = fitted
+        model.load_state_dict(best_state)
+        amp = device.type == "cuda"
+        test, test_prob = evaluate(model, loaders.test, device, n_classes, amp)
+        val, _ = evaluate(model, loaders.val, device, n_classes, amp)
+    return model, history, test, test_prob, val
+
+
+def _predictions(te: pd.DataFrame, target: str, classes: list, test_prob: np.ndarray) -> pd.DataFrame:
+    """One row per test subject: its label, the predicted class and each class's probability."""
+    pred = pd.DataFrame({"subject": te["subject"].to_numpy(), "split": "test", "label": te[target].to_numpy(),
+                         "y": te["y"].to_numpy(), "predicted": [classes[i] for i in test_prob.argmax(1)]})
+    for i, c in enumerate(classes):
+        pred[f"p_{c}"] = test_prob[:, i]
+    return pred
 
 
 def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpoint_dir, log=None,
@@ -374,11 +409,6 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
     ``transfer`` model of the workflow is replicate 1); ``bootstrap`` resamples the training subjects;
     ``stop_after_epoch`` simulates a kill (tests).
     """
-    import pandas as pd
-
-    from .data.store import Dataset
-    from .models.cnn import build_model
-
     log = log or get_logger().info
     cfg = TrainingConfig.from_config(training, "training")
     ds = Dataset(dataset_dir)
@@ -405,19 +435,11 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
                          data=ds.fingerprint(), subjects=len(df))
     checkpointer = Checkpointer(checkpoint_dir, key, log)
     t_start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), compute_settings(device, deterministic_cpu=True):
-        torch.manual_seed(run_seed)  # weights and dropout; the caller's global RNG is restored afterwards
-        # channels-last 3D convolutions: 2.6x the CPU throughput of the default layout (benchmarks/training.py)
-        model = build_model(arch, n_classes=len(classes)).to(device, memory_format=torch.channels_last_3d)
-        loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
-        fitted = fit(model, loaders, cfg, device, loss_fn, len(classes), checkpointer, run_seed, log, stop_after_epoch)
-        if fitted is None:
-            return None
-        history, best_state = fitted
-        model.load_state_dict(best_state)
-        amp = device.type == "cuda"
-        test, test_prob = evaluate(model, loaders.test, device, len(classes), amp)
-        val, _ = evaluate(model, loaders.val, device, len(classes), amp)
+    trained = _train_and_evaluate(arch, len(classes), weights, loaders, cfg, device, checkpointer, run_seed, log,
+                                  stop_after_epoch)
+    if trained is None:
+        return None
+    model, history, test, test_prob, val = trained
     best_epoch = max(range(len(history)), key=lambda i: (history[i]["val_balanced_accuracy"],
                                                          -history[i]["val_loss"])) + 1
     meta = {"task": task, "target": target, "classes": classes, "replicate": replicate, "role": role,
@@ -431,12 +453,7 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
                "mean_samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
                "device": str(device), "cohort": str(parts["cohort"].iloc[0]) if "cohort" in parts else "",
                "output_layer": "classifier"}
-    te = splits["test"]
-    pred = pd.DataFrame({"subject": te["subject"].to_numpy(), "split": "test", "label": te[target].to_numpy(),
-                         "y": te["y"].to_numpy(), "predicted": [classes[i] for i in test_prob.argmax(1)]})
-    for i, c in enumerate(classes):
-        pred[f"p_{c}"] = test_prob[:, i]
-    write_outputs(out_dir, model, meta, metrics, pred, history)
+    write_outputs(out_dir, model, meta, metrics, _predictions(splits["test"], target, classes, test_prob), history)
     checkpointer.clear()
     log(f"task {task}: test balanced accuracy {test['balanced_accuracy']:.3f}, accuracy {test['accuracy']:.3f}, "
         f"AUC {test['roc_auc']:.3f} (best epoch {best_epoch}, {time.perf_counter() - t_start:.0f}s)")
