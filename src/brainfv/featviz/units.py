@@ -1,10 +1,13 @@
 """Units addressed by module name and channel; capturing activations with early stop."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from ..errors import UnitError
+from ..models.torchscript import TorchScriptModel, eval_mode, hookable
 
 __all__ = ["parse_unit", "get_module", "capture_activations", "layer_output_shape", "check_channels",
            "receptive_field", "describe_units", "resolve_units"]
@@ -213,14 +216,12 @@ def describe_units(model, input_shape, device="cpu"):
         container that computes a tensor of its own (a dense layer's concatenation, a residual block
         whose shared activation module runs twice) is listed.
     """
-    from ..models.torchscript import TorchScriptModel, eval_mode, hookable
-
     model = hookable(model)
     if isinstance(model, TorchScriptModel) and model.tap_error:
         return [{"layer": n, "type": _type_name(m), "output_shape": None, "channels": None, "spatial": False,
                  "rf_size": None, "rf_stride": None, "calls": None} for n, m in model.named_modules() if n]
     names = {m: n for n, m in reversed(list(model.named_modules())) if n}  # first name of shared modules
-    rows, keep, handles = {}, [], []
+    rows, keep = {}, []
     produced = {}  # (id, version) of first-call outputs -> module name: the "same tensor" test
     x = torch.zeros((1,) + tuple(int(s) for s in input_shape), device=device)
     chain = _Chain(x)
@@ -239,14 +240,26 @@ def describe_units(model, input_shape, device="cpu"):
         if tensor is not None:
             keep.append(tensor)  # keeps ids unique while the pass runs
             produced.setdefault(key, name)
-        shape = tuple(tensor.shape[1:]) if tensor is not None else None
-        spatial = shape is not None and len(shape) == 4
-        rows[name] = {"layer": name, "type": _type_name(module), "output_shape": shape,
-                      "channels": int(shape[0]) if shape else None, "spatial": spatial,
-                      "rf_size": tuple(chain.size) if chain.ok and spatial else None,
-                      "rf_stride": tuple(chain.stride) if chain.ok and spatial else None,
-                      "calls": 1, "_skip": same}
+        rows[name] = {**_unit_row(name, module, tensor, chain), "_skip": same}
 
+    _forward_with_hooks(model, names, chain, hook, x)
+    return [{k: v for k, v in r.items() if k != "_skip"} for r in rows.values() if not r["_skip"]]
+
+
+def _unit_row(name: str, module: nn.Module, tensor: torch.Tensor | None, chain: _Chain) -> dict:
+    """One row of :func:`describe_units` for a module's first output (``tensor``; None if not a tensor)."""
+    shape = tuple(tensor.shape[1:]) if tensor is not None else None
+    spatial = shape is not None and len(shape) == 4
+    return {"layer": name, "type": _type_name(module), "output_shape": shape,
+            "channels": int(shape[0]) if shape else None, "spatial": spatial,
+            "rf_size": tuple(chain.size) if chain.ok and spatial else None,
+            "rf_stride": tuple(chain.stride) if chain.ok and spatial else None, "calls": 1}
+
+
+def _forward_with_hooks(model: nn.Module, names: dict, chain: _Chain, hook: Callable, x: torch.Tensor) -> None:
+    """One eval-mode forward of ``x`` with ``hook`` (and the receptive-field chain's pre-hook on leaves) on every
+    named module that takes hooks; the hooks are removed afterwards."""
+    handles = []
     try:
         for module in names:
             if not isinstance(module, torch.jit.ScriptModule):
@@ -258,7 +271,6 @@ def describe_units(model, input_shape, device="cpu"):
     finally:
         for h in handles:
             h.remove()
-    return [{k: v for k, v in r.items() if k != "_skip"} for r in rows.values() if not r["_skip"]]
 
 
 def _version(tensor):
@@ -280,8 +292,6 @@ def resolve_units(model, layer, spec, input_shape, device="cpu"):
     ``input_shape`` is (C, X, Y, Z).
     Raises :class:`UnitError` naming the layer and its channel count.
     """
-    from ..models.torchscript import hookable
-
     shape = layer_output_shape(hookable(model), layer, input_shape, device)
     if len(shape) == 0:
         raise UnitError(f"layer {layer!r} outputs a scalar per input; it has no channels to visualise")
