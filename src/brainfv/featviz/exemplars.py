@@ -33,11 +33,15 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
+from nibabel.openers import ImageOpener
+from nibabel.volumeutils import seek_tell
 
 from ..errors import ConfigError, InputDataError, UnitError
+from ..models.cnn import frozen
 from ..utils import Progress, atomic_path
-from .units import capture_activations, receptive_field
+from .units import capture_activations, parse_unit, receptive_field
 
 __all__ = ["ExemplarResult", "top_exemplars", "exemplar_volumes", "exemplar_table", "write_exemplars"]
 
@@ -75,8 +79,6 @@ class ExemplarResult:
     def unit_index(self, unit):
         """Index in ``units`` of ``unit`` (a channel number or a ``"layer:channel"`` address)."""
         if isinstance(unit, str):
-            from .units import parse_unit
-
             layer, ch = parse_unit(unit)
             if layer != self.layer:
                 raise UnitError(f"unit {unit!r} is not of layer {self.layer!r}")
@@ -100,8 +102,6 @@ class ExemplarResult:
 
 
 def _frozen_copy(model, device):
-    from ..models.cnn import frozen
-
     return frozen(model, device)
 
 
@@ -162,22 +162,11 @@ def top_exemplars(model, volumes, rows, layer, units, *, k=4, kind="channel", ba
     :class:`ExemplarResult`. Ties are broken by row (the smaller first), so the result does not
     depend on ``batch_size`` (beyond float rounding of batched convolutions).
     """
-    units = [int(u) for u in (units if not isinstance(units, int) else [units])]
-    if not units:
-        raise UnitError(f"no units given for layer {layer!r}")
-    if int(k) < 1 or int(batch_size) < 1:
-        raise ConfigError(f"k and batch_size must be >= 1; got k={k}, batch_size={batch_size}")
-    if kind not in ("channel", "neuron"):
-        raise ConfigError(f"exemplar kind must be 'channel' or 'neuron'; got {kind!r}")
-    k, batch_size = int(k), int(batch_size)
-    rows = np.arange(len(volumes)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
-    if len(rows) == 0:
-        raise InputDataError("top_exemplars: no rows to evaluate")
+    units, rows, k, batch_size = _checked_arguments(volumes, rows, layer, units, k, kind, batch_size)
     device = torch.device(device)
     log = log or (lambda m: None)
     net = _frozen_copy(model, device)
-    U = len(units)
-    top = (np.zeros((U, 0)), np.zeros((U, 0), np.int64), np.zeros((U, 0, 3), np.int64))
+    top = (np.zeros((len(units), 0)), np.zeros((len(units), 0), np.int64), np.zeros((len(units), 0, 3), np.int64))
     input_shape = feature_shape = None
     prog = Progress(len(rows), f"exemplars {layer}", log=log, unit="volumes")
     t0 = time.perf_counter()
@@ -203,18 +192,40 @@ def top_exemplars(model, volumes, rows, layer, units, *, k=4, kind="channel", ba
                    else np.full(score.shape + (3,), -1, np.int64))
             top = _merge_topk(top, (score, np.broadcast_to(chunk, score.shape), pos), k)
             prog.update(len(chunk))
-    scores, sel, fpos = top
-    n = scores.shape[1]
-    if n < k:  # fewer rows than k
-        scores = np.concatenate([scores, np.full((U, k - n), np.nan)], 1)
-        sel = np.concatenate([sel, np.full((U, k - n), -1, np.int64)], 1)
-        fpos = np.concatenate([fpos, np.full((U, k - n, 3), -1, np.int64)], 1)
+    scores, sel, fpos = _padded(top, k)
     rf = receptive_field(net, layer, (1,) + input_shape, device) if len(feature_shape) == 3 else None
     centre, voxel, box = _map_to_input(fpos, sel >= 0, rf, input_shape)
     return ExemplarResult(layer=layer, units=units, kind=kind, k=k, scores=scores, rows=sel, feature_pos=fpos,
                           centre=centre, voxel=voxel, box=box, input_shape=input_shape,
                           feature_shape=feature_shape, receptive_field=rf, n_rows=len(rows),
                           seconds=time.perf_counter() - t0)
+
+
+def _checked_arguments(volumes: object, rows: object, layer: str, units: int | list[int], k: int, kind: str,
+                       batch_size: int) -> tuple[list[int], np.ndarray, int, int]:
+    """:func:`top_exemplars`'s arguments checked: (units, rows, k, batch_size)."""
+    units = [int(u) for u in (units if not isinstance(units, int) else [units])]
+    if not units:
+        raise UnitError(f"no units given for layer {layer!r}")
+    if int(k) < 1 or int(batch_size) < 1:
+        raise ConfigError(f"k and batch_size must be >= 1; got k={k}, batch_size={batch_size}")
+    if kind not in ("channel", "neuron"):
+        raise ConfigError(f"exemplar kind must be 'channel' or 'neuron'; got {kind!r}")
+    rows = np.arange(len(volumes)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(rows) == 0:
+        raise InputDataError("top_exemplars: no rows to evaluate")
+    return units, rows, int(k), int(batch_size)
+
+
+def _padded(top: tuple, k: int) -> tuple:
+    """The running top-k (scores, rows, feature positions) padded to ``k`` columns when there were fewer rows."""
+    scores, sel, fpos = top
+    U, n = scores.shape
+    if n < k:  # fewer rows than k
+        scores = np.concatenate([scores, np.full((U, k - n), np.nan)], 1)
+        sel = np.concatenate([sel, np.full((U, k - n), -1, np.int64)], 1)
+        fpos = np.concatenate([fpos, np.full((U, k - n, 3), -1, np.int64)], 1)
+    return scores, sel, fpos
 
 
 def _read_batch(volumes, chunk, shape):
@@ -288,8 +299,6 @@ def exemplar_table(result, participants=None, grid=None, columns=("subject",)):
     receptive-field box box_x0, box_x1, box_y0, ... ([lo, hi) voxels). Missing exemplars (fewer rows than
     ``k``) are left out.
     """
-    import pandas as pd
-
     lookup = None
     if participants is not None:
         p = participants.set_index("index", drop=False) if "index" in participants.columns else participants
@@ -360,9 +369,6 @@ def _write_nifti_4d(grid, n, vols, path):
     codes) with a 4th axis of length ``n``; the data follow in NIfTI (Fortran) order, so no 4D array
     is built in memory. Atomic: the file appears only when complete.
     """
-    from nibabel.openers import ImageOpener
-    from nibabel.volumeutils import seek_tell
-
     img = grid.to_nifti(np.zeros(tuple(grid.shape) + (1,), np.float32))
     img.update_header()
     hdr = img.header.copy()
