@@ -41,7 +41,7 @@ A unit is then addressed as LAYER:CHANNEL, e.g. features.denseblock2.denselayer4
 """
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``brainfv`` command."""
     parser = argparse.ArgumentParser(
         prog="brainfv",
@@ -49,7 +49,12 @@ def build_parser():
         epilog="Run 'brainfv COMMAND --help' for a command's options and examples.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_units_command(sub)
+    _add_visualize_command(sub)
+    return parser
 
+
+def _add_units_command(sub: argparse._SubParsersAction) -> None:
     units = sub.add_parser(
         "units", help="list a model's layers, output shapes, channels and receptive fields",
         description="Load a model (any supported format), run one zero input of the given grid through it\n"
@@ -73,6 +78,8 @@ def build_parser():
     units.add_argument("--device", default="cpu", help="torch device for the probe pass (default: cpu)")
     units.set_defaults(func=_cmd_units)
 
+
+def _add_visualize_command(sub: argparse._SubParsersAction) -> None:
     vis = sub.add_parser(
         "visualize", help="optimise inputs that maximise units of one layer, without Snakemake",
         description="Activation maximization of one layer's units under one regularization preset, on the grid\n"
@@ -104,7 +111,6 @@ def build_parser():
     _add_model_options(vis)
     vis.add_argument("--device", default="auto", help="torch device (default: auto, CUDA if present)")
     vis.set_defaults(func=_cmd_visualize)
-    return parser
 
 
 def _add_model_options(p):
