@@ -6,8 +6,11 @@ and return the matplotlib figure's size in pixels.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+from scipy import ndimage
 
 from ..data.files import DATASET_FILES
+from ..data.store import Dataset, open_volumes
 from ..utils import atomic_path
 
 __all__ = ["orthoslices", "subject_montage", "save", "cohort_qc_figure", "lesion_examples_figure",
@@ -105,8 +108,6 @@ def subject_montage(volumes, titles, path, suptitle, overlays=None, centres=None
 
 def cohort_qc_figure(dataset_dir, path, n_per_sex=3):
     """QC montage of the first ``n_per_sex`` subjects of each sex of a prepared dataset."""
-    from ..data.store import Dataset
-
     ds = Dataset(dataset_dir)
     parts = ds.participants
     vols = ds.volumes
@@ -125,10 +126,6 @@ def lesion_examples_figure(dataset_dir, path, n=4):
 
     With matched pairs, the lesion-free rows are the twins of the first lesioned subjects.
     """
-    import pandas as pd
-
-    from ..data.store import Dataset, open_volumes
-
     ds = Dataset(dataset_dir)
     parts = ds.participants
     if "volume_id" not in parts:
@@ -205,8 +202,6 @@ def _cell(vol, mask, centre):
 
 def peak_voxel(vol, mask=None, sigma=1.0):
     """Voxel of the largest smoothed |value| (where a visualization's structure is), inside ``mask``."""
-    from scipy import ndimage
-
     a = ndimage.gaussian_filter(np.abs(np.asarray(vol, np.float32)), sigma)
     if mask is not None:
         a = np.where(mask, a, 0)
@@ -343,8 +338,6 @@ def models_figure(metrics, histories, path):
             rows.append({"model": f"{task}\n{role}", "metric": k.replace("_", " "), "value": m["test"][k]})
     a1.set(xlabel="epoch", ylabel="validation balanced accuracy", ylim=(0.3, 1.02), title="learning curves")
     a1.legend(fontsize=7)
-    import pandas as pd
-
     df = pd.DataFrame(rows)
     sns.barplot(data=df, x="model", y="value", hue="metric", ax=a2)
     for c in a2.containers:
@@ -387,56 +380,20 @@ def signal_null_figure(summary, path, metrics=None):
     base = s[s["metric"] == "lesion_hit_base_rate"]
     s = s[~s["regularizer"].str.startswith("attribution:")]
     regs = list(dict.fromkeys(s["regularizer"]))
-    rows = []
-    for task in dict.fromkeys(s["task"]):
-        for metric in metrics:
-            layers = [lay for lay in dict.fromkeys(s["layer"])
-                      if ((s["task"] == task) & (s["metric"] == metric) & (s["layer"] == lay)).any()]
-            if layers:
-                rows.append((task, metric, layers))
+    rows = _signal_null_rows(s, metrics)
     ncol = max(len(r[2]) for r in rows)
     fig, axes = plt.subplots(len(rows), ncol, squeeze=False,
                              figsize=(0.42 * len(regs) * ncol + 1.6 * ncol + 1.2, 2.3 * len(rows) + 0.9))
-    x = np.arange(len(regs))
     for i, (task, metric, layers) in enumerate(rows):
         for j in range(ncol):
-            ax = axes[i, j]
             if j >= len(layers):
-                ax.set_axis_off()
+                axes[i, j].set_axis_off()
                 continue
             layer = layers[j]
             d = s[(s["task"] == task) & (s["metric"] == metric) & (s["layer"] == layer)].set_index("regularizer")
-            d = d.reindex(regs)
-            for k, (kind, (color, marker, label)) in enumerate(CONTROL_STYLE.items()):
-                col = f"null_{kind}"
-                if col in d and d[col].notna().any():
-                    ax.scatter(x + 0.14 * (k - 1), d[col], color=color, marker=marker, s=20, zorder=2, label=label,
-                               facecolors="none" if kind == "surrogate" else color)
-            err = np.vstack([d["mean"] - d["ci_low"], d["ci_high"] - d["mean"]])
-            ax.errorbar(x, d["mean"], yerr=np.nan_to_num(err), fmt="o", color="black", ms=4, capsize=2, lw=1,
-                        zorder=3, label="trained model (mean, 95% CI)")
-            for _, r in attr[(attr["task"] == task) & (attr["metric"] == metric) & (attr["layer"] == layer)].iterrows():
-                ax.axhline(r["mean"], color="0.35", ls="--", lw=0.8, zorder=1)
-                ax.annotate(r["regularizer"].split(":", 1)[1].replace("_", " "), (1.0, r["mean"]),
-                            xycoords=("axes fraction", "data"), fontsize=6, ha="right", va="bottom", color="0.35")
-            if metric == "lesion_hit":
-                b = base[(base["task"] == task) & (base["layer"] == layer)]
-                if len(b):
-                    ax.axhline(float(b["mean"].iloc[0]), color="0.5", ls=":", lw=1, zorder=1, label="base rate")
-            ax.margins(y=0.18)
-            if metric in ("lesion_hit", "transfer_prob"):  # shares and probabilities: always on their full scale
-                ax.set_ylim(-0.08, 1.12)
-            lo, hi = ax.get_ylim()
-            for xi, check in zip(x, d["randomization_check"]):
-                if check in ("pass", "fail"):
-                    ax.text(xi, hi, "✓" if check == "pass" else "✗", ha="center", va="top", fontsize=8,
-                            color="#1a9641" if check == "pass" else "#d7191c")
-            ax.set_xticks(x)
-            ax.set_xticklabels(regs, rotation=35, fontsize=7)
-            ax.tick_params(axis="y", labelsize=7)
-            ax.set_title(f"{task} · {layer}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
+            _signal_null_panel(axes[i, j], d.reindex(regs), regs, metric, f"{task} · {layer}",
+                               attr[(attr["task"] == task) & (attr["metric"] == metric) & (attr["layer"] == layer)],
+                               base[(base["task"] == task) & (base["layer"] == layer)], first=j == 0)
     handles, labels = [], []
     for ax in axes.ravel():
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -449,3 +406,50 @@ def signal_null_figure(summary, path, metrics=None):
                  "(✓/✗: model-randomization check)", y=1.035, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.965))
     return save(fig, path)
+
+
+def _signal_null_rows(s: pd.DataFrame, metrics: list[str]) -> list[tuple]:
+    """The figure's rows: (task, metric, the requests that have the metric), in first-seen order."""
+    rows = []
+    for task in dict.fromkeys(s["task"]):
+        for metric in metrics:
+            layers = [lay for lay in dict.fromkeys(s["layer"])
+                      if ((s["task"] == task) & (s["metric"] == metric) & (s["layer"] == lay)).any()]
+            if layers:
+                rows.append((task, metric, layers))
+    return rows
+
+
+def _signal_null_panel(ax: object, d: pd.DataFrame, regs: list[str], metric: str, title: str, attr: pd.DataFrame,
+                       base: pd.DataFrame, first: bool) -> None:
+    """One panel: the trained model's mean and CI per preset (``d``, indexed by preset), its controls, the
+    attribution maps' values, the lesion base rate and the randomization check marks."""
+    x = np.arange(len(regs))
+    for k, (kind, (color, marker, label)) in enumerate(CONTROL_STYLE.items()):
+        col = f"null_{kind}"
+        if col in d and d[col].notna().any():
+            ax.scatter(x + 0.14 * (k - 1), d[col], color=color, marker=marker, s=20, zorder=2, label=label,
+                       facecolors="none" if kind == "surrogate" else color)
+    err = np.vstack([d["mean"] - d["ci_low"], d["ci_high"] - d["mean"]])
+    ax.errorbar(x, d["mean"], yerr=np.nan_to_num(err), fmt="o", color="black", ms=4, capsize=2, lw=1,
+                zorder=3, label="trained model (mean, 95% CI)")
+    for _, r in attr.iterrows():
+        ax.axhline(r["mean"], color="0.35", ls="--", lw=0.8, zorder=1)
+        ax.annotate(r["regularizer"].split(":", 1)[1].replace("_", " "), (1.0, r["mean"]),
+                    xycoords=("axes fraction", "data"), fontsize=6, ha="right", va="bottom", color="0.35")
+    if metric == "lesion_hit" and len(base):
+        ax.axhline(float(base["mean"].iloc[0]), color="0.5", ls=":", lw=1, zorder=1, label="base rate")
+    ax.margins(y=0.18)
+    if metric in ("lesion_hit", "transfer_prob"):  # shares and probabilities: always on their full scale
+        ax.set_ylim(-0.08, 1.12)
+    lo, hi = ax.get_ylim()
+    for xi, check in zip(x, d["randomization_check"]):
+        if check in ("pass", "fail"):
+            ax.text(xi, hi, "✓" if check == "pass" else "✗", ha="center", va="top", fontsize=8,
+                    color="#1a9641" if check == "pass" else "#d7191c")
+    ax.set_xticks(x)
+    ax.set_xticklabels(regs, rotation=35, fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(title, fontsize=8)
+    if first:
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
