@@ -236,45 +236,28 @@ def write_viewer(path, title, units, grid, template=None, description="", *, mas
                  mode="shared", log=None):
     """Write one self-contained, offline HTML page to scroll through units' volumes on anatomy.
 
-    Parameters
-    ----------
-    path : str or Path
-        HTML file, written atomically.
-    title : str
-        Page title (e.g. ``"lesion — block4.norm"``).
-    units : list of dict
-        One dict per unit: ``label`` (str), ``panels`` (dict name -> 3D array on ``grid`` or None;
-        dict order = display order) and optionally ``cut_coords`` ((x, y, z) MNI mm; default
-        :func:`brainfv.report.anatomy.choose_cut_coords` over the unit's visualizations).
-    grid : brainfv.data.grid.Grid
-        The study grid the volumes are on.
-    template : Niimg, path, array on the display grid, or None
-        Background anatomy (default nilearn's MNI152 1 mm template, brain only, resampled).
-    description : str
-        Plain text shown under the title.
-    mask : bool array on ``grid`` or None
-        Brain mask for robust maxima and cut search (default the template's).
-    styles : dict name -> PanelStyle
-        As in :func:`brainfv.report.anatomy.units_on_anatomy_figure` (units, scale, kind).
-    threshold_fraction : float
-        Overlay voxels with ``|v|`` below this fraction of the panel's robust maximum (99.5th
-        percentile of ``|v|`` in the mask) are hidden so the anatomy shows (15 % by default).
-    display_voxel_size : float or None
-        Voxel size (mm) of the viewers' sprites; None: the study grid's (volumes shown at their own
-        resolution, nearest-neighbour, not interpolated). The page grows with the voxel count:
-        4 units x 8 panels of noisy visualizations are ~2.4 MB at 3 mm, ~3.6 MB at 2 mm; a coarser
-        display grid (e.g. 3 for a 1.5 mm study) interpolates instead of aliasing.
-    cmap : str
-        Diverging colour map (blue: darker T1 than average, red: brighter).
-    mode : {"shared", "iframe"}
-        ``"shared"``: libraries and identical images stored once, viewers built on demand (see the
-        module docstring). ``"iframe"``: each viewer's own nilearn page in an on-demand iframe.
-    log : callable or None
-        Progress messages.
+    - ``path``: the HTML file, written atomically; ``title``: the page title (e.g. ``"lesion — block4.norm"``);
+      ``description``: plain text shown under the title.
+    - ``units``: one dict per unit: ``label`` (str), ``panels`` (dict name -> 3D array on ``grid`` or None;
+      dict order = display order) and optionally ``cut_coords`` ((x, y, z) MNI mm; default
+      :func:`brainfv.report.anatomy.choose_cut_coords` over the unit's visualizations).
+    - ``grid``: the study grid (:class:`brainfv.data.grid.Grid`) the volumes are on.
+    - ``template``: background anatomy (Niimg, path, array on the display grid; default nilearn's MNI152 1 mm
+      template, brain only, resampled). ``mask``: bool array on ``grid`` for robust maxima and the cut search
+      (default the template's).
+    - ``styles``: dict name -> PanelStyle, as in :func:`brainfv.report.anatomy.units_on_anatomy_figure`.
+    - ``threshold_fraction``: overlay voxels with ``|v|`` below this fraction of the panel's robust maximum
+      (99.5th percentile of ``|v|`` in the mask) are hidden so the anatomy shows (15 % by default).
+    - ``display_voxel_size``: voxel size (mm) of the viewers' sprites; None: the study grid's (volumes shown at
+      their own resolution, nearest-neighbour). The page grows with the voxel count: 4 units x 8 panels of
+      noisy visualizations are ~2.4 MB at 3 mm, ~3.6 MB at 2 mm; a coarser display grid (e.g. 3 for a 1.5 mm
+      study) interpolates instead of aliasing.
+    - ``cmap``: diverging colour map (blue: darker T1 than average, red: brighter).
+    - ``mode``: ``"shared"``: libraries and identical images stored once, viewers built on demand (see the
+      module docstring); ``"iframe"``: each viewer's own nilearn page in an on-demand iframe.
+    - ``log``: a callable for progress messages, or None.
 
-    Returns
-    -------
-    ViewerPage
+    Returns a :class:`ViewerPage`.
     """
     from ..utils import Progress
 
