@@ -14,12 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
+import inspect
+import io
 import os
 import time
 from dataclasses import dataclass, field
 
+import matplotlib as mpl
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from nilearn import datasets, plotting
+from PIL import Image
+from scipy import ndimage
 
+from ..data.template import template_on_grid
 from ..errors import InputDataError
 from ..utils import atomic_path
 
@@ -50,10 +60,6 @@ BG_DIM = 0.6  # nilearn's dimming of the template: > 0 darkens it so the overlay
 @functools.lru_cache(maxsize=1)
 def _has_transparency():
     """Whether nilearn's plot_stat_map takes ``transparency`` (nilearn >= 0.12)."""
-    import inspect
-
-    from nilearn import plotting
-
     return "transparency" in inspect.signature(plotting.plot_stat_map).parameters
 
 
@@ -67,8 +73,6 @@ def _cheap_gc():
     cheap; :meth:`refreeze` also freezes the artists drawn since. Nothing is changed when someone
     else has frozen objects already (we could not unfreeze only ours).
     """
-    import gc
-
     class _Freezer:
         active = gc.get_freeze_count() == 0
 
@@ -209,8 +213,6 @@ def choose_cut_coords(volumes, grid, mask=None, sigma_vox=1.0):
         MNI coordinates in mm. With no usable volume (all None or all zero) the mask's centre of
         mass, rounded to a voxel.
     """
-    from scipy import ndimage
-
     if isinstance(volumes, dict):
         volumes = list(volumes.values())
     vols = [np.asarray(v, np.float32) for v in volumes if v is not None]
@@ -232,8 +234,6 @@ def choose_cut_coords(volumes, grid, mask=None, sigma_vox=1.0):
 
 def _mask_for(grid, mask):
     if mask is None:
-        from ..data.template import template_on_grid
-
         return template_on_grid(grid)["mask"]
     mask = np.asarray(mask, bool)
     if mask.shape != tuple(grid.shape):
@@ -259,8 +259,6 @@ def _as_unit_lists(panels, n_units):
 
 
 def _default_bg():
-    from nilearn import datasets
-
     return datasets.load_mni152_template(resolution=2)
 
 
@@ -282,91 +280,30 @@ def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coord
 
     Every panel of a row is cut through the same MNI point (``cut_coords[i]``, default
     :func:`choose_cut_coords` over the row's visualizations), printed at the left of the row, so
-    presets can be compared voxel for voxel. Overlay panels use a symmetric diverging colour map
-    (blue: darker T1 than average, red: brighter) and hide ``|value| < threshold_fraction`` ×
-    the panel's robust maximum (99.5th percentile of ``|value|`` in the brain mask; 15 % by
-    default) so the anatomy stays visible around the structure; above the threshold the overlay
-    fades in and is opaque from 50 % of the robust maximum (nilearn >= 0.12; plain threshold
-    before). Each column has one colour bar stating its units: z-scored T1 (SD within the brain
-    mask) for visualizations and exemplars, integrated gradients (a.u.) for attributions; a
-    column scaled per panel (``PanelStyle.scale = "panel"``, the default for attributions) says
-    so and prints each panel's robust maximum. Exemplars (``kind="image"``) are drawn as
-    greyscale images on a fixed -3..3 SD scale.
+    presets can be compared voxel for voxel. Overlays use a symmetric diverging colour map (``cmap``; blue:
+    darker T1 than average) and hide ``|value| < threshold_fraction`` × the panel's robust maximum (99.5th
+    percentile of ``|value|`` in the brain ``mask``, default the template's), fading in up to 50 % of it
+    (nilearn >= 0.12). Each column has one colour bar stating its units; a column scaled per panel
+    (``PanelStyle.scale = "panel"``, the default for attributions) prints each panel's robust maximum.
+    Exemplars (``kind="image"``) are greyscale on a fixed -3..3 SD scale. 8 units × 8 columns on the
+    52 × 64 × 52 grid: 2800 × 1144 px, ~0.7 MB, ~25 s on two CPU cores.
 
-    Size and time (measured, 52 × 64 × 52 grid, defaults): 8 units × 8 columns is 2800 × 1144
-    px, ~0.7 MB, ~25 s on two CPU cores.
-
-    Parameters
-    ----------
-    panels : dict
-        Column name -> one 3D array (on ``grid``) or None per unit (or a 4D array, units first).
-        Order of the dict is the column order. A None panel is drawn as an empty, labelled axis.
-    unit_labels : list of str
-        Row labels (e.g. ``"block4.norm:12"``).
-    grid : brainfv.data.grid.Grid
-    path : str or Path
-        PNG written atomically.
-    title : str
-    cut_coords : list of (x, y, z) mm or None
-        One per unit; None (or a None entry) chooses it with :func:`choose_cut_coords`.
-    mask : bool array or None
-        Brain mask on ``grid`` (robust maxima, cut search); default: the template's.
-    styles : dict name -> PanelStyle, optional
-        Overrides :func:`panel_style`'s defaults per column.
-    bg_img : Niimg or None
-        Background anatomy; default nilearn's 2 mm MNI152 template (already finer than a panel's
-        pixels at the default size; the 1 mm one doubles the drawing time for no visible gain).
-    display_mode : str
-        ``"ortho"`` (sagittal, coronal, axial) or a subset of ``"xyz"`` (e.g. ``"z"``); cuts are
-        taken from the unit's (x, y, z).
-    threshold_fraction : float
-    panel_width : float
-        Inches per column (an ortho panel of three views).
-    black_bg : bool
-        Black figure background (like a scanner console / nilearn's default) or white.
-    cmap : str
-        Diverging colour map of overlays (negative = blue = darker T1 than average).
-    palette : bool
-        Save as a 256-colour indexed PNG (3× smaller, indistinguishable).
-    log : callable or None
-        Progress messages (one per row).
-
-    Returns
-    -------
-    AnatomyFigure
+    ``panels``: column name -> one 3D array on ``grid`` or None per unit (or a 4D array, units first), in
+    column order; ``unit_labels``: row labels; ``path``: the PNG, written atomically. ``styles``: name ->
+    PanelStyle overriding :func:`panel_style`. ``bg_img``: background anatomy (default nilearn's 2 mm MNI152
+    template). ``display_mode``: ``"ortho"`` or a subset of ``"xyz"``. ``panel_width``: inches per column.
+    ``black_bg``: black or white background. ``palette``: a 256-colour indexed PNG (3× smaller). ``log``: a
+    callable for one message per row. Returns an :class:`AnatomyFigure`.
     """
     t0 = time.perf_counter()
-    unit_labels = [str(u) for u in unit_labels]
-    n = len(unit_labels)
-    if n == 0:
-        raise InputDataError("units_on_anatomy_figure: no units to draw")
-    cols = _as_unit_lists(panels, n)
-    if not cols:
-        raise InputDataError("units_on_anatomy_figure: no panels to draw")
-    names = list(cols)
-    for name, lst in cols.items():
-        for i, v in enumerate(lst):
-            if v is not None and v.shape != tuple(grid.shape):
-                raise InputDataError(f"panel {name!r} of unit {unit_labels[i]!r} has shape {v.shape}; "
-                                     f"expected the grid's {tuple(grid.shape)}")
+    unit_labels, cols = _checked_panels(panels, unit_labels, grid)
+    n, names = len(unit_labels), list(cols)
     mask = _mask_for(grid, mask)
     style = {name: panel_style(name, styles) for name in names}
     cuts = _row_cuts(cols, style, n, grid, mask, cut_coords)
     rmax = {name: [None if v is None else robust_max(v, mask) for v in cols[name]] for name in names}
-    vmax = {}
-    for name in names:
-        st, vals = style[name], [r for r in rmax[name] if r]
-        if st.kind == "image":
-            vmax[name] = (st.vlim or (-3.0, 3.0))[1]
-        elif st.scale == "column":
-            vmax[name] = max(vals) if vals else 1.0
-        else:
-            vmax[name] = rmax[name]
+    vmax = {name: _panel_vmax(style[name], rmax[name]) for name in names}
     bg = bg_img if bg_img is not None else _default_bg()
-
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     fg, bgc = ("white", "black") if black_bg else ("black", "white")
     rc = {"font.size": 8, "axes.titlesize": 9, "text.color": fg, "axes.labelcolor": fg,
           "xtick.color": fg, "ytick.color": fg, "axes.edgecolor": fg, "figure.facecolor": bgc,
@@ -377,7 +314,7 @@ def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coord
     fig_w = label_w + panel_width * len(names) + 0.2
     fig_h = top_h + row_h * n + bottom_h
     panel_cuts = [[None] * len(names) for _ in range(n)]
-    with matplotlib.rc_context(rc), _cheap_gc() as gc_state:
+    with mpl.rc_context(rc), _cheap_gc() as gc_state:
         # A bare Agg figure: no pyplot, so no backend switch and no figure registry to clean up.
         fig = Figure(figsize=(fig_w, fig_h), facecolor=bgc)
         FigureCanvasAgg(fig)
@@ -392,9 +329,9 @@ def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coord
                         rmax[name][i], threshold_fraction, display_mode, black_bg, fg, cmap)
                     if i == 0:
                         ax.set_title(name, fontsize=10, color=fg, pad=4)
-                y = 1 - (top_h + row_h * (i + 0.5)) / fig_h
                 x, yy, z = cuts[i]
-                fig.text(0.15 / fig_w, y, f"{unit_labels[i]}\nx={x:.0f} y={yy:.0f} z={z:.0f}\n(MNI mm)",
+                fig.text(0.15 / fig_w, 1 - (top_h + row_h * (i + 0.5)) / fig_h,
+                         f"{unit_labels[i]}\nx={x:.0f} y={yy:.0f} z={z:.0f}\n(MNI mm)",
                          ha="left", va="center", fontsize=8, color=fg, linespacing=1.3)
                 gc_state.refreeze()
                 if log:
@@ -406,6 +343,33 @@ def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coord
             fig.clear()
     return AnatomyFigure(path=path, size_px=size, n_bytes=os.path.getsize(path), cut_coords=cuts,
                          panel_cut_coords=panel_cuts, vmax=vmax, seconds=time.perf_counter() - t0)
+
+
+def _checked_panels(panels: dict, unit_labels: list, grid: object) -> tuple[list[str], dict]:
+    """The row labels as strings and the columns as one entry per unit, each on the grid."""
+    unit_labels = [str(u) for u in unit_labels]
+    n = len(unit_labels)
+    if n == 0:
+        raise InputDataError("units_on_anatomy_figure: no units to draw")
+    cols = _as_unit_lists(panels, n)
+    if not cols:
+        raise InputDataError("units_on_anatomy_figure: no panels to draw")
+    for name, lst in cols.items():
+        for i, v in enumerate(lst):
+            if v is not None and v.shape != tuple(grid.shape):
+                raise InputDataError(f"panel {name!r} of unit {unit_labels[i]!r} has shape {v.shape}; "
+                                     f"expected the grid's {tuple(grid.shape)}")
+    return unit_labels, cols
+
+
+def _panel_vmax(st: PanelStyle, rmax: list) -> float | list:
+    """A column's colour limit: an image's fixed scale, the column's largest robust maximum, or per panel."""
+    vals = [r for r in rmax if r]
+    if st.kind == "image":
+        return (st.vlim or (-3.0, 3.0))[1]
+    if st.scale == "column":
+        return max(vals) if vals else 1.0
+    return rmax
 
 
 def _row_cuts(cols, style, n, grid, mask, cut_coords):
@@ -430,8 +394,6 @@ def _row_cuts(cols, style, n, grid, mask, cut_coords):
 def _draw_panel(fig, ax, vol, grid, bg, xyz, st, vmax, rmax, threshold_fraction, display_mode,
                 black_bg, fg, cmap):
     """Draw one panel on ``ax``; return the cut nilearn used (None for a missing panel)."""
-    from nilearn import plotting
-
     if vol is None:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -481,10 +443,6 @@ def _save_png(fig, path, dpi, facecolor, palette):
     An 8 × 8 panel figure of noisy visualizations is ~2.5 MB as RGBA and ~0.8 MB indexed; the
     quantisation (no dithering) is not visible: colour maps have 256 levels anyway.
     """
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     fig.savefig(buf, dpi=dpi, facecolor=facecolor, format="png")
     buf.seek(0)
@@ -515,8 +473,6 @@ def _fade_in(vol, rmax, threshold_fraction, grid):
 
 def _colour_bars(fig, gs, names, style, vmax, threshold_fraction, fig_h, bottom_h, fg, diverging):
     """One horizontal colour bar under each column, labelled with the column's units."""
-    import matplotlib as mpl
-
     for j, name in enumerate(names):
         st = style[name]
         box = gs[-1, j].get_position(fig)
