@@ -172,3 +172,23 @@ def test_public_functions_are_annotated():
              if any(name == a or name.startswith(a + ".") for a in ANNOTATED)
              for item in _unannotated(ast.parse(path.read_text(encoding="utf-8")))]
     assert not found, "not annotated:\n" + "\n".join(found)
+
+
+MAX_LINES = 60
+#: temporary exceptions: other branches are rewriting these bodies right now; they are split after the merge
+#: (then this list is emptied)
+BEING_REWRITTEN = {"brainfv.featviz.render", "brainfv.featviz.param", "brainfv.featviz.controls",
+                   "brainfv.report.calibrate", "brainfv.report.compare.compare_entries",
+                   "brainfv.report.compare.summary", "brainfv.models.checks.check_model_input"}
+
+
+def test_functions_are_at_most_60_lines():
+    """Every function (methods and nested ones too), docstring included, split into its visible phases."""
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_LINES and name not in BEING_REWRITTEN and f"{name}.{node.name}" not in BEING_REWRITTEN:
+                    long.append(f"{name}.{node.name}: {n} lines")
+    assert not long, "\n".join(long)

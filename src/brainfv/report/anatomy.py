@@ -288,12 +288,10 @@ def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coord
     Exemplars (``kind="image"``) are greyscale on a fixed -3..3 SD scale. 8 units × 8 columns on the
     52 × 64 × 52 grid: 2800 × 1144 px, ~0.7 MB, ~25 s on two CPU cores.
 
-    ``panels``: column name -> one 3D array on ``grid`` or None per unit (or a 4D array, units first), in
-    column order; ``unit_labels``: row labels; ``path``: the PNG, written atomically. ``styles``: name ->
-    PanelStyle overriding :func:`panel_style`. ``bg_img``: background anatomy (default nilearn's 2 mm MNI152
-    template). ``display_mode``: ``"ortho"`` or a subset of ``"xyz"``. ``panel_width``: inches per column.
-    ``black_bg``: black or white background. ``palette``: a 256-colour indexed PNG (3× smaller). ``log``: a
-    callable for one message per row. Returns an :class:`AnatomyFigure`.
+    ``panels``: column name -> one 3D array on ``grid`` or None per unit (or 4D, units first), in column
+    order; ``path``: the PNG, written atomically; ``styles``: name -> PanelStyle over :func:`panel_style`;
+    ``bg_img``: default nilearn's 2 mm MNI152; ``display_mode``: ``"ortho"`` or a subset of ``"xyz"``;
+    ``palette``: a 256-colour indexed PNG (3× smaller). Returns an :class:`AnatomyFigure`.
     """
     t0 = time.perf_counter()
     unit_labels, cols = _checked_panels(panels, unit_labels, grid)
@@ -305,16 +303,9 @@ def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coord
     vmax = {name: _panel_vmax(style[name], rmax[name]) for name in names}
     bg = bg_img if bg_img is not None else _default_bg()
     fg, bgc = ("white", "black") if black_bg else ("black", "white")
-    rc = {"font.size": 8, "axes.titlesize": 9, "text.color": fg, "axes.labelcolor": fg,
-          "xtick.color": fg, "ytick.color": fg, "axes.edgecolor": fg, "figure.facecolor": bgc,
-          "savefig.facecolor": bgc}
-    n_views = 3 if display_mode == "ortho" else len(display_mode)
-    row_h = panel_width / n_views * 1.1 if display_mode == "ortho" else panel_width / n_views * 1.25
-    label_w, top_h, bottom_h = 1.25, 0.75, 0.85
-    fig_w = label_w + panel_width * len(names) + 0.2
-    fig_h = top_h + row_h * n + bottom_h
+    row_h, label_w, top_h, bottom_h, fig_w, fig_h = _figure_layout(display_mode, panel_width, n, len(names))
     panel_cuts = [[None] * len(names) for _ in range(n)]
-    with mpl.rc_context(rc), _cheap_gc() as gc_state:
+    with mpl.rc_context(_figure_rc(fg, bgc)), _cheap_gc() as gc_state:
         # A bare Agg figure: no pyplot, so no backend switch and no figure registry to clean up.
         fig = Figure(figsize=(fig_w, fig_h), facecolor=bgc)
         FigureCanvasAgg(fig)
@@ -329,10 +320,7 @@ def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coord
                         rmax[name][i], threshold_fraction, display_mode, black_bg, fg, cmap)
                     if i == 0:
                         ax.set_title(name, fontsize=10, color=fg, pad=4)
-                x, yy, z = cuts[i]
-                fig.text(0.15 / fig_w, 1 - (top_h + row_h * (i + 0.5)) / fig_h,
-                         f"{unit_labels[i]}\nx={x:.0f} y={yy:.0f} z={z:.0f}\n(MNI mm)",
-                         ha="left", va="center", fontsize=8, color=fg, linespacing=1.3)
+                _row_label(fig, unit_labels[i], cuts[i], (0.15 / fig_w, 1 - (top_h + row_h * (i + 0.5)) / fig_h), fg)
                 gc_state.refreeze()
                 if log:
                     log(f"anatomy figure: row {i + 1}/{n} drawn ({unit_labels[i]})")
@@ -343,6 +331,29 @@ def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coord
             fig.clear()
     return AnatomyFigure(path=path, size_px=size, n_bytes=os.path.getsize(path), cut_coords=cuts,
                          panel_cut_coords=panel_cuts, vmax=vmax, seconds=time.perf_counter() - t0)
+
+
+def _row_label(fig: Figure, label: str, cut: tuple, xy: tuple, fg: str) -> None:
+    """A row's label and its MNI cut, left of its panels."""
+    x, y, z = cut
+    fig.text(xy[0], xy[1], f"{label}\nx={x:.0f} y={y:.0f} z={z:.0f}\n(MNI mm)", ha="left", va="center",
+             fontsize=8, color=fg, linespacing=1.3)
+
+
+def _figure_layout(display_mode: str, panel_width: float, n_rows: int, n_cols: int) -> tuple:
+    """(row height, label width, top and bottom margins, figure width and height), in inches."""
+    n_views = 3 if display_mode == "ortho" else len(display_mode)
+    row_h = panel_width / n_views * 1.1 if display_mode == "ortho" else panel_width / n_views * 1.25
+    label_w, top_h, bottom_h = 1.25, 0.75, 0.85
+    return (row_h, label_w, top_h, bottom_h, label_w + panel_width * n_cols + 0.2,
+            top_h + row_h * n_rows + bottom_h)
+
+
+def _figure_rc(fg: str, bgc: str) -> dict:
+    """Matplotlib settings of the figure: text and axes in ``fg`` on a ``bgc`` background."""
+    return {"font.size": 8, "axes.titlesize": 9, "text.color": fg, "axes.labelcolor": fg,
+            "xtick.color": fg, "ytick.color": fg, "axes.edgecolor": fg, "figure.facecolor": bgc,
+            "savefig.facecolor": bgc}
 
 
 def _checked_panels(panels: dict, unit_labels: list, grid: object) -> tuple[list[str], dict]:
