@@ -7,12 +7,15 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 __all__ = [
     "atomic_path",
@@ -51,8 +54,6 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     finally:
         if tmp.exists():
             if tmp.is_dir():
-                import shutil
-
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink()
@@ -104,8 +105,6 @@ def remove_stale_temporaries(folder: str | Path, stem: str | None = None,
         path = Path(entry.path)
         try:
             if entry.is_dir(follow_symlinks=False):
-                import shutil
-
                 shutil.rmtree(path)
             else:
                 path.unlink()
@@ -185,8 +184,6 @@ def write_json(obj: object, path: str | Path) -> None:
 
 
 def _json_default(o):
-    import numpy as np
-
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from ..errors import ConfigError, InputDataError
 
@@ -70,8 +73,6 @@ class Grid:
 
     def to_nifti(self, data, dtype=np.float32):
         """Wrap ``data`` (grid shape, optionally with a 4th axis) as a NIfTI image on this grid."""
-        import nibabel as nib
-
         data = np.asarray(data)
         if tuple(data.shape[:3]) != self.shape:
             raise ValueError(f"data shape {data.shape} does not match grid {self.shape}")
@@ -89,8 +90,6 @@ class Grid:
         grid, the source is first smoothed with a Gaussian matching the size
         change (``antialias``), as a scanner at the coarser resolution would see it.
         """
-        from scipy import ndimage
-
         data = np.asarray(data, dtype=np.float32)
         affine = np.asarray(affine, dtype=float)
         src_vox = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
@@ -117,10 +116,6 @@ def load_volume(path, subject=None):
     A 4D image with a single volume is accepted (squeezed); other 4D images,
     NaN/inf values and constant images are rejected.
     """
-    from pathlib import Path
-
-    import nibabel as nib
-
     who = f"subject {subject!r}: " if subject is not None else ""
     path = Path(path)
     if not path.exists():

@@ -19,11 +19,14 @@ import json
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pandas as pd
 
 from ..errors import InputDataError
 from ..utils import remove_stale_temporaries, temporary_name, write_json
 from .files import DATASET_FILES
+from .grid import Grid
 
 __all__ = ["VolumeWriter", "VolumeReader", "open_volumes", "Dataset", "write_manifest", "file_hash", "store_hash",
            "MANIFEST_FORMAT", "HASH"]
@@ -267,8 +270,6 @@ class Dataset:
 
     @property
     def participants(self):
-        import pandas as pd
-
         return pd.read_csv(self.root / DATASET_FILES["participants"], sep="\t", dtype={"subject": str})
 
     @property
@@ -277,20 +278,14 @@ class Dataset:
 
     @property
     def reference(self):
-        import nibabel as nib
-
         return nib.load(str(self.root / DATASET_FILES["reference"]))
 
     @property
     def grid(self):
-        from .grid import Grid
-
         return Grid.from_image(self.reference)
 
     @property
     def mask(self):
-        import nibabel as nib
-
         return np.asarray(nib.load(str(self.root / DATASET_FILES["mask"])).dataobj) > 0
 
     @property

@@ -25,6 +25,8 @@ detector could see. This cohort is **synthetic**; every table and figure says so
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torchio as tio
 
 from ..config import SexEffectConfig, VariabilityConfig, default
 from ..utils import stable_seed
@@ -99,9 +101,6 @@ class SyntheticCohort:
         return scale, modulation
 
     def _subject(self, t1, scale, degrees, translation, random_transforms=()):
-        import torch
-        import torchio as tio
-
         aff = self.grid.affine
         subj = tio.Subject(
             t1=tio.ScalarImage(tensor=torch.from_numpy(t1[None]), affine=aff),
@@ -116,9 +115,6 @@ class SyntheticCohort:
 
     def generate(self, i):
         """Subject ``i``: dict with ``subject, sex, t1 (raw, 0 outside brain), wm, mask, params``."""
-        import torch
-        import torchio as tio
-
         sex = self.sexes[i]
         seed = stable_seed(self.seed, "synthetic-subject", i)
         rng = np.random.default_rng(seed)

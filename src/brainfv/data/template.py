@@ -4,14 +4,13 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from nilearn import datasets
 
 __all__ = ["template_on_grid"]
 
 
 @functools.lru_cache(maxsize=4)
 def _template_1mm():
-    from nilearn import datasets
-
     t1 = datasets.load_mni152_template(resolution=1)
     gm = datasets.load_mni152_gm_template(resolution=1)
     wm = datasets.load_mni152_wm_template(resolution=1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .objectives import Activations
+from .objectives import Activations, neuron
 from .units import capture_activations, layer_output_shape, receptive_field
 
 __all__ = ["CropPlan", "plan_crop", "crop_box"]
@@ -108,8 +108,6 @@ def crop_box(model, layer, input_shape, position=None, device="cpu"):
     """Input crop (slices) holding the receptive field of ``layer``'s unit at ``position`` (default: the
     centre of its map), and that position inside the cropped map; ``(None, position)`` if it cannot be
     derived."""
-    from .objectives import neuron
-
     plan = plan_crop(model, neuron(layer, 0, position), input_shape, device, verify=False)
     if plan is None:
         return None, position

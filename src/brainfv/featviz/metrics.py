@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from .param import frequencies
+from .regularizers import total_variation
 
 __all__ = ["relative_tv", "high_frequency_fraction", "energy_inside", "image_stats", "correlation"]
 
@@ -9,10 +13,6 @@ __all__ = ["relative_tv", "high_frequency_fraction", "energy_inside", "image_sta
 def relative_tv(vol, mask=None):
     """Roughness: the mean absolute neighbour difference (total variation with ``power=1``, averaged over
     the three axes) divided by the volume's standard deviation (inside ``mask``): scale-free."""
-    import torch
-
-    from .regularizers import total_variation
-
     v = np.asarray(vol, dtype=np.float64)
     sd = v[mask].std() if mask is not None else v.std()
     if sd == 0:
@@ -22,8 +22,6 @@ def relative_tv(vol, mask=None):
 
 def high_frequency_fraction(vol, cutoff=0.25):
     """Share of spectral power above ``cutoff`` cycles/voxel (0.5 = Nyquist)."""
-    from .param import frequencies
-
     v = np.asarray(vol, dtype=np.float64)
     p = np.abs(np.fft.rfftn(v - v.mean())) ** 2
     f = frequencies(v.shape).double().numpy()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .param import frequencies
+
 __all__ = ["l1", "l2", "total_variation", "frequency_penalty", "PENALTIES", "penalty"]
 
 
@@ -32,8 +34,6 @@ def total_variation(x, power=2):
 
 def frequency_penalty(x):
     """Power-weighted mean frequency: energy at high spatial frequencies costs more."""
-    from .param import frequencies
-
     spec = torch.fft.rfftn(x, dim=(-3, -2, -1)).abs() ** 2
     f = frequencies(x.shape[-3:], device=x.device)
     return (spec * f).flatten(1).sum(1) / (spec.flatten(1).sum(1) + 1e-8) * l2(x)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import copy
 
+import torch.fx as fx
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 __all__ = ["simplify_for_featviz"]
 
@@ -61,9 +63,6 @@ def simplify_for_featviz(model, keep=(), log=None):
     Returns ``(model, changes)`` where ``changes`` lists what was rewritten, e.g.
     ``["fold block1.norm into block1.conv", "block1.act after block1.pool"]``.
     """
-    import torch.fx as fx
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     log = log or (lambda m: None)
     model = copy.deepcopy(model).eval()
     try:

@@ -39,6 +39,7 @@ Every error names the config key at fault (``where``, e.g. ``tasks.mymodel.model
 from __future__ import annotations
 
 import collections
+import difflib
 import importlib
 import pickle
 import re
@@ -321,8 +322,6 @@ def build_architecture(arch: dict | str, where: str = "model.architecture") -> n
                               f"that defines {cls_name} or put its folder on PYTHONPATH") from None
     cls = getattr(module, cls_name, None)
     if cls is None:
-        import difflib
-
         candidates = sorted(n for n in dir(module) if isinstance(getattr(module, n), type)
                             and issubclass(getattr(module, n), nn.Module))
         close = difflib.get_close_matches(cls_name, candidates, n=5, cutoff=0.5)

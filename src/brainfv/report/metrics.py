@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data.lesions import lesion_profile
 from ..featviz.metrics import correlation, high_frequency_fraction, relative_tv
 
 __all__ = ["lesion_templates", "TemplateBank", "best_template_match", "lesion_hit", "base_rate",
@@ -35,8 +36,6 @@ def lesion_templates(shapes, diameters_mm, voxel_size, edge_mm=1.0):
     Each patch is cropped to the lesion plus one voxel of surround (its soft edge included), so a template
     is as small as the lesion it stands for and fits wherever such a lesion would.
     """
-    from ..data.lesions import lesion_profile
-
     out = []
     for shape in shapes:
         for d in diameters_mm:

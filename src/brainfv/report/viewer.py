@@ -17,18 +17,26 @@ and the baseline of the size comparison in ``ViewerPage.n_bytes``.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
+import io
 import json
 import re
 import time
 import warnings
 from dataclasses import dataclass
 
+import nibabel as nib
+import nilearn
 import numpy as np
+from nilearn import plotting
+from PIL import Image
 
+from ..data.grid import Grid
+from ..data.template import template_on_grid
 from ..errors import InputDataError
-from ..utils import atomic_path
+from ..utils import Progress, atomic_path
 from .anatomy import (
     DIVERGING_CMAP,
     THRESHOLD_FRACTION,
@@ -97,11 +105,7 @@ def parse_view(page):
 
 def _template_img(template, display):
     """The background anatomy on the display grid (outside-brain voxels 0, shown black)."""
-    import nibabel as nib
-
     if template is None:  # the study's own template on the grid (cached), brain only
-        from ..data.template import template_on_grid
-
         return display.to_nifti(template_on_grid(display)["t1"])
     if isinstance(template, np.ndarray):
         if template.shape != tuple(display.shape):
@@ -113,8 +117,6 @@ def _template_img(template, display):
 
 
 def _display_grid(grid, voxel_size):
-    from ..data.grid import Grid
-
     if voxel_size is None or float(voxel_size) == grid.voxel_size:
         return grid
     lo = np.asarray(grid.origin) - grid.voxel_size / 2
@@ -165,8 +167,6 @@ def _make_view(vol, style, grid, bg, cut, vmax_col, mask, threshold_fraction, cm
     Returns ``(page, legend)`` with legend keys ``range`` (colour bar end labels), ``units`` and
     ``caption`` (scale and threshold in words).
     """
-    from nilearn import plotting
-
     rmax = robust_max(vol, mask)
     # voxels shown as voxels (nearest) unless the display grid is coarser (then interpolate, not alias)
     interpolation = "nearest" if display.voxel_size <= grid.voxel_size else "continuous"
@@ -211,11 +211,6 @@ def repack_png(b64):
     few hundred distinct RGBA values; stored as palette indices (with an RGBA palette) the same
     pixels take ~2.5× less space. Returns ``b64`` unchanged when there are more than 256 colours.
     """
-    import base64
-    import io
-
-    from PIL import Image
-
     raw = base64.b64decode(b64)
     with Image.open(io.BytesIO(raw)) as im:
         rgba = np.asarray(im.convert("RGBA"))
@@ -259,8 +254,6 @@ def write_viewer(path, title, units, grid, template=None, description="", *, mas
 
     Returns a :class:`ViewerPage`.
     """
-    from ..utils import Progress
-
     t0 = time.perf_counter()
     if mode not in ("shared", "iframe"):
         raise ValueError(f"write_viewer: mode must be 'shared' or 'iframe', got {mode!r}")
@@ -275,8 +268,6 @@ def write_viewer(path, title, units, grid, template=None, description="", *, mas
         text = _build(title, units, grid, description, mask, styles, threshold_fraction, display, bg,
                       vmax_col, cmap, mode, progress, gc_state)
     if text is None:  # nilearn's page layout unknown: embed its pages whole
-        import nilearn
-
         (log or (lambda m: None))(f"viewer: nilearn {nilearn.__version__}'s view_img page has an unknown "
                                   f"layout; falling back to mode='iframe'")
         return write_viewer(path, title, units, grid, template, description, mask=mask, styles=styles,
