@@ -8,23 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-
-import yaml
-
-from . import __version__
-from . import config as C
-from .data.files import DATASET_FILES
-from .errors import BrainFVError, ConfigError
-from .featviz.units import describe_units
-from .jobs.base import Job
-from .jobs.featviz import visualize_job
-from .jobs.requests import visualize_request
-from .models.checks import check_model_input
-from .models.load import load_model
-from .utils import atomic_path
 
 __all__ = ["main", "build_parser", "format_table"]
 
@@ -155,6 +140,8 @@ def main(argv=None):
     """Entry point of the ``brainfv`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .errors import BrainFVError
+
     try:
         return args.func(args) or 0
     except BrainFVError as e:
@@ -182,6 +169,11 @@ _COLUMNS = [("layer", "layer"), ("type", "type"), ("output_shape", "output shape
 
 
 def _cmd_units(args):
+    from .errors import ConfigError
+    from .featviz.units import describe_units
+    from .models.checks import check_model_input
+    from .models.load import load_model
+
     spec, where = _spec_from_args(args)
     model, info = load_model(spec, device=args.device, where=where)
     shape = args.shape or (info["input"] or {}).get("shape")
@@ -237,8 +229,17 @@ def _units_spec(text):
 
 
 def _cmd_visualize(args):
+    from . import config as C
+    from .data.files import DATASET_FILES
+    from .errors import ConfigError
+    from .jobs.base import Job
+    from .jobs.featviz import visualize_job
+    from .jobs.requests import visualize_request
+
     cfg = {}
     if args.config:
+        import yaml
+
         if not args.config.is_file():
             raise ConfigError(f"--config: file not found: {args.config}")
         cfg = yaml.safe_load(args.config.read_text()) or {}
@@ -276,11 +277,15 @@ def _cmd_visualize(args):
 
 
 def _threads():
+    import os
+
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _spec_from_args(args):
     """The model spec the options describe (or the one in a YAML/JSON file) and its config key."""
+    from .errors import ConfigError
+
     path = Path(args.model)
     if path.suffix.lower() in (".yaml", ".yml", ".json"):
         if not path.is_file():
@@ -289,6 +294,10 @@ def _spec_from_args(args):
         if path.suffix.lower() == ".json":
             spec = json.loads(text)
         else:
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"{path}: reading YAML needs pyyaml (pip install pyyaml), or give JSON") from None
             spec = yaml.safe_load(text)
         where = str(path)
         if isinstance(spec, dict) and "model" in spec and isinstance(spec["model"], dict):
@@ -334,6 +343,8 @@ def format_table(rows):
 
 
 def _write_tsv(rows, path):
+    from .utils import atomic_path
+
     with atomic_path(path) as tmp:
         lines = ["\t".join(["layer", "type", "output_shape", "channels", "spatial", "rf_size", "rf_stride", "calls"])]
         for r in rows:
@@ -372,6 +383,8 @@ def _json_object(text):
 
 
 def _version():
+    from . import __version__
+
     return __version__
 
 
