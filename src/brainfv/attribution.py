@@ -29,7 +29,8 @@ caller's model is not modified (an eval-mode copy with frozen parameters is used
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import captum.attr as ca
 import numpy as np
@@ -39,6 +40,7 @@ from captum.attr import LayerAttribution
 from torch import nn
 
 from .config import default
+from .data.grid import Grid
 from .errors import ConfigError, InputDataError
 from .featviz.units import get_module, receptive_field
 from .models.cnn import frozen
@@ -52,7 +54,7 @@ _CAM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, 
                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
 
 
-def default_cam_layer(model):
+def default_cam_layer(model: nn.Module) -> str:
     """Name of the last Conv/norm module of ``model`` in ``named_modules()`` order (Grad-CAM's default)."""
     names = [n for n, m in model.named_modules() if n and isinstance(m, _CAM_LAYERS)]
     if not names:
@@ -156,9 +158,11 @@ def _explainer(model, method, layer, x_shape, device):
     raise ConfigError(f"attribution method must be one of {list(METHODS)}; got {method!r}")
 
 
-def class_attribution_maps(model, volumes, labels, n_classes, method="integrated_gradients", *, baseline="zeros",
-                           n_steps=default("attribution.n_steps"), batch_size=4, device="cpu", only_correct=True,
-                           layer=None, internal_batch_size=None, log=None):
+def class_attribution_maps(model: nn.Module, volumes: Iterable, labels: Sequence[int], n_classes: int,
+                           method: str = "integrated_gradients", *, baseline: str | float | np.ndarray = "zeros",
+                           n_steps: int = default("attribution.n_steps"), batch_size: int = 4,
+                           device: str | torch.device = "cpu", only_correct: bool = True, layer: str | None = None,
+                           internal_batch_size: int | None = None, log: Callable | None = None) -> dict:
     """Mean attribution map of each class's logit over the subjects of that class.
 
     For every subject ``i`` the attribution of logit ``labels[i]`` (the pre-softmax output of the true
@@ -179,9 +183,8 @@ def class_attribution_maps(model, volumes, labels, n_classes, method="integrated
     ``maps_abs`` (mean ``|attribution|`` over the same), ``maps_all`` (signed mean over all subjects of class
     ``c``), ``n_subjects``, ``n_correct``, ``n_used``, ``delta`` (IG only: mean absolute completeness error
     ``|sum(attr) - (logit(x) - logit(baseline))|``, a check that ``n_steps`` suffices; NaN otherwise) and
-    ``method``, ``layer``, ``n_steps``, ``baseline``, ``only_correct``, ``n_classes``, ``seconds``. A class
-    with no subject used has an all-zero map and ``n_used == 0``. Deterministic for a given input order on
-    the CPU (maps are accumulated in float64 in input order).
+    ``method``, ``layer``, ``n_steps``, ``baseline``, ``only_correct``, ``n_classes``, ``seconds``. A class with
+    no subject used has an all-zero map. Deterministic on the CPU (float64 sums in input order).
     """
     labels = _checked_labels(method, batch_size, n_steps, labels, n_classes, volumes)
     device = torch.device(device)
@@ -189,11 +192,10 @@ def class_attribution_maps(model, volumes, labels, n_classes, method="integrated
     net = _frozen_copy(model, device)
     batch_size = int(batch_size)
     ibs = max(int(internal_batch_size) if internal_batch_size else 16, 2 * batch_size)
-    prog = Progress(len(labels), f"attribution ({method})", log=log, unit="subjects")
-    t0 = time.perf_counter()
+    prog, t0 = Progress(len(labels), f"attribution ({method})", log=log, unit="subjects"), time.perf_counter()
     sums = _ClassSums(n_classes, only_correct)
     fn = base = cam_layer = shape = None
-    n_seen = 0
+    n_seen = 0  # volumes read
     for start, xb, yb in _batches(volumes, labels, batch_size):
         if len(yb) < len(xb):
             raise InputDataError(f"more volumes than labels ({len(labels)})")
@@ -315,7 +317,7 @@ def _class_keys(maps, classes):
     return keys
 
 
-def write_attribution_nifti(maps, classes, grid, path):
+def write_attribution_nifti(maps: dict, classes: list, grid: Grid, path: str | Path) -> str | Path:
     """Write ``maps`` as one 4D NIfTI on ``grid`` (volume ``i`` = class ``classes[i]``), atomically.
 
     ``maps`` is keyed by class index (as returned by :func:`class_attribution_maps`) or by class name;
@@ -329,7 +331,7 @@ def write_attribution_nifti(maps, classes, grid, path):
     return path
 
 
-def attribution_table(result, classes=None):
+def attribution_table(result: dict, classes: list | None = None) -> pd.DataFrame:
     """One row per class: class, class_index, n_subjects, n_correct, n_used, method, layer, n_steps,
     baseline, delta (IG completeness error), seconds (the whole run)."""
     n = result["n_classes"]
@@ -344,7 +346,7 @@ def attribution_table(result, classes=None):
     } for c in range(n)])
 
 
-def write_attribution_table(result, path, classes=None):
+def write_attribution_table(result: dict, path: str | Path, classes: list | None = None) -> str | Path:
     """Write :func:`attribution_table` as a TSV, atomically."""
     with atomic_path(path) as tmp:
         attribution_table(result, classes).to_csv(tmp, sep="\t", index=False)

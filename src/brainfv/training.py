@@ -63,7 +63,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self._mm = None
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self):
@@ -97,7 +97,7 @@ def _augment(vol, aug, rng):
     return vol
 
 
-def task_labels(participants, target, task="task"):
+def task_labels(participants: pd.DataFrame, target: str, task: str = "task") -> tuple[list, pd.DataFrame, pd.DataFrame]:
     """Class names and integer labels of ``target``; rows with an unusable label are dropped.
 
     Returns ``(classes, table with a 'y' column)``. Classes are the sorted distinct
@@ -123,7 +123,7 @@ def task_labels(participants, target, task="task"):
     return classes, df, dropped
 
 
-def binary_metrics(y, prob, n_classes):
+def binary_metrics(y: np.ndarray, prob: np.ndarray, n_classes: int) -> dict:
     """Accuracy, balanced accuracy, ROC AUC (one-vs-rest mean), confusion matrix, n per class."""
     y = np.asarray(y, int)
     prob = np.asarray(prob, float)
@@ -150,7 +150,8 @@ def binary_metrics(y, prob, n_classes):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, n_classes, amp=False):
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, n_classes: int,
+             amp: bool = False) -> tuple[dict, np.ndarray]:
     """Mean loss, metrics and per-sample probabilities of ``model`` on ``loader``."""
     model.eval()
     ys, probs, loss_sum = [], [], 0.0
@@ -169,7 +170,7 @@ def evaluate(model, loader, device, n_classes, amp=False):
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model, loader, device):
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable | None, device: torch.device) -> None:
     """Recompute BatchNorm running statistics as exact averages over ``loader`` ("precise BN").
 
     With small batches the exponential running averages lag the weights, and an eval-mode
@@ -211,14 +212,15 @@ class Loaders:
     test: torch.utils.data.DataLoader
     bn: torch.utils.data.DataLoader
 
-    def train(self, epoch, seed):
+    def train(self, epoch: int, seed: int) -> torch.utils.data.DataLoader:
         """The training loader of ``epoch``: augmentation and shuffling seeded by ``(seed, epoch)``."""
         self.train_set.set_epoch(epoch)
         g = torch.Generator().manual_seed(stable_seed(seed, "shuffle", epoch))
         return torch.utils.data.DataLoader(self.train_set, shuffle=True, generator=g, drop_last=False, **self.train_kw)
 
 
-def make_loaders(volumes_path, splits, cfg, seed, pin_memory=False, bootstrap=False):
+def make_loaders(volumes_path: str | Path, splits: dict, cfg: TrainingConfig, seed: int, pin_memory: bool = False,
+                 bootstrap: bool = False) -> Loaders:
     """Loaders over the ``splits`` (DataFrames with ``index`` and ``y``) of a volume store.
 
     With ``bootstrap`` the training set is a resample (with replacement, seeded) of the training rows.
@@ -242,7 +244,7 @@ def make_loaders(volumes_path, splits, cfg, seed, pin_memory=False, bootstrap=Fa
                    torch.utils.data.DataLoader(dataset("test", False), shuffle=False, **kw), bn)
 
 
-def checkpoint_key(**parts):
+def checkpoint_key(**parts: object) -> str:
     """A short hash of everything a training run is made from (config, seed, classes, data content, code)."""
     # the training code only (its learning-curve plot is drawn by brainfv.jobs.train): a figure edit must not
     # throw resumable checkpoints away
@@ -258,7 +260,7 @@ class Checkpointer:
         self.key = key
         self.log = log or (lambda m: None)
 
-    def load(self, device):
+    def load(self, device: torch.device) -> dict | None:
         """The saved state if it was made with the same key, else ``None`` (a stale one is removed)."""
         if not self.path.exists():
             return None
@@ -269,18 +271,20 @@ class Checkpointer:
             return None
         return ck
 
-    def save(self, state):
+    def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:
             torch.save({"key": self.key, **state}, tmp)
 
-    def clear(self):
+    def clear(self) -> None:
         """Remove the state (once the model is written: a finished run is never resumed)."""
         if self.path.exists():
             self.path.unlink()
 
 
-def fit(model, loaders, cfg, device, loss_fn, n_classes, checkpointer, seed, log, stop_after_epoch=None):
+def fit(model: nn.Module, loaders: Loaders, cfg: TrainingConfig, device: torch.device, loss_fn: nn.Module,
+        n_classes: int, checkpointer: Checkpointer, seed: int, log: Callable,
+        stop_after_epoch: int | None = None) -> tuple[list, dict] | None:
     """Train ``model`` for ``cfg.epochs`` epochs (early stopping on validation balanced accuracy, ties broken by
     validation loss), resuming from ``checkpointer``; returns ``(history, best_state)``, or ``None`` when
     stopped after ``stop_after_epoch`` (a simulated interruption, for tests)."""
@@ -356,7 +360,8 @@ def _train_epoch(model: nn.Module, batches: Iterable, opt: torch.optim.Optimizer
     return loss_sum, correct, seen
 
 
-def write_outputs(out_dir, model, meta, metrics, predictions, history):
+def write_outputs(out_dir: str | Path, model: nn.Module, meta: dict, metrics: dict, predictions: pd.DataFrame,
+                  history: list) -> None:
     """``model.pt``, ``metrics.json``, ``predictions.tsv`` and ``history.tsv`` in ``out_dir``, each atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -398,16 +403,16 @@ def _predictions(te: pd.DataFrame, target: str, classes: list, test_prob: np.nda
     return pred
 
 
-def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpoint_dir, log=None,
-               replicate=0, stop_after_epoch=None, role="main", bootstrap=False):
+def train_task(dataset_dir: str | Path, task: str, target: str, arch: dict, training: dict, seed: int,
+               out_dir: str | Path, checkpoint_dir: str | Path, log: Callable | None = None, replicate: int = 0,
+               stop_after_epoch: int | None = None, role: str = "main", bootstrap: bool = False) -> dict | None:
     """Train one model for ``task`` on a dataset folder; write the outputs into ``out_dir``.
 
     Outputs: ``model.pt`` (best validation state, loadable with :func:`brainfv.models.load_checkpoint`),
     ``metrics.json`` (test and validation metrics, timing), ``predictions.tsv`` (test subjects),
     ``history.tsv`` (per epoch). A per-epoch checkpoint in ``checkpoint_dir`` (not a rule output) makes the
-    job resumable; it is removed once the outputs are written. ``replicate`` enters the seed (the
-    ``transfer`` model of the workflow is replicate 1); ``bootstrap`` resamples the training subjects;
-    ``stop_after_epoch`` simulates a kill (tests).
+    job resumable; it is removed once the outputs are written. ``replicate`` enters the seed (the ``transfer``
+    model is replicate 1); ``bootstrap`` resamples the training subjects; ``stop_after_epoch`` simulates a kill.
     """
     log = log or get_logger().info
     cfg = TrainingConfig.from_config(training, "training")

@@ -2,7 +2,7 @@
 import _setup  # noqa: F401 (this checkout's library first on sys.path)
 
 from brainfv.jobs.base import run
-from brainfv.jobs.report import compare_job
+from brainfv.jobs.compare import compare_job
 
 if __name__ == "__main__":
     run(compare_job, snakemake)  # noqa: F821 (injected by Snakemake)

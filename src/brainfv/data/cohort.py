@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -81,7 +81,7 @@ def _problem_report(problems, what, hint=ON_MISSING_HINT, written=False):
     return "\n".join(lines)
 
 
-def normalise(vol, mask):
+def normalise(vol: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Z-score ``vol`` within ``mask``; zero outside. Returns ``(z, mean, std)``."""
     vals = vol[mask]
     if vals.size < 10:
@@ -93,7 +93,7 @@ def normalise(vol, mask):
     return z, mean, std
 
 
-def assign_splits(strata, fractions, seed):
+def assign_splits(strata: Sequence, fractions: dict[str, float], seed: int) -> np.ndarray:
     """Stratified, seeded subject-level split.
 
     Parameters
@@ -134,7 +134,7 @@ def assign_splits(strata, fractions, seed):
     return out
 
 
-def sex_coding(user=None):
+def sex_coding(user: dict | None = None) -> dict:
     """The sex codes in force: :data:`DEFAULT_SEX_CODING` extended by ``cohort.sex_coding`` (``user``).
 
     ``user`` maps a class (``M``/``F``/``O`` or a class of your own) to the raw codes of your
@@ -174,7 +174,7 @@ def _known_codes(coding):
     return "; ".join(f"{code}: {', '.join(str(v) for v in values)}" for code, values in coding.items())
 
 
-def map_sex(value, coding, subject):
+def map_sex(value: object, coding: dict, subject: str) -> str:
     """Map a raw sex code to ``M``/``F``/``O`` using ``coding`` (dict code -> list of raw values)."""
     code = _lookup_sex(value, coding)
     if code is None:
@@ -205,7 +205,7 @@ def _duplicates(ids, table_name):
     return problems, dups
 
 
-def bids_records(cfg, coding, log=None):
+def bids_records(cfg: dict, coding: dict, log: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, list]:
     """Find T1w images and labels in a BIDS dataset/derivatives folder (``cohort.bids`` section ``cfg``).
 
     Files are found by :func:`brainfv.data.sources.bids_files` (what the workflow declares as
@@ -258,7 +258,7 @@ def bids_records(cfg, coding, log=None):
     return pd.DataFrame(rows), problems
 
 
-def csv_records(cfg, coding):
+def csv_records(cfg: dict, coding: dict) -> tuple[pd.DataFrame, list]:
     """Read a table of subject id, NIfTI path (relative to the table) and labels (``cohort.csv`` section ``cfg``).
 
     Paths are resolved by :func:`brainfv.data.sources.csv_files` (what the workflow declares as
@@ -327,7 +327,7 @@ def _qc_smooth(vol, grid):
                                    mode="constant")
 
 
-def template_similarity(vol, grid):
+def template_similarity(vol: np.ndarray, grid: Grid) -> tuple[float, float]:
     """How well an image resampled onto ``grid`` matches the template: ``(template_corr, coverage)``.
 
     ``template_corr`` is the Pearson correlation with the template T1 inside the template brain
@@ -397,7 +397,7 @@ def _class_problems(records, strat, fractions):
     return problems
 
 
-def prepare_cohort(cfg, out_dir, log=None):
+def prepare_cohort(cfg: dict, out_dir: str | Path, log: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Prepare the cohort described by the full config ``cfg`` into ``out_dir``.
 
     Writes ``volumes.npy``, ``wm.npy`` (WM probability, uint8), ``participants.tsv``,

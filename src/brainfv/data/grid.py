@@ -1,6 +1,7 @@
 """The study grid: one RAS+ voxel grid in template (MNI152) space, and resampling onto it."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ class Grid:
     origin: tuple
 
     @classmethod
-    def from_bbox(cls, voxel_size, bbox_mm):
+    def from_bbox(cls, voxel_size: float, bbox_mm: Sequence) -> Grid:
         """A grid of ``voxel_size`` mm covering ``bbox_mm = [[xmin, xmax], [ymin, ymax], [zmin, zmax]]``."""
         vs = float(voxel_size)
         if not vs > 0:
@@ -39,11 +40,11 @@ class Grid:
         return cls(shape=shape, voxel_size=vs, origin=tuple(float(o) for o in bbox[:, 0]))
 
     @classmethod
-    def from_config(cls, grid_cfg):
+    def from_config(cls, grid_cfg: dict) -> Grid:
         return cls.from_bbox(grid_cfg["voxel_size"], grid_cfg["bbox_mm"])
 
     @classmethod
-    def from_image(cls, img):
+    def from_image(cls, img: nib.Nifti1Image) -> Grid:
         """The grid of an image written by :meth:`to_nifti` (diagonal, isotropic, RAS+)."""
         a = np.asarray(img.affine, dtype=float)
         vs = a[0, 0]
@@ -53,25 +54,25 @@ class Grid:
                    origin=tuple(float(o) for o in a[:3, 3]))
 
     @property
-    def affine(self):
+    def affine(self) -> np.ndarray:
         a = np.eye(4)
         a[:3, :3] *= self.voxel_size
         a[:3, 3] = self.origin
         return a
 
     @property
-    def n_voxels(self):
+    def n_voxels(self) -> int:
         return int(np.prod(self.shape))
 
-    def world_coords(self, ijk):
+    def world_coords(self, ijk: Sequence) -> np.ndarray:
         """World (mm) coordinates of voxel indices ``ijk`` (..., 3)."""
         return np.asarray(self.origin) + self.voxel_size * np.asarray(ijk, dtype=float)
 
-    def voxel_coords(self, xyz):
+    def voxel_coords(self, xyz: Sequence) -> np.ndarray:
         """Continuous voxel indices of world coordinates ``xyz`` (..., 3)."""
         return (np.asarray(xyz, dtype=float) - np.asarray(self.origin)) / self.voxel_size
 
-    def to_nifti(self, data, dtype=np.float32):
+    def to_nifti(self, data: np.ndarray, dtype: type = np.float32) -> nib.Nifti1Image:
         """Wrap ``data`` (grid shape, optionally with a 4th axis) as a NIfTI image on this grid."""
         data = np.asarray(data)
         if tuple(data.shape[:3]) != self.shape:
@@ -82,7 +83,8 @@ class Grid:
         img.header.set_sform(self.affine, code=4)
         return img
 
-    def resample(self, data, affine, order=1, antialias=True, cval=0.0):
+    def resample(self, data: np.ndarray, affine: np.ndarray, order: int = 1, antialias: bool = True,
+                 cval: float = 0.0) -> np.ndarray:
         """Resample a 3D array with voxel-to-world ``affine`` onto this grid.
 
         Works in world space, so any source orientation (LAS, PSR, oblique) lands
@@ -105,12 +107,12 @@ class Grid:
             order=order, mode="constant", cval=cval, prefilter=False,
         ).astype(np.float32)
 
-    def resample_image(self, img, order=1, antialias=True):
+    def resample_image(self, img: nib.Nifti1Image, order: int = 1, antialias: bool = True) -> np.ndarray:
         """Resample a nibabel image (3D) onto this grid."""
         return self.resample(np.asanyarray(img.dataobj), img.affine, order=order, antialias=antialias)
 
 
-def load_volume(path, subject=None):
+def load_volume(path: str | Path, subject: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D NIfTI as ``(data float32, affine)``, with errors naming subject and file.
 
     A 4D image with a single volume is accepted (squeezed); other 4D images,

@@ -36,7 +36,7 @@ ELLIPSOID_AXES = (1.0, 0.55, 0.55)
 CROSS_WIDTH = 0.34
 
 
-def random_rotation(rng):
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
     """A uniformly random 3D rotation matrix (QR of a Gaussian matrix)."""
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))
     q *= np.sign(np.diag(r))
@@ -45,7 +45,7 @@ def random_rotation(rng):
     return q
 
 
-def shape_distance(shape, xyz, radius):
+def shape_distance(shape: str, xyz: np.ndarray, radius: float) -> np.ndarray:
     """Approximate signed distance (mm; < 0 inside) of points ``xyz`` (..., 3) to a shape of ``radius``.
 
     ``sphere``: ball; ``cube``: half side = radius; ``ellipsoid``: semi-axes
@@ -70,7 +70,8 @@ def shape_distance(shape, xyz, radius):
     raise ConfigError(f"unknown lesion shape {shape!r}; known shapes: {list(SHAPES)}")
 
 
-def lesion_profile(shape, radius_mm, voxel_size, edge_mm=1.0, rotation=None, offset_vox=(0, 0, 0)):
+def lesion_profile(shape: str, radius_mm: float, voxel_size: float, edge_mm: float = 1.0,
+                   rotation: np.ndarray | None = None, offset_vox: tuple = (0, 0, 0)) -> tuple[np.ndarray, tuple]:
     """The soft lesion profile (0..1) on a local voxel patch centred on the lesion.
 
     Returns ``(profile, half)`` where ``profile`` has side ``2 * half + 1`` voxels.
@@ -95,8 +96,10 @@ def _extent(shape, radius):
             "cross": radius * np.sqrt(1 + 2 * CROSS_WIDTH ** 2)}[shape]
 
 
-def place_lesions(wm_prob, shapes, radii, voxel_size, rng, wm_threshold=0.5, depth_margin_mm=0.0,
-                  min_gap_mm=3.0, subject=None, min_radius=None, log=None):
+def place_lesions(wm_prob: np.ndarray, shapes: list[str], radii: list[float], voxel_size: float,
+                  rng: np.random.Generator, wm_threshold: float = 0.5, depth_margin_mm: float = 0.0,
+                  min_gap_mm: float = 3.0, subject: str | None = None, min_radius: float | None = None,
+                  log: Callable[[str], None] | None = None) -> tuple[list, list[float]]:
     """Choose lesion centres (voxel indices) inside white matter.
 
     A centre is valid where the distance to the nearest non-WM voxel is at least the
@@ -132,7 +135,8 @@ def place_lesions(wm_prob, shapes, radii, voxel_size, rng, wm_threshold=0.5, dep
     return [c for c, _ in placed], out_r
 
 
-def insert_lesion(z, profile, half, centre, contrast, norm_mean, norm_std):
+def insert_lesion(z: np.ndarray, profile: np.ndarray, half: tuple, centre: tuple, contrast: float, norm_mean: float,
+                  norm_std: float) -> tuple[tuple, np.ndarray]:
     """Insert one lesion into a z-scored volume in place; returns the profile pasted on the full grid's slices.
 
     The raw intensity ``raw = z * std + mean`` is multiplied by ``1 + contrast * profile``.
@@ -149,7 +153,8 @@ def insert_lesion(z, profile, half, centre, contrast, norm_mean, norm_std):
     return sl_dst, p
 
 
-def synthesize_lesions(cohort_dir, cfg, out_dir, log=None):
+def synthesize_lesions(cohort_dir: str | Path, cfg: dict, out_dir: str | Path,
+                       log: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Create the lesion dataset from a prepared cohort (see module docstring).
 
     ``cfg`` is the full config (``lesions`` and ``seed`` are used). With ``lesions.paired`` (the

@@ -34,7 +34,7 @@ class Table:
     rows: list
 
 
-def read_table(path, key):
+def read_table(path: str | Path, key: str) -> Table:
     """Read a CSV (``,``) or TSV (``.tsv``/``.txt``: tab) table as strings; missing cells are ``None``.
 
     ``key`` is the config key that names the table, for the error messages: a missing file is a
@@ -68,7 +68,7 @@ def read_table(path, key):
 _ENTITY = re.compile(r"(?:^|_)([a-zA-Z0-9]+)-([a-zA-Z0-9]+)")
 
 
-def entities(name):
+def entities(name: str) -> dict[str, str]:
     """BIDS entities of a file name: ``sub-01_ses-2_T1w.nii.gz`` -> ``{'sub': '01', 'ses': '2'}``."""
     return dict(_ENTITY.findall(name.split(".")[0]))
 
@@ -88,7 +88,7 @@ class BidsFiles:
     candidates: dict = field(default_factory=dict)
 
 
-def bids_files(bids_cfg):
+def bids_files(bids_cfg: dict) -> BidsFiles:
     """Find the participants table and the T1w images/brain masks of ``cohort.bids``.
 
     Images are ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]`` (masks ``*_desc-brain_mask.nii[.gz]``) whose
@@ -129,7 +129,7 @@ class CsvFiles:
     masks: list = field(default_factory=list)
 
 
-def resolve_table_path(value, table_path):
+def resolve_table_path(value: str | None, table_path: str | Path) -> Path | None:
     """A path from a table cell: stripped, relative paths taken from the table's folder; ``None`` if empty."""
     if value is None or not str(value).strip():
         return None
@@ -137,7 +137,7 @@ def resolve_table_path(value, table_path):
     return p if p.is_absolute() else Path(table_path).parent / p
 
 
-def csv_files(csv_cfg):
+def csv_files(csv_cfg: dict) -> CsvFiles:
     """Read the ``cohort.csv`` table and resolve its image (and mask) paths, one per row.
 
     Raises :class:`ConfigError` naming ``cohort.csv.table`` (not given, not found) and
@@ -160,7 +160,7 @@ def csv_files(csv_cfg):
     return out
 
 
-def source_files(cohort_cfg):
+def source_files(cohort_cfg: dict) -> list[str]:
     """Every file ``prepare_cohort`` reads for the configured ``cohort`` section, as sorted strings.
 
     ``synthetic``: none. ``bids``: the participants table, each subject's T1w image and brain mask

@@ -6,6 +6,8 @@ import functools
 import numpy as np
 from nilearn import datasets
 
+from .grid import Grid
+
 __all__ = ["template_on_grid"]
 
 
@@ -19,7 +21,7 @@ def _template_1mm():
 
 
 @functools.lru_cache(maxsize=4)
-def template_on_grid(grid):
+def template_on_grid(grid: Grid) -> dict:
     """The template T1 (0..1), GM and WM probabilities and the brain mask on ``grid``.
 
     Returns a dict of float32 arrays ``t1, gm, wm`` and a bool array ``mask`` (cached per grid:
