@@ -138,7 +138,7 @@ def _add_model_options(p):
                             "executes code from the file: only for files you trust")
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``brainfv`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -337,7 +337,7 @@ def _summary(info, channels, shape, n):
     return "\n".join(lines)
 
 
-def format_table(rows):
+def format_table(rows: list[dict]) -> str:
     """Aligned text table of :func:`brainfv.featviz.units.describe_units` rows."""
     cells = [[title for _, title in _COLUMNS]] + [[_cell(r[key]) for key, _ in _COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]

@@ -9,12 +9,14 @@ by evaluating the whole objective on a random volume and on its crop.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
-from .objectives import Activations, neuron
+from .objectives import Activations, Objective, neuron
 from .units import capture_activations, layer_output_shape, receptive_field
 
 __all__ = ["CropPlan", "plan_crop", "crop_box"]
@@ -30,10 +32,10 @@ class CropPlan:
     full_shapes: dict
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, ...]:
         return tuple(s.stop - s.start for s in self.box)
 
-    def activations(self, acts):
+    def activations(self, acts: dict) -> Activations:
         """Wrap activations of the cropped input so objectives index full-volume positions."""
         return Activations(acts, self.origins, self.full_shapes)
 
@@ -46,7 +48,8 @@ def _layer_geometry(model, layer, shape, device):
     return (out[1:], rf) if rf is not None else None
 
 
-def plan_crop(model, objective, shape, device="cpu", verify=True, log=None):
+def plan_crop(model: nn.Module, objective: Objective, shape: Sequence[int], device: str | torch.device = "cpu",
+              verify: bool = True, log: Callable | None = None) -> CropPlan | None:
     """A :class:`CropPlan` for ``objective`` on inputs of ``shape``, or ``None`` (optimise the whole volume).
 
     ``None`` when the objective reads whole maps, a layer's receptive field cannot be derived, the
@@ -104,7 +107,8 @@ def _verified(model, objective, shape, plan, device, log):
     return False
 
 
-def crop_box(model, layer, input_shape, position=None, device="cpu"):
+def crop_box(model: nn.Module, layer: str, input_shape: Sequence[int], position: tuple | None = None,
+             device: str | torch.device = "cpu") -> tuple:
     """Input crop (slices) holding the receptive field of ``layer``'s unit at ``position`` (default: the
     centre of its map), and that position inside the cropped map; ``(None, position)`` if it cannot be
     derived."""

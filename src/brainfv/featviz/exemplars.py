@@ -30,14 +30,18 @@ Example::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from nibabel.openers import ImageOpener
 from nibabel.volumeutils import seek_tell
+from torch import nn
 
+from ..data.grid import Grid
 from ..errors import ConfigError, InputDataError, UnitError
 from ..models.cnn import frozen
 from ..utils import Progress, atomic_path
@@ -73,10 +77,10 @@ class ExemplarResult:
     meta: dict = field(default_factory=dict)
 
     @property
-    def spatial(self):
+    def spatial(self) -> bool:
         return len(self.feature_shape) == 3
 
-    def unit_index(self, unit):
+    def unit_index(self, unit: int | str) -> int:
         """Index in ``units`` of ``unit`` (a channel number or a ``"layer:channel"`` address)."""
         if isinstance(unit, str):
             layer, ch = parse_unit(unit)
@@ -89,14 +93,15 @@ class ExemplarResult:
             raise UnitError(f"unit {unit!r} of {self.layer!r} was not searched; searched units: {self.units}") \
                 from None
 
-    def slices(self, unit, rank):
+    def slices(self, unit: int | str, rank: int) -> tuple | None:
         """The receptive-field box of exemplar ``rank`` of ``unit`` as a tuple of slices, or ``None``."""
         b = self.box[self.unit_index(unit), rank]
         if b[0, 0] < 0:
             return None
         return tuple(slice(int(lo), int(hi)) for lo, hi in b)
 
-    def table(self, participants=None, grid=None, columns=("subject",)):
+    def table(self, participants: pd.DataFrame | None = None, grid: Grid | None = None,
+              columns: Sequence[str] = ("subject",)) -> pd.DataFrame:
         """See :func:`exemplar_table`."""
         return exemplar_table(self, participants, grid, columns)
 
@@ -139,8 +144,9 @@ def _merge_topk(top, new, k):
     return take(s, order, 1), take(r, order, 1), take(p, order[..., None], 1)
 
 
-def top_exemplars(model, volumes, rows, layer, units, *, k=4, kind="channel", batch_size=4, device="cpu",
-                  log=None):
+def top_exemplars(model: nn.Module, volumes: Sequence, rows: Sequence[int] | None, layer: str,
+                  units: int | list[int], *, k: int = 4, kind: str = "channel", batch_size: int = 4,
+                  device: str | torch.device = "cpu", log: Callable | None = None) -> ExemplarResult:
     """The ``k`` most activating volumes of each unit, in one pass over ``rows``.
 
     Parameters
@@ -157,9 +163,7 @@ def top_exemplars(model, volumes, rows, layer, units, *, k=4, kind="channel", ba
     batch_size, device : volumes per forward pass and the torch device.
     log : callable for progress lines.
 
-    Returns
-    -------
-    :class:`ExemplarResult`. Ties are broken by row (the smaller first), so the result does not
+    Returns an :class:`ExemplarResult`. Ties are broken by row (the smaller first), so the result does not
     depend on ``batch_size`` (beyond float rounding of batched convolutions).
     """
     units, rows, k, batch_size = _checked_arguments(volumes, rows, layer, units, k, kind, batch_size)
@@ -263,7 +267,7 @@ def _map_to_input(fpos, valid, rf, input_shape):
     return centre, voxel, box
 
 
-def exemplar_volumes(result, volumes, unit, crop=True):
+def exemplar_volumes(result: ExemplarResult, volumes: Sequence, unit: int | str, crop: bool = True) -> np.ndarray:
     """The exemplar volumes of ``unit`` (rank order), float32 ``(n, X, Y, Z)``, ``n <= k``.
 
     With ``crop``, voxels outside each exemplar's receptive-field box (around the unit's maximum) are
@@ -288,7 +292,8 @@ def exemplar_volumes(result, volumes, unit, crop=True):
     return np.stack(out)
 
 
-def exemplar_table(result, participants=None, grid=None, columns=("subject",)):
+def exemplar_table(result: ExemplarResult, participants: pd.DataFrame | None = None, grid: Grid | None = None,
+                   columns: Sequence[str] = ("subject",)) -> pd.DataFrame:
     """One row per (unit, rank): the exemplars of ``result`` as a DataFrame.
 
     Columns: layer, unit, rank (0 = most activating), volume (index in :func:`write_exemplars`' 4D
@@ -333,8 +338,9 @@ def exemplar_table(result, participants=None, grid=None, columns=("subject",)):
     return pd.DataFrame(recs)
 
 
-def write_exemplars(result, volumes, grid, nifti_path, table_path=None, *, crop=True, participants=None,
-                    columns=("subject",)):
+def write_exemplars(result: ExemplarResult, volumes: Sequence, grid: Grid, nifti_path: str | Path,
+                    table_path: str | Path | None = None, *, crop: bool = True,
+                    participants: pd.DataFrame | None = None, columns: Sequence[str] = ("subject",)) -> pd.DataFrame:
     """Write the exemplars as one 4D NIfTI on ``grid`` and, optionally, their table (TSV), atomically.
 
     Volume ``unit_index * k + rank`` of the NIfTI is exemplar ``rank`` (0 = most activating) of

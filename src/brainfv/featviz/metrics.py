@@ -10,7 +10,7 @@ from .regularizers import total_variation
 __all__ = ["relative_tv", "high_frequency_fraction", "energy_inside", "image_stats", "correlation"]
 
 
-def relative_tv(vol, mask=None):
+def relative_tv(vol: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Roughness: the mean absolute neighbour difference (total variation with ``power=1``, averaged over
     the three axes) divided by the volume's standard deviation (inside ``mask``): scale-free."""
     v = np.asarray(vol, dtype=np.float64)
@@ -20,7 +20,7 @@ def relative_tv(vol, mask=None):
     return float(total_variation(torch.from_numpy(v)[None], power=1)[0]) / 3 / sd
 
 
-def high_frequency_fraction(vol, cutoff=0.25):
+def high_frequency_fraction(vol: np.ndarray, cutoff: float = 0.25) -> float:
     """Share of spectral power above ``cutoff`` cycles/voxel (0.5 = Nyquist)."""
     v = np.asarray(vol, dtype=np.float64)
     p = np.abs(np.fft.rfftn(v - v.mean())) ** 2
@@ -29,14 +29,14 @@ def high_frequency_fraction(vol, cutoff=0.25):
     return float(p[f > cutoff].sum() / total) if total > 0 else 0.0
 
 
-def energy_inside(vol, mask):
+def energy_inside(vol: np.ndarray, mask: np.ndarray) -> float:
     """Fraction of the squared signal inside ``mask``."""
     e = np.asarray(vol, dtype=np.float64) ** 2
     total = e.sum()
     return float(e[mask].sum() / total) if total > 0 else 0.0
 
 
-def correlation(a, b, mask=None):
+def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Pearson correlation of two volumes (inside ``mask``)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -47,7 +47,7 @@ def correlation(a, b, mask=None):
     return float((a * b).sum() / den) if den > 0 else 0.0
 
 
-def image_stats(vol, mask=None):
+def image_stats(vol: np.ndarray, mask: np.ndarray | None = None) -> dict:
     return {"total_variation": relative_tv(vol, mask), "high_freq_fraction": high_frequency_fraction(vol),
             "energy_inside_mask": energy_inside(vol, mask) if mask is not None else float("nan"),
             "std": float(np.asarray(vol).std()), "max_abs": float(np.abs(vol).max())}

@@ -18,7 +18,9 @@ it cannot trace is used as it is. The caller's model is never modified (a copy i
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -38,7 +40,7 @@ class PoolThenAct(nn.Module):
         super().__init__()
         self.pool, self.act = pool, act
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.pool(x))
 
 
@@ -57,7 +59,8 @@ def _set_module(root, name, new):
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def simplify_for_featviz(model, keep=(), log=None):
+def simplify_for_featviz(model: nn.Module, keep: Sequence[str] = (),
+                         log: Callable | None = None) -> tuple[nn.Module, list]:
     """A simplified eval-mode copy of ``model`` for optimising inputs; ``keep``: layers read by name.
 
     Returns ``(model, changes)`` where ``changes`` lists what was rewritten, e.g.

@@ -6,13 +6,16 @@ declared inputs, call it, write the outputs atomically).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from ..config import Preset, default
+from ..data.store import Dataset
 from ..errors import ConfigError
 from ..models.arch import resolve_units
 from ..utils import stable_seed
@@ -25,7 +28,7 @@ __all__ = ["make_objective", "unit_seeds", "objective_values", "real_activations
            "parse_region", "LayerResult", "visualize_layer", "preset_text", "resolve_request_units"]
 
 
-def make_objective(layer, channels, kind="channel"):
+def make_objective(layer: str, channels: list[int], kind: str = "channel") -> O.Objective:
     """The objective named in config (``featviz.layers[].objective``) for ``channels`` of ``layer``:
     ``channel`` (mean of the feature map), ``neuron`` (its centre), ``probability`` (softmax of a class) or
     ``contrast`` (a class's logit minus the mean of the others')."""
@@ -40,7 +43,7 @@ def make_objective(layer, channels, kind="channel"):
     raise ConfigError(f"featviz objective must be channel, neuron, probability or contrast; got {kind!r}")
 
 
-def unit_seeds(seed, layer, regularizer, units, n_seeds):
+def unit_seeds(seed: int, layer: str, regularizer: str, units: list[int], n_seeds: int) -> list[int]:
     """One seed per (optimisation seed, unit), seed-major: stable keys without the task, so every task's model
     (and the randomized control) starts from the same images with the same random transforms, and any unit
     can be rerun alone."""
@@ -48,7 +51,8 @@ def unit_seeds(seed, layer, regularizer, units, n_seeds):
 
 
 @torch.no_grad()
-def objective_values(model, volumes, layer, units, kind="channel", device="cpu", batch=4):
+def objective_values(model: nn.Module, volumes: Sequence, layer: str, units: list[int], kind: str = "channel",
+                     device: str | torch.device = "cpu", batch: int = 4) -> np.ndarray:
     """Objective values of ``units`` on volumes: array (n_volumes, n_units), one forward per batch."""
     objs = [make_objective(layer, u, kind) for u in units]
     out = []
@@ -63,7 +67,8 @@ real_activations = objective_values  # the name used for real volumes
 
 
 @torch.no_grad()
-def own_objective_values(model, volumes, layer, channels, kind="channel", device="cpu", batch=4):
+def own_objective_values(model: nn.Module, volumes: Sequence, layer: str, channels: list[int],
+                         kind: str = "channel", device: str | torch.device = "cpu", batch: int = 4) -> np.ndarray:
     """Volume ``b``'s objective on its own unit ``channels[b]``: array (n_volumes,)."""
     obj = make_objective(layer, list(channels), kind)
     out = []
@@ -74,7 +79,8 @@ def own_objective_values(model, volumes, layer, channels, kind="channel", device
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def starting_volume(preset, real_volumes, test_volumes, template=None):
+def starting_volume(preset: dict, real_volumes: Sequence, test_volumes: Sequence,
+                    template: np.ndarray | None = None) -> np.ndarray | None:
     """The image a preset starts from, if not noise: the mean training volume (``init: volume``), the
     template (``template``) or the first test subject (``subject``: feature accentuation)."""
     if preset.init == "volume":
@@ -90,7 +96,7 @@ def starting_volume(preset, real_volumes, test_volumes, template=None):
     return None
 
 
-def split_volumes(dataset, split, n=None):
+def split_volumes(dataset: Dataset, split: str, n: int | None = None) -> list:
     """The volumes of one split of a dataset (in participants order; the first ``n`` when given)."""
     parts = dataset.participants
     rows = parts.loc[parts["split"] == split, "index"].to_numpy()
@@ -100,16 +106,16 @@ def split_volumes(dataset, split, n=None):
     return [vols[int(i)] for i in rows]
 
 
-def region_of(box, shape):
+def region_of(box: tuple | None, shape: Sequence[int]) -> tuple:
     """The optimised region (slices): the receptive-field crop, or the whole volume."""
     return tuple(box) if box is not None else tuple(slice(0, n) for n in shape)
 
 
-def region_text(region):
+def region_text(region: tuple) -> str:
     return ",".join(f"{s.start}:{s.stop}" for s in region)
 
 
-def parse_region(text):
+def parse_region(text: str) -> tuple:
     """Inverse of :func:`region_text`: ``"a:b,c:d,e:f"`` → slices."""
     return tuple(slice(*map(int, part.split(":"))) for part in str(text).split(","))
 
@@ -126,19 +132,20 @@ class LayerResult:
     region: tuple
 
 
-def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, test_volumes, seed, task,
-                    regularizer, steps=default("featviz.steps"), lr=default("featviz.lr"),
-                    n_seeds=default("featviz.seeds"), objective="channel", device="cpu", micro_batch=None, log=None,
-                    record_every=8, network="trained", layer_id=None, template=None):
-    """Optimise every unit of ``layer`` (× ``n_seeds`` seeds) in one batch and measure each result.
-
-    Per unit and seed: the objective at start and end; the activation at *matched amplitude*
+def visualize_layer(model: nn.Module, layer: str, units: list[int], preset: dict, *, shape: Sequence[int],
+                    mask: np.ndarray, real_volumes: Sequence, test_volumes: Sequence, seed: int, task: str,
+                    regularizer: str, steps: int = default("featviz.steps"), lr: float = default("featviz.lr"),
+                    n_seeds: int = default("featviz.seeds"), objective: str = "channel",
+                    device: str | torch.device = "cpu", micro_batch: int | None = None, log: Callable | None = None,
+                    record_every: int = 8, network: str = "trained", layer_id: str | None = None,
+                    template: np.ndarray | None = None) -> LayerResult:
+    """Optimise every unit of ``layer`` (× ``n_seeds`` seeds) in one batch and measure each result: per unit
+    and seed, the objective at start and end; the activation at *matched amplitude*
     (``act_matched``: the visualization rescaled to the standard deviation real test volumes have in the
     optimised region, then scored; ``act_matched_z``/``act_matched_pct``: against the unit's values on the
     real test volumes, which a value of 0 / 0.5 would match); image statistics inside the optimised region
     (``region``: the receptive-field crop or the whole volume); ``stability`` (mean correlation, inside the
-    mask, between the unit's volumes from different seeds). ``layer_id`` names the request in seeds and
-    tables (default: the layer; e.g. ``classifier-contrast``).
+    mask, between the unit's volumes from different seeds). ``layer_id`` names the request in seeds and tables.
     """
     preset = Preset.from_config(preset)
     layer_id = layer_id or layer
@@ -187,14 +194,15 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     return LayerResult(imgs, pd.DataFrame(rows), traj, res, region)
 
 
-def preset_text(preset):
+def preset_text(preset: dict) -> str:
     """A preset as the keys that differ from the defaults (what a user wrote), for logs."""
     full = Preset.from_config(preset).as_dict()
     base = Preset().as_dict()
     return "{" + ", ".join(f"{k}: {v}" for k, v in full.items() if base[k] != v) + "}"
 
 
-def resolve_request_units(model, request, shape, device="cpu"):
+def resolve_request_units(model: nn.Module, request: dict, shape: Sequence[int],
+                          device: str | torch.device = "cpu") -> list[int]:
     """The request's units (``all``, a count N, or a list), checked against the layer's real channel count;
     for ``only_unit``, the layer's units if it is among them (so the same batch), else the unit alone."""
     n = layer_output_shape(model, request["module"], (1,) + tuple(shape), device)[0]

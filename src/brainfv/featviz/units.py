@@ -1,7 +1,7 @@
 """Units addressed by module name and channel; capturing activations with early stop."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ __all__ = ["parse_unit", "get_module", "capture_activations", "layer_output_shap
            "receptive_field", "describe_units", "resolve_units"]
 
 
-def parse_unit(address):
+def parse_unit(address: str) -> tuple[str, int]:
     """``"block3.conv:12"`` → ``("block3.conv", 12)``."""
     layer, sep, ch = str(address).rpartition(":")
     if not sep or not layer or not ch.lstrip("-").isdigit():
@@ -21,7 +21,7 @@ def parse_unit(address):
     return layer, int(ch)
 
 
-def get_module(model, name):
+def get_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name``; the error lists the model's module names."""
     modules = dict(model.named_modules())
     if name not in modules or name == "":
@@ -35,7 +35,8 @@ class _Stop(Exception):
     pass
 
 
-def capture_activations(model, x, layers, truncate=True):
+def capture_activations(model: nn.Module, x: torch.Tensor | None, layers: Sequence[str],
+                        truncate: bool = True) -> dict | Callable:
     """Run ``model(x)`` and return ``{layer: output}`` for ``layers``.
 
     With ``truncate`` the forward pass stops as soon as every requested layer has
@@ -71,13 +72,15 @@ def capture_activations(model, x, layers, truncate=True):
 
 
 @torch.no_grad()
-def layer_output_shape(model, layer, input_shape, device="cpu"):
+def layer_output_shape(model: nn.Module, layer: str, input_shape: Sequence[int],
+                       device: str | torch.device = "cpu") -> tuple:
     """Shape (without batch) of ``layer``'s output for one input of ``input_shape`` (C, X, Y, Z)."""
     x = torch.zeros((1,) + tuple(input_shape), device=device)
     return tuple(capture_activations(model, x, [layer])[layer].shape[1:])
 
 
-def check_channels(model, layer, channels, input_shape, device="cpu"):
+def check_channels(model: nn.Module, layer: str, channels: Sequence[int], input_shape: Sequence[int],
+                   device: str | torch.device = "cpu") -> tuple:
     """Raise :class:`UnitError` for channels out of range of ``layer``; return its output shape."""
     shape = layer_output_shape(model, layer, input_shape, device)
     n = shape[0]
@@ -87,7 +90,8 @@ def check_channels(model, layer, channels, input_shape, device="cpu"):
     return shape
 
 
-def receptive_field(model, layer, input_shape, device="cpu"):
+def receptive_field(model: nn.Module, layer: str, input_shape: Sequence[int],
+                    device: str | torch.device = "cpu") -> list | None:
     """Analytic receptive field of ``layer`` for chains of Conv/Pool and pointwise modules.
 
     Returns per-axis ``(size, stride, offset)`` such that output index ``p`` sees
@@ -187,7 +191,7 @@ def _rf_step(m, size, stride, offset):
 
 
 @torch.no_grad()
-def describe_units(model, input_shape, device="cpu"):
+def describe_units(model: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu") -> list[dict]:
     """Every layer of ``model`` that can be addressed as ``layer:channel``, in forward order.
 
     One forward pass of a zero input ``(1, *input_shape)`` in eval mode, with forward hooks on every
@@ -284,7 +288,8 @@ def _type_name(module):
     return getattr(module, "original_name", None) or type(module).__name__
 
 
-def resolve_units(model, layer, spec, input_shape, device="cpu"):
+def resolve_units(model: nn.Module, layer: str, spec: str | int | list[int], input_shape: Sequence[int],
+                  device: str | torch.device = "cpu") -> list[int]:
     """Channel indices of ``layer`` that a config spec asks for, checked against the layer's real size.
 
     ``spec`` is ``"all"``, a count N (the first N channels; fewer if the layer has fewer, as in
