@@ -151,7 +151,8 @@ ANNOTATED = ("brainfv.config", "brainfv.errors", "brainfv.utils", "brainfv.devic
              "brainfv.data", "brainfv.models", "brainfv.training", "brainfv.featviz.crop", "brainfv.featviz.exemplars",
              "brainfv.featviz.metrics", "brainfv.featviz.objectives", "brainfv.featviz.regularizers",
              "brainfv.featviz.simplify", "brainfv.featviz.study", "brainfv.featviz.transforms", "brainfv.featviz.units",
-             "brainfv.attribution", "brainfv.jobs", "brainfv.cli")
+             "brainfv.attribution", "brainfv.report.anatomy", "brainfv.report.figures", "brainfv.report.metrics",
+             "brainfv.report.viewer", "brainfv.jobs", "brainfv.cli")
 
 
 def _unannotated(tree):

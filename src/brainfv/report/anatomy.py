@@ -19,7 +19,9 @@ import inspect
 import io
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import matplotlib as mpl
 import numpy as np
@@ -29,6 +31,7 @@ from nilearn import datasets, plotting
 from PIL import Image
 from scipy import ndimage
 
+from ..data.grid import Grid
 from ..data.template import template_on_grid
 from ..errors import InputDataError
 from ..utils import atomic_path
@@ -131,7 +134,7 @@ DEFAULT_STYLES = {
 }
 
 
-def panel_style(name, styles=None):
+def panel_style(name: str, styles: dict | None = None) -> PanelStyle:
     """The :class:`PanelStyle` of panel ``name``: ``styles[name]``, else a study default.
 
     Names starting with ``exemplar`` / ``attribution`` get those defaults (``"attribution: AD"``),
@@ -167,7 +170,7 @@ class AnatomyFigure:
 # --------------------------------------------------------------------------- choosing cuts
 
 
-def robust_max(vol, mask=None, percentile=ROBUST_PERCENTILE):
+def robust_max(vol: np.ndarray, mask: np.ndarray | None = None, percentile: float = ROBUST_PERCENTILE) -> float:
     """The ``percentile``-th percentile of ``|vol|`` inside ``mask`` (0 for an all-zero volume)."""
     a = np.abs(np.asarray(vol, np.float32))
     if mask is not None:
@@ -190,7 +193,7 @@ def _strength(vol, mask):
     return rmax / spread if spread > 0 else (np.inf if rmax > 0 else 0.0)
 
 
-def choose_cut_coords(volumes, grid, mask=None, sigma_vox=1.0):
+def choose_cut_coords(volumes: list, grid: Grid, mask: np.ndarray | None = None, sigma_vox: float = 1.0) -> tuple:
     """One MNI cut (x, y, z in mm) for a unit, shared by all of its panels.
 
     The cut goes through the peak of smoothed ``|value|`` (Gaussian, ``sigma_vox`` voxels) of the
@@ -272,21 +275,21 @@ def _cut_for_mode(xyz, display_mode):
     return [xyz[idx[c]] for c in display_mode]
 
 
-def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coords=None, mask=None,
-                            styles=None, bg_img=None, display_mode="ortho",
-                            threshold_fraction=THRESHOLD_FRACTION, panel_width=3.0, dpi=DPI,
-                            black_bg=True, cmap=DIVERGING_CMAP, palette=True, log=None):
-    """Units (rows) × panels (columns), each panel over the template at the unit's common MNI cut.
-
-    Every panel of a row is cut through the same MNI point (``cut_coords[i]``, default
-    :func:`choose_cut_coords` over the row's visualizations), printed at the left of the row, so
-    presets can be compared voxel for voxel. Overlays use a symmetric diverging colour map (``cmap``; blue:
-    darker T1 than average) and hide ``|value| < threshold_fraction`` × the panel's robust maximum (99.5th
-    percentile of ``|value|`` in the brain ``mask``, default the template's), fading in up to 50 % of it
-    (nilearn >= 0.12). Each column has one colour bar stating its units; a column scaled per panel
-    (``PanelStyle.scale = "panel"``, the default for attributions) prints each panel's robust maximum.
-    Exemplars (``kind="image"``) are greyscale on a fixed -3..3 SD scale. 8 units × 8 columns on the
-    52 × 64 × 52 grid: 2800 × 1144 px, ~0.7 MB, ~25 s on two CPU cores.
+def units_on_anatomy_figure(panels: dict, unit_labels: list, grid: Grid, path: str | Path, title: str, *,
+                            cut_coords: list | None = None, mask: np.ndarray | None = None, styles: dict | None = None,
+                            bg_img: object = None, display_mode: str = "ortho",
+                            threshold_fraction: float = THRESHOLD_FRACTION, panel_width: float = 3.0, dpi: int = DPI,
+                            black_bg: bool = True, cmap: str = DIVERGING_CMAP, palette: bool = True,
+                            log: Callable | None = None) -> AnatomyFigure:
+    """Units (rows) × panels (columns), each panel over the template at the unit's common MNI cut: every panel of a
+    row is cut through the same MNI point (``cut_coords[i]``, default :func:`choose_cut_coords` over the row's
+    visualizations), printed left of the row, so presets can be compared voxel for voxel. Overlays use a symmetric
+    diverging colour map (``cmap``; blue: darker T1 than average) and hide ``|value| < threshold_fraction`` × the
+    panel's robust maximum (99.5th percentile of ``|value|`` in the brain ``mask``, default the template's), fading
+    in up to 50 % of it (nilearn >= 0.12). Each column has one colour bar stating its units; a column scaled per
+    panel (``PanelStyle.scale = "panel"``, the default for attributions) prints each panel's robust maximum.
+    Exemplars (``kind="image"``) are greyscale on a fixed -3..3 SD scale. 8 units × 8 columns on the 52 × 64 × 52
+    grid: 2800 × 1144 px, ~0.7 MB, ~25 s on two CPU cores.
 
     ``panels``: column name -> one 3D array on ``grid`` or None per unit (or 4D, units first), in column
     order; ``path``: the PNG, written atomically; ``styles``: name -> PanelStyle over :func:`panel_style`;

@@ -5,8 +5,12 @@ and return the matplotlib figure's size in pixels.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from scipy import ndimage
 
 from ..data.files import DATASET_FILES
@@ -48,7 +52,7 @@ def _themed(context):
     return wrap
 
 
-def save(fig, path):
+def save(fig: Figure, path: str | Path) -> tuple[int, int]:
     """Save ``fig`` to ``path`` atomically; return its (width, height) in pixels."""
     plt = _mpl()
     with atomic_path(path) as tmp:
@@ -58,14 +62,15 @@ def save(fig, path):
     return size
 
 
-def slices_at(vol, centre):
+def slices_at(vol: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
     """Sagittal, coronal and axial slices of a RAS+ volume through voxel ``centre``, display-oriented."""
     i, j, k = (int(c) for c in centre)
     return [vol[i, :, :].T, vol[:, j, :].T, vol[:, :, k].T]
 
 
-def orthoslices(axes, vol, centre, cmap="gray", vmin=None, vmax=None, overlay=None, overlay_color="red",
-                outline=None):
+def orthoslices(axes: Sequence, vol: np.ndarray, centre: Sequence[int], cmap: str = "gray", vmin: float | None = None,
+                vmax: float | None = None, overlay: np.ndarray | None = None, overlay_color: str = "red",
+                outline: np.ndarray | None = None) -> list:
     """Draw sagittal/coronal/axial slices of ``vol`` on three ``axes``.
 
     ``overlay`` (same shape, e.g. a lesion mask) is outlined in ``overlay_color``;
@@ -85,7 +90,8 @@ def orthoslices(axes, vol, centre, cmap="gray", vmin=None, vmax=None, overlay=No
     return ims
 
 
-def subject_montage(volumes, titles, path, suptitle, overlays=None, centres=None, vlim=(-3, 3)):
+def subject_montage(volumes: list, titles: list[str], path: str | Path, suptitle: str, overlays: list | None = None,
+                    centres: list | None = None, vlim: tuple = (-3, 3)) -> tuple[int, int]:
     """Rows of subjects × (sagittal, coronal, axial) slices; optional overlays (e.g. lesion masks).
 
     Slices go through ``centres`` (one voxel per row) or the volume centre.
@@ -106,7 +112,7 @@ def subject_montage(volumes, titles, path, suptitle, overlays=None, centres=None
     return save(fig, path)
 
 
-def cohort_qc_figure(dataset_dir, path, n_per_sex=3):
+def cohort_qc_figure(dataset_dir: str | Path, path: str | Path, n_per_sex: int = 3) -> tuple[int, int]:
     """QC montage of the first ``n_per_sex`` subjects of each sex of a prepared dataset."""
     ds = Dataset(dataset_dir)
     parts = ds.participants
@@ -121,7 +127,7 @@ def cohort_qc_figure(dataset_dir, path, n_per_sex=3):
                            f"Cohort QC — {label} — {len(parts)} subjects, z-scored")
 
 
-def lesion_examples_figure(dataset_dir, path, n=4):
+def lesion_examples_figure(dataset_dir: str | Path, path: str | Path, n: int = 4) -> tuple[int, int]:
     """Lesioned volumes (mask overlay, slices through a lesion), and lesion-free ones at the same slices.
 
     With matched pairs, the lesion-free rows are the twins of the first lesioned subjects.
@@ -161,7 +167,7 @@ def lesion_examples_figure(dataset_dir, path, n=4):
 
 
 @_themed("notebook")
-def learning_curve_figure(history, metrics, path, title):
+def learning_curve_figure(history: pd.DataFrame, metrics: dict, path: str | Path, title: str) -> tuple[int, int]:
     """Loss and validation balanced accuracy per epoch, with the test result in the legend."""
     plt = _mpl()
 
@@ -200,7 +206,7 @@ def _cell(vol, mask, centre):
     return img, np.nan_to_num(msk)
 
 
-def peak_voxel(vol, mask=None, sigma=1.0):
+def peak_voxel(vol: np.ndarray, mask: np.ndarray | None = None, sigma: float = 1.0) -> tuple:
     """Voxel of the largest smoothed |value| (where a visualization's structure is), inside ``mask``."""
     a = ndimage.gaussian_filter(np.abs(np.asarray(vol, np.float32)), sigma)
     if mask is not None:
@@ -208,7 +214,8 @@ def peak_voxel(vol, mask=None, sigma=1.0):
     return np.unravel_index(int(np.argmax(a)), a.shape)
 
 
-def featviz_grid_figure(volumes, units, unit_labels, mask, path, title):
+def featviz_grid_figure(volumes: np.ndarray, units: list, unit_labels: list[str], mask: np.ndarray | None,
+                        path: str | Path, title: str) -> tuple[int, int]:
     """Units (rows) × regularizers (columns) of orthogonal slices through each visualization.
 
     ``volumes``: dict regularizer -> array (n_units, X, Y, Z). Each volume is divided by its robust
@@ -251,7 +258,7 @@ def featviz_grid_figure(volumes, units, unit_labels, mask, path, title):
 
 
 @_themed("paper")
-def metrics_figure(table, path, metrics=None):
+def metrics_figure(table: pd.DataFrame, path: str | Path, metrics: list[str] | None = None) -> tuple[int, int]:
     """Per-regularizer distributions of each metric (box + points), one row per metric, one column per task."""
     plt = _mpl()
     import seaborn as sns
@@ -293,7 +300,7 @@ def metrics_figure(table, path, metrics=None):
 
 
 @_themed("paper")
-def trajectories_figure(traj, table, path):
+def trajectories_figure(traj: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> tuple[int, int]:
     """Objective over optimisation steps, relative to each unit's maximum on real test volumes."""
     plt = _mpl()
     import seaborn as sns
@@ -324,7 +331,7 @@ def trajectories_figure(traj, table, path):
 
 
 @_themed("paper")
-def models_figure(metrics, histories, path):
+def models_figure(metrics: dict, histories: dict, path: str | Path) -> tuple[int, int]:
     """Validation balanced accuracy per epoch and test metrics of every trained model."""
     plt = _mpl()
     import seaborn as sns
@@ -348,7 +355,8 @@ def models_figure(metrics, histories, path):
     return save(fig, path)
 
 
-def unit_labels(layer, units, classes=None, output_layer="classifier"):
+def unit_labels(layer: str, units: list[int], classes: list | None = None,
+                output_layer: str | None = "classifier") -> list[str]:
     """Row labels ``layer:unit``, with the class name for units of the model's output layer."""
     named = layer == output_layer and classes is not None
     return [f"{layer}:{u}" + (f"\n(logit '{classes[u]}')" if named and u < len(classes) else "") for u in units]
@@ -363,7 +371,7 @@ METRIC_LABELS = {"lesion_ncc": "lesion shape (NCC)", "lesion_hit": "lesion locat
 
 
 @_themed("paper")
-def signal_null_figure(summary, path, metrics=None):
+def signal_null_figure(summary: pd.DataFrame, path: str | Path, metrics: list[str] | None = None) -> tuple[int, int]:
     """Ground-truth metrics per preset against their controls: one row of panels per task × metric, one panel
     per request that has the metric. Black: the trained model's visualizations (mean and 95 % bootstrap CI
     over units and seeds); coloured markers: the same metric on the controls; the mark above a preset is

@@ -25,7 +25,9 @@ import json
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import nilearn
@@ -70,7 +72,7 @@ _PARAMS_RE = re.compile(r"brainsprite\((\{.*?\})\)\s*;", re.S)
 _SCRIPT_RE = re.compile(r"<script>(.*?)</script>", re.S)
 
 
-def parse_view(page):
+def parse_view(page: str) -> dict | None:
     """Take a nilearn ``view_img`` standalone page apart.
 
     Returns
@@ -204,7 +206,7 @@ def _key(b64):
     return hashlib.sha1(b64.encode()).hexdigest()[:16]
 
 
-def repack_png(b64):
+def repack_png(b64: str) -> str:
     """A base64 PNG re-encoded as an indexed (palette) PNG when that is exact and smaller.
 
     nilearn writes sprites as RGBA PNGs, but a sprite drawn through a colour map has at most a
@@ -226,9 +228,10 @@ def repack_png(b64):
     return base64.b64encode(out).decode("ascii") if len(out) < len(raw) else b64
 
 
-def write_viewer(path, title, units, grid, template=None, description="", *, mask=None, styles=None,
-                 threshold_fraction=THRESHOLD_FRACTION, display_voxel_size=None, cmap=DIVERGING_CMAP,
-                 mode="shared", log=None):
+def write_viewer(path: str | Path, title: str, units: list[dict], grid: Grid, template: object = None,
+                 description: str = "", *, mask: np.ndarray | None = None, styles: dict | None = None,
+                 threshold_fraction: float = THRESHOLD_FRACTION, display_voxel_size: float | None = None,
+                 cmap: str = DIVERGING_CMAP, mode: str = "shared", log: Callable | None = None) -> ViewerPage:
     """Write one self-contained, offline HTML page to scroll through units' volumes on anatomy.
 
     - ``path``: the HTML file, written atomically; ``title``: the page title (e.g. ``"lesion — block4.norm"``);
