@@ -315,7 +315,7 @@ def test_resolve_units_against_the_real_channel_count():
     shape = (1,) + SHAPE
     assert resolve_units(net, "features.conv0", "all", shape) == list(range(8))
     assert resolve_units(net, "features.conv0", 3, shape) == [0, 1, 2]
-    assert resolve_units(net, "features.conv0", 100, shape) == list(range(8))  # as brainfv.arch: clipped
+    assert resolve_units(net, "features.conv0", 100, shape) == list(range(8))  # as brainfv.models.arch: clipped
     assert resolve_units(torch.jit.script(net), "features.conv0", [7, 2], shape) == [2, 7]  # ascending
     with pytest.raises(UnitError, match=r"layer 'features\.conv0' has 8 channels \(0\.\.7\); channels \[8\]"):
         resolve_units(net, "features.conv0", [1, 8], shape)

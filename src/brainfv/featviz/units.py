@@ -293,7 +293,7 @@ def resolve_units(model: nn.Module, layer: str, spec: str | int | list[int], inp
     """Channel indices of ``layer`` that a config spec asks for, checked against the layer's real size.
 
     ``spec`` is ``"all"``, a count N (the first N channels; fewer if the layer has fewer, as in
-    :func:`brainfv.arch.resolve_units`) or a list of channel indices (returned sorted, without repeats).
+    :func:`brainfv.models.arch.resolve_units`) or a list of channel indices (returned sorted, without repeats).
     ``input_shape`` is (C, X, Y, Z).
     Raises :class:`UnitError` naming the layer and its channel count.
     """
