@@ -8,7 +8,8 @@ plateau criterion (``featviz.converge``) up to ``--steps`` and prints, per reque
 of elements (unit x seed) converged, the median and max steps they ran, seconds per step of the whole batch
 and the element-steps actually computed (with per-element stopping the batch shrinks). ``--variant``
 compares ways of bounding the image (``data``: the default squash into the data's percentiles; ``none``:
-unbounded; ``tanh4``: +-4; ``project``: hard bounds, variables projected after each step) and ``--no-stop`` runs every element all steps (the cost without stopping).
+unbounded; ``tanh4``: +-4; ``project``: hard bounds, variables projected after each step)
+and ``--no-stop`` runs every element all steps (the cost without stopping).
 """
 import argparse
 import sys

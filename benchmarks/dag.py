@@ -43,7 +43,7 @@ def main():
             rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 1024
             jobs = int(re.search(r"^total\s+(\d+)", p.stdout + p.stderr, re.M).group(1))
             sys.path.insert(0, str(ROOT / "src"))
-            from brainfv.arch import layer_units
+            from brainfv.models.arch import layer_units
 
             lu = layer_units(cfg["model"])
             units = sum(lu[s["layer"]] for s in cfg["featviz"]["layers"]) * len(cfg["tasks"]) * len(

@@ -8,7 +8,8 @@
     an early layer's neurons with receptive-field cropping;
 (c) time per step of the same request at CPU micro-batch sizes 1, 2 and 8 (the default is 2);
 (b) the loop's overhead: time per step of ``render`` versus the bare forward+backward of the truncated
-    (and simplified, see ``brainfv.featviz.simplify``) network on the same batch (transforms, parametrisation and regularizers should cost <= 25 % extra).
+    (and simplified, see ``brainfv.featviz.simplify``) network on the same batch (transforms, parametrisation and
+    regularizers should cost <= 25 % extra).
 """
 import argparse
 import sys

@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def per_step(model, layer, shape, steps, repeats):
-    from brainfv.featviz import objectives as O, render
+    from brainfv.featviz import objectives as O
+    from brainfv.featviz import render
 
     obj = O.channel(layer, [0, 0, 0, 0, 1, 1, 1, 1])
     real = [np.random.default_rng(0).normal(size=shape).astype(np.float32)]

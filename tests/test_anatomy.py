@@ -76,7 +76,8 @@ def test_units_on_anatomy_figure_rows_share_one_cut(tmp_path):
     rng = np.random.default_rng(1)
     mask = _brain_mask(GRID)
     where = [(6, 15, 12), (13, 8, 9), (10, 12, 15)]
-    vis = lambda i, s: (s * _blob(GRID, where[i]) + 0.2 * rng.standard_normal(GRID.shape)).astype(np.float32)
+    def vis(i, s):
+        return (s * _blob(GRID, where[i]) + 0.2 * rng.standard_normal(GRID.shape)).astype(np.float32)
     panels = {
         "none": [vis(i, 1.0) for i in range(3)],
         "tv": [vis(i, -0.5) for i in range(3)],

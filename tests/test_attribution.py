@@ -7,8 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from brainfv.attribution import (_rf_upsample, attribution_table, class_attribution_maps, default_cam_layer,
-                                 write_attribution_nifti, write_attribution_table)
+from brainfv.attribution import (
+    _rf_upsample,
+    attribution_table,
+    class_attribution_maps,
+    default_cam_layer,
+    write_attribution_nifti,
+    write_attribution_table,
+)
 from brainfv.data.grid import Grid
 from brainfv.errors import ConfigError, InputDataError
 from brainfv.featviz.units import receptive_field

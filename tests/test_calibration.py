@@ -94,7 +94,8 @@ def test_trained_replicates_are_carried_to_the_summary():
     for rep in (0, 1):
         rng = np.random.default_rng(10 + rep)
         vols = np.stack([ndimage.gaussian_filter(rng.normal(size=SHAPE), 1.5) for _ in range(4)]).astype(np.float32)
-        table = pd.DataFrame([{"task": "lesion", "layer": "n", "module": "n", "regularizer": "none", "network": "trained",
+        table = pd.DataFrame([{"task": "lesion", "layer": "n", "module": "n", "regularizer": "none",
+                               "network": "trained",
                                "unit": u, "seed": s, "volume": 2 * s + u, "region": "0:24,0:24,0:24"}
                               for s in range(2) for u in range(2)])
         entries.append({"task": "lesion", "layer": "n", "module": "n", "regularizer": "none", "table": table,
@@ -163,8 +164,8 @@ def test_class_logits_are_scored_and_summarised_per_intended_class_by_the_volume
 
 
 def test_a_units_list_is_visualised_in_ascending_order_once():
-    from brainfv.arch import resolve_units
     from brainfv.featviz.units import resolve_units as resolve_layer_units
+    from brainfv.models.arch import resolve_units
 
     assert resolve_units([3, 0, 3], 4) == [0, 3]
     assert resolve_layer_units(lesion_detector(), "0", [0, 0], (1,) + SHAPE) == [0]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from brainfv.data.store import VolumeWriter, open_volumes
 from brainfv.utils import Terminated, atomic_path, remove_stale_temporaries, terminate_cleanly
-from conftest import ROOT
 
 WRITER = textwrap.dedent("""
     import sys, time
@@ -78,7 +78,7 @@ def test_sigkill_leftovers_removed_by_the_next_writers(tmp_path):
 
 def test_live_and_foreign_temporaries_are_kept(tmp_path):
     mine = tmp_path / f".volumes.tmp-{os.getpid()}.npy"       # this process is writing it
-    alive = tmp_path / f".volumes.tmp-1.npy"                   # pid 1 always runs
+    alive = tmp_path / ".volumes.tmp-1.npy"                   # pid 1 always runs
     other = tmp_path / f".notes.tmp-{dead_pid()}"             # stale, but another file's: only a folder sweep
     user = tmp_path / "volumes.tmp-123.npy"                    # not hidden: not ours
     compact = tmp_path / f".volumes.tmp-{dead_pid()}-c.npy"    # VolumeWriter's compaction file, stale
@@ -90,8 +90,9 @@ def test_live_and_foreign_temporaries_are_kept(tmp_path):
 
 
 def test_prepare_cohort_terminated_leaves_nothing_and_cleans_a_killed_run(tmp_path):
-    from brainfv.data.cohort import prepare_cohort
     from conftest import small_config
+
+    from brainfv.data.cohort import prepare_cohort
 
     script = textwrap.dedent("""
         import sys

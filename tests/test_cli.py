@@ -146,7 +146,6 @@ def test_visualize_without_snakemake_writes_what_the_rule_writes(tmp_path):
     """`brainfv visualize` on a study-style checkpoint and a dataset folder: the rule's NIfTI and table."""
     import nibabel as nib
     import pandas as pd
-
     from conftest import toy_dataset
 
     ds = toy_dataset(tmp_path / "toy", n=12, shape=(12, 14, 12))

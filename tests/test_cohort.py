@@ -5,12 +5,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import small_config
 
-from brainfv.data.cohort import assign_splits, map_sex, prepare_cohort, DEFAULT_SEX_CODING
+from brainfv.data.cohort import DEFAULT_SEX_CODING, assign_splits, map_sex, prepare_cohort
 from brainfv.data.grid import Grid
 from brainfv.data.store import Dataset
-from brainfv.errors import InputDataError, ConfigError
-from conftest import small_config
+from brainfv.errors import ConfigError, InputDataError
 
 
 def template_image(voxel_size, orientation="RAS", dtype=np.float32):
@@ -168,7 +168,7 @@ def test_synthetic_cohort_has_planted_effect(tmp_path):
     assert np.abs(eff).max() > 0.3
     # males are larger on average (global volume effect)
     assert parts.groupby("sex")["brain_voxels"].mean()["M"] > parts.groupby("sex")["brain_voxels"].mean()["F"]
-    again = prepare_cohort(cfg, tmp_path / "again")
+    prepare_cohort(cfg, tmp_path / "again")
     assert np.array_equal(np.load(tmp_path / "out/volumes.npy"), np.load(tmp_path / "again/volumes.npy"))
 
 
@@ -263,7 +263,8 @@ def test_sex_coding_adds_to_bids_codes(tmp_path):
     from brainfv.data.cohort import sex_coding
 
     merged = sex_coding({"M": [1], "F": [2]})
-    assert map_sex("1", merged, "a") == "M" and map_sex("female", merged, "b") == "F" and map_sex("O", merged, "c") == "O"
+    assert map_sex("1", merged, "a") == "M" and map_sex("female", merged, "b") == "F"
+    assert map_sex("O", merged, "c") == "O"
     assert map_sex("f", sex_coding({"M": ["f"]}), "d") == "M"  # a user code wins over its default meaning
     with pytest.raises(ConfigError, match="raw code 1 is given for both 'M' and 'F'"):
         sex_coding({"M": [1], "F": [1]})
@@ -366,8 +367,8 @@ def test_class_too_small_for_the_split(tmp_path, monkeypatch):
     # error: fails before any image is loaded, naming class, count and cohort.splits
     monkeypatch.setattr(cohort, "load_volume", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     with pytest.raises(InputDataError, match=r"subject '07': stratification class 'O' \(column 'sex', "
-                                             r"cohort.stratify\) has 1 usable subject\(s\) but cohort.splits .* needs at "
-                                             r"least one per split \(3\)"):
+                                             r"cohort.stratify\) has 1 usable subject\(s\) but cohort.splits .* "
+                                             r"needs at least one per split \(3\)"):
         prepare_cohort(bids_cfg(root), tmp_path / "out2")
 
 

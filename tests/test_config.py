@@ -133,20 +133,28 @@ def test_transfer_model_differs_from_the_main_one_by_default():
 def test_featviz_requests_are_checked_against_the_models_layers_before_any_job(tmp_path):
     """A layer the model lacks, or units out of its range, fail the config check (when the workflow loads,
     before any job), naming the request's key and listing the layers."""
+    from brainfv.jobs.requests import check_requests
+
     def cfg(*layers, **over):
         return C.complete({"results": str(tmp_path / "results"), "featviz": {"layers": list(layers)}, **over})
 
+    def check(c):  # what the workflow runs when it loads (workflow/rules/common.smk)
+        c = C.check(c)
+        check_requests(c)
+        return c
+
     with pytest.raises(ConfigError) as e:
-        C.check(cfg({"layer": "block2.norm"}, {"layer": "block4.norm", "units": 4}, {"layer": "block9.norm"}))
+        check(cfg({"layer": "block2.norm"}, {"layer": "block4.norm", "units": 4}, {"layer": "block9.norm"}))
     msg = str(e.value)
     assert msg.startswith("config key featviz.layers[2].layer: 'block9.norm' is not a layer of the study's model")
     assert "block1.conv (8)" in msg and "classifier (2)" in msg
     with pytest.raises(ConfigError, match=r"featviz.layers\[0\].units \(layer 'block2.norm' of the study's model "
-                                          r"\(config: model\) has \d+ units, task 'sex'\): channels \[99\] out of range"):
-        C.check(cfg({"layer": "block2.norm", "units": [0, 99]}))
+                                          r"\(config: model\) has \d+ units, task 'sex'\): channels \[99\] out "
+                                          r"of range"):
+        check(cfg({"layer": "block2.norm", "units": [0, 99]}))
     with pytest.raises(ConfigError, match=r"featviz.layers\[0\].units .*classifier.* has 2 units"):
-        C.check(cfg({"layer": "classifier", "units": [2], "objective": "channel"}))
-    assert C.check(cfg({"layer": "block2.norm", "units": [0, 3]}, {"layer": "classifier", "units": [0, 1]}))
+        check(cfg({"layer": "classifier", "units": [2], "objective": "channel"}))
+    assert check(cfg({"layer": "block2.norm", "units": [0, 3]}, {"layer": "classifier", "units": [0, 1]}))
     # a given model: checked against its describe_model outputs once they exist (before: by that job)
     import json
     import os
@@ -154,7 +162,7 @@ def test_featviz_requests_are_checked_against_the_models_layers_before_any_job(t
     ck = tmp_path / "net.pt"
     ck.write_bytes(b"x")
     given = {"tasks": {"mine": {"dataset": "cohort", "target": "sex", "model": {"checkpoint": str(ck)}}}}
-    assert C.check(cfg({"layer": "features.conv9"}, **given))
+    assert check(cfg({"layer": "features.conv9"}, **given))
     folder = tmp_path / "results/models/mine/provided"
     folder.mkdir(parents=True)
     (folder / "model.json").write_text(json.dumps({"checkpoint": str(ck), "modules": ["features", "features.conv1",
@@ -163,8 +171,8 @@ def test_featviz_requests_are_checked_against_the_models_layers_before_any_job(t
     with pytest.raises(ConfigError, match=r"featviz.layers\[0\].layer: 'features.conv9' is not a layer of "
                                           r"tasks.mine.model \(task 'mine'\); layers \(units\): features, "
                                           r"features.conv1 \(6\), head"):
-        C.check(cfg({"layer": "features.conv9"}, **given))
+        check(cfg({"layer": "features.conv9"}, **given))
     with pytest.raises(ConfigError, match=r"featviz.layers\[0\].units .*has 6 units.*channels \[6\] out of range"):
-        C.check(cfg({"layer": "features.conv1", "units": [6]}, **given))
+        check(cfg({"layer": "features.conv1", "units": [6]}, **given))
     os.utime(ck, (os.stat(folder / "model.json").st_mtime + 10,) * 2)  # a new file: describe_model checks it
-    assert C.check(cfg({"layer": "features.conv9"}, **given))
+    assert check(cfg({"layer": "features.conv9"}, **given))

@@ -56,7 +56,8 @@ def test_bounded_parametrisations_never_leave_the_range(kind, project):
             p.project_()  # what the loop does after every step
         x = p()
         assert torch.isfinite(x).all() and x.min() >= LO and x.max() <= HI
-        if project and kind != "maco":  # projected: the variables themselves hold an image inside the range (up to FFT rounding)
+        # projected: the variables themselves hold an image inside the range (up to FFT rounding)
+        if project and kind != "maco":
             raw = p.x if kind == "voxel" else torch.fft.irfftn(torch.view_as_complex(p.spectrum) * p.scale,
                                                                  s=SHAPE, dim=(-3, -2, -1))
             assert raw.min() >= LO - 1e-3 * (HI - LO) and raw.max() <= HI + 1e-3 * (HI - LO)
@@ -199,10 +200,9 @@ def test_visualize_job_writes_steps_converged_and_the_cascade(tmp_path):
     import pandas as pd
     from conftest import toy_dataset
 
-    from brainfv.job import Job
+    from brainfv.jobs.base import Job
+    from brainfv.jobs.featviz import visualize_job
     from brainfv.models import save_checkpoint
-
-    from brainfv.featviz.study import visualize_job
 
     ds = toy_dataset(tmp_path / "toy", n=12, shape=(12, 14, 12))
     ck = tmp_path / "model.pt"

@@ -129,7 +129,8 @@ def test_batched_equals_per_unit():
     preset = {"param": "fourier", "jitter": 2, "scale": 0.05, "rotate": 5, "tv": 0.1}
     seeds = [11, 12, 13]
     # one element per forward pass: identical whether alone or in a batch
-    batched = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, micro_batch=1, data_range=R)
+    batched = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, micro_batch=1,
+                     data_range=R)
     alone = render(m, O.channel("block2.norm", [3]), SHAPE, preset, steps=8, seeds=[12], micro_batch=1, data_range=R)
     assert np.allclose(batched.images[1], alone.images[0], atol=1e-5)
     assert np.isclose(batched.objective_end[1], alone.objective_end[0], rtol=1e-5, atol=1e-6)
@@ -241,8 +242,9 @@ def test_randomized_copy_changes_weights_not_the_caller():
 def test_micro_batches_do_not_change_the_result():
     m = small_model()
     preset = {"param": "fourier", "jitter": 1, "tv": 0.1}
-    a = render(m, O.channel("block2.norm", [0, 1, 2]), SHAPE, preset, steps=5, seeds=[4, 5, 6], micro_batch=1, data_range=R)
-    b = render(m, O.channel("block2.norm", [0, 1, 2]), SHAPE, preset, steps=5, seeds=[4, 5, 6], micro_batch=3, data_range=R)
+    obj = O.channel("block2.norm", [0, 1, 2])
+    a = render(m, obj, SHAPE, preset, steps=5, seeds=[4, 5, 6], micro_batch=1, data_range=R)
+    b = render(m, obj, SHAPE, preset, steps=5, seeds=[4, 5, 6], micro_batch=3, data_range=R)
     # the same optimisation, up to float-level differences of the CPU kernels for other batch sizes
     assert all(corr(a.images[i], b.images[i]) > 0.98 for i in range(3))
     assert np.allclose(a.objective_end, b.objective_end, rtol=0.05, atol=1e-3)
@@ -395,7 +397,6 @@ def test_frozen_copy_is_channels_last_even_for_one_input_channel():
     """A (C, 1, k, k, k) weight counts as contiguous in both layouts; oneDNN reads the strides, and the
     plain ones made every optimisation step 2.5x slower on the CPU. Other tensors (4D buffers) are kept."""
     import torch
-    from torch import nn
 
     from brainfv.models import build_model, frozen
 
@@ -404,7 +405,8 @@ def test_frozen_copy_is_channels_last_even_for_one_input_channel():
     f = frozen(net)
     w = f.block1.conv.weight
     assert w.shape[1] == 1 and w.stride() == w.to(memory_format=torch.channels_last_3d).stride() and w.stride()[1] == 1
-    assert all(p.stride() == p.to(memory_format=torch.channels_last_3d).stride() for p in f.parameters() if p.dim() == 5)
+    assert all(p.stride() == p.to(memory_format=torch.channels_last_3d).stride()
+               for p in f.parameters() if p.dim() == 5)
     assert f.masks.shape == (2, 3, 3, 3) and not any(p.requires_grad for p in f.parameters())
     assert net.block1.conv.weight.requires_grad                      # the caller's model is untouched
 

@@ -101,8 +101,8 @@ def test_findings_text_agrees_with_the_table():
     s, missing = study()
     text = render(s, missing)
     for _, r in s[s["primary"]].iterrows():
-        line = next(line for line in text.splitlines() if line.startswith(f"- **{r['task']} · {r['layer']} · {r['class']}"
-                                                                          f" · {r['regularizer']} · {r['metric']}**"))
+        head = f"- **{r['task']} · {r['layer']} · {r['class']} · {r['regularizer']} · {r['metric']}**"
+        line = next(line for line in text.splitlines() if line.startswith(head))
         assert line.split("**: ")[1].startswith(r["verdict"])
         assert f"{fmt(r['min_gain'])} [{fmt(r['min_gain_lo'])}, {fmt(r['min_gain_hi'])}]" in line
         assert f"{p_text('p', r['p_min_gain'])}," in line and f"{p_text('adjusted p', r['p_adj'])};" in line

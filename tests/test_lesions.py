@@ -1,12 +1,12 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import small_config
 
 from brainfv.data.cohort import prepare_cohort
-from brainfv.data.lesions import (SHAPES, lesion_profile, place_lesions, shape_distance, synthesize_lesions)
+from brainfv.data.lesions import SHAPES, lesion_profile, place_lesions, shape_distance, synthesize_lesions
 from brainfv.data.store import Dataset, open_volumes
 from brainfv.errors import ConfigError, InputDataError
-from conftest import small_config
 
 
 @pytest.mark.parametrize("shape,volume", [

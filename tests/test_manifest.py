@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import small_config
 
 from brainfv.data.cohort import prepare_cohort
 from brainfv.data.lesions import synthesize_lesions
 from brainfv.data.store import Dataset, file_hash, store_hash
-from conftest import small_config
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,8 @@ def test_cohort_manifest_describes_its_content(cohorts):
     assert m["n_volumes"] == 8 and m["shape"] == list(vols.shape[1:]) and m["dtype"] == "<f4"
     assert m["volumes_hash"] == hashlib.blake2b(vols.tobytes(), digest_size=32).hexdigest()
     assert m["participants_hash"] == file_hash(root / "a" / "participants.tsv")
-    assert set(m["files"]) == {"wm.npy", "reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz", "sex_effect_regional.nii.gz", "qc.tsv"}
+    assert set(m["files"]) == {"wm.npy", "reference.nii.gz", "mask.nii.gz", "sex_effect.nii.gz",
+                               "sex_effect_regional.nii.gz", "qc.tsv"}
     assert m["files"]["wm.npy"] == store_hash(root / "a" / "wm.npy")
     assert m["files"]["mask.nii.gz"] == file_hash(root / "a" / "mask.nii.gz")
 

@@ -10,8 +10,7 @@ from torch import nn
 
 from brainfv.errors import ConfigError, UnitError
 from brainfv.featviz.units import capture_activations, describe_units, receptive_field, resolve_units
-from brainfv.model_io import TorchScriptModel, check_model_input, load_model
-from brainfv.models import build_model, save_checkpoint
+from brainfv.models import TorchScriptModel, build_model, check_model_input, load_model, save_checkpoint
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
@@ -327,7 +326,8 @@ def test_describe_units_of_monai_networks_and_their_torchscript():
     rrows = describe_units(res, (1,) + SHAPE)
     rby = {r["layer"]: r for r in rrows}
     assert rby["layer1.0.act"]["calls"] == 2 and rby["layer2.0"]["channels"] == 8 and "maxpool" in rby
-    assert rby["layer1.0"]["rf_size"] is None and rby["layer1.0.conv2"]["rf_size"] is not None  # the skip ends the chain
+    # the skip ends the chain
+    assert rby["layer1.0"]["rf_size"] is None and rby["layer1.0.conv2"]["rf_size"] is not None
     assert describe_units(torch.jit.script(res), (1,) + SHAPE) == no_rf(rrows)
 
 
@@ -353,7 +353,7 @@ def test_resolve_units_against_the_real_channel_count():
     shape = (1,) + SHAPE
     assert resolve_units(net, "features.conv0", "all", shape) == list(range(8))
     assert resolve_units(net, "features.conv0", 3, shape) == [0, 1, 2]
-    assert resolve_units(net, "features.conv0", 100, shape) == list(range(8))  # as brainfv.arch: clipped
+    assert resolve_units(net, "features.conv0", 100, shape) == list(range(8))  # as brainfv.models.arch: clipped
     assert resolve_units(torch.jit.script(net), "features.conv0", [7, 2], shape) == [2, 7]  # ascending
     with pytest.raises(UnitError, match=r"layer 'features\.conv0' has 8 channels \(0\.\.7\); channels \[8\]"):
         resolve_units(net, "features.conv0", [1, 8], shape)
@@ -369,11 +369,12 @@ def test_describe_job_needs_the_output_order_and_known_layers(tmp_path):
     import nibabel as nib
     import pandas as pd
 
-    from brainfv.job import Job
-    from brainfv.model_io import describe_job
+    from brainfv.jobs.base import Job
+    from brainfv.jobs.models import describe_job
 
     torch.save(densenet().state_dict(), tmp_path / "dn.pt")
-    nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.diag([2.0, 2.0, 2.0, 1.0])).to_filename(tmp_path / "reference.nii.gz")
+    reference = nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    reference.to_filename(tmp_path / "reference.nii.gz")
     pd.DataFrame({"subject": ["a", "b", "c", "d"], "sex": ["F", "M", "F", "M"], "split": ["train"] * 4,
                   "index": range(4)}).to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
 

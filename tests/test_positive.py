@@ -6,7 +6,7 @@ import torch
 from brainfv.errors import ConfigError
 from brainfv.featviz.render import render
 from brainfv.featviz.study import make_objective
-from brainfv.positive import known_pattern, lesion_positions, lesion_template_kernel, positive_control_network
+from brainfv.models.positive import known_pattern, lesion_positions, lesion_template_kernel, positive_control_network
 
 SHAPE = (32, 32, 32)
 ARCH = {"channels": [2, 2], "dropout": 0.0}

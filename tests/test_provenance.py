@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_scripts_reach_the_modules_that_hold_their_logic():
     vis = P.modules_used(ROOT / "workflow/scripts/visualize.py")
     assert {"brainfv.featviz.study", "brainfv.featviz.render", "brainfv.featviz.objectives", "brainfv.config",
-            "brainfv.job", "brainfv"} <= set(vis)
+            "brainfv.jobs.featviz", "brainfv.jobs.base", "brainfv.models.load", "brainfv"} <= set(vis)
     prep = P.modules_used(ROOT / "workflow/scripts/prepare_cohort.py")
     assert "brainfv.data.cohort" in prep and "brainfv.featviz.render" not in prep
 
@@ -35,12 +35,17 @@ def test_editing_a_module_changes_the_hash_of_the_steps_that_run_it_only(tmp_pat
     P._file_digest.cache_clear()
 
 
-@pytest.mark.parametrize("module", ["brainfv.training", "brainfv.featviz.study"])
+@pytest.mark.parametrize("module", ["brainfv.training", "brainfv.featviz.study", "brainfv.jobs.featviz"])
 def test_module_entries(module):
     assert module in P.modules_used(module) and len(P.code_hash(module)) == 16
 
 
 def test_excluded_modules_leave_the_hash_alone():
-    mods = P.modules_used("brainfv.training")
-    assert "brainfv.report.figures" in mods
-    assert P.code_hash("brainfv.training", exclude=("brainfv.report",)) != P.code_hash("brainfv.training")
+    mods = P.modules_used("brainfv.jobs.train")
+    assert "brainfv.report.figures" in mods and "brainfv.training" in mods
+    assert P.code_hash("brainfv.jobs.train", exclude=("brainfv.report",)) != P.code_hash("brainfv.jobs.train")
+
+
+def test_training_code_reaches_no_plot():
+    """The training checkpoint is keyed on the training code; its learning-curve plot is the job's."""
+    assert not any(m.startswith("brainfv.report") for m in P.modules_used("brainfv.training"))

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from brainfv.data.lesions import lesion_profile
-from brainfv.report.metrics import best_template_match, lesion_templates, sex_effect_fidelity, quality_ratios
+from brainfv.report.metrics import best_template_match, lesion_templates, quality_ratios, sex_effect_fidelity
 
 
 def test_perfect_lesion_scores_top_and_noise_near_zero():

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ROOT, small_config
+from test_cohort import make_bids, template_image
 
 from brainfv.data.cohort import prepare_cohort
 from brainfv.data.sources import source_files
 from brainfv.errors import ConfigError
-from conftest import ROOT, small_config
-from test_cohort import make_bids, template_image
 
 SPACE = "MNI152NLin2009cAsym"
 
@@ -59,16 +59,20 @@ def test_csv_source_files(tmp_path):
                   "mask": ["imgs/m0.nii.gz", "", "", ""]}).to_csv(tmp_path / "t.tsv", sep="\t", index=False)
     files = source_files({"source": "csv", "csv": {"table": str(tmp_path / "t.tsv"), "mask_column": "mask"}})
     # relative paths from the table's folder; a missing file is left out (the cohort reports it)
-    assert files == sorted([str(tmp_path / "t.tsv"), str(d / "m0.nii.gz")] + [str(d / f"s{i}.nii.gz") for i in range(3)])
+    assert files == sorted([str(tmp_path / "t.tsv"), str(d / "m0.nii.gz")]
+                           + [str(d / f"s{i}.nii.gz") for i in range(3)])
     assert source_files({"source": "synthetic"}) == []
 
 
 @pytest.mark.parametrize("cohort,match", [
     ({"source": "bids", "bids": {"root": None}}, "cohort.bids.root: not given"),
-    ({"source": "bids", "bids": {"root": "/nonexistent/bids"}}, "cohort.bids.root: folder not found: /nonexistent/bids"),
-    ({"source": "bids", "bids": {"root": "{tmp}"}}, "cohort.bids.participants: participants table not found: {tmp}/participants.tsv"),
+    ({"source": "bids", "bids": {"root": "/nonexistent/bids"}},
+     "cohort.bids.root: folder not found: /nonexistent/bids"),
+    ({"source": "bids", "bids": {"root": "{tmp}"}},
+     "cohort.bids.participants: participants table not found: {tmp}/participants.tsv"),
     ({"source": "csv", "csv": {"table": None}}, "cohort.csv.table: not given"),
-    ({"source": "csv", "csv": {"table": "{tmp}/subjects.csv"}}, "cohort.csv.table: table not found: {tmp}/subjects.csv"),
+    ({"source": "csv", "csv": {"table": "{tmp}/subjects.csv"}},
+     "cohort.csv.table: table not found: {tmp}/subjects.csv"),
 ])
 def test_missing_source_is_a_config_error_naming_the_key(tmp_path, cohort, match):
     for sec in ("bids", "csv"):
@@ -141,8 +145,9 @@ def test_bids_space_or_session_that_no_file_carries_names_the_key_and_what_exist
 
 
 def test_prepare_cohort_checks_qc_accept_before_any_image(tmp_path, monkeypatch):
-    from brainfv.data import cohort
     from test_cohort import MIXED, bids_cfg
+
+    from brainfv.data import cohort
 
     root = make_bids(tmp_path / "bids", MIXED)
     monkeypatch.setattr(cohort, "load_volume", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))

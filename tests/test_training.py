@@ -4,12 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import toy_dataset
 
-from brainfv.arch import layer_units
 from brainfv.errors import InputDataError
 from brainfv.models import build_model, load_checkpoint
+from brainfv.models.arch import layer_units
 from brainfv.training import binary_metrics, train_task
-from conftest import toy_dataset
 
 FAST = {"epochs": 6, "batch_size": 4, "lr": 3e-3, "patience": 50, "augment": {"shift_vox": 0, "intensity": 0}}
 ARCH = {"channels": [4, 8], "dropout": 0.0}
@@ -163,16 +163,16 @@ def test_flatten_head_is_position_specific():
     depends on where a pattern sits; the pooled head is (nearly) blind to it. Layers and receptive fields."""
     import torch
 
-    from brainfv.arch import layer_units
     from brainfv.featviz.units import describe_units
+    from brainfv.models.arch import layer_units
 
     arch = {"channels": [4, 8], "head": "flatten", "hidden": 100, "activation": "elu", "dropout": 0.5}
     torch.manual_seed(0)
     m = build_model(arch, input_shape=(24, 24, 24)).eval()
     assert m.fc.in_features == 8 * 6 * 6 * 6 and m.fc.out_features == 100
     assert isinstance(m.fc_act, torch.nn.ELU)
-    assert layer_units(arch) == {**{f"block{i}.{p}": c for i, c in ((1, 4), (2, 8)) for p in ("conv", "norm", "act", "pool")},
-                                 "fc": 100, "fc_act": 100, "classifier": 2}
+    blocks = {f"block{i}.{p}": c for i, c in ((1, 4), (2, 8)) for p in ("conv", "norm", "act", "pool")}
+    assert layer_units(arch) == {**blocks, "fc": 100, "fc_act": 100, "classifier": 2}
     # a blob moved by a multiple of the pooling stride, clear of the borders: the pooled head sees the same maps
     blob = torch.zeros(1, 1, 24, 24, 24)
     blob[..., 4:8, 4:8, 4:8] = 1

@@ -35,7 +35,8 @@ def _blob(ijk, amp=2.0, sigma=1.5):
 
 def _units(seed=0):
     rng = np.random.default_rng(seed)
-    noise = lambda s: (s * rng.standard_normal(GRID.shape)).astype(np.float32)
+    def noise(s):
+        return (s * rng.standard_normal(GRID.shape)).astype(np.float32)
     return [
         {"label": "block4.norm:0",
          "panels": {"none": _blob((8, 18, 15)) + noise(0.3), "tv": -_blob((8, 18, 15)) + noise(0.1),
@@ -101,7 +102,8 @@ def test_parse_view_and_repack_png():
     overlay = parsed["images"][parsed["params"]["overlay"]["sprite"]]
     small = repack_png(overlay)
     assert len(small) <= len(overlay)
-    decode = lambda b: np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGBA"))
+    def decode(b):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGBA"))
     assert np.array_equal(decode(small), decode(overlay))  # exact, only smaller
     assert parse_view("<html><body>not a nilearn page</body></html>") is None
 

@@ -18,7 +18,8 @@ def smk(*args, cwd=ROOT, check=True, timeout=1200):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.run(SNAKEMAKE + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and p.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n"
+                             f"{p.stderr[-6000:]}")
     return p
 
 
@@ -62,7 +63,8 @@ def test_lint_clean():
 IMPORT_TO_PACKAGE = {"torch": "pytorch", "yaml": "pyyaml", "sklearn": "scikit-learn", "torchio": "torchio",
                      "nibabel": "nibabel", "nilearn": "nilearn", "numpy": "numpy", "scipy": "scipy",
                      "pandas": "pandas", "matplotlib": "matplotlib", "seaborn": "seaborn", "snakemake": None,
-                     "_setup": None, "brainfv": None, "captum": "captum", "jsonschema": "jsonschema", "monai": None, "PIL": "pillow"}
+                     "_setup": None, "brainfv": None, "captum": "captum", "jsonschema": "jsonschema", "monai": None,
+                     "PIL": "pillow"}
 STDLIB = set(sys.stdlib_module_names)
 
 
@@ -233,7 +235,8 @@ def test_tiny_study_end_to_end(tmp_path):
     kinds = summary.drop_duplicates("task").set_index("task")
     assert kinds.loc["lesion-known", "head"] == "flatten" and kinds.loc["lesion-known", "model"] == "positive control"
     assert kinds.loc["lesion", "head"] == "pool" and kinds.loc["densenet", "model"] == "given"
-    assert set(pd.read_csv(res / "report/sanity.tsv", sep="\t")["randomization_check"]) <= {"pass", "fail", "no control"}
+    checks = set(pd.read_csv(res / "report/sanity.tsv", sep="\t")["randomization_check"])
+    assert checks <= {"pass", "fail", "no control"}
     # exemplars and attribution maps on the grid
     ex = nib.load(res / "exemplars/lesion/block2.norm/exemplars.nii.gz")
     assert ex.shape == ref.shape + (2 * 2,) and (ex.affine == ref.affine).all()

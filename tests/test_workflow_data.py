@@ -4,7 +4,6 @@ import re
 
 import pytest
 import yaml
-
 from test_cohort import MIXED, make_bids
 from test_workflow import smk
 

@@ -29,13 +29,21 @@ caller's model is not modified (an eval-mode copy with frozen parameters is used
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
+import captum.attr as ca
 import numpy as np
+import pandas as pd
 import torch
+from captum.attr import LayerAttribution
 from torch import nn
 
 from .config import default
+from .data.grid import Grid
 from .errors import ConfigError, InputDataError
+from .featviz.units import get_module, receptive_field
+from .models.cnn import frozen
 from .utils import Progress, atomic_path
 
 __all__ = ["METHODS", "class_attribution_maps", "default_cam_layer", "attribution_table",
@@ -46,7 +54,7 @@ _CAM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, 
                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
 
 
-def default_cam_layer(model):
+def default_cam_layer(model: nn.Module) -> str:
     """Name of the last Conv/norm module of ``model`` in ``named_modules()`` order (Grad-CAM's default)."""
     names = [n for n, m in model.named_modules() if n and isinstance(m, _CAM_LAYERS)]
     if not names:
@@ -55,8 +63,6 @@ def default_cam_layer(model):
 
 
 def _frozen_copy(model, device):
-    from .models import frozen
-
     return frozen(model, device)
 
 
@@ -109,8 +115,6 @@ def _rf_upsample(cam, rf, input_shape):
     ``p * stride + (stride - 1) / 2``; the remaining integer shift is applied by cropping or
     edge-replicating. Without a known receptive field, the map is stretched onto the input shape.
     """
-    from captum.attr import LayerAttribution
-
     if rf is None:
         return LayerAttribution.interpolate(cam, tuple(input_shape), "trilinear")
     up = LayerAttribution.interpolate(cam, tuple(n * s for n, (_, s, _) in zip(cam.shape[2:], rf)), "trilinear")
@@ -123,10 +127,6 @@ def _rf_upsample(cam, rf, input_shape):
 
 def _explainer(model, method, layer, x_shape, device):
     """``fn(x, target) -> attributions (B, X, Y, Z)`` for ``method``, and the Grad-CAM layer used."""
-    import captum.attr as ca
-
-    from .featviz.units import get_module, receptive_field
-
     if method == "gradcam":
         layer = layer or default_cam_layer(model)
         gc = ca.LayerGradCam(model, get_module(model, layer))
@@ -158,9 +158,11 @@ def _explainer(model, method, layer, x_shape, device):
     raise ConfigError(f"attribution method must be one of {list(METHODS)}; got {method!r}")
 
 
-def class_attribution_maps(model, volumes, labels, n_classes, method="integrated_gradients", *, baseline="zeros",
-                           n_steps=default("attribution.n_steps"), batch_size=4, device="cpu", only_correct=True, layer=None,
-                           internal_batch_size=None, log=None):
+def class_attribution_maps(model: nn.Module, volumes: Iterable, labels: Sequence[int], n_classes: int,
+                           method: str = "integrated_gradients", *, baseline: str | float | np.ndarray = "zeros",
+                           n_steps: int = default("attribution.n_steps"), batch_size: int = 4,
+                           device: str | torch.device = "cpu", only_correct: bool = True, layer: str | None = None,
+                           internal_batch_size: int | None = None, log: Callable | None = None) -> dict:
     """Mean attribution map of each class's logit over the subjects of that class.
 
     For every subject ``i`` the attribution of logit ``labels[i]`` (the pre-softmax output of the true
@@ -168,49 +170,74 @@ def class_attribution_maps(model, volumes, labels, n_classes, method="integrated
     classifies correctly (``argmax`` of the logits == ``c``), or over all of them with
     ``only_correct=False``. Positive values are evidence for class ``c`` (see the module docstring).
 
-    Parameters
-    ----------
-    model : nn.Module mapping ``(B, 1, X, Y, Z)`` to logits ``(B, n_classes)``; not modified (an
-        eval-mode copy with frozen parameters is used, so dropout is off and BatchNorm uses its running
-        statistics).
-    volumes : indexable or iterable of 3D arrays (a :class:`~brainfv.data.store.VolumeReader`, a list);
-        read in order, ``batch_size`` at a time.
-    labels : sequence of int, the class index of each volume, in ``range(n_classes)``.
-    n_classes : int, the number of model outputs.
-    method : ``integrated_gradients`` | ``gradcam`` | ``saliency`` | ``input_x_gradient``.
-    baseline : IG only. ``"zeros"`` (default) is the all-zero volume, which for z-scored data (z-scored
-        within the brain mask, zero outside) is the brain-mask mean intensity inside the brain and the
-        background value outside; IG then attributes ``logit(x) - logit(mean-intensity brain)``. A number
-        or an array of the volume shape (e.g. the mean training image) is used as given.
-    n_steps : IG only, the number of Gauss-Legendre points along the path.
-    batch_size : volumes read and attributed at once.
-    device : torch device for the model copy and the computation.
-    only_correct : average over correctly classified subjects only (default) or over all of them.
-    layer : Grad-CAM only, module name of the layer (default :func:`default_cam_layer`).
-    internal_batch_size : IG only, the most path points (volumes) in one forward/backward pass: bounds
-        memory. Default ``max(16, 2 * batch_size)`` (captum needs at least 2 per volume): about 1 GB on
-        the CPU for the default model at 52x64x52; 64 took 2.2 GB and was no faster on 2 CPU threads.
-        Raise it on a GPU.
-    log : callable for progress lines (:class:`~brainfv.utils.Progress`).
+    ``model`` maps ``(B, 1, X, Y, Z)`` to logits ``(B, n_classes)`` and is not modified (an eval-mode copy
+    with frozen parameters is used). ``volumes``: indexable or iterable of 3D arrays, read in order,
+    ``batch_size`` at a time; ``labels``: the class index of each. ``method``: ``integrated_gradients`` |
+    ``gradcam`` | ``saliency`` | ``input_x_gradient``. IG only: ``baseline`` (``"zeros"``, the brain-mask mean
+    intensity of z-scored data, or a number or array used as given), ``n_steps`` (Gauss-Legendre points) and
+    ``internal_batch_size`` (the most path points in one pass, default ``max(16, 2 * batch_size)``: about 1 GB
+    on the CPU for the default model at 52x64x52; raise it on a GPU). Grad-CAM only: ``layer`` (default
+    :func:`default_cam_layer`). ``log``: a callable for progress lines.
 
-    Returns
-    -------
-    dict with
-        ``maps`` {c: (X, Y, Z) float32}: signed mean over the subjects used (``n_used``);
-        ``maps_abs`` {c: ...}: mean of the per-subject ``|attribution|`` over the same subjects;
-        ``maps_all`` {c: ...}: signed mean over all subjects of class ``c``, correct or not;
-        ``n_subjects``, ``n_correct``, ``n_used`` {c: int}; ``delta`` {c: float}: IG only, mean absolute
-        completeness error ``|sum(attr) - (logit(x) - logit(baseline))|`` over the class's subjects
-        (NaN for other methods), a check that ``n_steps`` suffices; and ``method``, ``layer`` (Grad-CAM),
-        ``n_steps``, ``baseline`` (a description), ``seconds``, ``n_classes``.
-        A class with no subject used has an all-zero map and ``n_used == 0``.
-
-    Notes
-    -----
-    Deterministic for a given input order on CPU (no randomness is involved; maps are accumulated in
-    float64 in the input order). On CUDA, cuDNN backward kernels may add last-digit differences unless
-    the caller enabled deterministic algorithms.
+    Returns a dict with ``maps`` {c: (X, Y, Z) float32} (signed mean over the subjects used, ``n_used``),
+    ``maps_abs`` (mean ``|attribution|`` over the same), ``maps_all`` (signed mean over all subjects of class
+    ``c``), ``n_subjects``, ``n_correct``, ``n_used``, ``delta`` (IG only: mean absolute completeness error
+    ``|sum(attr) - (logit(x) - logit(baseline))|``, a check that ``n_steps`` suffices; NaN otherwise) and
+    ``method``, ``layer``, ``n_steps``, ``baseline``, ``only_correct``, ``n_classes``, ``seconds``. A class with
+    no subject used has an all-zero map. Deterministic on the CPU (float64 sums in input order).
     """
+    labels = _checked_labels(method, batch_size, n_steps, labels, n_classes, volumes)
+    device = torch.device(device)
+    log = log or (lambda m: None)
+    net = _frozen_copy(model, device)
+    batch_size = int(batch_size)
+    ibs = max(int(internal_batch_size) if internal_batch_size else 16, 2 * batch_size)
+    prog, t0 = Progress(len(labels), f"attribution ({method})", log=log, unit="subjects"), time.perf_counter()
+    sums = _ClassSums(n_classes, only_correct)
+    fn = base = cam_layer = shape = None
+    n_seen = 0  # volumes read
+    for start, xb, yb in _batches(volumes, labels, batch_size):
+        if len(yb) < len(xb):
+            raise InputDataError(f"more volumes than labels ({len(labels)})")
+        if fn is None:
+            shape = xb.shape[1:]
+            fn, cam_layer = _explainer(net, method, layer, shape, device)
+            base = _baseline(baseline, shape, device) if method == "integrated_gradients" else None
+            sums.start(shape)
+        elif xb.shape[1:] != shape:
+            raise InputDataError(f"volume {start} has shape {xb.shape[1:]}; earlier volumes {shape}")
+        sums.add(yb, *_attribute_batch(net, fn, xb, yb, n_classes, device, baseline=base, n_steps=int(n_steps),
+                                       internal_batch_size=ibs))
+        del xb
+        n_seen += len(yb)
+        prog.update(len(yb))
+    if n_seen != len(labels):
+        raise InputDataError(f"{n_seen} volumes but {len(labels)} labels")
+    return {**sums.result(method, log), "method": method, "layer": cam_layer,
+            "n_steps": int(n_steps) if method == "integrated_gradients" else None,
+            "baseline": (baseline if isinstance(baseline, str) or np.isscalar(baseline) else "array")
+            if method == "integrated_gradients" else None,
+            "only_correct": bool(only_correct), "n_classes": int(n_classes), "seconds": time.perf_counter() - t0}
+
+
+def _attribute_batch(net: nn.Module, fn: Callable, xb: np.ndarray, yb: np.ndarray, n_classes: int,
+                     device: torch.device, **kw: object) -> tuple:
+    """One batch's attributions of the true classes' logits (float64), whether each volume is classified
+    correctly, and IG's completeness errors (None for other methods)."""
+    x = torch.as_tensor(xb, device=device)[:, None]
+    target = torch.as_tensor(yb, dtype=torch.long, device=device)
+    with torch.no_grad():
+        logits = net(x)
+    if logits.dim() != 2 or logits.shape[1] != n_classes:
+        raise ConfigError(f"model output has shape {tuple(logits.shape)}; expected (batch, {n_classes})")
+    correct = (logits.argmax(1) == target).cpu().numpy()
+    attr, delta = fn(x, target, **kw)
+    return attr.detach().double().cpu().numpy(), correct, delta
+
+
+def _checked_labels(method: str, batch_size: int, n_steps: int, labels: object, n_classes: int,
+                    volumes: object) -> np.ndarray:
+    """:func:`class_attribution_maps`'s arguments checked; returns the labels as an array."""
     if method not in METHODS:
         raise ConfigError(f"attribution method must be one of {list(METHODS)}; got {method!r}")
     if int(batch_size) < 1 or int(n_steps) < 1:
@@ -227,75 +254,54 @@ def class_attribution_maps(model, volumes, labels, n_classes, method="integrated
         raise InputDataError("class_attribution_maps: no volumes/labels given")
     if hasattr(volumes, "__len__") and len(volumes) != len(labels):
         raise InputDataError(f"{len(volumes)} volumes but {len(labels)} labels")
-    device = torch.device(device)
-    log = log or (lambda m: None)
-    net = _frozen_copy(model, device)
-    batch_size = int(batch_size)
-    ibs = max(int(internal_batch_size) if internal_batch_size else 16, 2 * batch_size)
-    prog = Progress(len(labels), f"attribution ({method})", log=log, unit="subjects")
-    t0 = time.perf_counter()
-    sums = sums_abs = sums_all = None
-    n_subj = np.zeros(n_classes, int)
-    n_corr = np.zeros(n_classes, int)
-    delta_sum = np.zeros(n_classes)
-    fn = base = cam_layer = None
-    shape = None
-    n_seen = 0
-    for start, xb, yb in _batches(volumes, labels, batch_size):
-        if len(yb) < len(xb):
-            raise InputDataError(f"more volumes than labels ({len(labels)})")
-        if fn is None:
-            shape = xb.shape[1:]
-            fn, cam_layer = _explainer(net, method, layer, shape, device)
-            base = _baseline(baseline, shape, device) if method == "integrated_gradients" else None
-            sums, sums_abs, sums_all = (np.zeros((n_classes,) + shape) for _ in range(3))
-        elif xb.shape[1:] != shape:
-            raise InputDataError(f"volume {start} has shape {xb.shape[1:]}; earlier volumes {shape}")
-        x = torch.as_tensor(xb, device=device)[:, None]
-        del xb
-        target = torch.as_tensor(yb, dtype=torch.long, device=device)
-        with torch.no_grad():
-            logits = net(x)
-        if logits.dim() != 2 or logits.shape[1] != n_classes:
-            raise ConfigError(f"model output has shape {tuple(logits.shape)}; expected (batch, {n_classes})")
-        correct = (logits.argmax(1) == target).cpu().numpy()
-        attr, delta = fn(x, target, baseline=base, n_steps=int(n_steps), internal_batch_size=ibs)
-        attr = attr.detach().double().cpu().numpy()
+    return labels
+
+
+class _ClassSums:
+    """Per-class sums of attribution maps (float64, in input order) and subject counts."""
+
+    def __init__(self, n_classes: int, only_correct: bool):
+        self.n_classes, self.only_correct = n_classes, only_correct
+        self.sums = self.sums_abs = self.sums_all = None
+        self.n_subj = np.zeros(n_classes, int)
+        self.n_corr = np.zeros(n_classes, int)
+        self.delta_sum = np.zeros(n_classes)
+
+    def start(self, shape: tuple) -> None:
+        self.sums, self.sums_abs, self.sums_all = (np.zeros((self.n_classes,) + shape) for _ in range(3))
+
+    def add(self, yb: np.ndarray, attr: np.ndarray, correct: np.ndarray, delta: torch.Tensor | None) -> None:
         for j, c in enumerate(yb):
-            n_subj[c] += 1
-            sums_all[c] += attr[j]
-            if correct[j] or not only_correct:
-                sums[c] += attr[j]
-                sums_abs[c] += np.abs(attr[j])
-            n_corr[c] += bool(correct[j])
+            self.n_subj[c] += 1
+            self.sums_all[c] += attr[j]
+            if correct[j] or not self.only_correct:
+                self.sums[c] += attr[j]
+                self.sums_abs[c] += np.abs(attr[j])
+            self.n_corr[c] += bool(correct[j])
             if delta is not None:
-                delta_sum[c] += abs(float(delta[j]))
-        del x, attr
-        n_seen += len(yb)
-        prog.update(len(yb))
-    if n_seen != len(labels):
-        raise InputDataError(f"{n_seen} volumes but {len(labels)} labels")
-    n_used = n_corr if only_correct else n_subj
-    for c in range(n_classes):
-        if n_used[c] == 0:
-            log(f"attribution ({method}): no {'correctly classified ' if only_correct else ''}subject of class "
-                f"{c}; its map is all zero")
+                self.delta_sum[c] += abs(float(delta[j]))
 
-    def mean(s, n):
-        return {c: (s[c] / max(n[c], 1)).astype(np.float32) for c in range(n_classes)}
+    def result(self, method: str, log: Callable) -> dict:
+        """The mean maps and counts (the part of :func:`class_attribution_maps`'s result they make)."""
+        n_classes, n_subj = self.n_classes, self.n_subj
+        n_used = self.n_corr if self.only_correct else n_subj
+        for c in range(n_classes):
+            if n_used[c] == 0:
+                log(f"attribution ({method}): no {'correctly classified ' if self.only_correct else ''}subject of "
+                    f"class {c}; its map is all zero")
 
-    return {
-        "maps": mean(sums, n_used), "maps_abs": mean(sums_abs, n_used), "maps_all": mean(sums_all, n_subj),
-        "n_subjects": {c: int(n_subj[c]) for c in range(n_classes)},
-        "n_correct": {c: int(n_corr[c]) for c in range(n_classes)},
-        "n_used": {c: int(n_used[c]) for c in range(n_classes)},
-        "delta": {c: (float(delta_sum[c] / n_subj[c]) if method == "integrated_gradients" and n_subj[c]
-                      else float("nan")) for c in range(n_classes)},
-        "method": method, "layer": cam_layer, "n_steps": int(n_steps) if method == "integrated_gradients" else None,
-        "baseline": (baseline if isinstance(baseline, str) or np.isscalar(baseline) else "array")
-        if method == "integrated_gradients" else None,
-        "only_correct": bool(only_correct), "n_classes": int(n_classes), "seconds": time.perf_counter() - t0,
-    }
+        def mean(s, n):
+            return {c: (s[c] / max(n[c], 1)).astype(np.float32) for c in range(n_classes)}
+
+        return {
+            "maps": mean(self.sums, n_used), "maps_abs": mean(self.sums_abs, n_used),
+            "maps_all": mean(self.sums_all, n_subj),
+            "n_subjects": {c: int(n_subj[c]) for c in range(n_classes)},
+            "n_correct": {c: int(self.n_corr[c]) for c in range(n_classes)},
+            "n_used": {c: int(n_used[c]) for c in range(n_classes)},
+            "delta": {c: (float(self.delta_sum[c] / n_subj[c]) if method == "integrated_gradients" and n_subj[c]
+                          else float("nan")) for c in range(n_classes)},
+        }
 
 
 def _class_keys(maps, classes):
@@ -311,7 +317,7 @@ def _class_keys(maps, classes):
     return keys
 
 
-def write_attribution_nifti(maps, classes, grid, path):
+def write_attribution_nifti(maps: dict, classes: list, grid: Grid, path: str | Path) -> str | Path:
     """Write ``maps`` as one 4D NIfTI on ``grid`` (volume ``i`` = class ``classes[i]``), atomically.
 
     ``maps`` is keyed by class index (as returned by :func:`class_attribution_maps`) or by class name;
@@ -325,11 +331,9 @@ def write_attribution_nifti(maps, classes, grid, path):
     return path
 
 
-def attribution_table(result, classes=None):
+def attribution_table(result: dict, classes: list | None = None) -> pd.DataFrame:
     """One row per class: class, class_index, n_subjects, n_correct, n_used, method, layer, n_steps,
     baseline, delta (IG completeness error), seconds (the whole run)."""
-    import pandas as pd
-
     n = result["n_classes"]
     classes = list(classes) if classes is not None else list(range(n))
     if len(classes) != n:
@@ -342,7 +346,7 @@ def attribution_table(result, classes=None):
     } for c in range(n)])
 
 
-def write_attribution_table(result, path, classes=None):
+def write_attribution_table(result: dict, path: str | Path, classes: list | None = None) -> str | Path:
     """Write :func:`attribution_table` as a TSV, atomically."""
     with atomic_path(path) as tmp:
         attribution_table(result, classes).to_csv(tmp, sep="\t", index=False)
@@ -365,44 +369,3 @@ class _Rows:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
-
-
-def attribution_job(job):
-    """The ``attribute`` rule: attribution maps of a task's class logits on its test subjects.
-
-    Inputs: ``model`` (loaded as param ``model``, a model spec, says), ``info`` (JSON with the model's
-    ``classes`` and ``target``: a trained model's metrics.json or a given model's description) and the
-    dataset's ``participants``, ``volumes``, ``reference``. Params: ``methods``, ``n_steps``,
-    ``max_per_class`` (the first test subjects of each class), ``device``.
-    Outputs: one 4D NIfTI per method (output name = method; volume ``c`` = class ``c``) and ``table``.
-    """
-    import json
-
-    import pandas as pd
-    import torch
-
-    from .data.store import Dataset
-    from .device import pick_device
-    from .model_io import task_model
-
-    torch.set_num_threads(job.threads)
-    p, log = job.params, job.log
-    device = pick_device(p["device"])
-    model, _ = task_model(job, device)
-    meta = json.loads(open(job.input["info"]).read())
-    classes, target = meta["classes"], meta["target"]
-    ds = Dataset(job.folder("participants", "volumes", "reference"))
-    parts = ds.participants
-    test = parts[(parts["split"] == "test") & parts[target].astype(str).isin(classes)]
-    picked = pd.concat([g.head(p["max_per_class"]) for _, g in test.groupby(test[target].astype(str), sort=True)])
-    labels = [classes.index(str(v)) for v in picked[target]]
-    volumes = _Rows(ds.volumes, picked["index"])
-    tables = []
-    for method in p["methods"]:
-        log(f"{method}: {len(picked)} test subjects ({p['max_per_class']} per class at most), classes {classes}")
-        res = class_attribution_maps(model, volumes, labels, len(classes), method, n_steps=p["n_steps"],
-                                     device=device, log=log)
-        write_attribution_nifti(res["maps"], classes, ds.grid, job.output[method])
-        tables.append(attribution_table(res, classes))
-    with atomic_path(job.output["table"]) as tmp:
-        pd.concat(tables, ignore_index=True).to_csv(tmp, sep="\t", index=False)

@@ -6,6 +6,8 @@ receptive field, so users know which ``layer:channel`` units to ask the visualiz
 """
 from __future__ import annotations
 
+# The commands import the library when they run (not here), so `brainfv --help` answers in 0.1 s, not the
+# 4.6 s that importing torch, nibabel and the featviz stack at the top takes.
 import argparse
 import json
 import sys
@@ -41,7 +43,7 @@ A unit is then addressed as LAYER:CHANNEL, e.g. features.denseblock2.denselayer4
 """
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``brainfv`` command."""
     parser = argparse.ArgumentParser(
         prog="brainfv",
@@ -49,7 +51,12 @@ def build_parser():
         epilog="Run 'brainfv COMMAND --help' for a command's options and examples.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_units_command(sub)
+    _add_visualize_command(sub)
+    return parser
 
+
+def _add_units_command(sub: argparse._SubParsersAction) -> None:
     units = sub.add_parser(
         "units", help="list a model's layers, output shapes, channels and receptive fields",
         description="Load a model (any supported format), run one zero input of the given grid through it\n"
@@ -73,6 +80,8 @@ def build_parser():
     units.add_argument("--device", default="cpu", help="torch device for the probe pass (default: cpu)")
     units.set_defaults(func=_cmd_units)
 
+
+def _add_visualize_command(sub: argparse._SubParsersAction) -> None:
     vis = sub.add_parser(
         "visualize", help="optimise inputs that maximise units of one layer, without Snakemake",
         description="Activation maximization of one layer's units under one regularization preset, on the grid\n"
@@ -104,7 +113,6 @@ def build_parser():
     _add_model_options(vis)
     vis.add_argument("--device", default="auto", help="torch device (default: auto, CUDA if present)")
     vis.set_defaults(func=_cmd_visualize)
-    return parser
 
 
 def _add_model_options(p):
@@ -130,7 +138,7 @@ def _add_model_options(p):
                             "executes code from the file: only for files you trust")
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``brainfv`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -165,7 +173,8 @@ _COLUMNS = [("layer", "layer"), ("type", "type"), ("output_shape", "output shape
 def _cmd_units(args):
     from .errors import ConfigError
     from .featviz.units import describe_units
-    from .model_io import check_model_input, load_model
+    from .models.checks import check_model_input
+    from .models.load import load_model
 
     spec, where = _spec_from_args(args)
     model, info = load_model(spec, device=args.device, where=where)
@@ -223,9 +232,11 @@ def _units_spec(text):
 
 def _cmd_visualize(args):
     from . import config as C
+    from .data.files import DATASET_FILES
     from .errors import ConfigError
-    from .featviz.study import visualize_job
-    from .job import Job
+    from .jobs.base import Job
+    from .jobs.featviz import visualize_job
+    from .jobs.requests import visualize_request
 
     cfg = {}
     if args.config:
@@ -246,9 +257,8 @@ def _cmd_visualize(args):
                           f"{sorted(fv['regularizers'])}); give one of them or a JSON preset")
     spec, where = _spec_from_args(args)
     ds = args.dataset
-    inputs = {"model": spec.pop("checkpoint"), **{k: str(ds / f) for k, f in (
-        ("participants", "participants.tsv"), ("volumes", "volumes.npy"), ("mask", "mask.nii.gz"),
-        ("reference", "reference.nii.gz"))}}
+    inputs = {"model": spec.pop("checkpoint"),
+              **{k: str(ds / DATASET_FILES[k]) for k in ("participants", "volumes", "mask", "reference")}}
     if not Path(inputs["model"]).is_file():
         key = "MODEL" if where == "MODEL" else f"{where}.checkpoint"
         raise ConfigError(f"{key}: model file not found: {inputs['model']}")
@@ -257,18 +267,16 @@ def _cmd_visualize(args):
             raise ConfigError(f"--dataset: {f} not found (expected a brainfv dataset folder)")
     _check_writable(args.out, "--out")
     name = args.preset if not args.preset.lstrip().startswith("{") else "custom"
-    request = {"only_unit": None, "task": "cli", "layer": args.layer, "module": args.layer, "regularizer": name,
-               "units": args.units, "objective": args.objective, "preset": preset,
-               "steps": args.steps or fv["steps"], "lr": args.lr or fv["lr"], "converge": fv["converge"],
-               "n_seeds": args.seeds or fv["seeds"],
-               "n_real": fv["n_real"], "micro_batch": fv["micro_batch"], "device": args.device,
-               "seed": cfg["seed"] if args.seed is None else args.seed, "randomized": args.randomized}
+    request = visualize_request(cfg, task="cli", layer=args.layer, regularizer=name, preset=preset,
+                                spec={"layer": args.layer, "units": args.units, "objective": args.objective},
+                                steps=args.steps, lr=args.lr, n_seeds=args.seeds, device=args.device, seed=args.seed,
+                                randomized=args.randomized)
     out = args.out
     outputs = {"nifti": str(out / "units.nii.gz"), "table": str(out / "units.tsv"),
                "trajectory": str(out / "trajectory.tsv")}
     if args.randomized:
         outputs["randomized"] = str(out / "randomized.nii.gz")
-    job = Job(input=inputs, output=outputs, params={"request": request, "model": spec, "model_key": where},
+    job = Job(input=inputs, output=outputs, params={"request": request.as_dict(), "model": spec, "model_key": where},
               threads=_threads(), log=lambda m: print(m, flush=True), rule="visualize")
     visualize_job(job)
     print("written: " + ", ".join(outputs.values()))
@@ -369,7 +377,7 @@ def _summary(info, channels, shape, n):
     return "\n".join(lines)
 
 
-def format_table(rows):
+def format_table(rows: list[dict]) -> str:
     """Aligned text table of :func:`brainfv.featviz.units.describe_units` rows."""
     cells = [[title for _, title in _COLUMNS]] + [[_cell(r[key]) for key, _ in _COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]

@@ -23,7 +23,8 @@ from typing import ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["SCHEMA_PATH", "schema", "node", "default", "complete", "check", "layer_id", "Section", "AugmentConfig",
+__all__ = ["SCHEMA_PATH", "schema", "node", "default", "complete", "check", "check_source",
+           "layer_id", "Section", "AugmentConfig",
            "TrainingConfig", "ModelConfig", "Preset", "SexEffectConfig", "VariabilityConfig", "LesionConfig",
            "task_training", "task_arch", "task_head", "task_model_kind", "transfer_model"]
 
@@ -31,7 +32,7 @@ SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
 @functools.lru_cache(maxsize=1)
-def schema():
+def schema() -> dict:
     """The parsed config schema (cached; treat as read-only)."""
     import yaml
 
@@ -49,7 +50,7 @@ def _resolve(n):
     return n
 
 
-def node(path):
+def node(path: str) -> dict:
     """The schema node of a dotted config path: ``"training"``, ``"training.augment"``; a first part naming a
     ``$defs`` entry (``"preset"``) selects it."""
     s = schema()
@@ -67,7 +68,7 @@ def node(path):
     return _resolve(n)
 
 
-def default(path):
+def default(path: str) -> object:
     """The schema default of the key at ``path`` (a deep copy, with its own keys' defaults filled in)."""
     n = node(path)
     if "default" not in n:
@@ -121,7 +122,7 @@ def _validate(instance, n, where=""):
     raise ConfigError(f"config key {key}: {e.message}")
 
 
-def complete(cfg=None, validate=True):
+def complete(cfg: dict | None = None, validate: bool = True) -> dict:
     """A copy of ``cfg`` with every schema default filled in, validated against the schema.
 
     Presets under ``featviz.regularizers`` are added to the default presets (schema keyword
@@ -133,14 +134,12 @@ def complete(cfg=None, validate=True):
     return out
 
 
-def check(cfg):
+def check(cfg: dict) -> dict:
     """Cross-key checks of a completed config that JSON schema cannot express; raise ConfigError."""
     splits = cfg["cohort"]["splits"]
     total = sum(splits.values())
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"config key cohort.splits: fractions must sum to 1, got {splits} (sum {total:.3f})")
-    from .data.sources import check_source
-
     check_source(cfg["cohort"])
     for key in ("diameter_mm", "contrast", "count"):
         lo, hi = cfg["lesions"][key]
@@ -175,67 +174,37 @@ def check(cfg):
                 raise ConfigError(f"config key featviz.layers[{i}]: request {lid!r} of task {t!r} repeats "
                                   f"featviz.layers[{seen[t, lid]}]; give one of them a different `name`")
             seen[t, lid] = i
-    check_requests(cfg)
     return cfg
 
 
-def check_requests(cfg):
-    """Every ``featviz.layers`` request names a layer of each of its tasks' models and units within it; raise
-    :class:`ConfigError` naming the request's key, before any job (``check`` runs when the workflow loads).
-
-    A trained task's layers come from the torch-free layer table (:func:`brainfv.arch.layer_units`; the
-    classifier has two units for the ``sex`` and ``lesion`` targets, an unknown number otherwise). A given
-    model's (``tasks.<task>.model``) come from its ``describe_model`` outputs (``model.json`` and
-    ``units.tsv`` under ``results``) once they exist; before that, that job checks them, ahead of every
-    visualization of the task.
-    """
-    from .arch import layer_units, resolve_units
-
-    for i, spec in enumerate(cfg["featviz"]["layers"]):
-        for task in spec.get("tasks", list(cfg["tasks"])):
-            tcfg = cfg["tasks"][task]
-            if "model" in tcfg:
-                what = f"tasks.{task}.model"
-                units = _described_units(Path(cfg["results"]) / "models" / task / "provided", tcfg["model"])
-                if units is None:
-                    continue
-            else:
-                what = "the study's model (config: model)"
-                n_classes = 2 if tcfg.get("target") in ("sex", "lesion") else None
-                units = layer_units(cfg["model"], n_classes)
-            layer = spec["layer"]
-            if layer not in units:
-                shown = [f"{k} ({v})" if v is not None else k for k, v in units.items()]
-                raise ConfigError(f"config key featviz.layers[{i}].layer: {layer!r} is not a layer of {what} "
-                                  f"(task {task!r}); layers (units): {', '.join(shown)}")
-            if units[layer] is not None:
-                resolve_units(spec.get("units", "all"), units[layer], where=(
-                    f"config key featviz.layers[{i}].units (layer {layer!r} of {what} has {units[layer]} units, "
-                    f"task {task!r})"))
+def check_source(cohort_cfg: dict) -> None:
+    """The cheap part of finding the data: the configured folder or table exists. Raises
+    :class:`ConfigError` naming ``cohort.bids.root``, ``cohort.bids.participants`` or ``cohort.csv.table``;
+    run before any job (:func:`check`), so a mistyped path never reuses an earlier cohort."""
+    source = cohort_cfg.get("source", "synthetic")
+    if source == "bids":
+        cfg = cohort_cfg.get("bids") or {}
+        root = cfg.get("root")
+        if not root:
+            raise ConfigError("cohort.bids.root: not given; it must name the BIDS dataset (or derivatives) folder "
+                              "when cohort.source is 'bids'")
+        root = Path(root)
+        if not root.is_dir():
+            raise ConfigError(f"cohort.bids.root: folder not found: {root}")
+        table = root / cfg.get("participants", "participants.tsv")
+        if not table.is_file():
+            raise ConfigError(f"cohort.bids.participants: participants table not found: {table} "
+                              f"(cohort.bids.root: {root})")
+    elif source == "csv":
+        path = (cohort_cfg.get("csv") or {}).get("table")
+        if not path:
+            raise ConfigError("cohort.csv.table: not given; it must name the CSV/TSV table of subjects when "
+                              "cohort.source is 'csv'")
+        if not Path(path).is_file():
+            raise ConfigError(f"cohort.csv.table: table not found: {path}")
 
 
-def _described_units(folder, spec):
-    """``{layer: channels or None}`` of a given model, from its describe_model outputs; None before they exist
-    or when they describe another file (a changed checkpoint: describe_model runs again and checks)."""
-    import csv
-    import json
-
-    info, table = folder / "model.json", folder / "units.tsv"
-    ck = Path(spec.get("checkpoint", "")).expanduser()
-    if not (info.exists() and table.exists() and ck.is_file()) or ck.stat().st_mtime > info.stat().st_mtime:
-        return None
-    described = json.loads(info.read_text())
-    if Path(described.get("checkpoint", "")).resolve() != ck.resolve():
-        return None
-    units = dict.fromkeys(described.get("modules") or [])
-    with open(table, newline="") as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            ch = row.get("channels")
-            units[row["layer"]] = int(float(ch)) if ch not in (None, "", "nan") else None
-    return units
-
-
-def layer_id(spec):
+def layer_id(spec: dict) -> str:
     """The name of a featviz request (``featviz.layers[]``) in paths and tables: its ``name``, else the layer,
     with ``-<objective>`` for objectives that read a layer differently than its units (probability, contrast)."""
     if spec.get("name"):
@@ -244,7 +213,7 @@ def layer_id(spec):
     return spec["layer"] if obj in ("channel", "neuron") else f"{spec['layer']}-{obj}"
 
 
-def task_requests(cfg, task):
+def task_requests(cfg: dict, task: str) -> dict[str, dict]:
     """The ``featviz.layers`` requests that apply to ``task`` (those without ``tasks`` apply to every task),
     keyed by :func:`layer_id`."""
     return {layer_id(s): s for s in cfg["featviz"]["layers"] if task in s.get("tasks", [task])}
@@ -259,7 +228,7 @@ def _no_defaults(n):
     return n
 
 
-def task_training(cfg, task):
+def task_training(cfg: dict, task: str) -> dict:
     """The training section with ``tasks.<task>.training`` overrides applied (both already validated)."""
     over = cfg["tasks"][task].get("training") or {}
     merged = {**cfg["training"], **over}
@@ -267,26 +236,26 @@ def task_training(cfg, task):
     return merged
 
 
-def task_arch(cfg, task):
+def task_arch(cfg: dict, task: str) -> dict:
     """The architecture of ``task``'s trained main model: the model section with ``tasks.<task>.arch``
     overrides (both validated)."""
     return {**cfg["model"], **(cfg["tasks"][task].get("arch") or {})}
 
 
-def task_head(cfg, task):
+def task_head(cfg: dict, task: str) -> str:
     """``pool`` or ``flatten`` for a trained task's network; ``given`` for a model the user gives."""
     if "model" in cfg["tasks"][task]:
         return "given"
     return task_arch(cfg, task).get("head", default("model.head"))
 
 
-def task_model_kind(cfg, task):
-    """``trained``, ``positive control`` (built by hand, brainfv.positive) or ``given`` (the user's model)."""
+def task_model_kind(cfg: dict, task: str) -> str:
+    """``trained``, ``positive control`` (built by hand, brainfv.models.positive) or ``given`` (the user's model)."""
     spec = cfg["tasks"][task]
     return "given" if "model" in spec else "positive control" if spec.get("positive_control") else "trained"
 
 
-def transfer_model(cfg, task=None):
+def transfer_model(cfg: dict, task: str | None = None) -> dict:
     """The transfer model's architecture: the task's architecture (:func:`task_arch`; the model section
     without a task) with ``transfer.model`` overrides."""
     base = task_arch(cfg, task) if task is not None else cfg["model"]
@@ -302,7 +271,7 @@ class Section:
     _path: ClassVar[str] = ""
 
     @classmethod
-    def from_config(cls, values=None, where=None):
+    def from_config(cls, values: dict | Section | None = None, where: str | None = None) -> Section:
         if isinstance(values, cls):
             return values
         values = dict(values or {})
@@ -317,7 +286,7 @@ class Section:
             kwargs[f.name] = sub.from_config(v, f"{where or cls._path}.{f.name}") if sub else v
         return cls(**kwargs)
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
@@ -407,7 +376,7 @@ class Preset(Section):
     pre_blur: float = _d("preset.pre_blur")
 
     @classmethod
-    def from_dict(cls, d, name="preset"):
+    def from_dict(cls, d: dict, name: str = "preset") -> Preset:
         """A preset from a config dict; unknown keys raise ConfigError naming ``featviz.regularizers.<name>``."""
         return cls.from_config(d, f"featviz.regularizers.{name}")
 
@@ -458,6 +427,6 @@ class LesionConfig(Section):
     region_mm: list | None = _d("lesions.region_mm")
 
     @property
-    def template_shapes(self):
+    def template_shapes(self) -> list[str]:
         """The shapes a class can show: all configured shapes (presence) or shape A/B (shapes labelling)."""
         return list(self.shapes) if self.labelling == "presence" else [self.shape_a, self.shape_b]

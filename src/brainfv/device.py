@@ -7,13 +7,14 @@ torch state changed.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
 __all__ = ["pick_device", "compute_settings"]
 
 
-def pick_device(name="auto"):
+def pick_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA if available, else the CPU; otherwise the named device (``cpu``, ``cuda:1``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -21,7 +22,7 @@ def pick_device(name="auto"):
 
 
 @contextlib.contextmanager
-def compute_settings(device, deterministic_cpu=False):
+def compute_settings(device: str | torch.device, deterministic_cpu: bool = False) -> Iterator[None]:
     """On CUDA: ``cudnn.benchmark`` on (autotuned convolutions). On the CPU with ``deterministic_cpu``:
     deterministic algorithms (warn-only), so a resumed training ends bit-identical. Restored on exit."""
     device = torch.device(device)

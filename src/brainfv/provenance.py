@@ -77,7 +77,7 @@ def _closure(module):
     return frozenset(seen)
 
 
-def modules_used(entry):
+def modules_used(entry: str | Path) -> list[str]:
     """The ``brainfv`` modules ``entry`` runs: a module name (``brainfv.training``) or a script's path."""
     if isinstance(entry, str) and entry.split(".")[0] == PACKAGE and _file_of(entry) is not None:
         start = {m for m in _with_parents(entry) if _file_of(m) is not None}
@@ -91,7 +91,7 @@ def _file_digest(path):
     return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
 
 
-def code_hash(entry, exclude=()):
+def code_hash(entry: str | Path, exclude: tuple[str, ...] = ()) -> str:
     """A short hash of the source of every ``brainfv`` module ``entry`` runs (see :func:`modules_used`),
     leaving out modules under the ``exclude`` prefixes (e.g. plotting, for a training checkpoint). The
     config's values are not in it: the workflow passes them to each job as params of their own."""

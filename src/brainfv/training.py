@@ -20,20 +20,27 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from sklearn import metrics as skm
 from torch import nn
 
 from .config import AugmentConfig, TrainingConfig
+from .data.files import DATASET_FILES
+from .data.store import Dataset, VolumeReader
 from .device import compute_settings, pick_device
 from .errors import InputDataError
+from .models.cnn import build_model, save_checkpoint
+from .provenance import code_hash
 from .utils import atomic_path, get_logger, stable_seed, write_json
 
 __all__ = ["VolumeDataset", "task_labels", "make_loaders", "Checkpointer", "checkpoint_key", "fit", "evaluate",
-           "binary_metrics", "write_outputs", "train_task", "train_job", "pick_device"]
+           "binary_metrics", "write_outputs", "train_task", "pick_device"]
 
 #: bumped when the checkpoint's content or the training loop changes what a resumed run computes
 CHECKPOINT_FORMAT = 2
@@ -57,7 +64,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self._mm = None
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self):
@@ -65,8 +72,6 @@ class VolumeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if self._mm is None:  # opened lazily, once per worker process
-            from .data.store import VolumeReader
-
             self._mm = VolumeReader(self.path)
         vol = np.asarray(self._mm[self.rows[i]], dtype=np.float32)
         if self.augment:
@@ -93,7 +98,7 @@ def _augment(vol, aug, rng):
     return vol
 
 
-def task_labels(participants, target, task="task"):
+def task_labels(participants: pd.DataFrame, target: str, task: str = "task") -> tuple[list, pd.DataFrame, pd.DataFrame]:
     """Class names and integer labels of ``target``; rows with an unusable label are dropped.
 
     Returns ``(classes, table with a 'y' column)``. Classes are the sorted distinct
@@ -119,11 +124,9 @@ def task_labels(participants, target, task="task"):
     return classes, df, dropped
 
 
-def binary_metrics(y, prob, n_classes):
+def binary_metrics(y: np.ndarray, prob: np.ndarray, n_classes: int) -> dict:
     """Accuracy, balanced accuracy (mean recall over the classes present), ROC AUC (one-vs-rest mean over the
     classes with positives and negatives), confusion matrix, n per class (scikit-learn's metrics)."""
-    from sklearn import metrics as skm
-
     y = np.asarray(y, int)
     prob = np.asarray(prob, float)
     pred = prob.argmax(1) if len(y) else np.zeros(0, int)
@@ -146,7 +149,8 @@ def binary_metrics(y, prob, n_classes):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, n_classes, amp=False):
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, n_classes: int,
+             amp: bool = False) -> tuple[dict, np.ndarray]:
     """Mean loss, metrics and per-sample probabilities of ``model`` on ``loader``."""
     model.eval()
     ys, probs, loss_sum = [], [], 0.0
@@ -165,7 +169,7 @@ def evaluate(model, loader, device, n_classes, amp=False):
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model, loader, device):
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable | None, device: torch.device) -> None:
     """Recompute BatchNorm running statistics as exact averages over ``loader`` ("precise BN").
 
     With small batches the exponential running averages lag the weights, and an eval-mode
@@ -207,14 +211,15 @@ class Loaders:
     test: torch.utils.data.DataLoader
     bn: torch.utils.data.DataLoader
 
-    def train(self, epoch, seed):
+    def train(self, epoch: int, seed: int) -> torch.utils.data.DataLoader:
         """The training loader of ``epoch``: augmentation and shuffling seeded by ``(seed, epoch)``."""
         self.train_set.set_epoch(epoch)
         g = torch.Generator().manual_seed(stable_seed(seed, "shuffle", epoch))
         return torch.utils.data.DataLoader(self.train_set, shuffle=True, generator=g, drop_last=False, **self.train_kw)
 
 
-def make_loaders(volumes_path, splits, cfg, seed, pin_memory=False, bootstrap=False):
+def make_loaders(volumes_path: str | Path, splits: dict, cfg: TrainingConfig, seed: int, pin_memory: bool = False,
+                 bootstrap: bool = False) -> Loaders:
     """Loaders over the ``splits`` (DataFrames with ``index`` and ``y``) of a volume store.
 
     With ``bootstrap`` the training set is a resample (with replacement, seeded) of the training rows.
@@ -238,12 +243,11 @@ def make_loaders(volumes_path, splits, cfg, seed, pin_memory=False, bootstrap=Fa
                    torch.utils.data.DataLoader(dataset("test", False), shuffle=False, **kw), bn)
 
 
-def checkpoint_key(**parts):
+def checkpoint_key(**parts: object) -> str:
     """A short hash of everything a training run is made from (config, seed, classes, data content, code)."""
-    from .provenance import code_hash
-
-    # the training code, not its plots: a figure edit must not throw resumable checkpoints away
-    parts = {**parts, "code": code_hash(__name__, exclude=("brainfv.report",)), "format": CHECKPOINT_FORMAT}
+    # the training code only (its learning-curve plot is drawn by brainfv.jobs.train): a figure edit must not
+    # throw resumable checkpoints away
+    parts = {**parts, "code": code_hash(__name__), "format": CHECKPOINT_FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -255,7 +259,7 @@ class Checkpointer:
         self.key = key
         self.log = log or (lambda m: None)
 
-    def load(self, device):
+    def load(self, device: torch.device) -> dict | None:
         """The saved state if it was made with the same key, else ``None`` (a stale one is removed)."""
         if not self.path.exists():
             return None
@@ -266,18 +270,20 @@ class Checkpointer:
             return None
         return ck
 
-    def save(self, state):
+    def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:
             torch.save({"key": self.key, **state}, tmp)
 
-    def clear(self):
+    def clear(self) -> None:
         """Remove the state (once the model is written: a finished run is never resumed)."""
         if self.path.exists():
             self.path.unlink()
 
 
-def fit(model, loaders, cfg, device, loss_fn, n_classes, checkpointer, seed, log, stop_after_epoch=None):
+def fit(model: nn.Module, loaders: Loaders, cfg: TrainingConfig, device: torch.device, loss_fn: nn.Module,
+        n_classes: int, checkpointer: Checkpointer, seed: int, log: Callable,
+        stop_after_epoch: int | None = None) -> tuple[list, dict] | None:
     """Train ``model`` for ``cfg.epochs`` epochs (early stopping on validation balanced accuracy, ties broken by
     validation loss), resuming from ``checkpointer``; returns ``(history, best_state)``, or ``None`` when
     stopped after ``stop_after_epoch`` (a simulated interruption, for tests)."""
@@ -301,20 +307,7 @@ def fit(model, loaders, cfg, device, loss_fn, n_classes, checkpointer, seed, log
         if bad_epochs >= cfg.patience:
             break
         t0 = time.perf_counter()
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in loaders.train(epoch, seed):
-            x, y = x.to(device, non_blocking=True, memory_format=torch.channels_last_3d), y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
-            seen += len(y)
+        loss_sum, correct, seen = _train_epoch(model, loaders.train(epoch, seed), opt, sched, loss_fn, device, amp)
         recalibrate_batchnorm(model, loaders.bn, device)
         val, _ = evaluate(model, loaders.val, device, n_classes, amp)
         dt = time.perf_counter() - t0
@@ -345,12 +338,30 @@ def fit(model, loaders, cfg, device, loss_fn, n_classes, checkpointer, seed, log
     return history, best_state
 
 
-def write_outputs(out_dir, model, meta, metrics, predictions, history):
+def _train_epoch(model: nn.Module, batches: Iterable, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, device: torch.device,
+                 amp: bool) -> tuple[float, int, int]:
+    """One pass over the training batches: (summed loss, correct predictions, volumes seen)."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True, memory_format=torch.channels_last_3d), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += len(y)
+    return loss_sum, correct, seen
+
+
+def write_outputs(out_dir: str | Path, model: nn.Module, meta: dict, metrics: dict, predictions: pd.DataFrame,
+                  history: list) -> None:
     """``model.pt``, ``metrics.json``, ``predictions.tsv`` and ``history.tsv`` in ``out_dir``, each atomically."""
-    import pandas as pd
-
-    from .models import save_checkpoint
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out_dir / "model.pt", model.cpu(), **meta)
@@ -361,22 +372,48 @@ def write_outputs(out_dir, model, meta, metrics, predictions, history):
         pd.DataFrame(history).to_csv(tmp, sep="\t", index=False)
 
 
-def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpoint_dir, log=None,
-               replicate=0, stop_after_epoch=None, role="main", bootstrap=False):
+def _train_and_evaluate(arch: dict, n_classes: int, weights: torch.Tensor, loaders: Loaders, cfg: TrainingConfig,
+                        device: torch.device, checkpointer: Checkpointer, run_seed: int, log: Callable,
+                        stop_after_epoch: int | None, input_shape: tuple | None = None) -> tuple | None:
+    """A new model fitted with its seed (the caller's global RNG restored afterwards), at its best state, and
+    its test and validation metrics: (model, history, test, test probabilities, val); None if stopped early."""
+    with torch.random.fork_rng(devices=[]), compute_settings(device, deterministic_cpu=True):
+        torch.manual_seed(run_seed)  # weights and dropout; the caller's global RNG is restored afterwards
+        # channels-last 3D convolutions: 2.6x the CPU throughput of the default layout (benchmarks/training.py)
+        model = build_model(arch, n_classes=n_classes, input_shape=input_shape).to(
+            device, memory_format=torch.channels_last_3d)
+        loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
+        fitted = fit(model, loaders, cfg, device, loss_fn, n_classes, checkpointer, run_seed, log, stop_after_epoch)
+        if fitted is None:
+            return None
+        history, best_state = fitted
+        model.load_state_dict(best_state)
+        amp = device.type == "cuda"
+        test, test_prob = evaluate(model, loaders.test, device, n_classes, amp)
+        val, _ = evaluate(model, loaders.val, device, n_classes, amp)
+    return model, history, test, test_prob, val
+
+
+def _predictions(te: pd.DataFrame, target: str, classes: list, test_prob: np.ndarray) -> pd.DataFrame:
+    """One row per test subject: its label, the predicted class and each class's probability."""
+    pred = pd.DataFrame({"subject": te["subject"].to_numpy(), "split": "test", "label": te[target].to_numpy(),
+                         "y": te["y"].to_numpy(), "predicted": [classes[i] for i in test_prob.argmax(1)]})
+    for i, c in enumerate(classes):
+        pred[f"p_{c}"] = test_prob[:, i]
+    return pred
+
+
+def train_task(dataset_dir: str | Path, task: str, target: str, arch: dict, training: dict, seed: int,
+               out_dir: str | Path, checkpoint_dir: str | Path, log: Callable | None = None, replicate: int = 0,
+               stop_after_epoch: int | None = None, role: str = "main", bootstrap: bool = False) -> dict | None:
     """Train one model for ``task`` on a dataset folder; write the outputs into ``out_dir``.
 
     Outputs: ``model.pt`` (best validation state, loadable with :func:`brainfv.models.load_checkpoint`),
     ``metrics.json`` (test and validation metrics, timing), ``predictions.tsv`` (test subjects),
     ``history.tsv`` (per epoch). A per-epoch checkpoint in ``checkpoint_dir`` (not a rule output) makes the
-    job resumable; it is removed once the outputs are written. ``replicate`` enters the seed (the
-    ``transfer`` model of the workflow is replicate 1); ``bootstrap`` resamples the training subjects;
-    ``stop_after_epoch`` simulates a kill (tests).
+    job resumable; it is removed once the outputs are written. ``replicate`` enters the seed (the ``transfer``
+    model is replicate 1); ``bootstrap`` resamples the training subjects; ``stop_after_epoch`` simulates a kill.
     """
-    import pandas as pd
-
-    from .data.store import Dataset
-    from .models import build_model
-
     log = log or get_logger().info
     cfg = TrainingConfig.from_config(training, "training")
     ds = Dataset(dataset_dir)
@@ -386,10 +423,10 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
         log(f"task {task}: leaving out {len(dropped)} subjects whose {target!r} is not a training class "
             f"({sorted(dropped[target].astype(str).unique())})")
     grid = ds.grid
-    vol_path = ds.root / "volumes.npy"
+    vol_path = ds.root / DATASET_FILES["volumes"]
     if tuple(ds.volumes.shape[1:]) != tuple(grid.shape):
         raise InputDataError(f"{vol_path}: volumes of shape {ds.volumes.shape[1:]} do not match the grid "
-                             f"{grid.shape} of {ds.root / 'reference.nii.gz'}")
+                             f"{grid.shape} of {ds.root / DATASET_FILES['reference']}")
     run_seed = stable_seed(seed, "train", task, replicate)
     device = pick_device(cfg.device)
     splits = {s: df[df["split"] == s] for s in ("train", "val", "test")}
@@ -403,19 +440,11 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
                          data=ds.fingerprint(), subjects=len(df))
     checkpointer = Checkpointer(checkpoint_dir, key, log)
     t_start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), compute_settings(device, deterministic_cpu=True):
-        torch.manual_seed(run_seed)  # weights and dropout; the caller's global RNG is restored afterwards
-        # channels-last 3D convolutions: 2.6x the CPU throughput of the default layout (benchmarks/training.py)
-        model = build_model(arch, n_classes=len(classes), input_shape=grid.shape).to(device, memory_format=torch.channels_last_3d)
-        loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
-        fitted = fit(model, loaders, cfg, device, loss_fn, len(classes), checkpointer, run_seed, log, stop_after_epoch)
-        if fitted is None:
-            return None
-        history, best_state = fitted
-        model.load_state_dict(best_state)
-        amp = device.type == "cuda"
-        test, test_prob = evaluate(model, loaders.test, device, len(classes), amp)
-        val, _ = evaluate(model, loaders.val, device, len(classes), amp)
+    trained = _train_and_evaluate(arch, len(classes), weights, loaders, cfg, device, checkpointer, run_seed, log,
+                                  stop_after_epoch, grid.shape)
+    if trained is None:
+        return None
+    model, history, test, test_prob, val = trained
     best_epoch = max(range(len(history)), key=lambda i: (history[i]["val_balanced_accuracy"],
                                                          -history[i]["val_loss"])) + 1
     meta = {"task": task, "target": target, "classes": classes, "replicate": replicate, "role": role,
@@ -429,33 +458,8 @@ def train_task(dataset_dir, task, target, arch, training, seed, out_dir, checkpo
                "mean_samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
                "device": str(device), "cohort": str(parts["cohort"].iloc[0]) if "cohort" in parts else "",
                "output_layer": "classifier"}
-    te = splits["test"]
-    pred = pd.DataFrame({"subject": te["subject"].to_numpy(), "split": "test", "label": te[target].to_numpy(),
-                         "y": te["y"].to_numpy(), "predicted": [classes[i] for i in test_prob.argmax(1)]})
-    for i, c in enumerate(classes):
-        pred[f"p_{c}"] = test_prob[:, i]
-    write_outputs(out_dir, model, meta, metrics, pred, history)
+    write_outputs(out_dir, model, meta, metrics, _predictions(splits["test"], target, classes, test_prob), history)
     checkpointer.clear()
     log(f"task {task}: test balanced accuracy {test['balanced_accuracy']:.3f}, accuracy {test['accuracy']:.3f}, "
         f"AUC {test['roc_auc']:.3f} (best epoch {best_epoch}, {time.perf_counter() - t_start:.0f}s)")
     return metrics
-
-
-def train_job(job):
-    """The ``train_model`` rule. Inputs: the task's dataset files (``volumes``, ``participants``,
-    ``reference``). Params: ``spec`` (task, role, target, arch, training, seed, bootstrap; see
-    ``model_spec`` in ``workflow/rules/common.smk``) and ``checkpoint_dir``. Outputs: ``model``, ``metrics``,
-    ``predictions``, ``history``, ``curve``."""
-    import pandas as pd
-
-    from .report.figures import learning_curve_figure
-
-    torch.set_num_threads(job.threads)
-    s = job.params["spec"]
-    out = Path(job.output["model"]).parent
-    metrics = train_task(job.folder("volumes", "participants", "reference", "manifest"), s["task"], s["target"], s["arch"],
-                         s["training"], s["seed"], out, job.params["checkpoint_dir"], log=job.log,
-                         replicate=0 if s["role"] == "main" else 1, role=s["role"], bootstrap=s["bootstrap"])
-    history = pd.read_csv(job.output["history"], sep="\t")
-    learning_curve_figure(history, metrics, job.output["curve"], f"task {s['task']} ({s['role']} model) — "
-                          f"{metrics['cohort']}")

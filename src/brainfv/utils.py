@@ -7,11 +7,15 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 __all__ = [
     "atomic_path",
@@ -27,7 +31,7 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def atomic_path(path, suffix=None):
+def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
     Nothing is left at ``path`` (or half-written) if the block raises.
@@ -50,14 +54,12 @@ def atomic_path(path, suffix=None):
     finally:
         if tmp.exists():
             if tmp.is_dir():
-                import shutil
-
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink()
 
 
-def temporary_name(stem, suffix=""):
+def temporary_name(stem: str, suffix: str = "") -> str:
     """The hidden temporary name ``.<stem>.tmp-<pid><suffix>`` under which a file is written."""
     return f".{stem}.tmp-{os.getpid()}{suffix}"
 
@@ -78,7 +80,8 @@ def _pid_running(pid):
     return True
 
 
-def remove_stale_temporaries(folder, stem=None, log=None):
+def remove_stale_temporaries(folder: str | Path, stem: str | None = None,
+                             log: Callable[[str], None] | None = None) -> list[Path]:
     """Remove temporaries that a killed writer left in ``folder``; returns the paths removed.
 
     A temporary is a file or folder named like :func:`temporary_name` makes them,
@@ -102,8 +105,6 @@ def remove_stale_temporaries(folder, stem=None, log=None):
         path = Path(entry.path)
         try:
             if entry.is_dir(follow_symlinks=False):
-                import shutil
-
                 shutil.rmtree(path)
             else:
                 path.unlink()
@@ -134,7 +135,7 @@ class Terminated(SystemExit):
 
 
 @contextlib.contextmanager
-def terminate_cleanly(signals=(signal.SIGTERM, signal.SIGINT)):
+def terminate_cleanly(signals: tuple = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
     """Turn SIGTERM (and SIGINT, where nothing handles it) into an exception for the duration of the block.
 
     By default SIGTERM (what Snakemake, SLURM and ``kill`` send) ends Python without running
@@ -176,15 +177,13 @@ def terminate_cleanly(signals=(signal.SIGTERM, signal.SIGINT)):
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
-def write_json(obj, path):
+def write_json(obj: object, path: str | Path) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def _json_default(o):
-    import numpy as np
-
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -194,7 +193,7 @@ def _json_default(o):
     raise TypeError(f"cannot serialise {type(o).__name__}")
 
 
-def stable_seed(*keys) -> int:
+def stable_seed(*keys: object) -> int:
     """A 31-bit seed derived from ``keys`` (e.g. config seed, task, layer, unit).
 
     Unlike ``hash()``, the value is the same in every process and on every run.
@@ -203,7 +202,7 @@ def stable_seed(*keys) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def get_logger(name="brainfv", logfile=None, level=logging.INFO):
+def get_logger(name: str = "brainfv", logfile: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
     """A logger that writes timestamped lines to stderr and, if given, ``logfile``."""
     logger = logging.getLogger(name)
     logger.setLevel(level)
@@ -238,7 +237,7 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.done = 0
 
-    def update(self, n=1, extra="", force=False):
+    def update(self, n: int = 1, extra: str = "", force: bool = False) -> None:
         self.done += n
         now = time.perf_counter()
         if force or self.done >= self.total or now - self.last >= self.every:
@@ -254,5 +253,5 @@ class Progress:
             self.log(msg)
 
     @property
-    def elapsed(self):
+    def elapsed(self) -> float:
         return time.perf_counter() - self.start

@@ -7,13 +7,16 @@ functions build paths from these patterns and never retype them.
 import sys
 from pathlib import Path
 
-# the library (brainfv.config, brainfv.arch: yaml + jsonschema only, no torch) from this checkout
+# the library (brainfv.config, brainfv.data.files, brainfv.jobs.requests: yaml + jsonschema only, no torch)
+# from this checkout
 _RULES = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).resolve()  # workflow/rules
 _SRC = _RULES.parents[1] / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
 from brainfv import config as bfv_config  # noqa: E402
+from brainfv.data.files import DATASET_FILES  # noqa: E402
+from brainfv.jobs import requests as bfv_requests  # noqa: E402
 from brainfv.provenance import code_hash  # noqa: E402
 
 _SCRIPTS = _RULES.parent / "scripts"
@@ -26,6 +29,7 @@ def code(script):
 
 
 config.update(bfv_config.check(bfv_config.complete(config)))
+bfv_requests.check_requests(config)  # every featviz.layers request against its tasks' layers, before any job
 
 R = config["results"]
 
@@ -39,13 +43,6 @@ REPORT = f"{R}/report"
 LOGS = f"{R}/logs"
 BENCH = f"{R}/benchmarks"
 CHECKPOINTS = f"{R}/.checkpoints"  # resumable training state: not a rule output (Snakemake would delete it)
-
-#: the files of a dataset folder, by kind (the lesion dataset has the lesion files too)
-DATASET_FILES = {"volumes": "volumes.npy", "participants": "participants.tsv", "reference": "reference.nii.gz",
-                 "mask": "mask.nii.gz", "sex_effect": "sex_effect.nii.gz",
-                 "sex_effect_regional": "sex_effect_regional.nii.gz", "lesion_masks": "lesion_masks.npy",
-                 "manifest": "manifest.json", "lesions": "lesions.tsv", "lesion_frequency": "lesion_frequency.nii.gz"}
-
 
 
 def env(name):
@@ -81,7 +78,7 @@ def model_and_dataset(*kinds):
 
 def provided(task):
     """Whether ``task`` visualises a model the user gives (``tasks.<task>.model``) instead of training one."""
-    return task in config["tasks"] and "model" in config["tasks"][task]
+    return bfv_requests.provided(config, task)
 
 
 def model_file(task, role="main", name="model.pt"):
@@ -92,10 +89,8 @@ def model_file(task, role="main", name="model.pt"):
 
 
 def model_param(task):
-    """How jobs load ``task``'s model (brainfv.model_io.load_model): the user's spec, or a study checkpoint."""
-    if provided(task):
-        return {k: v for k, v in config["tasks"][task]["model"].items() if k != "checkpoint"}
-    return {"format": "brainfv"}
+    """How jobs load ``task``'s model (brainfv.models.load.load_model): the user's spec, or a study checkpoint."""
+    return bfv_requests.model_param(config, task)
 
 
 def model_info(task):
@@ -178,39 +173,14 @@ def task_layers(task):
     return bfv_config.task_requests(config, task)
 
 
-def check_provided_layer(task, module):
-    """A request added after describe_model ran is checked against the given model's layer list at DAG time."""
-    info = Path(f"{R}/models/{task}/provided/model.json")
-    if provided(task) and info.exists():
-        import json
-
-        names = json.loads(info.read_text()).get("modules")
-        if names is not None and module not in names:
-            raise ValueError(f"featviz.layers: {module!r} is not a layer of tasks.{task}.model (its layers: "
-                             f"{info.with_name('units.tsv')}, or `brainfv units`)")
-
-
 def layer_spec(task, layer):
     """The request ``layer`` (an id) of ``task``."""
-    specs = task_layers(task)
-    if layer not in specs:
-        raise ValueError(f"{layer!r} is not visualised for task {task!r} (config key featviz.layers); "
-                         f"requests: {list(specs)}")
-    return specs[layer]
+    return bfv_requests.layer_spec(config, task, layer)
 
 
 def layer_unit_count(task, layer):
     """How many units a request asks for (for memory estimates; the job resolves them on the real model)."""
-    from brainfv.arch import layer_units, resolve_units
-
-    spec = layer_spec(task, layer)
-    if provided(task):  # the layers of a given model are known to its describe_model job, not to the DAG
-        return len(spec["units"]) if isinstance(spec["units"], list) else (
-            spec["units"] if isinstance(spec["units"], int) else 16)
-    units = layer_units(bfv_config.task_arch(config, task))
-    if spec["layer"] not in units:
-        raise ValueError(f"config key featviz.layers: layer {spec['layer']!r} is not in the model; layers: {list(units)}")
-    return len(resolve_units(spec["units"], units[spec["layer"]], where=f"featviz.layers[{layer}].units"))
+    return bfv_requests.layer_unit_count(config, task, layer)
 
 
 def layer_seeds(task, layer):
@@ -218,17 +188,13 @@ def layer_seeds(task, layer):
 
 
 def visualize_request(wc, unit=None):
-    """Everything a visualize job optimises; for one ``unit``, the same request as its layer's job (so the
-    same numbers) with ``only_unit`` saying which unit's volumes to write."""
+    """Everything a visualize job optimises (brainfv.jobs.requests.VisualizeRequest, as plain data); for one
+    ``unit``, the same request as its layer's job (so the same numbers) with ``only_unit`` saying which unit's
+    volumes to write. A given model's layer list, once described, is checked here, at DAG time."""
     spec = layer_spec(wc.task, wc.layer)
-    check_provided_layer(wc.task, spec["layer"])
-    fv = config["featviz"]
-    return {"only_unit": unit, "task": wc.task, "layer": wc.layer, "module": spec["layer"],
-            "regularizer": wc.regularizer, "units": spec["units"], "objective": spec["objective"],
-            "preset": fv["regularizers"][wc.regularizer], "steps": fv["steps"], "lr": fv["lr"], "converge": fv["converge"],
-            "n_seeds": layer_seeds(wc.task, wc.layer), "n_real": fv["n_real"], "micro_batch": fv["micro_batch"],
-            "device": fv["device"], "seed": config["seed"], "randomized": config["compare"]["randomized"],
-            "position": spec.get("position", "centre")}
+    bfv_requests.check_provided_layer(config, wc.task, spec["layer"], model_info(wc.task))
+    return bfv_requests.visualize_request(config, task=wc.task, layer=wc.layer, spec=spec,
+                                          regularizer=wc.regularizer, only_unit=unit).as_dict()
 
 
 def probe_inputs(wc):
@@ -242,22 +208,13 @@ def probe_inputs(wc):
     return {"position_map": dataset_file("lesions", "lesion_frequency")}
 
 
-def model_params(wc):
-    return {"model": model_param(wc.task), "model_key": f"tasks.{wc.task}.model"}
-
-
 def exemplars_request(wc):
-    spec = layer_spec(wc.task, wc.layer)
-    return {"task": wc.task, "layer": wc.layer, "module": spec["layer"], "units": spec["units"],
-            "objective": spec["objective"], "k": config["featviz"]["exemplars"], "device": config["featviz"]["device"],
-            "position": spec.get("position", "centre")}
+    return bfv_requests.exemplars_request(config, wc.task, wc.layer)
 
 
 def exemplar_layers(task):
     """The requests of ``task`` whose units get dataset exemplars (channel and neuron objectives)."""
-    if not config["featviz"]["exemplars"]:
-        return []
-    return [lid for lid, s in task_layers(task).items() if s["objective"] in ("channel", "neuron")]
+    return bfv_requests.exemplar_layers(config, task)
 
 
 def regularizer_names():
@@ -292,17 +249,13 @@ def model_targets():
 
 
 def data_targets():
-    return [dataset_file("cohort", "participants").replace("participants.tsv", "qc.png"),
-            f"{DATASET.format(dataset='lesions')}/examples.png"]
+    return [dataset_file("cohort", "qc_figure"),
+            dataset_file("lesions", "lesion_examples")]
 
 
 def exemplar_source(task, layer):
     """The exemplars shown beside a request: its own, or those of a request on the same layer that has them."""
-    layer_name = layer_spec(task, layer)["layer"]
-    for lid in exemplar_layers(task):
-        if lid == layer or (layer_spec(task, lid)["layer"] == layer_name and layer not in exemplar_layers(task)):
-            return lid
-    return None
+    return bfv_requests.exemplar_source(config, task, layer)
 
 
 def unit_figure_inputs(wc):

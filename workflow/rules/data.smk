@@ -6,15 +6,15 @@ rule prepare_cohort:
         cohort_inputs,
     output:
         volumes=dataset_file("cohort", "volumes"),
-        wm=f"{DATASET.format(dataset='cohort')}/wm.npy",
+        wm=dataset_file("cohort", "wm"),
         participants=dataset_file("cohort", "participants"),
-        qc=f"{DATASET.format(dataset='cohort')}/qc.tsv",
+        qc=dataset_file("cohort", "qc"),
         reference=dataset_file("cohort", "reference"),
         mask=dataset_file("cohort", "mask"),
         sex_effect=dataset_file("cohort", "sex_effect"),
         sex_effect_regional=dataset_file("cohort", "sex_effect_regional"),
         manifest=dataset_file("cohort", "manifest"),
-        figure=report(f"{DATASET.format(dataset='cohort')}/qc.png", caption="../report/cohort_qc.rst",
+        figure=report(dataset_file("cohort", "qc_figure"), caption="../report/cohort_qc.rst",
                       category="1. Data"),
     params:
         code=code("prepare_cohort"),  # the library modules it runs (brainfv.provenance)
@@ -41,14 +41,14 @@ rule synthesize_lesions:
         volumes=dataset_file("lesions", "volumes"),
         masks=dataset_file("lesions", "lesion_masks"),
         participants=dataset_file("lesions", "participants"),
-        lesions=f"{DATASET.format(dataset='lesions')}/lesions.tsv",
-        frequency=f"{DATASET.format(dataset='lesions')}/lesion_frequency.nii.gz",
+        lesions=dataset_file("lesions", "lesions"),
+        frequency=dataset_file("lesions", "lesion_frequency"),
         reference=dataset_file("lesions", "reference"),
         mask=dataset_file("lesions", "mask"),
         sex_effect=dataset_file("lesions", "sex_effect"),
         sex_effect_regional=dataset_file("lesions", "sex_effect_regional"),
         manifest=dataset_file("lesions", "manifest"),
-        figure=report(f"{DATASET.format(dataset='lesions')}/examples.png", caption="../report/lesion_examples.rst",
+        figure=report(dataset_file("lesions", "lesion_examples"), caption="../report/lesion_examples.rst",
                       category="1. Data"),
     params:
         code=code("synthesize_lesions"),  # the library modules it runs (brainfv.provenance)

@@ -64,7 +64,7 @@ rule train_model:
 
 rule construct_model:
     """A positive-control network (tasks.<task>.positive_control): the study's architecture with weights set so
-    that its preferred input is known (brainfv.positive); no training."""
+    that its preferred input is known (brainfv.models.positive); no training."""
     input:
         participants=lambda wc: dataset_file(task_dataset(wc.task), "participants"),
         reference=lambda wc: dataset_file(task_dataset(wc.task), "reference"),

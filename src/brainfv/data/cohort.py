@@ -23,18 +23,22 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
+from scipy import ndimage
 
 from ..config import complete, default
 from ..errors import ConfigError, InputDataError
-from ..utils import (atomic_path, get_logger, Progress, remove_stale_temporaries, stable_seed,
-                     terminate_cleanly)
+from ..utils import Progress, atomic_path, get_logger, remove_stale_temporaries, stable_seed, terminate_cleanly
+from .files import DATASET_FILES
 from .grid import Grid, load_volume
 from .sources import bids_files, check_accept, csv_files, read_table
-from .store import VolumeWriter, write_manifest
+from .store import VolumeWriter, open_volumes, write_manifest
+from .synthetic import SYNTHETIC_LABEL, SyntheticCohort
 from .template import template_on_grid
 
 __all__ = ["normalise", "assign_splits", "map_sex", "sex_coding", "bids_records", "csv_records",
@@ -74,15 +78,15 @@ class Problem(NamedTuple):
 def _problem_report(problems, what, hint=ON_MISSING_HINT, written=False):
     """One message listing every problem (count, then one line per problem, then the hints)."""
     n_sub = len({p.subject for p in problems})
-    lines = [f"{what}: {len(problems)} problem(s) with {n_sub} subject(s)" + ("" if written else "; nothing was written")
-             + ":"]
+    lines = [f"{what}: {len(problems)} problem(s) with {n_sub} subject(s)"
+             + ("" if written else "; nothing was written") + ":"]
     lines += [f"  subject {p.subject!r}: {p.reason}" for p in problems]
     hints = list(dict.fromkeys(p.hint for p in problems if p.hint))
     lines += hints + [hint[0].upper() + hint[1:]] if hint else hints
     return "\n".join(lines)
 
 
-def normalise(vol, mask):
+def normalise(vol: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Z-score ``vol`` within ``mask``; zero outside. Returns ``(z, mean, std)``."""
     vals = vol[mask]
     if vals.size < 10:
@@ -94,7 +98,7 @@ def normalise(vol, mask):
     return z, mean, std
 
 
-def assign_splits(strata, fractions, seed):
+def assign_splits(strata: Sequence, fractions: dict[str, float], seed: int) -> np.ndarray:
     """Stratified, seeded subject-level split.
 
     Parameters
@@ -135,7 +139,7 @@ def assign_splits(strata, fractions, seed):
     return out
 
 
-def sex_coding(user=None):
+def sex_coding(user: dict | None = None) -> dict:
     """The sex codes in force: :data:`DEFAULT_SEX_CODING` extended by ``cohort.sex_coding`` (``user``).
 
     ``user`` maps a class (``M``/``F``/``O`` or a class of your own) to the raw codes of your
@@ -175,7 +179,7 @@ def _known_codes(coding):
     return "; ".join(f"{code}: {', '.join(str(v) for v in values)}" for code, values in coding.items())
 
 
-def map_sex(value, coding, subject):
+def map_sex(value: object, coding: dict, subject: str) -> str:
     """Map a raw sex code to ``M``/``F``/``O`` using ``coding`` (dict code -> list of raw values)."""
     code = _lookup_sex(value, coding)
     if code is None:
@@ -206,7 +210,7 @@ def _duplicates(ids, table_name):
     return problems, dups
 
 
-def bids_records(cfg, coding, log=None):
+def bids_records(cfg: dict, coding: dict, log: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, list]:
     """Find T1w images and labels in a BIDS dataset/derivatives folder (``cohort.bids`` section ``cfg``).
 
     Files are found by :func:`brainfv.data.sources.bids_files` (what the workflow declares as
@@ -214,8 +218,6 @@ def bids_records(cfg, coding, log=None):
     participants.tsv columns) and a list of :class:`Problem` for subjects that cannot be used
     (image without a row, no image, missing/unknown sex code, duplicate id). No image is opened.
     """
-    import pandas as pd
-
     found = bids_files(cfg)
     if found.candidates and log:
         sub, files = next(iter(sorted(found.candidates.items())))
@@ -261,15 +263,13 @@ def bids_records(cfg, coding, log=None):
     return pd.DataFrame(rows), problems
 
 
-def csv_records(cfg, coding):
+def csv_records(cfg: dict, coding: dict) -> tuple[pd.DataFrame, list]:
     """Read a table of subject id, NIfTI path (relative to the table) and labels (``cohort.csv`` section ``cfg``).
 
     Paths are resolved by :func:`brainfv.data.sources.csv_files` (what the workflow declares as
     inputs). Returns ``(records, problems)`` like :func:`bids_records`; an image or mask file that
     does not exist is a problem (found here, before any image is opened).
     """
-    import pandas as pd
-
     found = csv_files(cfg)
     table = found.table
     name = table.path.name
@@ -325,8 +325,6 @@ def _qc_reference(grid):
 
 def _qc_smooth(vol, grid):
     """``vol`` brought to :data:`QC_FWHM_MM` resolution (Gaussian; nothing if the grid is that coarse)."""
-    from scipy import ndimage
-
     fwhm = np.sqrt(max(QC_FWHM_MM ** 2 - grid.voxel_size ** 2, 0.0))
     if fwhm < 0.5 * grid.voxel_size:
         return np.asarray(vol, dtype=np.float32)
@@ -334,7 +332,7 @@ def _qc_smooth(vol, grid):
                                    mode="constant")
 
 
-def template_similarity(vol, grid):
+def template_similarity(vol: np.ndarray, grid: Grid) -> tuple[float, float]:
     """How well an image resampled onto ``grid`` matches the template: ``(template_corr, coverage)``.
 
     ``template_corr`` is the Pearson correlation with the template T1 inside the template brain
@@ -391,7 +389,7 @@ def _real_subject(rec, grid, tpl, qc=None):
     return z, tpl["wm"], {"norm_mean": mean, "norm_std": std, "brain_voxels": int(mask.sum()), **info}
 
 
-def qc_outliers(measured, qc, failed=()):
+def qc_outliers(measured: dict, qc: dict, failed: set | tuple = ()) -> list:
     """The subjects whose template correlation is far below their own cohort's: ``r < median - k * spread``,
     with ``k`` = ``cohort.qc.outlier_k`` (0: off) and ``spread`` the cohort's robust standard deviation
     (1.4826 x the median absolute deviation, at least :data:`QC_MIN_SPREAD`). This catches misregistration
@@ -430,7 +428,7 @@ def _class_problems(records, strat, fractions):
     return problems
 
 
-def prepare_cohort(cfg, out_dir, log=None):
+def prepare_cohort(cfg: dict, out_dir: str | Path, log: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Prepare the cohort described by the full config ``cfg`` into ``out_dir``.
 
     Writes ``volumes.npy``, ``wm.npy`` (WM probability, uint8), ``participants.tsv``,
@@ -452,68 +450,30 @@ def prepare_cohort(cfg, out_dir, log=None):
 
 
 def _prepare_cohort(cfg, out_dir, log):
-    import pandas as pd
-
     cfg = complete(cfg)  # a partial config gets the schema's defaults (no second copy of them here)
     ccfg = cfg["cohort"]
     grid = Grid.from_config(cfg["grid"])
     seed = int(cfg["seed"])
-    source = ccfg["source"]
-    log(f"cohort source={source}; grid {grid.shape} at {grid.voxel_size} mm ({grid.n_voxels} voxels)")
+    log(f"cohort source={ccfg['source']}; grid {grid.shape} at {grid.voxel_size} mm ({grid.n_voxels} voxels)")
     on_missing = ccfg["on_missing"]
-    strat = ccfg["stratify"]
     fractions = np.array(list(ccfg["splits"].values()), dtype=float)
     if not np.isclose(fractions.sum(), 1.0, atol=1e-6):  # assign_splits says the same, but only at the end
         raise ConfigError(f"cohort.splits fractions must sum to 1, got {dict(ccfg['splits'])} "
                           f"(sum {fractions.sum():.3f})")
-    qc_rows = []
-
-    if source == "synthetic":
-        tpl = template_on_grid(grid)
-        from .synthetic import SyntheticCohort, SYNTHETIC_LABEL
-
-        scfg = ccfg["synthetic"]
-        gen = SyntheticCohort(grid, scfg["n_subjects"], seed, scfg["male_fraction"],
-                              scfg.get("sex_effect"), scfg.get("variability"))
-        n = gen.n
-        label = SYNTHETIC_LABEL
-        records = None
-    elif source in ("bids", "csv"):
-        coding = sex_coding(ccfg.get("sex_coding"))
-        qc = _qc_settings(ccfg)
-        label = f"{source}: {ccfg[source].get('root') or ccfg[source].get('table')}"
-        if source == "bids":
-            records, problems = bids_records(ccfg["bids"], coding, log=log)
-        else:
-            records, problems = csv_records(ccfg["csv"], coding)
-        check_accept(ccfg["qc"], set(records.get("subject", [])) | {p.subject for p in problems})
-        records, problems = _check_records(records, problems, strat, ccfg["splits"], on_missing, label, log)
-        qc_rows += [{"subject": p.subject, "status": "skipped", "reason": p.reason} for p in problems]
-        n = len(records)
-        tpl = template_on_grid(grid)
-    else:
-        raise ConfigError(f"cohort.source must be one of synthetic, bids, csv; got {source!r}")
-
-    rows = []
-    image_problems = []
+    src = _open_source(ccfg, grid, seed, log)
+    qc_rows = list(src.qc_rows)
+    rows, image_problems = [], []
     measured = {}  # subject -> (template_corr, path) of every image read, for the cohort-relative check
-    prog = Progress(n, "prepare_cohort subjects", log=log, unit="subj")
-    with VolumeWriter(out_dir / "volumes.npy", n, grid.shape) as vw, \
-            VolumeWriter(out_dir / "wm.npy", n, grid.shape, dtype=np.uint8) as ww:
-        for i in range(n):
-            if records is None:
-                s = gen.generate(i)
-                z, mean, std = normalise(s["t1"], s["mask"])
-                wm = s["wm"]
-                row = {"subject": s["subject"], "sex": s["sex"], "source_path": "synthetic",
-                       "norm_mean": mean, "norm_std": std, "brain_voxels": int(s["mask"].sum()),
-                       **{k: (v if np.isscalar(v) else str(tuple(round(x, 3) for x in v)))
-                          for k, v in s["params"].items()}}
-                qc_row = {"subject": row["subject"], "status": "ok", "reason": ""}
+    prog = Progress(src.n, "prepare_cohort subjects", log=log, unit="subj")
+    with VolumeWriter(out_dir / DATASET_FILES["volumes"], src.n, grid.shape) as vw, \
+            VolumeWriter(out_dir / DATASET_FILES["wm"], src.n, grid.shape, dtype=np.uint8) as ww:
+        for i in range(src.n):
+            if src.records is None:
+                z, wm, row, qc_row = _synthetic_subject(src.gen.generate(i))
             else:
-                rec = records.iloc[i].to_dict()
+                rec = src.records.iloc[i].to_dict()
                 try:
-                    z, wm, info = _real_subject(rec, grid, tpl, qc)
+                    z, wm, row, qc_row = _real_subject_row(rec, grid, src.tpl, src.qc)
                 except InputDataError as e:
                     reason = str(e).removeprefix(f"subject {rec['subject']!r}: ")
                     image_problems.append(Problem(rec["subject"], reason))
@@ -525,12 +485,7 @@ def _prepare_cohort(cfg, out_dir, log):
                                         **getattr(e, "qc", {})})
                     prog.update()
                     continue
-                note = info.pop("qc_note")
-                measured[rec["subject"]] = (info["template_corr"], rec["path"])
-                extra = {k: v for k, v in rec.items() if k not in ("subject", "sex", "path", "mask_path")}
-                row = {"subject": rec["subject"], "sex": rec["sex"], "source_path": rec["path"], **info, **extra}
-                qc_row = {"subject": row["subject"], "status": "ok", "reason": note,
-                          "coverage": info["coverage"], "template_corr": info["template_corr"]}
+                measured[rec["subject"]] = (row["template_corr"], rec["path"])
             if image_problems and on_missing != "skip":
                 prog.update()  # the cohort will fail: check the other images, write nothing more
                 continue
@@ -539,69 +494,143 @@ def _prepare_cohort(cfg, out_dir, log):
             rows.append(row)
             qc_rows.append(qc_row)
             prog.update()
-        outliers = qc_outliers(measured, qc, failed={p.subject for p in image_problems}) if records is not None else []
+        failed = {p.subject for p in image_problems}
+        outliers = qc_outliers(measured, src.qc, failed) if src.records is not None else []
         if on_missing != "skip":
             image_problems += outliers
         if image_problems and on_missing != "skip":
-            raise InputDataError(_problem_report(image_problems, f"cohort ({label}), images"))
+            raise InputDataError(_problem_report(image_problems, f"cohort ({src.label}), images"))
         if not rows:
-            raise InputDataError(_problem_report(image_problems, f"cohort ({label}): no subject left", hint=""))
-        parts = pd.DataFrame(rows)
-        if strat not in parts.columns:
-            raise ConfigError(f"cohort.stratify: column {strat!r} not in participants ({list(parts.columns)})")
-        if records is not None:  # skipped images can leave a class too small for the split
-            for o in outliers:
-                log(f"SKIP subject {o.subject}: {o.reason}")
-            out_ids = {o.subject for o in outliers}
-            late = outliers + _class_problems(parts[~parts["subject"].astype(str).isin(out_ids)], strat,
-                                              ccfg["splits"])
-            if len(late) > len(outliers):
-                log(f"WARNING: {_problem_report(late[len(outliers):], 'split after skipping images', hint='', written=True)}"
-                    f"\n(cohort.on_missing: skip) leaving these subjects out")
-            if late:
-                gone = {p.subject for p in late}
-                drop = parts["subject"].astype(str).isin(gone)
-                for w in (vw, ww):
-                    w.drop(parts.loc[drop, "index"])
-                parts = parts[~drop].copy()
-                parts["index"] = [vw.final_index(int(p)) for p in parts["index"]]
-                reasons = {p.subject: p.reason for p in late}
-                for r in qc_rows:
-                    if r["subject"] in reasons and r["status"] == "ok":
-                        r.update(status="skipped", reason=reasons[r["subject"]])
-                if parts.empty:
-                    raise InputDataError("no subject could be prepared (all skipped); see the log")
-        parts["split"] = assign_splits(parts[strat].values, ccfg["splits"], seed)
-        parts["cohort"] = label
+            raise InputDataError(_problem_report(image_problems, f"cohort ({src.label}): no subject left", hint=""))
+        parts = _participants(rows, src, ccfg, seed, (vw, ww), qc_rows, log, outliers)
+    _write_cohort_files(out_dir, grid, src, parts, qc_rows, vw.hash, ww.hash)
+    counts = parts.groupby(["split", "sex"]).size().unstack(fill_value=0)
+    log(f"cohort ready: {len(parts)} subjects ({src.label}); split x sex:\n{counts}")
+    return parts
 
-    # grid reference (template on the grid, normalised), mask, effect map
+
+class _Source(NamedTuple):
+    """An opened cohort source: a synthetic generator (``gen``) or the real subjects' ``records``."""
+
+    gen: object
+    records: pd.DataFrame | None
+    n: int
+    label: str
+    tpl: dict
+    qc: dict | None
+    qc_rows: list
+
+
+def _open_source(ccfg: dict, grid: Grid, seed: int, log: Callable) -> _Source:
+    """The configured source: its subjects (checked; skipped ones as QC rows) and the template on the grid."""
+    source = ccfg["source"]
+    if source == "synthetic":
+        tpl = template_on_grid(grid)
+        scfg = ccfg["synthetic"]
+        gen = SyntheticCohort(grid, scfg["n_subjects"], seed, scfg["male_fraction"],
+                              scfg.get("sex_effect"), scfg.get("variability"))
+        return _Source(gen, None, gen.n, SYNTHETIC_LABEL, tpl, None, [])
+    if source in ("bids", "csv"):
+        coding = sex_coding(ccfg.get("sex_coding"))
+        qc = _qc_settings(ccfg)
+        label = f"{source}: {ccfg[source].get('root') or ccfg[source].get('table')}"
+        if source == "bids":
+            records, problems = bids_records(ccfg["bids"], coding, log=log)
+        else:
+            records, problems = csv_records(ccfg["csv"], coding)
+        check_accept(ccfg["qc"], set(records.get("subject", [])) | {p.subject for p in problems})
+        records, problems = _check_records(records, problems, ccfg["stratify"], ccfg["splits"], ccfg["on_missing"],
+                                           label, log)
+        qc_rows = [{"subject": p.subject, "status": "skipped", "reason": p.reason} for p in problems]
+        return _Source(None, records, len(records), label, template_on_grid(grid), qc, qc_rows)
+    raise ConfigError(f"cohort.source must be one of synthetic, bids, csv; got {source!r}")
+
+
+def _synthetic_subject(s: dict) -> tuple:
+    """A generated subject as (z-scored volume, WM probability, participants row, QC row)."""
+    z, mean, std = normalise(s["t1"], s["mask"])
+    row = {"subject": s["subject"], "sex": s["sex"], "source_path": "synthetic",
+           "norm_mean": mean, "norm_std": std, "brain_voxels": int(s["mask"].sum()),
+           **{k: (v if np.isscalar(v) else str(tuple(round(x, 3) for x in v))) for k, v in s["params"].items()}}
+    return z, s["wm"], row, {"subject": row["subject"], "status": "ok", "reason": ""}
+
+
+def _real_subject_row(rec: dict, grid: Grid, tpl: dict, qc: dict) -> tuple:
+    """A real subject's image on the grid, as (z-scored volume, WM probability, participants row, QC row);
+    raises :class:`InputDataError` for an image that cannot be used."""
+    z, wm, info = _real_subject(rec, grid, tpl, qc)
+    note = info.pop("qc_note")
+    extra = {k: v for k, v in rec.items() if k not in ("subject", "sex", "path", "mask_path")}
+    row = {"subject": rec["subject"], "sex": rec["sex"], "source_path": rec["path"], **info, **extra}
+    return z, wm, row, {"subject": row["subject"], "status": "ok", "reason": note,
+                        "coverage": info["coverage"], "template_corr": info["template_corr"]}
+
+
+def _participants(rows: list, src: _Source, ccfg: dict, seed: int, writers: tuple, qc_rows: list,
+                  log: Callable, outliers: list = ()) -> pd.DataFrame:
+    """The participants table with splits; real subjects that are template-check ``outliers`` (with
+    ``on_missing: skip``) or whose class became too small for the splits after skipped images are left out
+    (their volumes dropped from the open ``writers``, their QC rows updated)."""
+    strat = ccfg["stratify"]
+    parts = pd.DataFrame(rows)
+    if strat not in parts.columns:
+        raise ConfigError(f"cohort.stratify: column {strat!r} not in participants ({list(parts.columns)})")
+    if src.records is not None:  # skipped images can leave a class too small for the split
+        outliers = list(outliers)
+        for o in outliers:
+            log(f"SKIP subject {o.subject}: {o.reason}")
+        out_ids = {o.subject for o in outliers}
+        late = outliers + _class_problems(parts[~parts["subject"].astype(str).isin(out_ids)], strat, ccfg["splits"])
+        if len(late) > len(outliers):
+            report = _problem_report(late[len(outliers):], 'split after skipping images', hint='', written=True)
+            log(f"WARNING: {report}"
+                f"\n(cohort.on_missing: skip) leaving these subjects out")
+        if late:
+            gone = {p.subject for p in late}
+            drop = parts["subject"].astype(str).isin(gone)
+            for w in writers:
+                w.drop(parts.loc[drop, "index"])
+            parts = parts[~drop].copy()
+            parts["index"] = [writers[0].final_index(int(p)) for p in parts["index"]]
+            reasons = {p.subject: p.reason for p in late}
+            for r in qc_rows:
+                if r["subject"] in reasons and r["status"] == "ok":
+                    r.update(status="skipped", reason=reasons[r["subject"]])
+            if parts.empty:
+                raise InputDataError("no subject could be prepared (all skipped); see the log")
+    parts["split"] = assign_splits(parts[strat].values, ccfg["splits"], seed)
+    parts["cohort"] = src.label
+    return parts
+
+
+def _write_cohort_files(out_dir: Path, grid: Grid, src: _Source, parts: pd.DataFrame, qc_rows: list,
+                        volumes_hash: str, wm_hash: str) -> None:
+    """The grid reference (template on the grid, normalised), mask, sex-effect maps, tables and manifest."""
+    tpl = src.tpl
     ref, _, _ = normalise(tpl["t1"], tpl["mask"])
-    if records is None:
-        effect = gen.effect_map(normalise)
-        regional = gen.effect_map(normalise, regional_only=True)
+    if src.records is None:
+        effect = src.gen.effect_map(normalise)
+        regional = src.gen.effect_map(normalise, regional_only=True)
         effect_kind = "planted (synthetic ground truth)"
     else:  # real data: the effect's regional part cannot be separated from size differences
-        effect = regional = _empirical_effect(out_dir / "volumes.npy", parts)
+        effect = regional = _empirical_effect(out_dir / DATASET_FILES["volumes"], parts)
         effect_kind = "empirical mean difference M-F (training split)"
-    with atomic_path(out_dir / "reference.nii.gz") as tmp:
+    with atomic_path(out_dir / DATASET_FILES["reference"]) as tmp:
         grid.to_nifti(ref).to_filename(tmp)
-    with atomic_path(out_dir / "mask.nii.gz") as tmp:
+    with atomic_path(out_dir / DATASET_FILES["mask"]) as tmp:
         grid.to_nifti(tpl["mask"].astype(np.uint8), dtype=np.uint8).to_filename(tmp)
     for name, data, what in (("sex_effect", effect, effect_kind), ("sex_effect_regional", regional,
                                                                     "regional part of: " + effect_kind)):
-        with atomic_path(out_dir / f"{name}.nii.gz") as tmp:
+        with atomic_path(out_dir / DATASET_FILES[name]) as tmp:
             img = grid.to_nifti(data)
             img.header["descrip"] = what[:79].encode()
             img.to_filename(tmp)
-    with atomic_path(out_dir / "participants.tsv") as tmp:
+    with atomic_path(out_dir / DATASET_FILES["participants"]) as tmp:
         parts.to_csv(tmp, sep="\t", index=False)
-    with atomic_path(out_dir / "qc.tsv") as tmp:
+    with atomic_path(out_dir / DATASET_FILES["qc"]) as tmp:
         pd.DataFrame(qc_rows).to_csv(tmp, sep="\t", index=False)
-    write_manifest(out_dir, vw.hash, [("wm.npy", ww.hash), "reference.nii.gz", "mask.nii.gz",
-                                      "sex_effect.nii.gz", "sex_effect_regional.nii.gz", "qc.tsv"])
-    counts = parts.groupby(["split", "sex"]).size().unstack(fill_value=0)
-    log(f"cohort ready: {len(parts)} subjects ({label}); split x sex:\n{counts}")
-    return parts
+    write_manifest(out_dir, volumes_hash, [(DATASET_FILES["wm"], wm_hash)] + [DATASET_FILES[k] for k in (
+        "reference", "mask", "sex_effect", "sex_effect_regional", "qc")])
 
 
 def _check_records(records, problems, strat, fractions, on_missing, label, log):
@@ -641,8 +670,6 @@ def _check_records(records, problems, strat, fractions, on_missing, label, log):
 
 
 def _empirical_effect(volumes_path, parts):
-    from .store import open_volumes
-
     vols = open_volumes(volumes_path)
     train = parts[parts["split"] == "train"]
     means = {}
@@ -653,18 +680,3 @@ def _empirical_effect(volumes_path, parts):
             acc += vols[i]
         means[sex] = acc / max(len(idx), 1)
     return (means["M"] - means["F"]).astype(np.float32)
-
-
-
-def cohort_job(job):
-    """The ``prepare_cohort`` rule: the configured source → the cohort folder (outputs' folder), and its
-    QC figure. Param ``cfg``: the config's ``seed``, ``grid`` and ``cohort`` sections."""
-    import torch  # torchio (synthetic source) runs on torch
-
-    from ..config import complete
-    from ..report.figures import cohort_qc_figure
-
-    torch.set_num_threads(job.threads)
-    out = Path(job.output["volumes"]).parent
-    prepare_cohort(complete(job.params["cfg"]), out, log=job.log)
-    cohort_qc_figure(out, job.output["figure"])

@@ -1,9 +1,13 @@
 """The study grid: one RAS+ voxel grid in template (MNI152) space, and resampling onto it."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from ..errors import ConfigError, InputDataError
 
@@ -23,7 +27,7 @@ class Grid:
     origin: tuple
 
     @classmethod
-    def from_bbox(cls, voxel_size, bbox_mm):
+    def from_bbox(cls, voxel_size: float, bbox_mm: Sequence) -> Grid:
         """A grid of ``voxel_size`` mm covering ``bbox_mm = [[xmin, xmax], [ymin, ymax], [zmin, zmax]]``."""
         vs = float(voxel_size)
         if not vs > 0:
@@ -36,11 +40,11 @@ class Grid:
         return cls(shape=shape, voxel_size=vs, origin=tuple(float(o) for o in bbox[:, 0]))
 
     @classmethod
-    def from_config(cls, grid_cfg):
+    def from_config(cls, grid_cfg: dict) -> Grid:
         return cls.from_bbox(grid_cfg["voxel_size"], grid_cfg["bbox_mm"])
 
     @classmethod
-    def from_image(cls, img):
+    def from_image(cls, img: nib.Nifti1Image) -> Grid:
         """The grid of an image written by :meth:`to_nifti` (diagonal, isotropic, RAS+)."""
         a = np.asarray(img.affine, dtype=float)
         vs = a[0, 0]
@@ -50,28 +54,26 @@ class Grid:
                    origin=tuple(float(o) for o in a[:3, 3]))
 
     @property
-    def affine(self):
+    def affine(self) -> np.ndarray:
         a = np.eye(4)
         a[:3, :3] *= self.voxel_size
         a[:3, 3] = self.origin
         return a
 
     @property
-    def n_voxels(self):
+    def n_voxels(self) -> int:
         return int(np.prod(self.shape))
 
-    def world_coords(self, ijk):
+    def world_coords(self, ijk: Sequence) -> np.ndarray:
         """World (mm) coordinates of voxel indices ``ijk`` (..., 3)."""
         return np.asarray(self.origin) + self.voxel_size * np.asarray(ijk, dtype=float)
 
-    def voxel_coords(self, xyz):
+    def voxel_coords(self, xyz: Sequence) -> np.ndarray:
         """Continuous voxel indices of world coordinates ``xyz`` (..., 3)."""
         return (np.asarray(xyz, dtype=float) - np.asarray(self.origin)) / self.voxel_size
 
-    def to_nifti(self, data, dtype=np.float32):
+    def to_nifti(self, data: np.ndarray, dtype: type = np.float32) -> nib.Nifti1Image:
         """Wrap ``data`` (grid shape, optionally with a 4th axis) as a NIfTI image on this grid."""
-        import nibabel as nib
-
         data = np.asarray(data)
         if tuple(data.shape[:3]) != self.shape:
             raise ValueError(f"data shape {data.shape} does not match grid {self.shape}")
@@ -81,7 +83,8 @@ class Grid:
         img.header.set_sform(self.affine, code=4)
         return img
 
-    def resample(self, data, affine, order=1, antialias=True, cval=0.0):
+    def resample(self, data: np.ndarray, affine: np.ndarray, order: int = 1, antialias: bool = True,
+                 cval: float = 0.0) -> np.ndarray:
         """Resample a 3D array with voxel-to-world ``affine`` onto this grid.
 
         Works in world space, so any source orientation (LAS, PSR, oblique) lands
@@ -89,8 +92,6 @@ class Grid:
         grid, the source is first smoothed with a Gaussian matching the size
         change (``antialias``), as a scanner at the coarser resolution would see it.
         """
-        from scipy import ndimage
-
         data = np.asarray(data, dtype=np.float32)
         affine = np.asarray(affine, dtype=float)
         src_vox = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
@@ -106,20 +107,17 @@ class Grid:
             order=order, mode="constant", cval=cval, prefilter=False,
         ).astype(np.float32)
 
-    def resample_image(self, img, order=1, antialias=True):
+    def resample_image(self, img: nib.Nifti1Image, order: int = 1, antialias: bool = True) -> np.ndarray:
         """Resample a nibabel image (3D) onto this grid."""
         return self.resample(np.asanyarray(img.dataobj), img.affine, order=order, antialias=antialias)
 
 
-def load_volume(path, subject=None):
+def load_volume(path: str | Path, subject: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D NIfTI as ``(data float32, affine)``, with errors naming subject and file.
 
     A 4D image with a single volume is accepted (squeezed); other 4D images,
     NaN/inf values and constant images are rejected.
     """
-    import nibabel as nib
-    from pathlib import Path
-
     who = f"subject {subject!r}: " if subject is not None else ""
     path = Path(path)
     if not path.exists():

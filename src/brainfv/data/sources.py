@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import check_source
 from ..errors import ConfigError, InputDataError
 
 __all__ = ["NA_VALUES", "Table", "read_table", "entities", "BidsFiles", "bids_files", "CsvFiles", "csv_files",
@@ -36,7 +37,7 @@ class Table:
     rows: list
 
 
-def read_table(path, key):
+def read_table(path: str | Path, key: str) -> Table:
     """Read a CSV (``,``) or TSV (``.tsv``/``.txt``: tab) table as strings; missing cells are ``None``.
 
     ``key`` is the config key that names the table, for the error messages: a missing file is a
@@ -70,7 +71,7 @@ def read_table(path, key):
 _ENTITY = re.compile(r"(?:^|_)([a-zA-Z0-9]+)-([a-zA-Z0-9]+)")
 
 
-def entities(name):
+def entities(name: str) -> dict[str, str]:
     """BIDS entities of a file name: ``sub-01_ses-2_T1w.nii.gz`` -> ``{'sub': '01', 'ses': '2'}``."""
     return dict(_ENTITY.findall(name.split(".")[0]))
 
@@ -90,34 +91,7 @@ class BidsFiles:
     candidates: dict = field(default_factory=dict)
 
 
-def check_source(cohort_cfg):
-    """The cheap part of finding the data: the configured folder or table exists. Raises
-    :class:`ConfigError` naming ``cohort.bids.root``, ``cohort.bids.participants`` or ``cohort.csv.table``;
-    run before any job (``brainfv.config.check``), so a mistyped path never reuses an earlier cohort."""
-    source = cohort_cfg.get("source", "synthetic")
-    if source == "bids":
-        cfg = cohort_cfg.get("bids") or {}
-        root = cfg.get("root")
-        if not root:
-            raise ConfigError("cohort.bids.root: not given; it must name the BIDS dataset (or derivatives) folder "
-                              "when cohort.source is 'bids'")
-        root = Path(root)
-        if not root.is_dir():
-            raise ConfigError(f"cohort.bids.root: folder not found: {root}")
-        table = root / cfg.get("participants", "participants.tsv")
-        if not table.is_file():
-            raise ConfigError(f"cohort.bids.participants: participants table not found: {table} "
-                              f"(cohort.bids.root: {root})")
-    elif source == "csv":
-        path = (cohort_cfg.get("csv") or {}).get("table")
-        if not path:
-            raise ConfigError("cohort.csv.table: not given; it must name the CSV/TSV table of subjects when "
-                              "cohort.source is 'csv'")
-        if not Path(path).is_file():
-            raise ConfigError(f"cohort.csv.table: table not found: {path}")
-
-
-def bids_files(bids_cfg):
+def bids_files(bids_cfg: dict) -> BidsFiles:
     """Find the participants table and the T1w images/brain masks of ``cohort.bids``.
 
     Images are ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]`` (masks ``*_desc-brain_mask.nii[.gz]``) whose
@@ -157,7 +131,7 @@ def bids_files(bids_cfg):
     return out
 
 
-def check_accept(qc_cfg, subjects):
+def check_accept(qc_cfg: dict, subjects: set) -> None:
     """Every ``cohort.qc.accept`` entry names a subject of the cohort (``subjects``: the ids the source
     lists); raise :class:`ConfigError` naming the entries that match none, and why they may not (an id
     YAML read as a number, a ``sub-`` prefix)."""
@@ -200,7 +174,7 @@ class CsvFiles:
     masks: list = field(default_factory=list)
 
 
-def resolve_table_path(value, table_path):
+def resolve_table_path(value: str | None, table_path: str | Path) -> Path | None:
     """A path from a table cell: stripped, relative paths taken from the table's folder; ``None`` if empty."""
     if value is None or not str(value).strip():
         return None
@@ -208,7 +182,7 @@ def resolve_table_path(value, table_path):
     return p if p.is_absolute() else Path(table_path).parent / p
 
 
-def csv_files(csv_cfg):
+def csv_files(csv_cfg: dict) -> CsvFiles:
     """Read the ``cohort.csv`` table and resolve its image (and mask) paths, one per row.
 
     Raises :class:`ConfigError` naming ``cohort.csv.table`` (not given, not found) and
@@ -231,7 +205,7 @@ def csv_files(csv_cfg):
     return out
 
 
-def source_files(cohort_cfg):
+def source_files(cohort_cfg: dict) -> list[str]:
     """Every file ``prepare_cohort`` reads for the configured ``cohort`` section, as sorted strings.
 
     ``synthetic``: none. ``bids``: the participants table, each subject's T1w image and brain mask
@@ -260,7 +234,7 @@ def source_files(cohort_cfg):
     return sorted({str(f) for f in files})
 
 
-def inputs_digest(files, cache):
+def inputs_digest(files: list, cache: str | Path) -> str:
     """One hash of the content of ``files`` (and of their paths): a rule parameter that changes when any file
     gets new content, even content that keeps its old modification time (``cp -p``, ``rsync -a``, a restore
     from backup), which Snakemake's time-based rerun trigger does not see; its ``params`` trigger reruns the

@@ -17,12 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pandas as pd
 
 from ..errors import InputDataError
 from ..utils import remove_stale_temporaries, temporary_name, write_json
+from .files import DATASET_FILES
+from .grid import Grid
 
 __all__ = ["VolumeWriter", "VolumeReader", "open_volumes", "Dataset", "write_manifest", "file_hash", "store_hash",
            "MANIFEST_FORMAT", "HASH"]
@@ -37,7 +42,7 @@ def _hasher():
     return hashlib.blake2b(digest_size=32)
 
 
-def file_hash(path, chunk=1 << 22):
+def file_hash(path: str | Path, chunk: int = 1 << 22) -> str:
     """The :data:`HASH` hex digest of a file's bytes (read in 4 MiB chunks)."""
     h = _hasher()
     with open(path, "rb") as fh:
@@ -78,7 +83,7 @@ class VolumeWriter:
         self.hash = None
         self._hasher = _hasher()
 
-    def append(self, vol):
+    def append(self, vol: np.ndarray) -> int:
         """Append one volume; returns its position among the volumes written so far."""
         vol = np.asarray(vol)
         if vol.shape != self.shape:
@@ -91,7 +96,7 @@ class VolumeWriter:
         self.n_written += 1
         return self.n_written - 1
 
-    def drop(self, positions):
+    def drop(self, positions: Iterable[int]) -> None:
         """Leave the volumes at ``positions`` (as returned by :meth:`append`) out of the final file.
 
         The kept volumes keep their order; their final index is their rank among the kept ones
@@ -103,17 +108,17 @@ class VolumeWriter:
                 raise IndexError(f"cannot drop volume {p}: {self.n_written} written to {self.path}")
             self.dropped.add(p)
 
-    def final_index(self, position):
+    def final_index(self, position: int) -> int | None:
         """The index in the closed file of the volume appended at ``position`` (``None`` if dropped)."""
         if position in self.dropped:
             return None
         return int(position) - sum(1 for d in self.dropped if d < position)
 
     @property
-    def n_kept(self):
+    def n_kept(self) -> int:
         return self.n_written - len(self.dropped)
 
-    def close(self):
+    def close(self) -> None:
         self.fh.close()
         if self.n_kept < self.n:
             src = VolumeReader(self.tmp, n=self.n_written)
@@ -134,7 +139,7 @@ class VolumeWriter:
         os.replace(self.tmp, self.path)
         self.hash = self._hasher.hexdigest()
 
-    def abort(self):
+    def abort(self) -> None:
         if not self.fh.closed:
             self.fh.close()
         for tmp in (self.tmp, self.tmp.with_name(self.tmp.stem + "-c.npy")):
@@ -211,7 +216,7 @@ class VolumeReader:
                 pass
 
 
-def store_hash(path):
+def store_hash(path: str | Path) -> str:
     """The :data:`HASH` of the volume bytes of a ``.npy`` store, read one volume at a time (what
     :class:`VolumeWriter` computes while writing it)."""
     h = _hasher()
@@ -220,7 +225,8 @@ def store_hash(path):
     return h.hexdigest()
 
 
-def write_manifest(root, volumes_hash=None, files=(), extra=None):
+def write_manifest(root: str | Path, volumes_hash: str | None = None, files: Sequence = (),
+                   extra: dict | None = None) -> dict:
     """Write ``root/manifest.json``: what a dataset folder holds, by content; returns the manifest.
 
     Keys: ``format`` (:data:`MANIFEST_FORMAT`), ``hash`` (:data:`HASH`), ``n_volumes``, ``shape``
@@ -233,20 +239,22 @@ def write_manifest(root, volumes_hash=None, files=(), extra=None):
     JSON values). No paths or times: the same content gives the same manifest wherever it lies.
     """
     root = Path(root)
-    vols = open_volumes(root / "volumes.npy")
+    vols = open_volumes(root / DATASET_FILES["volumes"])
     hashes = {}
     for f in files:
         name, digest = (f if isinstance(f, tuple) else (f, None))
-        hashes[str(name)] = digest or (store_hash(root / name) if str(name).endswith(".npy") else file_hash(root / name))
+        hashes[str(name)] = digest or (store_hash(root / name) if str(name).endswith(".npy")
+                                       else file_hash(root / name))
     manifest = {"format": MANIFEST_FORMAT, "hash": HASH, "n_volumes": int(vols.shape[0]),
                 "shape": [int(s) for s in vols.item_shape], "dtype": np.dtype(vols.dtype).str,
-                "volumes_hash": volumes_hash or store_hash(root / "volumes.npy"), "participants_hash": file_hash(root / "participants.tsv"),
+                "volumes_hash": volumes_hash or store_hash(root / DATASET_FILES["volumes"]),
+                "participants_hash": file_hash(root / DATASET_FILES["participants"]),
                 "files": dict(sorted(hashes.items())), **(extra or {})}
-    write_json(manifest, root / "manifest.json")
+    write_json(manifest, root / DATASET_FILES["manifest"])
     return manifest
 
 
-def open_volumes(path):
+def open_volumes(path: str | Path) -> VolumeReader:
     """Open a store's volumes for reading (:class:`VolumeReader`; nothing is loaded up front)."""
     path = Path(path)
     if not path.exists():
@@ -259,41 +267,33 @@ class Dataset:
 
     def __init__(self, root):
         self.root = Path(root)
-        if not (self.root / "participants.tsv").exists():
+        if not (self.root / DATASET_FILES["participants"]).exists():
             raise InputDataError(f"{self.root} is not a brainfv dataset (no participants.tsv)")
 
     @property
-    def participants(self):
-        import pandas as pd
-
-        return pd.read_csv(self.root / "participants.tsv", sep="\t", dtype={"subject": str})
+    def participants(self) -> pd.DataFrame:
+        return pd.read_csv(self.root / DATASET_FILES["participants"], sep="\t", dtype={"subject": str})
 
     @property
-    def volumes(self):
-        return open_volumes(self.root / "volumes.npy")
+    def volumes(self) -> VolumeReader:
+        return open_volumes(self.root / DATASET_FILES["volumes"])
 
     @property
-    def reference(self):
-        import nibabel as nib
-
-        return nib.load(str(self.root / "reference.nii.gz"))
+    def reference(self) -> nib.Nifti1Image:
+        return nib.load(str(self.root / DATASET_FILES["reference"]))
 
     @property
-    def grid(self):
-        from .grid import Grid
-
+    def grid(self) -> Grid:
         return Grid.from_image(self.reference)
 
     @property
-    def mask(self):
-        import nibabel as nib
-
-        return np.asarray(nib.load(str(self.root / "mask.nii.gz")).dataobj) > 0
+    def mask(self) -> np.ndarray:
+        return np.asarray(nib.load(str(self.root / DATASET_FILES["mask"])).dataobj) > 0
 
     @property
-    def manifest(self):
+    def manifest(self) -> dict:
         """The dataset's ``manifest.json`` as a dict (:func:`write_manifest`)."""
-        path = self.root / "manifest.json"
+        path = self.root / DATASET_FILES["manifest"]
         if not path.exists():
             raise InputDataError(
                 f"{path} not found: the dataset was made before brainfv wrote manifests, or not by "
@@ -304,11 +304,12 @@ class Dataset:
         except (OSError, ValueError) as e:
             raise InputDataError(f"{path}: cannot read the manifest: {e}") from e
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            raise InputDataError(f"{path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
-                                 f" is not {MANIFEST_FORMAT}; rerun the rule that makes the dataset")
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise InputDataError(f"{path}: manifest format {found!r} is not {MANIFEST_FORMAT}; rerun the rule that "
+                                 f"makes the dataset")
         return manifest
 
-    def fingerprint(self):
+    def fingerprint(self) -> str:
         """One :data:`HASH` hex string for the dataset's content (volumes, participants, every file of
         the manifest), e.g. to key a training checkpoint on the data it was made from.
 

@@ -24,7 +24,11 @@ detector could see. This cohort is **synthetic**; every table and figure says so
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import torch
+import torchio as tio
 
 from ..config import SexEffectConfig, VariabilityConfig, default
 from ..utils import stable_seed
@@ -88,7 +92,7 @@ class SyntheticCohort:
         rng.shuffle(sexes)
         self.sexes = sexes
 
-    def subject_id(self, i):
+    def subject_id(self, i: int) -> str:
         return f"syn{i:04d}"
 
     def _sex_terms(self, sex):
@@ -99,9 +103,6 @@ class SyntheticCohort:
         return scale, modulation
 
     def _subject(self, t1, scale, degrees, translation, random_transforms=()):
-        import torch
-        import torchio as tio
-
         aff = self.grid.affine
         subj = tio.Subject(
             t1=tio.ScalarImage(tensor=torch.from_numpy(t1[None]), affine=aff),
@@ -114,11 +115,8 @@ class SyntheticCohort:
         out = tio.Compose(transforms)(subj)
         return (out["t1"].data[0].numpy(), out["wm"].data[0].numpy(), out["mask"].data[0].numpy() > 0.5)
 
-    def generate(self, i):
+    def generate(self, i: int) -> dict:
         """Subject ``i``: dict with ``subject, sex, t1 (raw, 0 outside brain), wm, mask, params``."""
-        import torch
-        import torchio as tio
-
         sex = self.sexes[i]
         seed = stable_seed(self.seed, "synthetic-subject", i)
         rng = np.random.default_rng(seed)
@@ -147,7 +145,7 @@ class SyntheticCohort:
         return {"subject": self.subject_id(i), "sex": sex, "t1": t1, "wm": np.clip(wm, 0, 1),
                 "mask": mask, "params": params}
 
-    def expected(self, sex, regional_only=False):
+    def expected(self, sex: str, regional_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The noise-free image of ``sex`` (template + planted effect only) and its mask; with
         ``regional_only``, without the global size difference."""
         scale, modulation = self._sex_terms(sex)
@@ -156,7 +154,7 @@ class SyntheticCohort:
         t1, _, mask = self._subject((self.tpl["t1"] * modulation).astype(np.float32), scale, (0, 0, 0), (0, 0, 0))
         return np.where(mask, t1, 0).astype(np.float32), mask
 
-    def effect_map(self, normalise, regional_only=False):
+    def effect_map(self, normalise: Callable, regional_only: bool = False) -> np.ndarray:
         """Ground truth: normalised expected male image minus normalised expected female image.
 
         The full map is dominated by the global size difference (the brain's edges move); with

@@ -4,14 +4,15 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from nilearn import datasets
+
+from .grid import Grid
 
 __all__ = ["template_on_grid"]
 
 
 @functools.lru_cache(maxsize=4)
 def _template_1mm():
-    from nilearn import datasets
-
     t1 = datasets.load_mni152_template(resolution=1)
     gm = datasets.load_mni152_gm_template(resolution=1)
     wm = datasets.load_mni152_wm_template(resolution=1)
@@ -20,7 +21,7 @@ def _template_1mm():
 
 
 @functools.lru_cache(maxsize=4)
-def template_on_grid(grid):
+def template_on_grid(grid: Grid) -> dict:
     """The template T1 (0..1), GM and WM probabilities and the brain mask on ``grid``.
 
     Returns a dict of float32 arrays ``t1, gm, wm`` and a bool array ``mask`` (cached per grid:

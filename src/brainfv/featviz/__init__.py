@@ -24,4 +24,4 @@ Example::
 from ..config import Preset  # noqa: F401
 from . import objectives  # noqa: F401
 from .render import Pieces, RenderResult, optimize, preset_pieces, render  # noqa: F401
-from .units import parse_unit, get_module, capture_activations  # noqa: F401
+from .units import capture_activations, get_module, parse_unit  # noqa: F401

@@ -9,12 +9,14 @@ by evaluating the whole objective on a random volume and on its crop.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
-from .objectives import Activations
+from .objectives import Activations, Objective, neuron
 from .units import capture_activations, layer_output_shape, receptive_field
 
 __all__ = ["CropPlan", "plan_crop", "crop_box"]
@@ -30,10 +32,10 @@ class CropPlan:
     full_shapes: dict
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, ...]:
         return tuple(s.stop - s.start for s in self.box)
 
-    def activations(self, acts):
+    def activations(self, acts: dict) -> Activations:
         """Wrap activations of the cropped input so objectives index full-volume positions."""
         return Activations(acts, self.origins, self.full_shapes)
 
@@ -46,7 +48,8 @@ def _layer_geometry(model, layer, shape, device):
     return (out[1:], rf) if rf is not None else None
 
 
-def plan_crop(model, objective, shape, device="cpu", verify=True, log=None):
+def plan_crop(model: nn.Module, objective: Objective, shape: Sequence[int], device: str | torch.device = "cpu",
+              verify: bool = True, log: Callable | None = None) -> CropPlan | None:
     """A :class:`CropPlan` for ``objective`` on inputs of ``shape``, or ``None`` (optimise the whole volume).
 
     ``None`` when the objective reads whole maps, a layer's receptive field cannot be derived, the
@@ -64,7 +67,7 @@ def plan_crop(model, objective, shape, device="cpu", verify=True, log=None):
         if g is None:
             return None
         geo[layer] = g
-    align = [math.lcm(*[int(geo[l][1][a][1]) for l in fp]) for a in range(3)]
+    align = [math.lcm(*[int(geo[name][1][a][1]) for name in fp]) for a in range(3)]
     lo, hi = [None] * 3, [None] * 3
     for layer, positions in fp.items():
         out_shape, rf = geo[layer]
@@ -82,8 +85,8 @@ def plan_crop(model, objective, shape, device="cpu", verify=True, log=None):
     box = tuple(box)
     if np.prod([s.stop - s.start for s in box]) >= np.prod(shape):
         return None
-    plan = CropPlan(box, {l: tuple(s.start // int(geo[l][1][a][1]) for a, s in enumerate(box)) for l in fp},
-                    {l: tuple(geo[l][0]) for l in fp})
+    plan = CropPlan(box, {name: tuple(s.start // int(geo[name][1][a][1]) for a, s in enumerate(box)) for name in fp},
+                    {name: tuple(geo[name][0]) for name in fp})
     if verify and not _verified(model, objective, shape, plan, device, log):
         return None
     log(f"receptive-field crop: optimising {plan.shape} instead of {tuple(shape)}")
@@ -104,12 +107,11 @@ def _verified(model, objective, shape, plan, device, log):
     return False
 
 
-def crop_box(model, layer, input_shape, position=None, device="cpu"):
+def crop_box(model: nn.Module, layer: str, input_shape: Sequence[int], position: tuple | None = None,
+             device: str | torch.device = "cpu") -> tuple:
     """Input crop (slices) holding the receptive field of ``layer``'s unit at ``position`` (default: the
     centre of its map), and that position inside the cropped map; ``(None, position)`` if it cannot be
     derived."""
-    from .objectives import neuron
-
     plan = plan_crop(model, neuron(layer, 0, position), input_shape, device, verify=False)
     if plan is None:
         return None, position

@@ -30,14 +30,22 @@ Example::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from nibabel.openers import ImageOpener
+from nibabel.volumeutils import seek_tell
+from torch import nn
 
+from ..data.grid import Grid
 from ..errors import ConfigError, InputDataError, UnitError
+from ..models.cnn import frozen
 from ..utils import Progress, atomic_path
-from .units import capture_activations, receptive_field
+from .units import capture_activations, parse_unit, receptive_field
 
 __all__ = ["ExemplarResult", "top_exemplars", "exemplar_volumes", "exemplar_table", "write_exemplars"]
 
@@ -69,14 +77,12 @@ class ExemplarResult:
     meta: dict = field(default_factory=dict)
 
     @property
-    def spatial(self):
+    def spatial(self) -> bool:
         return len(self.feature_shape) == 3
 
-    def unit_index(self, unit):
+    def unit_index(self, unit: int | str) -> int:
         """Index in ``units`` of ``unit`` (a channel number or a ``"layer:channel"`` address)."""
         if isinstance(unit, str):
-            from .units import parse_unit
-
             layer, ch = parse_unit(unit)
             if layer != self.layer:
                 raise UnitError(f"unit {unit!r} is not of layer {self.layer!r}")
@@ -87,21 +93,20 @@ class ExemplarResult:
             raise UnitError(f"unit {unit!r} of {self.layer!r} was not searched; searched units: {self.units}") \
                 from None
 
-    def slices(self, unit, rank):
+    def slices(self, unit: int | str, rank: int) -> tuple | None:
         """The receptive-field box of exemplar ``rank`` of ``unit`` as a tuple of slices, or ``None``."""
         b = self.box[self.unit_index(unit), rank]
         if b[0, 0] < 0:
             return None
         return tuple(slice(int(lo), int(hi)) for lo, hi in b)
 
-    def table(self, participants=None, grid=None, columns=("subject",)):
+    def table(self, participants: pd.DataFrame | None = None, grid: Grid | None = None,
+              columns: Sequence[str] = ("subject",)) -> pd.DataFrame:
         """See :func:`exemplar_table`."""
         return exemplar_table(self, participants, grid, columns)
 
 
 def _frozen_copy(model, device):
-    from ..models import frozen
-
     return frozen(model, device)
 
 
@@ -140,8 +145,10 @@ def _merge_topk(top, new, k):
     return take(s, order, 1), take(r, order, 1), take(p, order[..., None], 1)
 
 
-def top_exemplars(model, volumes, rows, layer, units, *, k=4, kind="channel", batch_size=4, device="cpu",
-                  log=None, position=None):
+def top_exemplars(model: nn.Module, volumes: Sequence, rows: Sequence[int] | None, layer: str,
+                  units: int | list[int], *, k: int = 4, kind: str = "channel", batch_size: int = 4,
+                  device: str | torch.device = "cpu", log: Callable | None = None,
+                  position: tuple | None = None) -> ExemplarResult:
     """The ``k`` most activating volumes of each unit, in one pass over ``rows``.
 
     Parameters
@@ -156,30 +163,16 @@ def top_exemplars(model, volumes, rows, layer, units, *, k=4, kind="channel", ba
     k : exemplars per unit.
     kind : ``channel`` (spatial mean; location = argmax) or ``neuron`` (at ``position`` of the map, default
         its centre: :func:`brainfv.featviz.probes.probe_position`).
-    batch_size, device : volumes per forward pass and the torch device.
-    log : callable for progress lines.
+    batch_size, device, log : volumes per forward pass, the torch device, a callable for progress lines.
 
-    Returns
-    -------
-    :class:`ExemplarResult`. Ties are broken by row (the smaller first), so the result does not
+    Returns an :class:`ExemplarResult`. Ties are broken by row (the smaller first), so the result does not
     depend on ``batch_size`` (beyond float rounding of batched convolutions).
     """
-    units = [int(u) for u in (units if not isinstance(units, int) else [units])]
-    if not units:
-        raise UnitError(f"no units given for layer {layer!r}")
-    if int(k) < 1 or int(batch_size) < 1:
-        raise ConfigError(f"k and batch_size must be >= 1; got k={k}, batch_size={batch_size}")
-    if kind not in ("channel", "neuron"):
-        raise ConfigError(f"exemplar kind must be 'channel' or 'neuron'; got {kind!r}")
-    k, batch_size = int(k), int(batch_size)
-    rows = np.arange(len(volumes)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
-    if len(rows) == 0:
-        raise InputDataError("top_exemplars: no rows to evaluate")
+    units, rows, k, batch_size = _checked_arguments(volumes, rows, layer, units, k, kind, batch_size)
     device = torch.device(device)
     log = log or (lambda m: None)
     net = _frozen_copy(model, device)
-    U = len(units)
-    top = (np.zeros((U, 0)), np.zeros((U, 0), np.int64), np.zeros((U, 0, 3), np.int64))
+    top = (np.zeros((len(units), 0)), np.zeros((len(units), 0), np.int64), np.zeros((len(units), 0, 3), np.int64))
     input_shape = feature_shape = None
     prog = Progress(len(rows), f"exemplars {layer}", log=log, unit="volumes")
     t0 = time.perf_counter()
@@ -205,18 +198,40 @@ def top_exemplars(model, volumes, rows, layer, units, *, k=4, kind="channel", ba
                    else np.full(score.shape + (3,), -1, np.int64))
             top = _merge_topk(top, (score, np.broadcast_to(chunk, score.shape), pos), k)
             prog.update(len(chunk))
-    scores, sel, fpos = top
-    n = scores.shape[1]
-    if n < k:  # fewer rows than k
-        scores = np.concatenate([scores, np.full((U, k - n), np.nan)], 1)
-        sel = np.concatenate([sel, np.full((U, k - n), -1, np.int64)], 1)
-        fpos = np.concatenate([fpos, np.full((U, k - n, 3), -1, np.int64)], 1)
+    scores, sel, fpos = _padded(top, k)
     rf = receptive_field(net, layer, (1,) + input_shape, device) if len(feature_shape) == 3 else None
     centre, voxel, box = _map_to_input(fpos, sel >= 0, rf, input_shape)
     return ExemplarResult(layer=layer, units=units, kind=kind, k=k, scores=scores, rows=sel, feature_pos=fpos,
                           centre=centre, voxel=voxel, box=box, input_shape=input_shape,
                           feature_shape=feature_shape, receptive_field=rf, n_rows=len(rows),
                           seconds=time.perf_counter() - t0)
+
+
+def _checked_arguments(volumes: object, rows: object, layer: str, units: int | list[int], k: int, kind: str,
+                       batch_size: int) -> tuple[list[int], np.ndarray, int, int]:
+    """:func:`top_exemplars`'s arguments checked: (units, rows, k, batch_size)."""
+    units = [int(u) for u in (units if not isinstance(units, int) else [units])]
+    if not units:
+        raise UnitError(f"no units given for layer {layer!r}")
+    if int(k) < 1 or int(batch_size) < 1:
+        raise ConfigError(f"k and batch_size must be >= 1; got k={k}, batch_size={batch_size}")
+    if kind not in ("channel", "neuron"):
+        raise ConfigError(f"exemplar kind must be 'channel' or 'neuron'; got {kind!r}")
+    rows = np.arange(len(volumes)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(rows) == 0:
+        raise InputDataError("top_exemplars: no rows to evaluate")
+    return units, rows, int(k), int(batch_size)
+
+
+def _padded(top: tuple, k: int) -> tuple:
+    """The running top-k (scores, rows, feature positions) padded to ``k`` columns when there were fewer rows."""
+    scores, sel, fpos = top
+    U, n = scores.shape
+    if n < k:  # fewer rows than k
+        scores = np.concatenate([scores, np.full((U, k - n), np.nan)], 1)
+        sel = np.concatenate([sel, np.full((U, k - n), -1, np.int64)], 1)
+        fpos = np.concatenate([fpos, np.full((U, k - n, 3), -1, np.int64)], 1)
+    return scores, sel, fpos
 
 
 def _read_batch(volumes, chunk, shape):
@@ -254,7 +269,7 @@ def _map_to_input(fpos, valid, rf, input_shape):
     return centre, voxel, box
 
 
-def exemplar_volumes(result, volumes, unit, crop=True):
+def exemplar_volumes(result: ExemplarResult, volumes: Sequence, unit: int | str, crop: bool = True) -> np.ndarray:
     """The exemplar volumes of ``unit`` (rank order), float32 ``(n, X, Y, Z)``, ``n <= k``.
 
     With ``crop``, voxels outside each exemplar's receptive-field box (around the unit's maximum) are
@@ -279,7 +294,8 @@ def exemplar_volumes(result, volumes, unit, crop=True):
     return np.stack(out)
 
 
-def exemplar_table(result, participants=None, grid=None, columns=("subject",)):
+def exemplar_table(result: ExemplarResult, participants: pd.DataFrame | None = None, grid: Grid | None = None,
+                   columns: Sequence[str] = ("subject",)) -> pd.DataFrame:
     """One row per (unit, rank): the exemplars of ``result`` as a DataFrame.
 
     Columns: layer, unit, rank (0 = most activating), volume (index in :func:`write_exemplars`' 4D
@@ -290,8 +306,6 @@ def exemplar_table(result, participants=None, grid=None, columns=("subject",)):
     receptive-field box box_x0, box_x1, box_y0, ... ([lo, hi) voxels). Missing exemplars (fewer rows than
     ``k``) are left out.
     """
-    import pandas as pd
-
     lookup = None
     if participants is not None:
         p = participants.set_index("index", drop=False) if "index" in participants.columns else participants
@@ -326,8 +340,9 @@ def exemplar_table(result, participants=None, grid=None, columns=("subject",)):
     return pd.DataFrame(recs)
 
 
-def write_exemplars(result, volumes, grid, nifti_path, table_path=None, *, crop=True, participants=None,
-                    columns=("subject",)):
+def write_exemplars(result: ExemplarResult, volumes: Sequence, grid: Grid, nifti_path: str | Path,
+                    table_path: str | Path | None = None, *, crop: bool = True,
+                    participants: pd.DataFrame | None = None, columns: Sequence[str] = ("subject",)) -> pd.DataFrame:
     """Write the exemplars as one 4D NIfTI on ``grid`` and, optionally, their table (TSV), atomically.
 
     Volume ``unit_index * k + rank`` of the NIfTI is exemplar ``rank`` (0 = most activating) of
@@ -362,9 +377,6 @@ def _write_nifti_4d(grid, n, vols, path):
     codes) with a 4th axis of length ``n``; the data follow in NIfTI (Fortran) order, so no 4D array
     is built in memory. Atomic: the file appears only when complete.
     """
-    from nibabel.openers import ImageOpener
-    from nibabel.volumeutils import seek_tell
-
     img = grid.to_nifti(np.zeros(tuple(grid.shape) + (1,), np.float32))
     img.update_header()
     hdr = img.header.copy()
@@ -384,38 +396,3 @@ def _write_nifti_4d(grid, n, vols, path):
             if count != n:
                 raise InputDataError(f"{count} volumes written; the header announced {n}")
     return path
-
-
-def exemplars_job(job):
-    """The ``exemplars`` rule: the real test volumes that activate each unit of one layer most.
-
-    Inputs: ``model`` and the dataset's ``participants``, ``volumes``, ``reference``. Param ``request``:
-    ``task, layer (id), module, units, objective, k, device``. Outputs: ``nifti`` (units × k volumes, cropped
-    to the receptive field around each unit's maximum for spatial layers) and ``table``.
-    """
-    import torch
-
-    from ..data.store import Dataset
-    from ..device import pick_device
-    from ..model_io import task_model
-    from .study import resolve_request_units
-
-    torch.set_num_threads(job.threads)
-    p, log = job.params["request"], job.log
-    device = pick_device(p["device"])
-    model, _ = task_model(job, device)
-    ds = Dataset(job.folder("participants", "volumes", "reference"))
-    parts = ds.participants
-    rows = parts.loc[parts["split"] == "test", "index"].to_numpy()
-    units = resolve_request_units(model, p, ds.grid.shape, device)
-    kind = "neuron" if p["objective"] == "neuron" else "channel"
-    from .probes import request_position
-    position = request_position(p, job.input.get("position_map"), model, ds.grid, device, log)
-    res = top_exemplars(model, ds.volumes, rows, p["module"], units, k=p["k"], kind=kind, device=device, log=log,
-                        position=position)
-    table = write_exemplars(res, ds.volumes, ds.grid, job.output["nifti"], None, participants=parts)
-    table.insert(0, "task", p["task"])
-    table.insert(1, "request", p["layer"])
-    with atomic_path(job.output["table"]) as tmp:
-        table.to_csv(tmp, sep="\t", index=False)
-    log(f"exemplars of {len(units)} units of {p['module']} over {len(rows)} test volumes (k={p['k']})")

@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from .param import frequencies
+from .regularizers import total_variation
 
 __all__ = ["relative_tv", "high_frequency_fraction", "energy_inside", "image_stats", "correlation",
            "partial_correlation"]
 
 
-def relative_tv(vol, mask=None):
+def relative_tv(vol: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Roughness: the mean absolute neighbour difference (total variation with ``power=1``, averaged over
     the three axes) divided by the volume's standard deviation (inside ``mask``): scale-free."""
-    import torch
-
-    from .regularizers import total_variation
-
     v = np.asarray(vol, dtype=np.float64)
     sd = v[mask].std() if mask is not None else v.std()
     if sd == 0:
@@ -21,10 +21,8 @@ def relative_tv(vol, mask=None):
     return float(total_variation(torch.from_numpy(v)[None], power=1)[0]) / 3 / sd
 
 
-def high_frequency_fraction(vol, cutoff=0.25):
+def high_frequency_fraction(vol: np.ndarray, cutoff: float = 0.25) -> float:
     """Share of spectral power above ``cutoff`` cycles/voxel (0.5 = Nyquist)."""
-    from .param import frequencies
-
     v = np.asarray(vol, dtype=np.float64)
     p = np.abs(np.fft.rfftn(v - v.mean())) ** 2
     f = frequencies(v.shape).double().numpy()
@@ -32,14 +30,14 @@ def high_frequency_fraction(vol, cutoff=0.25):
     return float(p[f > cutoff].sum() / total) if total > 0 else 0.0
 
 
-def energy_inside(vol, mask):
+def energy_inside(vol: np.ndarray, mask: np.ndarray) -> float:
     """Fraction of the squared signal inside ``mask``."""
     e = np.asarray(vol, dtype=np.float64) ** 2
     total = e.sum()
     return float(e[mask].sum() / total) if total > 0 else 0.0
 
 
-def correlation(a, b, mask=None):
+def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Pearson correlation of two volumes (inside ``mask``); NaN where it is undefined (a constant volume:
     no measured 0), so summaries count such cases instead of averaging them in."""
     a = np.asarray(a, dtype=np.float64)
@@ -51,7 +49,8 @@ def correlation(a, b, mask=None):
     return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
-def partial_correlation(a, b, covariate, mask=None):
+def partial_correlation(a: np.ndarray, b: np.ndarray, covariate: np.ndarray | None,
+                        mask: np.ndarray | None = None) -> float:
     """Correlation of ``a`` and ``b`` (inside ``mask``) with ``covariate`` partialled out of both (each
     residualised on an intercept and the covariate by least squares): e.g. a visualization's darkness against
     where lesions were planted, beyond what white-matter probability alone explains. NaN where undefined;
@@ -66,7 +65,7 @@ def partial_correlation(a, b, covariate, mask=None):
     return correlation(res[0], res[1])
 
 
-def image_stats(vol, mask=None):
+def image_stats(vol: np.ndarray, mask: np.ndarray | None = None) -> dict:
     return {"total_variation": relative_tv(vol, mask), "high_freq_fraction": high_frequency_fraction(vol),
             "energy_inside_mask": energy_inside(vol, mask) if mask is not None else float("nan"),
             "std": float(np.asarray(vol).std()), "max_abs": float(np.abs(vol).max())}

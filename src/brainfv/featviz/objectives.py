@@ -20,6 +20,8 @@ carried through every operator:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 __all__ = ["Activations", "Objective", "channel", "neuron", "class_logit", "class_probability", "class_contrast"]
@@ -37,10 +39,10 @@ class Activations(dict):
         self._origins = dict(origins or {})
         self._full = dict(full_shapes or {})
 
-    def origin(self, layer):
+    def origin(self, layer: str) -> tuple:
         return self._origins.get(layer, (0,) * (self[layer].dim() - 2))
 
-    def full_shape(self, layer):
+    def full_shape(self, layer: str) -> tuple:
         return tuple(self._full.get(layer, tuple(self[layer].shape[2:])))
 
 
@@ -82,7 +84,8 @@ class Objective:
 
     def _combine(self, other, fn, name):
         return Objective(fn, self.layers + other.layers, name, self.units + other.units,
-                         _merge_batch(self.batch, other.batch, name), _merge_footprints(self.footprint, other.footprint))
+                         _merge_batch(self.batch, other.batch, name),
+                         _merge_footprints(self.footprint, other.footprint))
 
     def _same(self, fn, name):
         return Objective(fn, self.layers, name, self.units, self.batch, self.footprint)
@@ -138,7 +141,7 @@ def _units(layer, channels):
     return [(layer, [channels] if isinstance(channels, int) else list(channels))]
 
 
-def channel(layer, channels):
+def channel(layer: str, channels: int | Sequence[int]) -> Objective:
     """Mean activation of feature map ``channels[b]`` of ``layer`` (for Linear layers: the output itself)."""
     def fn(acts, rows=None):
         a = _pick(acts[layer].float(), channels, rows)
@@ -146,7 +149,7 @@ def channel(layer, channels):
     return Objective(fn, [layer], f"channel({layer})", _units(layer, channels), _batch_of(channels), None)
 
 
-def neuron(layer, channels, position=None):
+def neuron(layer: str, channels: int | Sequence[int], position: tuple | None = None) -> Objective:
     """Activation of channel ``channels[b]`` at one spatial ``position`` of the full volume's map
     (default: its centre)."""
     def fn(acts, rows=None):
@@ -162,19 +165,20 @@ def neuron(layer, channels, position=None):
                      {layer: [None if position is None else tuple(position)]})
 
 
-def class_logit(channels, layer="classifier"):
+def class_logit(channels: int | Sequence[int], layer: str = "classifier") -> Objective:
     """The logit of class ``channels[b]``."""
     return channel(layer, channels)
 
 
-def class_probability(channels, layer="classifier"):
+def class_probability(channels: int | Sequence[int], layer: str = "classifier") -> Objective:
     """The softmax probability of class ``channels[b]``."""
     def fn(acts, rows=None):
         return _pick(torch.softmax(acts[layer].float(), 1), channels, rows)
     return Objective(fn, [layer], f"probability({layer})", _units(layer, channels), _batch_of(channels), None)
 
 
-def class_contrast(channels, layer="classifier", others=None):
+def class_contrast(channels: int | Sequence[int], layer: str = "classifier",
+                   others: Sequence[int] | None = None) -> Objective:
     """Logit of class ``channels[b]`` minus the logit of class ``others[b]`` (default: the mean of the other
     classes' logits; with two classes, male − female): what separates the classes rather than what raises
     one logit (two logits need not mirror each other)."""

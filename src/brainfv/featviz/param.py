@@ -34,7 +34,8 @@ from torch import nn
 from ..config import default
 from ..errors import ConfigError
 
-__all__ = ["Squash", "data_range", "VoxelParam", "FourierParam", "MacoParam", "frequencies", "spectrum_scale", "mean_amplitude_spectrum",
+__all__ = ["Squash", "data_range", "VoxelParam", "FourierParam", "MacoParam", "frequencies", "spectrum_scale",
+           "mean_amplitude_spectrum",
            "build_param"]
 
 

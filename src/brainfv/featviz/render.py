@@ -118,7 +118,7 @@ def preset_pieces(preset, shape, gens, real_volumes=None, init_volume=None, box=
 def prepare_network(model, layers, simplify=True, log=None):
     """A frozen eval-mode copy of ``model`` (simplified unless ``simplify=False``, see
     :mod:`~brainfv.featviz.simplify`) in channels-last layout; the caller's model is not modified."""
-    from ..models import frozen
+    from ..models.cnn import frozen
 
     if simplify:
         return frozen(simplify_for_featviz(model, keep=layers, log=log)[0], copy=False)

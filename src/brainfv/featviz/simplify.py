@@ -18,8 +18,12 @@ it cannot trace is used as it is. The caller's model is never modified (a copy i
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 
+import torch
+import torch.fx as fx
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 __all__ = ["simplify_for_featviz"]
 
@@ -36,7 +40,7 @@ class PoolThenAct(nn.Module):
         super().__init__()
         self.pool, self.act = pool, act
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.pool(x))
 
 
@@ -55,15 +59,13 @@ def _set_module(root, name, new):
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def simplify_for_featviz(model, keep=(), log=None):
+def simplify_for_featviz(model: nn.Module, keep: Sequence[str] = (),
+                         log: Callable | None = None) -> tuple[nn.Module, list]:
     """A simplified eval-mode copy of ``model`` for optimising inputs; ``keep``: layers read by name.
 
     Returns ``(model, changes)`` where ``changes`` lists what was rewritten, e.g.
     ``["fold block1.norm into block1.conv", "block1.act after block1.pool"]``.
     """
-    import torch.fx as fx
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     log = log or (lambda m: None)
     model = copy.deepcopy(model).eval()
     try:

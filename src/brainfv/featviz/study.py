@@ -1,29 +1,36 @@
 """One visualization job of the study: a task's model, one layer, its units, one regularizer preset.
 
 :func:`visualize_layer` optimises every unit of a layer (× seeds) in one batch and measures the
-results; :func:`visualize_job` is what the workflow's ``visualize`` rule runs (read the declared
-inputs, call it, write the outputs atomically). Both are usable without Snakemake.
+results; :func:`brainfv.jobs.featviz.visualize_job` is what the workflow's ``visualize`` rule runs (read the
+declared inputs, call it, write the outputs atomically).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from torch import nn
 
 from ..config import Preset, default
+from ..data.store import Dataset
 from ..errors import ConfigError
+from ..models.arch import resolve_units
 from ..utils import stable_seed
 from . import objectives as O
 from .metrics import correlation, image_stats
+from .probes import class_preference
 from .render import render
+from .units import capture_activations, layer_output_shape
 
 __all__ = ["make_objective", "unit_seeds", "objective_values", "real_activations", "split_volumes", "region_of",
-           "parse_region", "LayerResult", "visualize_layer", "visualize_job"]
+           "parse_region", "LayerResult", "visualize_layer", "preset_text", "resolve_request_units"]
 
 
-def make_objective(layer, channels, kind="channel", position=None):
+def make_objective(layer: str, channels: list[int], kind: str = "channel",
+                   position: tuple | None = None) -> O.Objective:
     """The objective named in config (``featviz.layers[].objective``) for ``channels`` of ``layer``:
     ``channel`` (mean of the feature map), ``neuron`` (its centre), ``probability`` (softmax of a class) or
     ``contrast`` (a class's logit minus the mean of the others'). ``position``: the map position a neuron
@@ -39,7 +46,7 @@ def make_objective(layer, channels, kind="channel", position=None):
     raise ConfigError(f"featviz objective must be channel, neuron, probability or contrast; got {kind!r}")
 
 
-def unit_seeds(seed, layer, regularizer, units, n_seeds):
+def unit_seeds(seed: int, layer: str, regularizer: str, units: list[int], n_seeds: int) -> list[int]:
     """One seed per (optimisation seed, unit), seed-major: stable keys without the task, so every task's model
     (and the randomized control) starts from the same images with the same random transforms, and any unit
     can be rerun alone."""
@@ -47,10 +54,9 @@ def unit_seeds(seed, layer, regularizer, units, n_seeds):
 
 
 @torch.no_grad()
-def objective_values(model, volumes, layer, units, kind="channel", device="cpu", batch=4, position=None):
+def objective_values(model: nn.Module, volumes: Sequence, layer: str, units: list[int], kind: str = "channel",
+                     device: str | torch.device = "cpu", batch: int = 4, position: tuple | None = None) -> np.ndarray:
     """Objective values of ``units`` on volumes: array (n_volumes, n_units), one forward per batch."""
-    from .units import capture_activations
-
     objs = [make_objective(layer, u, kind, position) for u in units]
     out = []
     for i in range(0, len(volumes), batch):
@@ -64,19 +70,21 @@ real_activations = objective_values  # the name used for real volumes
 
 
 @torch.no_grad()
-def own_objective_values(model, volumes, layer, channels, kind="channel", device="cpu", batch=4, position=None):
+def own_objective_values(model: nn.Module, volumes: Sequence, layer: str, channels: list[int],
+                         kind: str = "channel", device: str | torch.device = "cpu", batch: int = 4,
+                         position: tuple | None = None) -> np.ndarray:
     """Volume ``b``'s objective on its own unit ``channels[b]``: array (n_volumes,)."""
-    from .units import capture_activations
-
     obj = make_objective(layer, list(channels), kind, position)
     out = []
     for i in range(0, len(volumes), batch):
         x = torch.as_tensor(np.stack([np.asarray(v, np.float32) for v in volumes[i:i + batch]]))[:, None]
-        out.append(obj(capture_activations(model, x.to(device), obj.layers), slice(i, i + len(x))).float().cpu().numpy())
+        acts = capture_activations(model, x.to(device), obj.layers)
+        out.append(obj(acts, slice(i, i + len(x))).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def starting_volume(preset, real_volumes, init_volumes, template=None):
+def starting_volume(preset: Preset, real_volumes: Sequence, init_volumes: Sequence,
+                    template: np.ndarray | None = None) -> np.ndarray | None:
     """The image a preset starts from, if not noise: the mean training volume (``init: volume``), the
     template (``template``) or the first of ``init_volumes`` (``subject``: feature accentuation; the study
     passes the validation split, so no test volume, which the metrics use as references, is a start image).
@@ -94,7 +102,7 @@ def starting_volume(preset, real_volumes, init_volumes, template=None):
     return None
 
 
-def split_volumes(dataset, split, n=None):
+def split_volumes(dataset: Dataset, split: str, n: int | None = None) -> list:
     """The volumes of one split of a dataset (in participants order; the first ``n`` when given)."""
     parts = dataset.participants
     rows = parts.loc[parts["split"] == split, "index"].to_numpy()
@@ -104,16 +112,16 @@ def split_volumes(dataset, split, n=None):
     return [vols[int(i)] for i in rows]
 
 
-def region_of(box, shape):
+def region_of(box: tuple | None, shape: Sequence[int]) -> tuple:
     """The optimised region (slices): the receptive-field crop, or the whole volume."""
     return tuple(box) if box is not None else tuple(slice(0, n) for n in shape)
 
 
-def region_text(region):
+def region_text(region: tuple) -> str:
     return ",".join(f"{s.start}:{s.stop}" for s in region)
 
 
-def parse_region(text):
+def parse_region(text: str) -> tuple:
     """Inverse of :func:`region_text`: ``"a:b,c:d,e:f"`` → slices."""
     return tuple(slice(*map(int, part.split(":"))) for part in str(text).split(","))
 
@@ -124,17 +132,21 @@ class LayerResult:
     a table with one row per unit and seed, the trajectory (seed 0) and the optimisation's result."""
 
     images: np.ndarray
-    table: "pd.DataFrame"
-    trajectory: "pd.DataFrame"
+    table: pd.DataFrame
+    trajectory: pd.DataFrame
     result: object
     region: tuple
 
 
-def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, test_volumes, seed, task,
-                    regularizer, steps=default("featviz.steps"), lr=default("featviz.lr"),
-                    n_seeds=default("featviz.seeds"), objective="channel", device="cpu", micro_batch=None, log=None,
-                    record_every=8, network="trained", layer_id=None, template=None, position=None,
-                    labelled=None, converge=None, data_range=None, init_volumes=None):
+def visualize_layer(model: nn.Module, layer: str, units: list[int], preset: dict, *, shape: Sequence[int],
+                    mask: np.ndarray, real_volumes: Sequence, test_volumes: Sequence, seed: int, task: str,
+                    regularizer: str, steps: int = default("featviz.steps"), lr: float = default("featviz.lr"),
+                    n_seeds: int = default("featviz.seeds"), objective: str = "channel",
+                    device: str | torch.device = "cpu", micro_batch: int | None = None, log: Callable | None = None,
+                    record_every: int = 8, network: str = "trained", layer_id: str | None = None,
+                    template: np.ndarray | None = None, position: tuple | None = None, labelled: tuple | None = None,
+                    converge: dict | None = None, data_range: tuple | None = None,
+                    init_volumes: Sequence | None = None) -> LayerResult:
     """Optimise every unit of ``layer`` (× ``n_seeds`` seeds) in one batch and measure each result.
 
     Per unit and seed: the objective at start and end; ``steps`` (run) and ``converged`` (the plateau
@@ -142,16 +154,13 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     (``act_matched``: the visualization shifted and rescaled to the mean and standard deviation real test
     volumes have in the optimised region, then scored; ``act_matched_z``/``act_matched_pct``: against the
     unit's values on the real test volumes, which a value of 0 / 0.5 would match); image statistics inside the
-    optimised region (``region``: the receptive-field crop or the whole volume); ``stability`` (mean
-    correlation, inside the optimised region and the mask, between the unit's volumes from different seeds).
-    ``layer_id`` names the request in seeds and tables (default: the layer; e.g. ``classifier-contrast``).
+    optimised region (``region``); ``stability`` (mean correlation, inside the optimised region and the mask,
+    between the unit's volumes from different seeds). ``layer_id`` names the request in seeds and tables.
     ``position``: the map position a neuron objective reads (None: the centre). ``labelled``: ``(volumes,
     labels, classes)`` of validation volumes, on which each unit's preferred class and Cohen's d are measured
-    (``preferred_class``, ``class_d``; :func:`brainfv.featviz.probes.class_preference`). ``init_volumes``: the
-    volumes ``init: subject`` starts from (default ``test_volumes``; the study passes the validation split).
+    (:func:`brainfv.featviz.probes.class_preference`). ``init_volumes``: the volumes ``init: subject`` starts
+    from (default ``test_volumes``; the study passes the validation split).
     """
-    import pandas as pd
-
     preset = Preset.from_config(preset)
     layer_id = layer_id or layer
     units = list(units)
@@ -162,186 +171,93 @@ def visualize_layer(model, layer, units, preset, *, shape, mask, real_volumes, t
     res = render(model, obj, shape, preset, steps=steps, lr=lr, seeds=seeds, device=device, mask=mask,
                  real_volumes=real_volumes, init_volume=init_volume, micro_batch=micro_batch, log=log,
                  record_every=record_every, converge=converge, data_range=data_range)
-    n = len(units)
-    imgs = res.images.reshape(n_seeds, n, *shape)
+    imgs = res.images.reshape(n_seeds, len(units), *shape)
     region = region_of(res.box, shape)
     in_region = np.zeros(shape, bool)
     in_region[region] = True
     m = (np.asarray(mask, bool) if mask is not None else np.ones(shape, bool)) & in_region
+    probe = dict(layer=layer, units=units, objective=objective, device=device, position=position)
     real = objective_values(model, test_volumes, layer, units, objective, device, position=position) \
         if len(test_volumes) else None
-    pref, class_d = [""] * len(units), np.full(len(units), np.nan)
-    if labelled is not None and len(labelled[0]):
-        from .probes import class_preference
+    pref, class_d = _class_preference(model, labelled, probe)
+    matched = _matched_activations(model, imgs, m, test_volumes, probe)
+    meta = {"task": task, "layer": layer_id, "module": layer, "network": network, "regularizer": regularizer,
+            "objective": objective}
+    rows = _unit_rows(res, imgs, units, seeds, m, region, mask, real, matched, (pref, class_d, position), meta)
+    traj = pd.DataFrame([{"unit": u, "step": int(step), "objective": float(res.trajectory[t, j])}
+                         for t, step in enumerate(res.trajectory_steps) for j, u in enumerate(units)])
+    return LayerResult(imgs, pd.DataFrame(rows), traj, res, region)
 
-        vals = objective_values(model, labelled[0], layer, units, objective, device, position=position)
-        pref, class_d = class_preference(vals, labelled[1], labelled[2])
-    real_sd_region = float(np.mean([np.asarray(v)[m].std() for v in test_volumes])) if len(test_volumes) else 1.0
-    real_mean_region = float(np.mean([np.asarray(v)[m].mean() for v in test_volumes])) if len(test_volumes) else 0.0
-    scaled = []
-    for s in range(n_seeds):
-        for j in range(n):
-            img = imgs[s, j].copy()
-            sd = img[m].std()
-            img[m] = (img[m] - img[m].mean()) * (real_sd_region / sd if sd > 0 else 0.0) + real_mean_region
-            scaled.append(img)
-    matched = own_objective_values(model, scaled, layer, units * n_seeds, objective, device,
-                                   position=position).reshape(n_seeds, n)
+
+def _unit_rows(res: object, imgs: np.ndarray, units: list[int], seeds: list[int], m: np.ndarray, region: tuple,
+               mask: np.ndarray | None, real: np.ndarray | None, matched: np.ndarray, probe: tuple,
+               meta: dict) -> list[dict]:
+    """The table of :func:`visualize_layer`: one row per unit and seed (seed-major volumes)."""
+    pref, class_d, position = probe
+    n_seeds = imgs.shape[0]
     rows = []
     for j, u in enumerate(units):
         stab = [correlation(imgs[a, j], imgs[b, j], m) for a in range(n_seeds) for b in range(a + 1, n_seeds)]
         r = real[:, j] if real is not None else np.array([np.nan])
         rsd = float(r.std()) if real is not None and len(r) > 1 else float("nan")
         for s in range(n_seeds):
-            b = s * n + j
-            st = image_stats(imgs[s, j][region], np.asarray(mask)[region] if mask is not None else None)
+            b = s * len(units) + j
             am = float(matched[s, j])
             rows.append({
-                "task": task, "layer": layer_id, "module": layer, "unit": u, "seed": s, "network": network,
-                "regularizer": regularizer, "objective": objective, "volume": b, "seed_value": seeds[b],
+                **meta, "unit": u, "seed": s, "volume": b, "seed_value": seeds[b],
                 "objective_start": float(res.objective_start[b]), "objective_end": float(res.objective_end[b]),
                 "real_max": float(np.max(r)), "real_mean": float(np.mean(r)), "real_sd": rsd,
                 "act_matched": am, "act_matched_z": (am - float(np.mean(r))) / rsd if rsd and rsd > 0 else float("nan"),
                 "act_matched_pct": float((r < am).mean()) if real is not None else float("nan"),
-                "stability": float(np.nanmean(stab)) if stab and not np.all(np.isnan(stab)) else float("nan"), "region": region_text(region),
-                "region_voxels": int(m.sum()), **st, "position": "" if position is None else
-                ",".join(str(int(q)) for q in position), "preferred_class": pref[j], "class_d": float(class_d[j]),
+                "stability": float(np.nanmean(stab)) if stab and not np.all(np.isnan(stab)) else float("nan"),
+                "region": region_text(region), "region_voxels": int(m.sum()),
+                **image_stats(imgs[s, j][region], np.asarray(mask)[region] if mask is not None else None),
+                "position": "" if position is None else ",".join(str(int(q)) for q in position),
+                "preferred_class": pref[j], "class_d": float(class_d[j]),
                 "steps": int(res.info["steps_run"][b]), "converged": bool(res.info["converged"][b]),
                 "seconds": res.seconds, "steps_per_s": res.steps_per_s, "batch": len(seeds)})
-    traj = pd.DataFrame([{"unit": u, "step": int(step), "objective": float(res.trajectory[t, j])}
-                         for t, step in enumerate(res.trajectory_steps) for j, u in enumerate(units)])
-    return LayerResult(imgs, pd.DataFrame(rows), traj, res, region)
+    return rows
 
 
-def visualize_job(job):
-    """The ``visualize`` / ``visualize_unit`` rule.
-
-    Inputs: ``model`` (loaded as param ``model``, a model spec, says; a study checkpoint without one) and the
-    task's dataset files (``participants``, ``volumes``,
-    ``mask``, ``reference``). Param ``request``: ``task, layer (the request's id), module, regularizer, units,
-    objective, preset, steps, lr, n_seeds, n_real, micro_batch, device, seed, randomized`` and ``only_unit``
-    (write that unit alone; the request is the layer's, so its volumes are the ones the layer's job writes).
-    Outputs: ``nifti`` (4D on the dataset grid: seeds × units, seed-major; for ``only_unit`` that unit's seeds),
-    ``table`` (one row per network, unit and seed), and for whole layers ``trajectory`` and, with
-    ``randomized``, ``randomized`` (the same request optimised on the network with re-initialised weights).
-    With ``cascade`` (output and request key), also ``cascade`` (4D: cascade steps × units, first seed only)
-    and ``cascade_table``: the request on every step of the cascading randomization
-    (:func:`~brainfv.featviz.controls.cascade`, top layer first; the last step is the randomized network).
-    Every network starts from the same images (same seeds, same ``init`` volume: the validation split's
-    first subject for ``init: subject``) and is optimised to the plateau criterion ``converge``.
-    """
-    import pandas as pd
-
-    from ..data.store import Dataset
-    from ..device import pick_device
-    from ..model_io import check_model_dataset, task_model
-    from ..utils import atomic_path, stable_seed
-    from .controls import cascade, randomized_copy
-
-    torch.set_num_threads(job.threads)
-    p, log = job.params["request"], job.log
-    device = pick_device(p["device"])
-    model, info = task_model(job, device)
-    ds = Dataset(job.folder("participants", "volumes", "mask", "reference"))
-    grid = ds.grid
-    check_model_dataset(model, info, grid, where=job.params.get("model_key", "model"), log=log,
-                        dataset=f"the dataset {Path(job.input['volumes']).parent}")
-    units = resolve_request_units(model, p, grid.shape, device)
-    real, test = split_volumes(ds, "train", p["n_real"]), split_volumes(ds, "test")
-    position, labelled = request_probe(job, model, ds, device)
-    val = split_volumes(ds, "val", 1)  # init: subject starts here (the same image for every network)
-    networks = [("trained", model)]
-    control_seed = stable_seed(p["seed"], "randomized", p["task"])
-    if p.get("randomized") and p.get("only_unit") is None:
-        networks.append(("randomized", randomized_copy(model, control_seed)))
-    tables, trajs, volumes = [], [], {}
-    for name, net in networks:
-        log(f"task {p['task']} {p['layer']} ({p['module']}) units {units} regularizer {p['regularizer']} "
-            f"{preset_text(p['preset'])} on the {name} network ({p['n_seeds']} seeds each, batch {len(units) * p['n_seeds']}, "
-            f"{p['steps']} steps, device {device})")
-        r = visualize_layer(net.to(device), p["module"], units, p["preset"], shape=grid.shape, mask=ds.mask,
-                            real_volumes=real, test_volumes=test, seed=p["seed"], task=p["task"],
-                            regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
-                            objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
-                            network=name, layer_id=p["layer"], template=np.asarray(ds.reference.dataobj, np.float32),
-                            position=position, labelled=labelled, converge=p.get("converge"), init_volumes=val)
-        imgs, table = r.images, r.table
-        if p.get("only_unit") is not None:  # visualize_unit: the requested unit's seeds only
-            j = units.index(p["only_unit"])
-            imgs = imgs[:, j:j + 1]
-            table = table[table["unit"] == p["only_unit"]].assign(volume=lambda t: t["seed"])
-        volumes[name] = imgs.reshape((-1,) + tuple(grid.shape))
-        tables.append(table)
-        trajs.append(r.trajectory.assign(network=name))
-        log(f"{name}: {len(units)} units x {p['n_seeds']} seeds in {r.result.seconds:.1f}s "
-            f"({r.result.steps_per_s:.2f} steps/s); objective mean {np.mean(r.result.objective_start):.3f} -> "
-            f"{np.mean(r.result.objective_end):.3f}")
-    if "cascade" in job.output:  # the cascade at the first seed: steps x units
-        steps, ctables = [], []
-        for k, (stages, net) in enumerate(cascade(model, control_seed)):
-            r = visualize_layer(net.to(device), p["module"], units, p["preset"], shape=grid.shape, mask=ds.mask,
-                                real_volumes=real, test_volumes=test, seed=p["seed"], task=p["task"],
-                                regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=1,
-                                objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
-                                network=f"cascade-{k + 1}", layer_id=p["layer"],
-                                template=np.asarray(ds.reference.dataobj, np.float32), converge=p.get("converge"),
-                                init_volumes=val)
-            steps.append(r.images[0])
-            ctables.append(r.table.assign(cascade_step=k + 1, randomized_stages=",".join(stages),
-                                          volume=lambda t, k=k: k * len(units) + t["volume"]))
-            log(f"cascade step {k + 1} (randomized {', '.join(stages)}): {r.result.seconds:.1f}s")
-        volumes["cascade"] = np.concatenate(steps)
-        with atomic_path(job.output["cascade_table"]) as tmp:
-            pd.concat(ctables, ignore_index=True).to_csv(tmp, sep="\t", index=False)
-    for key, name in (("nifti", "trained"), ("randomized", "randomized"), ("cascade", "cascade")):
-        if key in job.output:
-            img = grid.to_nifti(np.moveaxis(volumes[name], 0, -1))
-            img.header["descrip"] = f"brainfv {p['task']} {p['layer']} {p['regularizer']} {name}"[:79].encode()
-            with atomic_path(job.output[key]) as tmp:
-                img.to_filename(tmp)
-    with atomic_path(job.output["table"]) as tmp:
-        pd.concat(tables, ignore_index=True).to_csv(tmp, sep="\t", index=False)
-    if "trajectory" in job.output:
-        with atomic_path(job.output["trajectory"]) as tmp:
-            pd.concat(trajs, ignore_index=True).assign(task=p["task"], layer=p["layer"],
-                                                       regularizer=p["regularizer"]).to_csv(tmp, sep="\t", index=False)
+def _class_preference(model: nn.Module, labelled: tuple | None, probe: dict) -> tuple:
+    """Each unit's preferred class and Cohen's d on labelled volumes (empty and NaN without them)."""
+    n = len(probe["units"])
+    if labelled is None or not len(labelled[0]):
+        return [""] * n, np.full(n, np.nan)
+    vals = objective_values(model, labelled[0], probe["layer"], probe["units"], probe["objective"], probe["device"],
+                            position=probe["position"])
+    return class_preference(vals, labelled[1], labelled[2])
 
 
-def request_probe(job, model, ds, device):
-    """Where the job's neuron objective reads (request ``position``; the ``position_map`` input holds the
-    lesion frequency for ``lesions``) and the labelled validation volumes (at most ``n_real``, balanced over the
-    classes of the model's ``info``) on which each unit's preferred class is measured."""
-    import json
-
-    from .probes import request_position
-
-    p = job.params["request"]
-    position = request_position(p, job.input.get("position_map"), model, ds.grid, device, job.log)
-    labelled = None
-    info = json.loads(open(job.input["info"]).read()) if job.input.get("info") else {}
-    target, classes = info.get("target"), info.get("classes")
-    parts = ds.participants
-    if target in parts and classes and p["module"] != info.get("output_layer"):
-        val = parts[parts["split"] == "val"]
-        per = max(p["n_real"] // len(classes), 1)
-        rows = val.groupby(val[target].astype(str)).head(per)
-        labelled = ([ds.volumes[int(i)] for i in rows["index"]], rows[target].astype(str).tolist(), classes)
-    return position, labelled
+def _matched_activations(model: nn.Module, imgs: np.ndarray, m: np.ndarray, test_volumes: Sequence,
+                         probe: dict) -> np.ndarray:
+    """Each visualization's own unit's activation once it is shifted and rescaled, inside ``m``, to the mean and
+    SD the real ``test_volumes`` have there (seeds × units)."""
+    n_seeds, n = imgs.shape[:2]
+    real_sd = float(np.mean([np.asarray(v)[m].std() for v in test_volumes])) if len(test_volumes) else 1.0
+    real_mean = float(np.mean([np.asarray(v)[m].mean() for v in test_volumes])) if len(test_volumes) else 0.0
+    scaled = []
+    for s in range(n_seeds):
+        for j in range(n):
+            img = imgs[s, j].copy()
+            sd = img[m].std()
+            img[m] = (img[m] - img[m].mean()) * (real_sd / sd if sd > 0 else 0.0) + real_mean
+            scaled.append(img)
+    return own_objective_values(model, scaled, probe["layer"], probe["units"] * n_seeds, probe["objective"],
+                                probe["device"], position=probe["position"]).reshape(n_seeds, n)
 
 
-def preset_text(preset):
+def preset_text(preset: dict) -> str:
     """A preset as the keys that differ from the defaults (what a user wrote), for logs."""
     full = Preset.from_config(preset).as_dict()
     base = Preset().as_dict()
     return "{" + ", ".join(f"{k}: {v}" for k, v in full.items() if base[k] != v) + "}"
 
 
-def resolve_request_units(model, request, shape, device="cpu"):
+def resolve_request_units(model: nn.Module, request: dict, shape: Sequence[int],
+                          device: str | torch.device = "cpu") -> list[int]:
     """The request's units (``all``, a count N, or a list), checked against the layer's real channel count;
     for ``only_unit``, the layer's units if it is among them (so the same batch), else the unit alone."""
-    from ..arch import resolve_units
-    from .units import layer_output_shape
-
     n = layer_output_shape(model, request["module"], (1,) + tuple(shape), device)[0]
     units = resolve_units(request["units"], n, where=f"featviz.layers[{request['layer']}].units")
     only = request.get("only_unit")

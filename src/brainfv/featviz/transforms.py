@@ -13,7 +13,7 @@ import torch.nn.functional as F
 __all__ = ["jitter", "random_affine", "gaussian_blur", "gaussian_kernel1d"]
 
 
-def jitter(x, n, gens):
+def jitter(x: torch.Tensor, n: int, gens: list) -> torch.Tensor:
     """Shift each volume by a random integer offset in ``[-n, n]`` per axis (zeros enter at the border).
 
     Implemented as one pad per element whose negative side crops, so the backward pass only touches
@@ -28,7 +28,7 @@ def jitter(x, n, gens):
     return torch.cat(out)
 
 
-def random_affine(x, gens, scale=0.0, degrees=0.0):
+def random_affine(x: torch.Tensor, gens: list, scale: float = 0.0, degrees: float = 0.0) -> torch.Tensor:
     """Random isotropic scaling in ``1 ± scale`` and rotation of up to ``degrees`` about each axis (trilinear)."""
     if scale <= 0 and degrees <= 0:
         return x
@@ -50,14 +50,14 @@ def random_affine(x, gens, scale=0.0, degrees=0.0):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def gaussian_kernel1d(sigma, truncate=3.0):
+def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> torch.Tensor:
     r = max(1, int(math.ceil(truncate * sigma)))
     t = torch.arange(-r, r + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     return k / k.sum()
 
 
-def gaussian_blur(x, sigma):
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable 3D Gaussian blur (sigma in voxels) of ``(B, C, X, Y, Z)``; zero padding."""
     if sigma <= 0:
         return x

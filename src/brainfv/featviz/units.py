@@ -1,16 +1,19 @@
 """Units addressed by module name and channel; capturing activations with early stop."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 
 from ..errors import UnitError
+from ..models.torchscript import TorchScriptModel, eval_mode, hookable
 
 __all__ = ["parse_unit", "get_module", "capture_activations", "layer_output_shape", "check_channels",
            "receptive_field", "describe_units", "resolve_units"]
 
 
-def parse_unit(address):
+def parse_unit(address: str) -> tuple[str, int]:
     """``"block3.conv:12"`` → ``("block3.conv", 12)``."""
     layer, sep, ch = str(address).rpartition(":")
     if not sep or not layer or not ch.lstrip("-").isdigit():
@@ -18,7 +21,7 @@ def parse_unit(address):
     return layer, int(ch)
 
 
-def get_module(model, name):
+def get_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name``; the error lists the model's module names."""
     modules = dict(model.named_modules())
     if name not in modules or name == "":
@@ -32,7 +35,8 @@ class _Stop(Exception):
     pass
 
 
-def capture_activations(model, x, layers, truncate=True):
+def capture_activations(model: nn.Module, x: torch.Tensor | None, layers: Sequence[str],
+                        truncate: bool = True) -> dict | Callable:
     """Run ``model(x)`` and return ``{layer: output}`` for ``layers``.
 
     With ``truncate`` the forward pass stops as soon as every requested layer has
@@ -68,13 +72,15 @@ def capture_activations(model, x, layers, truncate=True):
 
 
 @torch.no_grad()
-def layer_output_shape(model, layer, input_shape, device="cpu"):
+def layer_output_shape(model: nn.Module, layer: str, input_shape: Sequence[int],
+                       device: str | torch.device = "cpu") -> tuple:
     """Shape (without batch) of ``layer``'s output for one input of ``input_shape`` (C, X, Y, Z)."""
     x = torch.zeros((1,) + tuple(input_shape), device=device)
     return tuple(capture_activations(model, x, [layer])[layer].shape[1:])
 
 
-def check_channels(model, layer, channels, input_shape, device="cpu"):
+def check_channels(model: nn.Module, layer: str, channels: Sequence[int], input_shape: Sequence[int],
+                   device: str | torch.device = "cpu") -> tuple:
     """Raise :class:`UnitError` for channels out of range of ``layer``; return its output shape."""
     shape = layer_output_shape(model, layer, input_shape, device)
     n = shape[0]
@@ -84,7 +90,8 @@ def check_channels(model, layer, channels, input_shape, device="cpu"):
     return shape
 
 
-def receptive_field(model, layer, input_shape, device="cpu"):
+def receptive_field(model: nn.Module, layer: str, input_shape: Sequence[int],
+                    device: str | torch.device = "cpu") -> list | None:
     """Analytic receptive field of ``layer`` for chains of Conv/Pool and pointwise modules.
 
     Returns per-axis ``(size, stride, offset)`` such that output index ``p`` sees
@@ -144,7 +151,7 @@ _WINDOWED = (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)
 def _rf_kind(m):
     """``"window"`` (Conv3d / MaxPool3d / AvgPool3d), ``"pointwise"`` or None (footprint unknown).
 
-    Stand-ins for TorchScript submodules (``model_io.TorchScriptModel``) are judged by the scripted
+    Stand-ins for TorchScript submodules (``models.torchscript.TorchScriptModel``) are judged by the scripted
     class's ``original_name`` and the footprint attributes copied from it.
     """
     if isinstance(m, _WINDOWED):
@@ -184,7 +191,7 @@ def _rf_step(m, size, stride, offset):
 
 
 @torch.no_grad()
-def describe_units(model, input_shape, device="cpu"):
+def describe_units(model: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu") -> list[dict]:
     """Every layer of ``model`` that can be addressed as ``layer:channel``, in forward order.
 
     One forward pass of a zero input ``(1, *input_shape)`` in eval mode, with forward hooks on every
@@ -193,7 +200,7 @@ def describe_units(model, input_shape, device="cpu"):
     Parameters
     ----------
     model : nn.Module or torch.jit.ScriptModule
-        A TorchScript module is wrapped in :class:`brainfv.model_io.TorchScriptModel`, whose stand-in
+        A TorchScript module is wrapped in :class:`brainfv.models.torchscript.TorchScriptModel`, whose stand-in
         submodules see the compiled graph's values (if its graph cannot be read, the modules are listed
         by name and type only, with no shapes).
     input_shape : sequence of int
@@ -213,14 +220,12 @@ def describe_units(model, input_shape, device="cpu"):
         container that computes a tensor of its own (a dense layer's concatenation, a residual block
         whose shared activation module runs twice) is listed.
     """
-    from ..model_io import TorchScriptModel, _eval_mode, hookable
-
     model = hookable(model)
     if isinstance(model, TorchScriptModel) and model.tap_error:
         return [{"layer": n, "type": _type_name(m), "output_shape": None, "channels": None, "spatial": False,
                  "rf_size": None, "rf_stride": None, "calls": None} for n, m in model.named_modules() if n]
     names = {m: n for n, m in reversed(list(model.named_modules())) if n}  # first name of shared modules
-    rows, keep, handles = {}, [], []
+    rows, keep = {}, []
     produced = {}  # (id, version) of first-call outputs -> module name: the "same tensor" test
     x = torch.zeros((1,) + tuple(int(s) for s in input_shape), device=device)
     chain = _Chain(x)
@@ -239,26 +244,37 @@ def describe_units(model, input_shape, device="cpu"):
         if tensor is not None:
             keep.append(tensor)  # keeps ids unique while the pass runs
             produced.setdefault(key, name)
-        shape = tuple(tensor.shape[1:]) if tensor is not None else None
-        spatial = shape is not None and len(shape) == 4
-        rows[name] = {"layer": name, "type": _type_name(module), "output_shape": shape,
-                      "channels": int(shape[0]) if shape else None, "spatial": spatial,
-                      "rf_size": tuple(chain.size) if chain.ok and spatial else None,
-                      "rf_stride": tuple(chain.stride) if chain.ok and spatial else None,
-                      "calls": 1, "_skip": same}
+        rows[name] = {**_unit_row(name, module, tensor, chain), "_skip": same}
 
+    _forward_with_hooks(model, names, chain, hook, x)
+    return [{k: v for k, v in r.items() if k != "_skip"} for r in rows.values() if not r["_skip"]]
+
+
+def _unit_row(name: str, module: nn.Module, tensor: torch.Tensor | None, chain: _Chain) -> dict:
+    """One row of :func:`describe_units` for a module's first output (``tensor``; None if not a tensor)."""
+    shape = tuple(tensor.shape[1:]) if tensor is not None else None
+    spatial = shape is not None and len(shape) == 4
+    return {"layer": name, "type": _type_name(module), "output_shape": shape,
+            "channels": int(shape[0]) if shape else None, "spatial": spatial,
+            "rf_size": tuple(chain.size) if chain.ok and spatial else None,
+            "rf_stride": tuple(chain.stride) if chain.ok and spatial else None, "calls": 1}
+
+
+def _forward_with_hooks(model: nn.Module, names: dict, chain: _Chain, hook: Callable, x: torch.Tensor) -> None:
+    """One eval-mode forward of ``x`` with ``hook`` (and the receptive-field chain's pre-hook on leaves) on every
+    named module that takes hooks; the hooks are removed afterwards."""
+    handles = []
     try:
         for module in names:
             if not isinstance(module, torch.jit.ScriptModule):
                 if len(list(module.children())) == 0:
                     handles.append(module.register_forward_pre_hook(chain.pre_hook))
                 handles.append(module.register_forward_hook(hook))
-        with _eval_mode(model):
+        with eval_mode(model):
             model(x)
     finally:
         for h in handles:
             h.remove()
-    return [{k: v for k, v in r.items() if k != "_skip"} for r in rows.values() if not r["_skip"]]
 
 
 def _version(tensor):
@@ -272,16 +288,15 @@ def _type_name(module):
     return getattr(module, "original_name", None) or type(module).__name__
 
 
-def resolve_units(model, layer, spec, input_shape, device="cpu"):
+def resolve_units(model: nn.Module, layer: str, spec: str | int | list[int], input_shape: Sequence[int],
+                  device: str | torch.device = "cpu") -> list[int]:
     """Channel indices of ``layer`` that a config spec asks for, checked against the layer's real size.
 
     ``spec`` is ``"all"``, a count N (the first N channels; fewer if the layer has fewer, as in
-    :func:`brainfv.arch.resolve_units`) or a list of channel indices (returned sorted, without repeats).
+    :func:`brainfv.models.arch.resolve_units`) or a list of channel indices (returned sorted, without repeats).
     ``input_shape`` is (C, X, Y, Z).
     Raises :class:`UnitError` naming the layer and its channel count.
     """
-    from ..model_io import hookable
-
     shape = layer_output_shape(hookable(model), layer, input_shape, device)
     if len(shape) == 0:
         raise UnitError(f"layer {layer!r} outputs a scalar per input; it has no channels to visualise")

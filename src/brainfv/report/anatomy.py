@@ -14,12 +14,25 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
+import inspect
+import io
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import matplotlib as mpl
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from nilearn import datasets, plotting
+from PIL import Image
+from scipy import ndimage
 
+from ..data.grid import Grid
+from ..data.template import template_on_grid
 from ..errors import InputDataError
 from ..utils import atomic_path
 
@@ -50,10 +63,6 @@ BG_DIM = 0.6  # nilearn's dimming of the template: > 0 darkens it so the overlay
 @functools.lru_cache(maxsize=1)
 def _has_transparency():
     """Whether nilearn's plot_stat_map takes ``transparency`` (nilearn >= 0.12)."""
-    import inspect
-
-    from nilearn import plotting
-
     return "transparency" in inspect.signature(plotting.plot_stat_map).parameters
 
 
@@ -67,8 +76,6 @@ def _cheap_gc():
     cheap; :meth:`refreeze` also freezes the artists drawn since. Nothing is changed when someone
     else has frozen objects already (we could not unfreeze only ours).
     """
-    import gc
-
     class _Freezer:
         active = gc.get_freeze_count() == 0
 
@@ -127,7 +134,7 @@ DEFAULT_STYLES = {
 }
 
 
-def panel_style(name, styles=None):
+def panel_style(name: str, styles: dict | None = None) -> PanelStyle:
     """The :class:`PanelStyle` of panel ``name``: ``styles[name]``, else a study default.
 
     Names starting with ``exemplar`` / ``attribution`` get those defaults (``"attribution: AD"``),
@@ -163,7 +170,7 @@ class AnatomyFigure:
 # --------------------------------------------------------------------------- choosing cuts
 
 
-def robust_max(vol, mask=None, percentile=ROBUST_PERCENTILE):
+def robust_max(vol: np.ndarray, mask: np.ndarray | None = None, percentile: float = ROBUST_PERCENTILE) -> float:
     """The ``percentile``-th percentile of ``|vol|`` inside ``mask`` (0 for an all-zero volume)."""
     a = np.abs(np.asarray(vol, np.float32))
     if mask is not None:
@@ -186,7 +193,7 @@ def _strength(vol, mask):
     return rmax / spread if spread > 0 else (np.inf if rmax > 0 else 0.0)
 
 
-def choose_cut_coords(volumes, grid, mask=None, sigma_vox=1.0):
+def choose_cut_coords(volumes: list, grid: Grid, mask: np.ndarray | None = None, sigma_vox: float = 1.0) -> tuple:
     """One MNI cut (x, y, z in mm) for a unit, shared by all of its panels.
 
     The cut goes through the peak of smoothed ``|value|`` (Gaussian, ``sigma_vox`` voxels) of the
@@ -209,8 +216,6 @@ def choose_cut_coords(volumes, grid, mask=None, sigma_vox=1.0):
         MNI coordinates in mm. With no usable volume (all None or all zero) the mask's centre of
         mass, rounded to a voxel.
     """
-    from scipy import ndimage
-
     if isinstance(volumes, dict):
         volumes = list(volumes.values())
     vols = [np.asarray(v, np.float32) for v in volumes if v is not None]
@@ -232,8 +237,6 @@ def choose_cut_coords(volumes, grid, mask=None, sigma_vox=1.0):
 
 def _mask_for(grid, mask):
     if mask is None:
-        from ..data.template import template_on_grid
-
         return template_on_grid(grid)["mask"]
     mask = np.asarray(mask, bool)
     if mask.shape != tuple(grid.shape):
@@ -259,8 +262,6 @@ def _as_unit_lists(panels, n_units):
 
 
 def _default_bg():
-    from nilearn import datasets
-
     return datasets.load_mni152_template(resolution=2)
 
 
@@ -274,110 +275,40 @@ def _cut_for_mode(xyz, display_mode):
     return [xyz[idx[c]] for c in display_mode]
 
 
-def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coords=None, mask=None,
-                            styles=None, bg_img=None, display_mode="ortho",
-                            threshold_fraction=THRESHOLD_FRACTION, panel_width=3.0, dpi=DPI,
-                            black_bg=True, cmap=DIVERGING_CMAP, palette=True, log=None):
-    """Units (rows) × panels (columns), each panel over the template at the unit's common MNI cut.
+def units_on_anatomy_figure(panels: dict, unit_labels: list, grid: Grid, path: str | Path, title: str, *,
+                            cut_coords: list | None = None, mask: np.ndarray | None = None, styles: dict | None = None,
+                            bg_img: object = None, display_mode: str = "ortho",
+                            threshold_fraction: float = THRESHOLD_FRACTION, panel_width: float = 3.0, dpi: int = DPI,
+                            black_bg: bool = True, cmap: str = DIVERGING_CMAP, palette: bool = True,
+                            log: Callable | None = None) -> AnatomyFigure:
+    """Units (rows) × panels (columns), each panel over the template at the unit's common MNI cut: every panel of a
+    row is cut through the same MNI point (``cut_coords[i]``, default :func:`choose_cut_coords` over the row's
+    visualizations), printed left of the row, so presets can be compared voxel for voxel. Overlays use a symmetric
+    diverging colour map (``cmap``; blue: darker T1 than average) and hide ``|value| < threshold_fraction`` × the
+    panel's robust maximum (99.5th percentile of ``|value|`` in the brain ``mask``, default the template's), fading
+    in up to 50 % of it (nilearn >= 0.12). Each column has one colour bar stating its units; a column scaled per
+    panel (``PanelStyle.scale = "panel"``, the default for attributions) prints each panel's robust maximum.
+    Exemplars (``kind="image"``) are greyscale on a fixed -3..3 SD scale. 8 units × 8 columns on the 52 × 64 × 52
+    grid: 2800 × 1144 px, ~0.7 MB, ~25 s on two CPU cores.
 
-    Every panel of a row is cut through the same MNI point (``cut_coords[i]``, default
-    :func:`choose_cut_coords` over the row's visualizations), printed at the left of the row, so
-    presets can be compared voxel for voxel. Overlay panels use a symmetric diverging colour map
-    (blue: darker T1 than average, red: brighter) and hide ``|value| < threshold_fraction`` ×
-    the panel's robust maximum (99.5th percentile of ``|value|`` in the brain mask; 15 % by
-    default) so the anatomy stays visible around the structure; above the threshold the overlay
-    fades in and is opaque from 50 % of the robust maximum (nilearn >= 0.12; plain threshold
-    before). Each column has one colour bar stating its units: z-scored T1 (SD within the brain
-    mask) for visualizations and exemplars, integrated gradients (a.u.) for attributions; a
-    column scaled per panel (``PanelStyle.scale = "panel"``, the default for attributions) says
-    so and prints each panel's robust maximum. Exemplars (``kind="image"``) are drawn as
-    greyscale images on a fixed -3..3 SD scale.
-
-    Size and time (measured, 52 × 64 × 52 grid, defaults): 8 units × 8 columns is 2800 × 1144
-    px, ~0.7 MB, ~25 s on two CPU cores.
-
-    Parameters
-    ----------
-    panels : dict
-        Column name -> one 3D array (on ``grid``) or None per unit (or a 4D array, units first).
-        Order of the dict is the column order. A None panel is drawn as an empty, labelled axis.
-    unit_labels : list of str
-        Row labels (e.g. ``"block4.norm:12"``).
-    grid : brainfv.data.grid.Grid
-    path : str or Path
-        PNG written atomically.
-    title : str
-    cut_coords : list of (x, y, z) mm or None
-        One per unit; None (or a None entry) chooses it with :func:`choose_cut_coords`.
-    mask : bool array or None
-        Brain mask on ``grid`` (robust maxima, cut search); default: the template's.
-    styles : dict name -> PanelStyle, optional
-        Overrides :func:`panel_style`'s defaults per column.
-    bg_img : Niimg or None
-        Background anatomy; default nilearn's 2 mm MNI152 template (already finer than a panel's
-        pixels at the default size; the 1 mm one doubles the drawing time for no visible gain).
-    display_mode : str
-        ``"ortho"`` (sagittal, coronal, axial) or a subset of ``"xyz"`` (e.g. ``"z"``); cuts are
-        taken from the unit's (x, y, z).
-    threshold_fraction : float
-    panel_width : float
-        Inches per column (an ortho panel of three views).
-    black_bg : bool
-        Black figure background (like a scanner console / nilearn's default) or white.
-    cmap : str
-        Diverging colour map of overlays (negative = blue = darker T1 than average).
-    palette : bool
-        Save as a 256-colour indexed PNG (3× smaller, indistinguishable).
-    log : callable or None
-        Progress messages (one per row).
-
-    Returns
-    -------
-    AnatomyFigure
+    ``panels``: column name -> one 3D array on ``grid`` or None per unit (or 4D, units first), in column
+    order; ``path``: the PNG, written atomically; ``styles``: name -> PanelStyle over :func:`panel_style`;
+    ``bg_img``: default nilearn's 2 mm MNI152; ``display_mode``: ``"ortho"`` or a subset of ``"xyz"``;
+    ``palette``: a 256-colour indexed PNG (3× smaller). Returns an :class:`AnatomyFigure`.
     """
     t0 = time.perf_counter()
-    unit_labels = [str(u) for u in unit_labels]
-    n = len(unit_labels)
-    if n == 0:
-        raise InputDataError("units_on_anatomy_figure: no units to draw")
-    cols = _as_unit_lists(panels, n)
-    if not cols:
-        raise InputDataError("units_on_anatomy_figure: no panels to draw")
-    names = list(cols)
-    for name, lst in cols.items():
-        for i, v in enumerate(lst):
-            if v is not None and v.shape != tuple(grid.shape):
-                raise InputDataError(f"panel {name!r} of unit {unit_labels[i]!r} has shape {v.shape}; "
-                                     f"expected the grid's {tuple(grid.shape)}")
+    unit_labels, cols = _checked_panels(panels, unit_labels, grid)
+    n, names = len(unit_labels), list(cols)
     mask = _mask_for(grid, mask)
     style = {name: panel_style(name, styles) for name in names}
     cuts = _row_cuts(cols, style, n, grid, mask, cut_coords)
     rmax = {name: [None if v is None else robust_max(v, mask) for v in cols[name]] for name in names}
-    vmax = {}
-    for name in names:
-        st, vals = style[name], [r for r in rmax[name] if r]
-        if st.kind == "image":
-            vmax[name] = (st.vlim or (-3.0, 3.0))[1]
-        elif st.scale == "column":
-            vmax[name] = max(vals) if vals else 1.0
-        else:
-            vmax[name] = rmax[name]
+    vmax = {name: _panel_vmax(style[name], rmax[name]) for name in names}
     bg = bg_img if bg_img is not None else _default_bg()
-
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     fg, bgc = ("white", "black") if black_bg else ("black", "white")
-    rc = {"font.size": 8, "axes.titlesize": 9, "text.color": fg, "axes.labelcolor": fg,
-          "xtick.color": fg, "ytick.color": fg, "axes.edgecolor": fg, "figure.facecolor": bgc,
-          "savefig.facecolor": bgc}
-    n_views = 3 if display_mode == "ortho" else len(display_mode)
-    row_h = panel_width / n_views * 1.1 if display_mode == "ortho" else panel_width / n_views * 1.25
-    label_w, top_h, bottom_h = 1.25, 0.75, 0.85
-    fig_w = label_w + panel_width * len(names) + 0.2
-    fig_h = top_h + row_h * n + bottom_h
+    row_h, label_w, top_h, bottom_h, fig_w, fig_h = _figure_layout(display_mode, panel_width, n, len(names))
     panel_cuts = [[None] * len(names) for _ in range(n)]
-    with matplotlib.rc_context(rc), _cheap_gc() as gc_state:
+    with mpl.rc_context(_figure_rc(fg, bgc)), _cheap_gc() as gc_state:
         # A bare Agg figure: no pyplot, so no backend switch and no figure registry to clean up.
         fig = Figure(figsize=(fig_w, fig_h), facecolor=bgc)
         FigureCanvasAgg(fig)
@@ -392,10 +323,7 @@ def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coord
                         rmax[name][i], threshold_fraction, display_mode, black_bg, fg, cmap)
                     if i == 0:
                         ax.set_title(name, fontsize=10, color=fg, pad=4)
-                y = 1 - (top_h + row_h * (i + 0.5)) / fig_h
-                x, yy, z = cuts[i]
-                fig.text(0.15 / fig_w, y, f"{unit_labels[i]}\nx={x:.0f} y={yy:.0f} z={z:.0f}\n(MNI mm)",
-                         ha="left", va="center", fontsize=8, color=fg, linespacing=1.3)
+                _row_label(fig, unit_labels[i], cuts[i], (0.15 / fig_w, 1 - (top_h + row_h * (i + 0.5)) / fig_h), fg)
                 gc_state.refreeze()
                 if log:
                     log(f"anatomy figure: row {i + 1}/{n} drawn ({unit_labels[i]})")
@@ -406,6 +334,56 @@ def units_on_anatomy_figure(panels, unit_labels, grid, path, title, *, cut_coord
             fig.clear()
     return AnatomyFigure(path=path, size_px=size, n_bytes=os.path.getsize(path), cut_coords=cuts,
                          panel_cut_coords=panel_cuts, vmax=vmax, seconds=time.perf_counter() - t0)
+
+
+def _row_label(fig: Figure, label: str, cut: tuple, xy: tuple, fg: str) -> None:
+    """A row's label and its MNI cut, left of its panels."""
+    x, y, z = cut
+    fig.text(xy[0], xy[1], f"{label}\nx={x:.0f} y={y:.0f} z={z:.0f}\n(MNI mm)", ha="left", va="center",
+             fontsize=8, color=fg, linespacing=1.3)
+
+
+def _figure_layout(display_mode: str, panel_width: float, n_rows: int, n_cols: int) -> tuple:
+    """(row height, label width, top and bottom margins, figure width and height), in inches."""
+    n_views = 3 if display_mode == "ortho" else len(display_mode)
+    row_h = panel_width / n_views * 1.1 if display_mode == "ortho" else panel_width / n_views * 1.25
+    label_w, top_h, bottom_h = 1.25, 0.75, 0.85
+    return (row_h, label_w, top_h, bottom_h, label_w + panel_width * n_cols + 0.2,
+            top_h + row_h * n_rows + bottom_h)
+
+
+def _figure_rc(fg: str, bgc: str) -> dict:
+    """Matplotlib settings of the figure: text and axes in ``fg`` on a ``bgc`` background."""
+    return {"font.size": 8, "axes.titlesize": 9, "text.color": fg, "axes.labelcolor": fg,
+            "xtick.color": fg, "ytick.color": fg, "axes.edgecolor": fg, "figure.facecolor": bgc,
+            "savefig.facecolor": bgc}
+
+
+def _checked_panels(panels: dict, unit_labels: list, grid: object) -> tuple[list[str], dict]:
+    """The row labels as strings and the columns as one entry per unit, each on the grid."""
+    unit_labels = [str(u) for u in unit_labels]
+    n = len(unit_labels)
+    if n == 0:
+        raise InputDataError("units_on_anatomy_figure: no units to draw")
+    cols = _as_unit_lists(panels, n)
+    if not cols:
+        raise InputDataError("units_on_anatomy_figure: no panels to draw")
+    for name, lst in cols.items():
+        for i, v in enumerate(lst):
+            if v is not None and v.shape != tuple(grid.shape):
+                raise InputDataError(f"panel {name!r} of unit {unit_labels[i]!r} has shape {v.shape}; "
+                                     f"expected the grid's {tuple(grid.shape)}")
+    return unit_labels, cols
+
+
+def _panel_vmax(st: PanelStyle, rmax: list) -> float | list:
+    """A column's colour limit: an image's fixed scale, the column's largest robust maximum, or per panel."""
+    vals = [r for r in rmax if r]
+    if st.kind == "image":
+        return (st.vlim or (-3.0, 3.0))[1]
+    if st.scale == "column":
+        return max(vals) if vals else 1.0
+    return rmax
 
 
 def _row_cuts(cols, style, n, grid, mask, cut_coords):
@@ -430,8 +408,6 @@ def _row_cuts(cols, style, n, grid, mask, cut_coords):
 def _draw_panel(fig, ax, vol, grid, bg, xyz, st, vmax, rmax, threshold_fraction, display_mode,
                 black_bg, fg, cmap):
     """Draw one panel on ``ax``; return the cut nilearn used (None for a missing panel)."""
-    from nilearn import plotting
-
     if vol is None:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -481,10 +457,6 @@ def _save_png(fig, path, dpi, facecolor, palette):
     An 8 × 8 panel figure of noisy visualizations is ~2.5 MB as RGBA and ~0.8 MB indexed; the
     quantisation (no dithering) is not visible: colour maps have 256 levels anyway.
     """
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     fig.savefig(buf, dpi=dpi, facecolor=facecolor, format="png")
     buf.seek(0)
@@ -515,8 +487,6 @@ def _fade_in(vol, rmax, threshold_fraction, grid):
 
 def _colour_bars(fig, gs, names, style, vmax, threshold_fraction, fig_h, bottom_h, fg, diverging):
     """One horizontal colour bar under each column, labelled with the column's units."""
-    import matplotlib as mpl
-
     for j, name in enumerate(names):
         st = style[name]
         box = gs[-1, j].get_position(fig)
@@ -539,64 +509,3 @@ def _colour_bars(fig, gs, names, style, vmax, threshold_fraction, fig_h, bottom_
         cb.ax.tick_params(labelsize=6.5, colors=fg, length=2)
         cb.outline.set_edgecolor(fg)
         cb.set_label(label, fontsize=6.5, color=fg, labelpad=2)
-
-
-def units_job(job):
-    """The ``unit_figures`` rule: one request's units on anatomy (a PNG figure and an offline HTML viewer).
-
-    Rows: the request's units; columns: each preset's visualization (seed 0), the unit's most activating test
-    volume (exemplar, cropped to the receptive field around its maximum), and, for the model's output units,
-    each attribution map of that class. Every panel of a unit is cut at the same MNI point, chosen from its
-    visualizations and printed. Params: ``task``, ``layer`` (request id), ``module``, ``regularizers`` (in the
-    order of the ``niftis``/``tables`` inputs), ``methods`` (of the ``attributions`` inputs, shown for the model's
-    output layer, which ``info`` names).
-    Inputs: ``niftis``, ``tables``, optional ``exemplars``/``exemplar_table`` and ``attributions``, ``mask``,
-    ``reference``, ``info`` (the model's metrics.json or description: classes). Outputs: ``figure``, ``viewer``.
-    """
-    import json
-
-    import nibabel as nib
-    import pandas as pd
-
-    from ..data.grid import Grid
-    from .figures import unit_labels
-    from .viewer import write_viewer
-
-    p, inp, log = job.params["spec"], job.input, job.log
-    grid = Grid.from_image(nib.load(inp["reference"]))
-    mask = np.asarray(nib.load(inp["mask"]).dataobj) > 0
-    meta = json.loads(open(inp["info"]).read())
-    first = pd.read_csv(inp["tables"][0], sep="\t")
-    first = first[first["network"] == "trained"]
-    units = sorted(first["unit"].unique())
-    panels = {}
-    for reg, nifti in zip(p["regularizers"], inp["niftis"]):
-        data = np.asarray(nib.load(nifti).dataobj, np.float32)
-        panels[reg] = [data[..., j] for j in range(len(units))]  # seed 0: the first volume of each unit
-    if inp.get("exemplars"):
-        ex = pd.read_csv(inp["exemplar_table"], sep="\t")
-        data = nib.load(inp["exemplars"]).dataobj
-        col = []
-        for u in units:
-            r = ex[(ex["unit"] == u) & (ex["rank"] == 0)]
-            col.append(np.asarray(data[..., int(r["volume"].iloc[0])], np.float32) if len(r) else None)
-        panels["exemplar (top test volume)"] = col
-    styles = {}
-    is_output = meta.get("output_layer") is not None and p["module"] == meta.get("output_layer")
-    for method, nifti in zip(p["methods"] if is_output else [], inp.get("attributions", [])):
-        data = np.asarray(nib.load(nifti).dataobj, np.float32)
-        name = f"attribution: {method.replace('_', ' ')}"
-        panels[name] = [data[..., u] if u < data.shape[-1] else None for u in units]
-        styles[name] = PanelStyle(kind="overlay", units=IG_UNITS if method == "integrated_gradients"
-                                  else f"{method.replace('_', ' ')} (a.u.)", scale="panel", use_for_cuts=False)
-    labels = [lab.replace("\n", " ") for lab in unit_labels(p["module"], units, meta["classes"], meta.get("output_layer"))]
-    title = f"task {p['task']} · {p['layer']} — {meta.get('cohort', '')}"
-    fig = units_on_anatomy_figure(panels, labels, grid, job.output["figure"], title, mask=mask, styles=styles, log=log)
-    log(f"figure {job.output['figure']}: {fig.size_px[0]}x{fig.size_px[1]} px, cuts {fig.cut_coords}")
-    entries = [{"label": lab, "cut_coords": cut, "panels": {k: v[i] for k, v in panels.items()}}
-               for i, (lab, cut) in enumerate(zip(labels, fig.cut_coords))]
-    page = write_viewer(job.output["viewer"], title, entries, grid, mask=mask, styles=styles, log=log,
-                        description="Each unit's visualizations under every preset (seed 0), its most activating "
-                                    "test volume and, for class logits, attribution maps, over the MNI152 template "
-                                    "at the cut printed for the unit. Values: z-scored T1 (SD within the brain mask).")
-    log(f"viewer {job.output['viewer']}: {page.n_bytes / 1e6:.1f} MB")

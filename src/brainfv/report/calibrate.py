@@ -82,8 +82,8 @@ def paired_table(trained, controls, metrics):
         z = np.full(len(out), np.nan)
         pct = np.full(len(out), np.nan)
         if m in pooled:
-            for (t, l, r, c), idx in out.groupby(GROUP).groups.items():
-                null = pooled.loc[(pooled["task"] == t) & (pooled["layer"] == l) & (pooled["regularizer"] == r)
+            for (t, lay, r, c), idx in out.groupby(GROUP).groups.items():
+                null = pooled.loc[(pooled["task"] == t) & (pooled["layer"] == lay) & (pooled["regularizer"] == r)
                                   & (pooled["class"] == c), m].to_numpy(float)
                 null = null[np.isfinite(null)]
                 if len(null) < 2:

@@ -40,12 +40,18 @@ from pathlib import Path
 import numpy as np
 
 from ..config import LesionConfig
-from .calibrate import judge, paired_table, sanity_table, summarise
-from .findings import render
-from .metrics import TemplateBank, base_rate, lesion_hit, lesion_templates, phase_surrogates, quality_ratios, \
-    region_slices, sex_effect_fidelity
+from .metrics import (
+    TemplateBank,
+    base_rate,
+    lesion_hit,
+    lesion_templates,
+    phase_surrogates,
+    quality_ratios,
+    region_slices,
+    sex_effect_fidelity,
+)
 
-__all__ = ["GT_METRICS", "Truth", "score_volumes", "compare_entries", "compare_job"]
+__all__ = ["GT_METRICS", "Truth", "score_volumes", "compare_entries"]
 
 GT_METRICS = {"lesion": ["lesion_ncc", "lesion_hit", "lesion_map_corr"], "sex": ["effect_corr", "effect_corr_full"]}
 SUMMARY_EXTRA = ["transfer_prob", "act_matched_z", "stability", "tv_ratio", "hf_ratio", "energy_inside_mask",
@@ -88,8 +94,9 @@ class Truth:
         key = tuple((s.start, s.stop) for s in region)
         if key not in self._real:
             m = self.mask[region]
-            self._real[key] = (float(np.mean([relative_tv(np.asarray(v)[region], m) for v in self.real_volumes])),
-                               float(np.mean([high_frequency_fraction(np.asarray(v)[region]) for v in self.real_volumes])))
+            real = [np.asarray(v)[region] for v in self.real_volumes]
+            self._real[key] = (float(np.mean([relative_tv(v, m) for v in real])),
+                               float(np.mean([high_frequency_fraction(v) for v in real])))
         return self._real[key]
 
     def lesion_sign(self, unit, is_output, preferred=""):
@@ -188,7 +195,6 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
         tab = e["table"]
         # volume i of units.nii.gz is the table row with volume == i (never assume an order)
         tt = tab[tab["network"] == "trained"].sort_values("volume").reset_index(drop=True)
-        units = sorted(tt["unit"].unique())
         region = parse_region(tt["region"].iloc[0])
         out_layer = output_layers.get(e["task"]) if isinstance(output_layers, dict) else output_layers
         is_output = out_layer is not None and e["module"] == out_layer
@@ -226,7 +232,8 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
 
         def add_controls(kind, volumes, units_, seeds_, source):
             sc = score_volumes(truth, volumes, units_, region, is_output, preferred=preferred)
-            pr = _transfer_probs(transfer_models.get(e["task"]), volumes, units_) if is_output else [np.nan] * len(volumes)
+            pr = (_transfer_probs(transfer_models.get(e["task"]), volumes, units_) if is_output
+                  else [np.nan] * len(volumes))
             for v_sc, p, u, s in zip(sc, pr, units_, seeds_):
                 control_rows.append({"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u,
                                      "seed": s, "control": kind, "source": source, **v_sc, "transfer_prob": p,
@@ -243,7 +250,8 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
             ot = o["table"]
             ot = ot[ot["network"] == "trained"].sort_values("volume")
             if ot["unit"].tolist() != unit_of or ot["seed"].tolist() != seed_of:
-                log(f"{e['task']} {e['layer']} {e['regularizer']}: {other_task}'s request differs; no other-model control")
+                log(f"{e['task']} {e['layer']} {e['regularizer']}: {other_task}'s request differs; "
+                    "no other-model control")
                 continue
             add_controls("other", o["trained"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
                          f"{other_task} model")
@@ -322,95 +330,6 @@ def _truth(task, target, classes, files, lesions, n_real, log):
     return t
 
 
-def compare_job(job):
-    """The ``compare_regularizers`` rule.
-
-    Params: ``entries`` (task, layer id, module, regularizer per visualization job, in the order of the
-    ``niftis``, ``randomized`` and ``tables`` inputs), ``tasks`` (in the order of the per-task inputs
-    ``infos``, ``participants``, ``masks``, ``effects``, ``effects_regional``), ``transfer_tasks`` (the tasks
-    with a transfer model: ``models``, ``predictions``, ``transfer_models``, ``transfer_predictions``, in
-    order), ``lesion_tasks`` (the tasks with ``lesion_masks`` inputs), ``attributions`` ((task, method) per
-    ``attributions`` input), ``lesions``, ``compare`` and ``report`` (config sections), ``seed``. Each task's
-    ``infos`` file (a trained model's metrics.json, a given model's description) names its target, classes and
-    output layer. Outputs: ``table`` (comparison.tsv), ``controls``, ``summary``, ``sanity``, ``transfer``,
-    ``findings`` (findings.md).
-    """
-    import json
-
-    import nibabel as nib
-    import pandas as pd
-    import torch
-
-    from ..models import load_checkpoint
-    from ..utils import atomic_path
-
-    torch.set_num_threads(job.threads)
-    p, inp, log = job.params, job.input, job.log
-    cmp = p["compare"]
-    truths, transfer, outputs = {}, {}, {}
-    transfer_rows = []
-    for i, task in enumerate(p["tasks"]):
-        meta = json.loads(Path(inp["infos"][i]).read_text())
-        outputs[task] = meta.get("output_layer")
-        files = {"participants": inp["participants"][i], "mask": inp["masks"][i], "effect": inp["effects"][i],
-                 "effect_regional": inp["effects_regional"][i]}
-        if task in p["lesion_tasks"]:
-            files["lesion_masks"] = inp["lesion_masks"][p["lesion_tasks"].index(task)]
-        truths[task] = _truth(task, meta["target"], meta["classes"], files, p["lesions"], cmp["n_real"], log)
-    for i, task in enumerate(p["transfer_tasks"]):
-        main, meta = load_checkpoint(inp["models"][i])
-        transfer[task], tmeta = load_checkpoint(inp["transfer_models"][i])
-        transfer_rows.append(_transfer_agreement(task, inp["predictions"][i], inp["transfer_predictions"][i],
-                                                 {**meta, "arch": main.arch}, {**tmeta, "arch": transfer[task].arch}))
-    missing = [t for t in p["tasks"] if t not in transfer]
-    if missing:
-        log(f"no transfer model for {missing} (a given model, or transfer.enabled: false): transfer_prob left out")
-    entries = []
-    for k, e in enumerate(p["entries"]):
-        def load(path):
-            return np.moveaxis(np.asarray(nib.load(path).dataobj, dtype=np.float32), -1, 0)
-
-        tab = pd.read_csv(inp["tables"][k], sep="\t")
-        n_units = tab.loc[tab["network"] == "trained", "unit"].nunique()
-        tr = load(inp["niftis"][k])
-        rnd = load(inp["randomized"][k]) if inp.get("randomized") else None
-        shape = (-1, n_units) + tr.shape[1:]
-        entries.append({**e, "table": tab, "trained": tr.reshape(shape),
-                        "randomized": rnd.reshape(shape) if rnd is not None else None})
-    heads = p.get("heads") or {}
-    trained, controls = compare_entries(entries, truths, transfer, outputs, cmp["surrogates"], p["seed"], log, heads)
-    attr = []
-    for (task, method), path in zip(p["attributions"], inp.get("attributions", [])):
-        maps = np.moveaxis(np.asarray(nib.load(path).dataobj, np.float32), -1, 0)
-        # first-seen order, not a set's: row order must not depend on the interpreter's string hash seed
-        for layer in dict.fromkeys(e["layer"] for e in p["entries"] if e["task"] == task and e["module"] == outputs[task]):
-            attr += attribution_rows(truths[task], dict(enumerate(maps)), method, layer, outputs[task])
-    metrics = sorted({m for t in truths.values() for m in GT_METRICS.get(t.kind, [])}) + ["transfer_prob"]
-    paired = paired_table(trained, controls, metrics)
-    method = cmp["interval"]
-    summary = summarise(paired, metrics + [m for m in SUMMARY_EXTRA if m != "transfer_prob"], cmp["bootstrap"], p["seed"],
-                        method)
-    if attr:
-        a = pd.DataFrame(attr)
-        summary = pd.concat([summary, summarise(a, [m for m in metrics if m in a], cmp["bootstrap"], p["seed"], method)],
-                            ignore_index=True)
-        paired = pd.concat([paired, a], ignore_index=True)
-    summary.insert(1, "head", summary["task"].map(heads).fillna(""))  # findings are stated per network head
-    summary.insert(2, "model", summary["task"].map(p.get("model_kinds") or {}).fillna(""))
-    summary, missing = judge(summary, p["report"]["primary"], p["report"]["sesoi"])
-    for e in missing:
-        log(f"report.primary: no rows for {e} in this run: listed as not run in findings.md")
-    sanity = sanity_table(summary, [m for m in metrics if m != "transfer_prob"])
-    for key, df in (("table", paired), ("controls", controls), ("summary", summary), ("sanity", sanity),
-                    ("transfer", pd.DataFrame(transfer_rows))):
-        with atomic_path(job.output[key]) as tmp:
-            df.to_csv(tmp, sep="\t", index=False)
-    findings = render(summary, missing, method=method)
-    with atomic_path(job.output["findings"]) as tmp:
-        Path(tmp).write_text(findings)
-    log("findings.md:\n" + findings)
-
-
 def _transfer_agreement(task, main_pred, transfer_pred, meta, tmeta):
     """How independent the transfer model is: the correlation of both models' test margins, and what differs."""
     import pandas as pd
@@ -423,10 +342,11 @@ def _transfer_agreement(task, main_pred, transfer_pred, meta, tmeta):
     r = float(np.corrcoef(logit(m[pos + "_main"]), logit(m[pos + "_transfer"]))[0, 1]) if len(m) > 2 else np.nan
     differs = [f"seed ({meta.get('seed')} vs {tmeta.get('seed')})"]
     if tmeta.get("arch") and meta.get("arch") and tmeta["arch"] != meta["arch"]:
-        differs.append("architecture (" + ", ".join(f"{k}: {meta['arch'].get(k)} -> {v}" for k, v in tmeta["arch"].items()
-                                                    if meta["arch"].get(k) != v) + ")")
+        changed = [f"{k}: {meta['arch'].get(k)} -> {v}" for k, v in tmeta["arch"].items() if meta["arch"].get(k) != v]
+        differs.append("architecture (" + ", ".join(changed) + ")")
     if tmeta.get("bootstrap"):
         differs.append("training subjects (bootstrap resample)")
-    return {"task": task, "test_margin_corr": r, "main_accuracy": float((m["label_main"] == m["predicted_main"]).mean()),
+    return {"task": task, "test_margin_corr": r,
+            "main_accuracy": float((m["label_main"] == m["predicted_main"]).mean()),
             "transfer_accuracy": float((m["label_transfer"] == m["predicted_transfer"]).mean()),
             "differs_in": "; ".join(differs)}

@@ -5,13 +5,21 @@ and return the matplotlib figure's size in pixels.
 """
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy import ndimage
+
+from ..data.files import DATASET_FILES
+from ..data.store import Dataset, open_volumes
 from ..utils import atomic_path
 
 __all__ = ["orthoslices", "subject_montage", "save", "cohort_qc_figure", "lesion_examples_figure",
            "learning_curve_figure", "featviz_grid_figure", "metrics_figure", "trajectories_figure", "models_figure",
-           "unit_labels", "report_job"]
+           "unit_labels"]
 
 DPI = 110
 
@@ -44,7 +52,7 @@ def _themed(context):
     return wrap
 
 
-def save(fig, path):
+def save(fig: Figure, path: str | Path) -> tuple[int, int]:
     """Save ``fig`` to ``path`` atomically; return its (width, height) in pixels."""
     plt = _mpl()
     with atomic_path(path) as tmp:
@@ -54,14 +62,15 @@ def save(fig, path):
     return size
 
 
-def slices_at(vol, centre):
+def slices_at(vol: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
     """Sagittal, coronal and axial slices of a RAS+ volume through voxel ``centre``, display-oriented."""
     i, j, k = (int(c) for c in centre)
     return [vol[i, :, :].T, vol[:, j, :].T, vol[:, :, k].T]
 
 
-def orthoslices(axes, vol, centre, cmap="gray", vmin=None, vmax=None, overlay=None, overlay_color="red",
-                outline=None):
+def orthoslices(axes: Sequence, vol: np.ndarray, centre: Sequence[int], cmap: str = "gray", vmin: float | None = None,
+                vmax: float | None = None, overlay: np.ndarray | None = None, overlay_color: str = "red",
+                outline: np.ndarray | None = None) -> list:
     """Draw sagittal/coronal/axial slices of ``vol`` on three ``axes``.
 
     ``overlay`` (same shape, e.g. a lesion mask) is outlined in ``overlay_color``;
@@ -81,7 +90,8 @@ def orthoslices(axes, vol, centre, cmap="gray", vmin=None, vmax=None, overlay=No
     return ims
 
 
-def subject_montage(volumes, titles, path, suptitle, overlays=None, centres=None, vlim=(-3, 3)):
+def subject_montage(volumes: list, titles: list[str], path: str | Path, suptitle: str, overlays: list | None = None,
+                    centres: list | None = None, vlim: tuple = (-3, 3)) -> tuple[int, int]:
     """Rows of subjects × (sagittal, coronal, axial) slices; optional overlays (e.g. lesion masks).
 
     Slices go through ``centres`` (one voxel per row) or the volume centre.
@@ -102,10 +112,8 @@ def subject_montage(volumes, titles, path, suptitle, overlays=None, centres=None
     return save(fig, path)
 
 
-def cohort_qc_figure(dataset_dir, path, n_per_sex=3):
+def cohort_qc_figure(dataset_dir: str | Path, path: str | Path, n_per_sex: int = 3) -> tuple[int, int]:
     """QC montage of the first ``n_per_sex`` subjects of each sex of a prepared dataset."""
-    from ..data.store import Dataset
-
     ds = Dataset(dataset_dir)
     parts = ds.participants
     vols = ds.volumes
@@ -119,24 +127,20 @@ def cohort_qc_figure(dataset_dir, path, n_per_sex=3):
                            f"Cohort QC — {label} — {len(parts)} subjects, z-scored")
 
 
-def lesion_examples_figure(dataset_dir, path, n=4):
+def lesion_examples_figure(dataset_dir: str | Path, path: str | Path, n: int = 4) -> tuple[int, int]:
     """Lesioned volumes (mask overlay, slices through a lesion), and lesion-free ones at the same slices.
 
     With matched pairs, the lesion-free rows are the twins of the first lesioned subjects.
     """
-    import pandas as pd
-
-    from ..data.store import Dataset, open_volumes
-
     ds = Dataset(dataset_dir)
     parts = ds.participants
     if "volume_id" not in parts:
         parts["volume_id"] = parts["subject"]
-    les = pd.read_csv(ds.root / "lesions.tsv", sep="\t", dtype={"subject": str})
+    les = pd.read_csv(ds.root / DATASET_FILES["lesions"], sep="\t", dtype={"subject": str})
     if "volume_id" not in les:
         les["volume_id"] = les["subject"]
     vols = ds.volumes
-    masks = open_volumes(ds.root / "lesion_masks.npy")
+    masks = open_volumes(ds.root / DATASET_FILES["lesion_masks"])
     with_les = parts[parts["n_lesions"] > 0].head(n)
     twins = parts[(parts["n_lesions"] == 0) & parts["subject"].isin(with_les["subject"])].head(max(1, n // 2))
     if len(twins) == 0:
@@ -163,10 +167,9 @@ def lesion_examples_figure(dataset_dir, path, n=4):
 
 
 @_themed("notebook")
-def learning_curve_figure(history, metrics, path, title):
+def learning_curve_figure(history: pd.DataFrame, metrics: dict, path: str | Path, title: str) -> tuple[int, int]:
     """Loss and validation balanced accuracy per epoch, with the test result in the legend."""
     plt = _mpl()
-    import seaborn as sns
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
     a1.plot(history["epoch"], history["train_loss"], "o-", ms=3, label="train")
@@ -203,17 +206,16 @@ def _cell(vol, mask, centre):
     return img, np.nan_to_num(msk)
 
 
-def peak_voxel(vol, mask=None, sigma=1.0):
+def peak_voxel(vol: np.ndarray, mask: np.ndarray | None = None, sigma: float = 1.0) -> tuple:
     """Voxel of the largest smoothed |value| (where a visualization's structure is), inside ``mask``."""
-    from scipy import ndimage
-
     a = ndimage.gaussian_filter(np.abs(np.asarray(vol, np.float32)), sigma)
     if mask is not None:
         a = np.where(mask, a, 0)
     return np.unravel_index(int(np.argmax(a)), a.shape)
 
 
-def featviz_grid_figure(volumes, units, unit_labels, mask, path, title):
+def featviz_grid_figure(volumes: np.ndarray, units: list, unit_labels: list[str], mask: np.ndarray | None,
+                        path: str | Path, title: str) -> tuple[int, int]:
     """Units (rows) × regularizers (columns) of orthogonal slices through each visualization.
 
     ``volumes``: dict regularizer -> array (n_units, X, Y, Z). Each volume is divided by its robust
@@ -256,7 +258,7 @@ def featviz_grid_figure(volumes, units, unit_labels, mask, path, title):
 
 
 @_themed("paper")
-def metrics_figure(table, path, metrics=None):
+def metrics_figure(table: pd.DataFrame, path: str | Path, metrics: list[str] | None = None) -> tuple[int, int]:
     """Per-regularizer distributions of each metric (box + points), one row per metric, one column per task."""
     plt = _mpl()
     import seaborn as sns
@@ -298,7 +300,7 @@ def metrics_figure(table, path, metrics=None):
 
 
 @_themed("paper")
-def trajectories_figure(traj, table, path):
+def trajectories_figure(traj: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> tuple[int, int]:
     """Objective over optimisation steps, relative to each unit's maximum on real test volumes."""
     plt = _mpl()
     import seaborn as sns
@@ -329,7 +331,7 @@ def trajectories_figure(traj, table, path):
 
 
 @_themed("paper")
-def models_figure(metrics, histories, path):
+def models_figure(metrics: dict, histories: dict, path: str | Path) -> tuple[int, int]:
     """Validation balanced accuracy per epoch and test metrics of every trained model."""
     plt = _mpl()
     import seaborn as sns
@@ -343,8 +345,6 @@ def models_figure(metrics, histories, path):
             rows.append({"model": f"{task}\n{role}", "metric": k.replace("_", " "), "value": m["test"][k]})
     a1.set(xlabel="epoch", ylabel="validation balanced accuracy", ylim=(0.3, 1.02), title="learning curves")
     a1.legend(fontsize=7)
-    import pandas as pd
-
     df = pd.DataFrame(rows)
     sns.barplot(data=df, x="model", y="value", hue="metric", ax=a2)
     for c in a2.containers:
@@ -355,39 +355,11 @@ def models_figure(metrics, histories, path):
     return save(fig, path)
 
 
-def unit_labels(layer, units, classes=None, output_layer="classifier"):
+def unit_labels(layer: str, units: list[int], classes: list | None = None,
+                output_layer: str | None = "classifier") -> list[str]:
     """Row labels ``layer:unit``, with the class name for units of the model's output layer."""
     named = layer == output_layer and classes is not None
     return [f"{layer}:{u}" + (f"\n(logit '{classes[u]}')" if named and u < len(classes) else "") for u in units]
-
-
-def report_job(job):
-    """The ``report_figures`` rule: every study figure from cached results (no training, no optimisation).
-
-    Inputs: ``table`` (comparison), ``summary``, ``trajectories`` (one per visualization job),
-    ``model_metrics`` and ``histories`` (one per trained model). Outputs: ``metrics``, ``calibration``,
-    ``trajectories``, ``models``.
-    """
-    import json
-    from pathlib import Path
-
-    import pandas as pd
-
-    inp = job.input
-    table = pd.read_csv(inp["table"], sep="\t")
-    summary = pd.read_csv(inp["summary"], sep="\t")
-    vis = table[~table["regularizer"].astype(str).str.startswith("attribution:")]
-    metrics_figure(vis, job.output["metrics"])
-    signal_null_figure(summary, job.output["calibration"])
-    traj = pd.concat([pd.read_csv(t, sep="\t") for t in inp["trajectories"]], ignore_index=True)
-    traj = traj[traj.get("network", "trained") == "trained"] if "network" in traj else traj
-    trajectories_figure(traj, vis[vis["seed"] == 0], job.output["trajectories"])
-    metrics, hist = {}, {}
-    for mpath, hpath in zip(inp["model_metrics"], inp["histories"]):
-        m = json.loads(Path(mpath).read_text())
-        metrics[m["task"], m["role"]] = m
-        hist[m["task"], m["role"]] = pd.read_csv(hpath, sep="\t")
-    models_figure(metrics, hist, job.output["models"])
 
 
 CONTROL_STYLE = {"randomized": ("#d95f02", "s", "re-initialised network"),
@@ -399,7 +371,7 @@ METRIC_LABELS = {"lesion_ncc": "lesion shape (NCC)", "lesion_hit": "lesion locat
 
 
 @_themed("paper")
-def signal_null_figure(summary, path, metrics=None):
+def signal_null_figure(summary: pd.DataFrame, path: str | Path, metrics: list[str] | None = None) -> tuple[int, int]:
     """Ground-truth metrics per preset against their controls: one row of panels per task × metric, one panel
     per request that has the metric. Black: the trained model's visualizations (mean and 95 % interval,
     brainfv.report.stats); coloured markers: the same metric on the controls; the mark above a preset is
@@ -416,56 +388,20 @@ def signal_null_figure(summary, path, metrics=None):
     base = s[s["metric"] == "lesion_hit_base_rate"]
     s = s[~s["regularizer"].str.startswith("attribution:")]
     regs = list(dict.fromkeys(s["regularizer"]))
-    rows = []
-    for task in dict.fromkeys(s["task"]):
-        for metric in metrics:
-            layers = [l for l in dict.fromkeys(s["layer"])
-                      if ((s["task"] == task) & (s["metric"] == metric) & (s["layer"] == l)).any()]
-            if layers:
-                rows.append((task, metric, layers))
+    rows = _signal_null_rows(s, metrics)
     ncol = max(len(r[2]) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(0.42 * len(regs) * ncol + 1.6 * ncol + 1.2, 2.3 * len(rows) + 0.9),
-                             squeeze=False)
-    x = np.arange(len(regs))
+    fig, axes = plt.subplots(len(rows), ncol, squeeze=False,
+                             figsize=(0.42 * len(regs) * ncol + 1.6 * ncol + 1.2, 2.3 * len(rows) + 0.9))
     for i, (task, metric, layers) in enumerate(rows):
         for j in range(ncol):
-            ax = axes[i, j]
             if j >= len(layers):
-                ax.set_axis_off()
+                axes[i, j].set_axis_off()
                 continue
             layer = layers[j]
             d = s[(s["task"] == task) & (s["metric"] == metric) & (s["layer"] == layer)].set_index("regularizer")
-            d = d.reindex(regs)
-            for k, (kind, (color, marker, label)) in enumerate(CONTROL_STYLE.items()):
-                col = f"null_{kind}"
-                if col in d and d[col].notna().any():
-                    ax.scatter(x + 0.14 * (k - 1), d[col], color=color, marker=marker, s=20, zorder=2, label=label,
-                               facecolors="none" if kind == "surrogate" else color)
-            err = np.vstack([d["mean"] - d["ci_low"], d["ci_high"] - d["mean"]])
-            ax.errorbar(x, d["mean"], yerr=np.nan_to_num(err), fmt="o", color="black", ms=4, capsize=2, lw=1,
-                        zorder=3, label="trained model (mean, 95% CI)")
-            for _, r in attr[(attr["task"] == task) & (attr["metric"] == metric) & (attr["layer"] == layer)].iterrows():
-                ax.axhline(r["mean"], color="0.35", ls="--", lw=0.8, zorder=1)
-                ax.annotate(r["regularizer"].split(":", 1)[1].replace("_", " "), (1.0, r["mean"]),
-                            xycoords=("axes fraction", "data"), fontsize=6, ha="right", va="bottom", color="0.35")
-            if metric == "lesion_hit":
-                b = base[(base["task"] == task) & (base["layer"] == layer)]
-                if len(b):
-                    ax.axhline(float(b["mean"].iloc[0]), color="0.5", ls=":", lw=1, zorder=1, label="base rate")
-            ax.margins(y=0.18)
-            if metric in ("lesion_hit", "transfer_prob"):  # shares and probabilities: always on their full scale
-                ax.set_ylim(-0.08, 1.12)
-            lo, hi = ax.get_ylim()
-            for xi, check in zip(x, d["randomization_check"]):
-                if check in ("pass", "fail"):
-                    ax.text(xi, hi, "✓" if check == "pass" else "✗", ha="center", va="top", fontsize=8,
-                            color="#1a9641" if check == "pass" else "#d7191c")
-            ax.set_xticks(x)
-            ax.set_xticklabels(regs, rotation=35, fontsize=7)
-            ax.tick_params(axis="y", labelsize=7)
-            ax.set_title(f"{task} · {layer}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
+            _signal_null_panel(axes[i, j], d.reindex(regs), regs, metric, f"{task} · {layer}",
+                               attr[(attr["task"] == task) & (attr["metric"] == metric) & (attr["layer"] == layer)],
+                               base[(base["task"] == task) & (base["layer"] == layer)], first=j == 0)
     handles, labels = [], []
     for ax in axes.ravel():
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -478,3 +414,50 @@ def signal_null_figure(summary, path, metrics=None):
                  "(✓/✗: model-randomization check)", y=1.035, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.965))
     return save(fig, path)
+
+
+def _signal_null_rows(s: pd.DataFrame, metrics: list[str]) -> list[tuple]:
+    """The figure's rows: (task, metric, the requests that have the metric), in first-seen order."""
+    rows = []
+    for task in dict.fromkeys(s["task"]):
+        for metric in metrics:
+            layers = [lay for lay in dict.fromkeys(s["layer"])
+                      if ((s["task"] == task) & (s["metric"] == metric) & (s["layer"] == lay)).any()]
+            if layers:
+                rows.append((task, metric, layers))
+    return rows
+
+
+def _signal_null_panel(ax: object, d: pd.DataFrame, regs: list[str], metric: str, title: str, attr: pd.DataFrame,
+                       base: pd.DataFrame, first: bool) -> None:
+    """One panel: the trained model's mean and CI per preset (``d``, indexed by preset), its controls, the
+    attribution maps' values, the lesion base rate and the randomization check marks."""
+    x = np.arange(len(regs))
+    for k, (kind, (color, marker, label)) in enumerate(CONTROL_STYLE.items()):
+        col = f"null_{kind}"
+        if col in d and d[col].notna().any():
+            ax.scatter(x + 0.14 * (k - 1), d[col], color=color, marker=marker, s=20, zorder=2, label=label,
+                       facecolors="none" if kind == "surrogate" else color)
+    err = np.vstack([d["mean"] - d["ci_low"], d["ci_high"] - d["mean"]])
+    ax.errorbar(x, d["mean"], yerr=np.nan_to_num(err), fmt="o", color="black", ms=4, capsize=2, lw=1,
+                zorder=3, label="trained model (mean, 95% CI)")
+    for _, r in attr.iterrows():
+        ax.axhline(r["mean"], color="0.35", ls="--", lw=0.8, zorder=1)
+        ax.annotate(r["regularizer"].split(":", 1)[1].replace("_", " "), (1.0, r["mean"]),
+                    xycoords=("axes fraction", "data"), fontsize=6, ha="right", va="bottom", color="0.35")
+    if metric == "lesion_hit" and len(base):
+        ax.axhline(float(base["mean"].iloc[0]), color="0.5", ls=":", lw=1, zorder=1, label="base rate")
+    ax.margins(y=0.18)
+    if metric in ("lesion_hit", "transfer_prob"):  # shares and probabilities: always on their full scale
+        ax.set_ylim(-0.08, 1.12)
+    lo, hi = ax.get_ylim()
+    for xi, check in zip(x, d["randomization_check"]):
+        if check in ("pass", "fail"):
+            ax.text(xi, hi, "✓" if check == "pass" else "✗", ha="center", va="top", fontsize=8,
+                    color="#1a9641" if check == "pass" else "#d7191c")
+    ax.set_xticks(x)
+    ax.set_xticklabels(regs, rotation=35, fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(title, fontsize=8)
+    if first:
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)

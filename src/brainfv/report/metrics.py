@@ -13,30 +13,32 @@ spectrum but not its spatial structure (:func:`phase_surrogates`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
+from ..data.lesions import lesion_profile
 from ..featviz.metrics import correlation, high_frequency_fraction, relative_tv
 
 __all__ = ["lesion_templates", "TemplateBank", "best_template_match", "lesion_hit", "base_rate",
            "phase_surrogates", "sex_effect_fidelity", "quality_ratios", "region_slices"]
 
 
-def region_slices(region, shape):
+def region_slices(region: tuple | None, shape: Sequence[int]) -> tuple:
     """``region`` as a tuple of slices: ``None`` (the whole volume), slices, or ``[[lo, hi], ...]``."""
     if region is None:
         return tuple(slice(0, n) for n in shape)
     return tuple(r if isinstance(r, slice) else slice(int(r[0]), int(r[1])) for r in region)
 
 
-def lesion_templates(shapes, diameters_mm, voxel_size, edge_mm=1.0):
+def lesion_templates(shapes: Sequence[str], diameters_mm: Sequence[float], voxel_size: float,
+                     edge_mm: float = 1.0) -> list:
     """Dark (negative) lesion templates of each shape and diameter: ``[(shape, diameter_mm, array)]``.
 
     Each patch is cropped to the lesion plus one voxel of surround (its soft edge included), so a template
     is as small as the lesion it stands for and fits wherever such a lesion would.
     """
-    from ..data.lesions import lesion_profile
-
     out = []
     for shape in shapes:
         for d in diameters_mm:
@@ -81,7 +83,7 @@ class TemplateBank:
         h = [(s - 1) // 2 for s in size]
         return full[(..., *[slice(hi, hi + n) for hi, n in zip(h, self.shape)])]
 
-    def match(self, volumes, region=None, mask=None):
+    def match(self, volumes: Sequence, region: tuple | None = None, mask: np.ndarray | None = None) -> list:
         """Best match of each volume in ``volumes`` (B, X, Y, Z): a list of dicts ``ncc, shape, diameter_mm,
         position`` (``ncc`` NaN when no template fits in ``region``). Template centres are searched inside
         ``mask`` and only where the whole template lies inside ``region`` (the optimised box)."""
@@ -116,7 +118,7 @@ class TemplateBank:
                                "position": tuple(int(i) for i in np.unravel_index(int(idx[b]), self.shape))}
         return best
 
-    def valid_positions(self, region=None, mask=None):
+    def valid_positions(self, region: tuple | None = None, mask: np.ndarray | None = None) -> np.ndarray:
         """Where :meth:`match` can place a best match (any template's valid centres), as a bool array: the
         positions a hit rate's chance level must be computed over."""
         reg = region_slices(region, self.shape)
@@ -142,7 +144,8 @@ class TemplateBank:
         return ok if bool(ok.any()) else None
 
 
-def best_template_match(vol, templates, mask=None, region=None):
+def best_template_match(vol: np.ndarray, templates: list, mask: np.ndarray | None = None,
+                        region: tuple | None = None) -> dict:
     """Best normalised cross-correlation of ``vol`` with any template at any position (see :class:`TemplateBank`).
 
     Returns ``{"ncc", "shape", "diameter_mm", "position"}``: a volume containing exactly one of the templates
@@ -151,7 +154,7 @@ def best_template_match(vol, templates, mask=None, region=None):
     return TemplateBank(templates, np.shape(vol)).match(np.asarray(vol)[None], region, mask)[0]
 
 
-def lesion_hit(position, lesion_map):
+def lesion_hit(position: Sequence[int] | None, lesion_map: np.ndarray) -> float:
     """1.0 when ``position`` (a voxel) lies where a lesion was planted (``lesion_map > 0``), 0.0 if not,
     NaN without a position."""
     if position is None:
@@ -159,7 +162,7 @@ def lesion_hit(position, lesion_map):
     return float(np.asarray(lesion_map)[tuple(position)] > 0)
 
 
-def base_rate(lesion_map, mask, region=None):
+def base_rate(lesion_map: np.ndarray, mask: np.ndarray, region: tuple | None = None) -> float:
     """The chance of a hit: the share of positions (inside ``mask`` and ``region``) where lesions were planted."""
     m = np.asarray(mask, bool).copy()
     if region is not None:
@@ -169,7 +172,8 @@ def base_rate(lesion_map, mask, region=None):
     return float((np.asarray(lesion_map)[m] > 0).mean()) if m.any() else float("nan")
 
 
-def phase_surrogates(vol, n, rng, region=None, mask=None):
+def phase_surrogates(vol: np.ndarray, n: int, rng: np.random.Generator, region: tuple | None = None,
+                     mask: np.ndarray | None = None) -> list[np.ndarray]:
     """``n`` surrogates of ``vol``: inside ``region``, the same amplitude spectrum with random phases (the
     mean kept), then ``mask`` applied as the visualization's was; zero elsewhere. What a metric gives on
     them is what the visualization's smoothness and contrast alone would give."""
@@ -189,7 +193,7 @@ def phase_surrogates(vol, n, rng, region=None, mask=None):
     return out
 
 
-def sex_effect_fidelity(vis, effect, mask, sign=1.0):
+def sex_effect_fidelity(vis: np.ndarray, effect: np.ndarray, mask: np.ndarray, sign: float = 1.0) -> float:
     """Correlation (inside ``mask``) of a visualization with a sex-effect map × ``sign``.
 
     ``sign`` is +1 for what should look male (effect = male − female) and −1 for female.
@@ -197,7 +201,8 @@ def sex_effect_fidelity(vis, effect, mask, sign=1.0):
     return correlation(np.asarray(vis) * sign, effect, mask)
 
 
-def quality_ratios(vis, real_tv, real_hf, mask=None, region=None):
+def quality_ratios(vis: np.ndarray, real_tv: float, real_hf: float, mask: np.ndarray | None = None,
+                   region: tuple | None = None) -> dict:
     """Roughness and high-frequency share of ``vis`` inside ``region`` divided by those of real volumes in the
     same region (1 = real-like)."""
     reg = region_slices(region, np.shape(vis))

@@ -189,9 +189,7 @@ def simulate_coverage(replicates, units, seeds, methods=METHODS, n_studies=2000,
     shape = (n_studies, replicates, units, seeds)
     sr, su, ss = sd
 
-    def study():
-        """Values (studies, R, U, S) and the mean they estimate: the effects above the top level that varies
-        (one trained network's units are read for that network, one unit's seeds for that unit) are fixed."""
+    def study():  # values (studies, R, U, S) and the mean they estimate (effects above the varying top fixed)
         rep = sr * _draw(rng, dist, (n_studies, replicates, 1, 1))
         unit = su * _draw(rng, dist, (n_studies, replicates, units, 1))
         v = rep + unit + ss * _draw(rng, dist, shape)
@@ -206,12 +204,7 @@ def simulate_coverage(replicates, units, seeds, methods=METHODS, n_studies=2000,
         truths.append(base_truth + t)
     vals = np.stack(vals, 1)                              # (studies, K, R, U, S)
     truth = np.min(truths, 0)                             # the smallest of the K true mean gains
-    if replicates > 1:
-        top = vals.mean((-1, -2))
-    elif units > 1:
-        top = vals.mean(-1)[..., 0, :]
-    else:
-        top = vals[..., 0, 0, :]
+    top = vals.mean((-1, -2)) if replicates > 1 else vals.mean(-1)[..., 0, :] if units > 1 else vals[..., 0, 0, :]
     out = {}
     a = (1 - level) / 2
     for m in methods:

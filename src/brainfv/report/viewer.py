@@ -17,26 +17,36 @@ and the baseline of the size comparison in ``ViewerPage.n_bytes``.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
+import io
 import json
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import nibabel as nib
+import nilearn
 import numpy as np
+from nilearn import plotting
+from PIL import Image
 
+from ..data.grid import Grid
+from ..data.template import template_on_grid
 from ..errors import InputDataError
-from ..utils import atomic_path
+from ..utils import Progress, atomic_path
 from .anatomy import (
     DIVERGING_CMAP,
     THRESHOLD_FRACTION,
     _cheap_gc,
+    _mask_for,
     choose_cut_coords,
     panel_style,
     robust_max,
-    _mask_for,
 )
 
 __all__ = ["ViewerPage", "write_viewer", "parse_view", "repack_png"]
@@ -62,7 +72,7 @@ _PARAMS_RE = re.compile(r"brainsprite\((\{.*?\})\)\s*;", re.S)
 _SCRIPT_RE = re.compile(r"<script>(.*?)</script>", re.S)
 
 
-def parse_view(page):
+def parse_view(page: str) -> dict | None:
     """Take a nilearn ``view_img`` standalone page apart.
 
     Returns
@@ -97,11 +107,7 @@ def parse_view(page):
 
 def _template_img(template, display):
     """The background anatomy on the display grid (outside-brain voxels 0, shown black)."""
-    import nibabel as nib
-
     if template is None:  # the study's own template on the grid (cached), brain only
-        from ..data.template import template_on_grid
-
         return display.to_nifti(template_on_grid(display)["t1"])
     if isinstance(template, np.ndarray):
         if template.shape != tuple(display.shape):
@@ -113,8 +119,6 @@ def _template_img(template, display):
 
 
 def _display_grid(grid, voxel_size):
-    from ..data.grid import Grid
-
     if voxel_size is None or float(voxel_size) == grid.voxel_size:
         return grid
     lo = np.asarray(grid.origin) - grid.voxel_size / 2
@@ -165,8 +169,6 @@ def _make_view(vol, style, grid, bg, cut, vmax_col, mask, threshold_fraction, cm
     Returns ``(page, legend)`` with legend keys ``range`` (colour bar end labels), ``units`` and
     ``caption`` (scale and threshold in words).
     """
-    from nilearn import plotting
-
     rmax = robust_max(vol, mask)
     # voxels shown as voxels (nearest) unless the display grid is coarser (then interpolate, not alias)
     interpolation = "nearest" if display.voxel_size <= grid.voxel_size else "continuous"
@@ -204,18 +206,13 @@ def _key(b64):
     return hashlib.sha1(b64.encode()).hexdigest()[:16]
 
 
-def repack_png(b64):
+def repack_png(b64: str) -> str:
     """A base64 PNG re-encoded as an indexed (palette) PNG when that is exact and smaller.
 
     nilearn writes sprites as RGBA PNGs, but a sprite drawn through a colour map has at most a
     few hundred distinct RGBA values; stored as palette indices (with an RGBA palette) the same
     pixels take ~2.5× less space. Returns ``b64`` unchanged when there are more than 256 colours.
     """
-    import base64
-    import io
-
-    from PIL import Image
-
     raw = base64.b64decode(b64)
     with Image.open(io.BytesIO(raw)) as im:
         rgba = np.asarray(im.convert("RGBA"))
@@ -231,53 +228,35 @@ def repack_png(b64):
     return base64.b64encode(out).decode("ascii") if len(out) < len(raw) else b64
 
 
-def write_viewer(path, title, units, grid, template=None, description="", *, mask=None, styles=None,
-                 threshold_fraction=THRESHOLD_FRACTION, display_voxel_size=None, cmap=DIVERGING_CMAP,
-                 mode="shared", log=None):
+def write_viewer(path: str | Path, title: str, units: list[dict], grid: Grid, template: object = None,
+                 description: str = "", *, mask: np.ndarray | None = None, styles: dict | None = None,
+                 threshold_fraction: float = THRESHOLD_FRACTION, display_voxel_size: float | None = None,
+                 cmap: str = DIVERGING_CMAP, mode: str = "shared", log: Callable | None = None) -> ViewerPage:
     """Write one self-contained, offline HTML page to scroll through units' volumes on anatomy.
 
-    Parameters
-    ----------
-    path : str or Path
-        HTML file, written atomically.
-    title : str
-        Page title (e.g. ``"lesion — block4.norm"``).
-    units : list of dict
-        One dict per unit: ``label`` (str), ``panels`` (dict name -> 3D array on ``grid`` or None;
-        dict order = display order) and optionally ``cut_coords`` ((x, y, z) MNI mm; default
-        :func:`brainfv.report.anatomy.choose_cut_coords` over the unit's visualizations).
-    grid : brainfv.data.grid.Grid
-        The study grid the volumes are on.
-    template : Niimg, path, array on the display grid, or None
-        Background anatomy (default nilearn's MNI152 1 mm template, brain only, resampled).
-    description : str
-        Plain text shown under the title.
-    mask : bool array on ``grid`` or None
-        Brain mask for robust maxima and cut search (default the template's).
-    styles : dict name -> PanelStyle
-        As in :func:`brainfv.report.anatomy.units_on_anatomy_figure` (units, scale, kind).
-    threshold_fraction : float
-        Overlay voxels with ``|v|`` below this fraction of the panel's robust maximum (99.5th
-        percentile of ``|v|`` in the mask) are hidden so the anatomy shows (15 % by default).
-    display_voxel_size : float or None
-        Voxel size (mm) of the viewers' sprites; None: the study grid's (volumes shown at their own
-        resolution, nearest-neighbour, not interpolated). The page grows with the voxel count:
-        4 units x 8 panels of noisy visualizations are ~2.4 MB at 3 mm, ~3.6 MB at 2 mm; a coarser
-        display grid (e.g. 3 for a 1.5 mm study) interpolates instead of aliasing.
-    cmap : str
-        Diverging colour map (blue: darker T1 than average, red: brighter).
-    mode : {"shared", "iframe"}
-        ``"shared"``: libraries and identical images stored once, viewers built on demand (see the
-        module docstring). ``"iframe"``: each viewer's own nilearn page in an on-demand iframe.
-    log : callable or None
-        Progress messages.
+    - ``path``: the HTML file, written atomically; ``title``: the page title (e.g. ``"lesion — block4.norm"``);
+      ``description``: plain text shown under the title.
+    - ``units``: one dict per unit: ``label`` (str), ``panels`` (dict name -> 3D array on ``grid`` or None;
+      dict order = display order) and optionally ``cut_coords`` ((x, y, z) MNI mm; default
+      :func:`brainfv.report.anatomy.choose_cut_coords` over the unit's visualizations).
+    - ``grid``: the study grid (:class:`brainfv.data.grid.Grid`) the volumes are on.
+    - ``template``: background anatomy (Niimg, path, array on the display grid; default nilearn's MNI152 1 mm
+      template, brain only, resampled). ``mask``: bool array on ``grid`` for robust maxima and the cut search
+      (default the template's).
+    - ``styles``: dict name -> PanelStyle, as in :func:`brainfv.report.anatomy.units_on_anatomy_figure`.
+    - ``threshold_fraction``: overlay voxels with ``|v|`` below this fraction of the panel's robust maximum
+      (99.5th percentile of ``|v|`` in the mask) are hidden so the anatomy shows (15 % by default).
+    - ``display_voxel_size``: voxel size (mm) of the viewers' sprites; None: the study grid's (volumes shown at
+      their own resolution, nearest-neighbour). The page grows with the voxel count: 4 units x 8 panels of
+      noisy visualizations are ~2.4 MB at 3 mm, ~3.6 MB at 2 mm; a coarser display grid (e.g. 3 for a 1.5 mm
+      study) interpolates instead of aliasing.
+    - ``cmap``: diverging colour map (blue: darker T1 than average, red: brighter).
+    - ``mode``: ``"shared"``: libraries and identical images stored once, viewers built on demand (see the
+      module docstring); ``"iframe"``: each viewer's own nilearn page in an on-demand iframe.
+    - ``log``: a callable for progress messages, or None.
 
-    Returns
-    -------
-    ViewerPage
+    Returns a :class:`ViewerPage`.
     """
-    from ..utils import Progress
-
     t0 = time.perf_counter()
     if mode not in ("shared", "iframe"):
         raise ValueError(f"write_viewer: mode must be 'shared' or 'iframe', got {mode!r}")
@@ -292,8 +271,6 @@ def write_viewer(path, title, units, grid, template=None, description="", *, mas
         text = _build(title, units, grid, description, mask, styles, threshold_fraction, display, bg,
                       vmax_col, cmap, mode, progress, gc_state)
     if text is None:  # nilearn's page layout unknown: embed its pages whole
-        import nilearn
-
         (log or (lambda m: None))(f"viewer: nilearn {nilearn.__version__}'s view_img page has an unknown "
                                   f"layout; falling back to mode='iframe'")
         return write_viewer(path, title, units, grid, template, description, mask=mask, styles=styles,
@@ -368,17 +345,22 @@ def _page(title, description, data, library, threshold_fraction, display_mm, gri
     return _TEMPLATE.substitute(
         TITLE=esc(title), DESCRIPTION=esc(description), NOTES=esc(notes), DATA=_json_for_script(data),
         LIBRARY=lib,
+        CSP=_CSP,
     )
 
 
 from string import Template  # noqa: E402  (the page template reads better at the end of the module)
+
+#: the page's Content-Security-Policy: nothing from the network, its own inline script, style and images only
+_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+        "frame-src 'self' data: about:; child-src 'self' data: about:")
 
 _TEMPLATE = Template(r"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy"
-      content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; frame-src 'self' data: about:; child-src 'self' data: about:">
+      content="$CSP">
 <title>$TITLE</title>
 <style>
   :root { color-scheme: dark; }

@@ -1,6 +1,6 @@
 """Torch-free description of the paper-style CNN's layers, so the DAG can list units cheaply.
 
-The model (:class:`brainfv.models.BrainCNN`) names its modules::
+The model (:class:`brainfv.models.cnn.BrainCNN`) names its modules::
 
     block{i}.conv  block{i}.norm  block{i}.act  block{i}.pool     i = 1..len(channels)
     fc  fc_act                                                    if hidden > 0
@@ -10,13 +10,13 @@ A unit is addressed as ``layer:channel``, e.g. ``block3.norm:12`` or ``classifie
 """
 from __future__ import annotations
 
-from .config import ModelConfig
-from .errors import ConfigError, UnitError
+from ..config import ModelConfig
+from ..errors import ConfigError, UnitError
 
 __all__ = ["layer_units", "n_units", "resolve_units"]
 
 
-def layer_units(arch, n_classes=2):
+def layer_units(arch: dict | ModelConfig | None, n_classes: int = 2) -> dict[str, int]:
     """``{layer name: number of units}`` for every addressable layer of the architecture (config ``model``;
     the classifier's units are the classes, known once the data is: ``n_classes``)."""
     a = ModelConfig.from_config({k: v for k, v in (arch or {}).items() if k != "n_classes"}, "model")
@@ -31,14 +31,14 @@ def layer_units(arch, n_classes=2):
     return out
 
 
-def n_units(arch, layer):
+def n_units(arch: dict | ModelConfig | None, layer: str) -> int:
     units = layer_units(arch)
     if layer not in units:
         raise UnitError(f"layer {layer!r} is not in the model; layers: {list(units)}")
     return units[layer]
 
 
-def resolve_units(spec, n, where="units"):
+def resolve_units(spec: str | int | list[int], n: int, where: str = "units") -> list[int]:
     """Unit indices from a config spec: ``"all"``, an int N (first N) or a list of indices (sorted, without
     repeats: a request's volumes and table rows are in ascending channel order)."""
     if spec == "all":

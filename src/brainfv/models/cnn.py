@@ -1,4 +1,4 @@
-"""The paper-style 3D CNN with stable, readable layer names (see :mod:`brainfv.arch`).
+"""The paper-style 3D CNN with stable, readable layer names (see :mod:`brainfv.models.arch`).
 
 Eitel et al.'s lab used four conv layers (8/32/64/64 channels) with ELU and 3D
 dropout on 182×218×182 volumes, then flattened the last feature maps into FC→100→output
@@ -8,11 +8,16 @@ The default here is a lighter conv–BN–ReLU–maxpool stack (8-16-32-64) with
 """
 from __future__ import annotations
 
+import copy as _copy
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .errors import ConfigError
+from ..config import ModelConfig
+from ..errors import ConfigError, InputDataError
+from ..utils import atomic_path
 
 __all__ = ["ConvBlock", "BrainCNN", "build_model", "flatten_shape", "frozen", "save_checkpoint", "load_checkpoint"]
 
@@ -40,7 +45,7 @@ class ConvBlock(nn.Module):
         self.drop = nn.Dropout3d(spatial_dropout) if spatial_dropout else nn.Identity()
         self.pool = nn.MaxPool3d(2)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.drop(self.act(self.norm(self.conv(x)))))
 
 
@@ -90,7 +95,7 @@ class BrainCNN(nn.Module):
             cin = hidden
         self.classifier = nn.Linear(cin, n_classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(1, self.n_blocks + 1):
             x = getattr(self, f"block{i}")(x)
         x = self.dropout(torch.flatten(self.gap(x) if self.head == "pool" else x, 1))
@@ -99,7 +104,7 @@ class BrainCNN(nn.Module):
         return self.classifier(x)
 
 
-def flatten_shape(input_shape, n_blocks):
+def flatten_shape(input_shape: Sequence[int], n_blocks: int) -> tuple:
     """Spatial shape of the last feature maps (each block halves every axis, flooring, as MaxPool3d(2) does)."""
     shape = [int(n) for n in input_shape]
     for _ in range(n_blocks):
@@ -109,21 +114,20 @@ def flatten_shape(input_shape, n_blocks):
     return tuple(shape)
 
 
-def build_model(arch=None, n_classes=2, input_shape=None):
+def build_model(arch: dict | ModelConfig | None = None, n_classes: int = 2,
+                input_shape: Sequence[int] | None = None) -> BrainCNN:
     """A :class:`BrainCNN` from an architecture dict (config ``model`` section, validated against the schema);
     ``input_shape`` (the grid's shape) sizes the flatten head."""
     a = ModelConfig.from_config(arch, "model").as_dict()
     return BrainCNN(**a, n_classes=n_classes, input_shape=input_shape)
 
 
-def frozen(model, device=None, copy=True):
+def frozen(model: nn.Module, device: str | torch.device | None = None, copy: bool = True) -> nn.Module:
     """An eval-mode model (a copy unless ``copy=False``) on ``device`` whose parameters need no gradient, with
     5D weights in channels-last 3D layout (how every 3D convolution here runs fastest on the CPU: e.g.
     integrated gradients 6.3 instead of 8.5 s a volume, a forward pass to block4.norm 0.09-0.15 instead of
     0.15-0.29 s; benchmarks/training.py). For optimising or attributing inputs; the caller's model is
     untouched."""
-    import copy as _copy
-
     m = _copy.deepcopy(model) if copy else model
     if device is not None:
         m = m.to(device)
@@ -137,15 +141,13 @@ def frozen(model, device=None, copy=True):
     return m
 
 
-def save_checkpoint(path, model, **meta):
+def save_checkpoint(path: str | Path, model: BrainCNN, **meta: object) -> None:
     """Save weights + architecture + metadata (classes, grid, task...) atomically."""
-    from .utils import atomic_path
-
     with atomic_path(path) as tmp:
         torch.save({"state_dict": model.state_dict(), "arch": model.arch, "meta": meta}, tmp)
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[BrainCNN, dict]:
     """Load a model saved by :func:`save_checkpoint`: returns ``(model in eval mode, meta)``.
 
     One call, no Snakemake needed::
@@ -153,8 +155,6 @@ def load_checkpoint(path, map_location="cpu"):
         model, meta = brainfv.models.load_checkpoint("results/models/lesion/model.pt")
         meta["classes"], meta["grid"]  # class names, and the grid/normalisation it expects
     """
-    from .errors import InputDataError
-
     try:
         ck = torch.load(path, map_location=map_location, weights_only=False)
     except FileNotFoundError:

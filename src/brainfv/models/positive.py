@@ -17,13 +17,22 @@ With a hidden FC layer, its first unit carries the same sum. The 'absent' logit 
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
+import pandas as pd
 import torch
 
-from .errors import ConfigError
-from .models import build_model, flatten_shape
+from ..data.store import Dataset
+from ..errors import ConfigError
+from ..utils import atomic_path, get_logger
+from .cnn import build_model, flatten_shape, save_checkpoint
 
-__all__ = ["lesion_template_kernel", "lesion_positions", "positive_control_network", "known_pattern"]
+__all__ = ["lesion_template_kernel", "lesion_positions", "positive_control_network", "known_pattern",
+           "construct_positive_control"]
 
 
 def lesion_template_kernel(diameter_vox: float, size: int | None = None) -> np.ndarray:
@@ -57,8 +66,8 @@ def lesion_positions(frequency: np.ndarray, n_blocks: int, k: int = 2) -> list[t
     return [tuple(int(i) for i in np.unravel_index(o, fs)) for o in order if cells.flat[o] > 0]
 
 
-def positive_control_network(arch: dict, input_shape, diameter_vox: float, positions=None, n_classes: int = 2,
-                             present: int = 1) -> torch.nn.Module:
+def positive_control_network(arch: dict, input_shape: tuple, diameter_vox: float, positions: list | None = None,
+                             n_classes: int = 2, present: int = 1) -> torch.nn.Module:
     """The positive-control network of architecture ``arch`` (config ``model`` keys, ``head`` included) for a
     lesion template of ``diameter_vox``; ``positions`` (cells of the last maps) for the flatten head."""
     a = dict(arch)
@@ -85,7 +94,7 @@ def positive_control_network(arch: dict, input_shape, diameter_vox: float, posit
         if head == "pool":
             read = {0: 1.0}
         else:
-            c = model.block1.conv.out_channels if n_blocks == 1 else model.get_submodule(f"block{n_blocks}.conv").out_channels
+            c = model.get_submodule(f"block{n_blocks}.conv").out_channels
             read = {int(np.ravel_multi_index((0,) + tuple(p), (c,) + model.feature_shape)): 1.0 / len(positions)
                     for p in positions}
         first = model.fc if hasattr(model, "fc") else model.classifier
@@ -97,7 +106,7 @@ def positive_control_network(arch: dict, input_shape, diameter_vox: float, posit
     return model.eval()
 
 
-def known_pattern(shape, diameter_vox: float, positions=None, n_blocks: int = 4) -> np.ndarray:
+def known_pattern(shape: tuple, diameter_vox: float, positions: list | None = None, n_blocks: int = 4) -> np.ndarray:
     """Where the positive control's preferred dark lesions may lie: 1 inside the input region of the read
     cells (flatten head), everywhere for the pooled head (``positions`` None)."""
     out = np.zeros(tuple(shape), np.float32)
@@ -110,24 +119,14 @@ def known_pattern(shape, diameter_vox: float, positions=None, n_blocks: int = 4)
     return out
 
 
-def construct_positive_control(dataset_dir, arch: dict, task: str, target: str, out_dir, cells: int = 2,
-                               log=None) -> dict:
+def construct_positive_control(dataset_dir: str | Path, arch: dict, task: str, target: str, out_dir: str | Path,
+                               cells: int = 2, log: Callable | None = None) -> dict:
     """Build ``task``'s positive-control network for a lesion dataset folder and write ``model.pt`` (a brainfv
     checkpoint) and ``metrics.json`` (its target, classes and output layer, and how it was built) to ``out_dir``.
 
     The template's diameter is the median planted lesion diameter (``lesions.tsv``), in voxels of the grid;
     the flatten head reads the ``cells`` cells of the last maps where lesions were planted most often
     (``lesion_frequency.nii.gz``)."""
-    import json
-    from pathlib import Path
-
-    import nibabel as nib
-    import pandas as pd
-
-    from .data.store import Dataset
-    from .models import save_checkpoint
-    from .utils import atomic_path, get_logger
-
     log = log or get_logger().info
     ds = Dataset(dataset_dir)
     root = Path(dataset_dir)
@@ -163,13 +162,3 @@ def construct_positive_control(dataset_dir, arch: dict, task: str, target: str, 
     log(f"task {task}: positive-control network ({head} head), dark-lesion template of {diameter:.1f} voxels"
         + (f", read at cells {how['cells']} ({how['cell_size_vox']} voxels a side)" if positions else ""))
     return meta
-
-
-def positive_control_job(job) -> None:
-    """The ``construct_model`` rule: a lesion dataset's ``participants``, ``lesions`` and ``frequency`` inputs
-    → ``model`` and ``info`` outputs. Params: ``task``, ``target``, ``arch`` (the task's architecture)."""
-    from pathlib import Path
-
-    p = job.params
-    construct_positive_control(job.folder("participants", "lesions", "frequency", "reference"), p["arch"], p["task"],
-                               p["target"], Path(job.output["model"]).parent, log=job.log)

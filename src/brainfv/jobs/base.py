@@ -1,15 +1,19 @@
 """What a workflow rule hands the library: its files, parameters and a logger, as plain data.
 
 Every rule's script is two lines: it passes Snakemake's job object to :func:`run` with one library
-function (``brainfv.training.train_job``, ``brainfv.featviz.study.visualize_job``, ...). That function
+function (``brainfv.jobs.train.train_job``, ``brainfv.jobs.featviz.visualize_job``, ...). That function
 receives a :class:`Job` of plain dicts, so it is testable without Snakemake, and reads only the files
 named in ``job.input`` (the rule declares every file it reads).
 """
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..errors import BrainFVError
+from ..utils import get_logger, terminate_cleanly
 
 __all__ = ["Job", "run"]
 
@@ -28,7 +32,7 @@ class Job:
     config: dict = field(default_factory=dict)  # the run's whole config, for checks that must not be params
 
     @classmethod
-    def from_snakemake(cls, smk, log):
+    def from_snakemake(cls, smk: object, log: Callable[[str], None]) -> Job:
         def named(items):  # Snakemake's named lists become plain strings / lists
             return {k: (v if isinstance(v, (str, int, float, bool, dict, type(None))) else list(v))
                     for k, v in items.items()}
@@ -36,7 +40,7 @@ class Job:
                    wildcards=named(smk.wildcards), threads=int(smk.threads), log=log, rule=smk.rule,
                    config=dict(getattr(smk, "config", {}) or {}))
 
-    def folder(self, *names):
+    def folder(self, *names: str) -> Path:
         """The common folder of the named inputs (they must share one: a dataset or model folder)."""
         folders = {Path(self.input[n]).parent for n in names}
         if len(folders) != 1:
@@ -44,13 +48,10 @@ class Job:
         return folders.pop()
 
 
-def run(fn, smk):
+def run(fn: Callable[[Job], None], smk: object) -> None:
     """Run ``fn(job)`` for Snakemake's ``smk`` object, logging to the rule's log file; brainfv errors end
     the job with their one-line message instead of a traceback. SIGTERM (a cluster's time limit,
     ``snakemake`` being stopped) is turned into an exception, so temporary files are removed."""
-    from .errors import BrainFVError
-    from .utils import get_logger, terminate_cleanly
-
     logger = get_logger("brainfv", smk.log[0] if len(smk.log) else None)
     logger.info(f"rule {smk.rule} {dict(smk.wildcards)} threads={smk.threads}")
     job = Job.from_snakemake(smk, logger.info)
