@@ -62,7 +62,7 @@ def visualize_job(job: Job) -> None:
         volumes[name], table, traj = _visualize_network(net.to(device), name, p, units, ds, data, device, job.log)
         tables.append(table)
         trajs.append(traj)
-    if "cascade" in job.output:
+    if job.output.get("cascade"):  # an empty list when featviz.cascade is off
         volumes["cascade"] = _cascade(job, model, control_seed, p, units, ds, data, device)
     _write_visualizations(job, p, ds.grid, volumes, tables, trajs)
 
@@ -134,7 +134,7 @@ def _visualize_network(net: torch.nn.Module, name: str, p: dict, units: list[int
 def _write_visualizations(job: Job, p: dict, grid: Grid, volumes: dict, tables: list, trajs: list) -> None:
     """The job's outputs: a 4D NIfTI per network, the table and (whole layers) the trajectory."""
     for key, name in (("nifti", "trained"), ("randomized", "randomized"), ("cascade", "cascade")):
-        if key in job.output:
+        if job.output.get(key):  # a rule's unused output is an empty list
             img = grid.to_nifti(np.moveaxis(volumes[name], 0, -1))
             img.header["descrip"] = f"brainfv {p['task']} {p['layer']} {p['regularizer']} {name}"[:79].encode()
             with atomic_path(job.output[key]) as tmp:
