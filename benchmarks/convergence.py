@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--variant", default="data", help="range: data, none, tanh4 or project")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--no-stop", action="store_true")
+    ap.add_argument("--rtol", type=float, default=None, help="featviz.converge.rtol (default: the schema's)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
 
@@ -65,6 +66,8 @@ def main():
             units = list(range(n)) if spec.get("units", "all") == "all" else list(range(min(n, spec["units"])))
             seeds = a.seeds or spec.get("seeds", fv["seeds"])
             conv = dict(fv["converge"], enabled=not a.no_stop)
+            if a.rtol is not None:
+                conv["rtol"] = a.rtol
             t0 = time.perf_counter()
             r = visualize_layer(model, spec["layer"], units, preset, shape=ds.grid.shape, mask=ds.mask,
                                 real_volumes=real, test_volumes=val, seed=cfg["seed"], task="lesion",

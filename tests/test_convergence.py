@@ -199,10 +199,9 @@ def test_visualize_job_writes_steps_converged_and_the_cascade(tmp_path):
     import pandas as pd
     from conftest import toy_dataset
 
+    from brainfv.featviz.study import visualize_job
     from brainfv.job import Job
     from brainfv.models import save_checkpoint
-
-    from brainfv.featviz.study import visualize_job
 
     ds = toy_dataset(tmp_path / "toy", n=12, shape=(12, 14, 12))
     ck = tmp_path / "model.pt"

@@ -74,8 +74,10 @@ class Squash(nn.Module):
     def forward(self, x):
         if not self.bounded:
             return x
-        if self.project:  # the identity inside the range (the variables are projected into it after each step)
-            return x.clamp(self.lo, self.hi)
+        if self.project:
+            # the variables are projected into the range after each step: the clamp only removes FFT rounding, and
+            # passes every gradient (straight through), so rounding never decides which voxels get one
+            return x + (x.clamp(self.lo, self.hi) - x).detach()
         c, h = (self.lo + self.hi) / 2, (self.hi - self.lo) / 2
         # tanh rounds to +-1 in float32 for large arguments; the clamp only removes that last bit
         return (c + h * torch.tanh((x - c) / h)).clamp(self.lo, self.hi)
@@ -200,9 +202,9 @@ class FourierParam(_Ranged):
         space: the spectrum is a linear, invertible function of the image)."""
         if self.squash.project:
             img = torch.fft.irfftn(torch.view_as_complex(self.spectrum) * self.scale, s=self.shape, dim=(-3, -2, -1))
-            clipped = img.clamp(self.squash.lo, self.squash.hi)
-            if not torch.equal(clipped, img):
-                self.spectrum.copy_(self.to_spectrum(clipped))
+            # every step, whether or not a voxel left the range: a test per element would depend on the last
+            # bits of the batched FFT, and an element would then not compute the same alone and in a batch
+            self.spectrum.copy_(self.to_spectrum(img.clamp(self.squash.lo, self.squash.hi)))
 
     def unit_noise_std(self):
         """Standard deviation of the image made from unit white noise in the spectrum variables (fixed
