@@ -56,7 +56,7 @@ def test_bounded_parametrisations_never_leave_the_range(kind, project):
             p.project_()  # what the loop does after every step
         x = p()
         assert torch.isfinite(x).all() and x.min() >= LO and x.max() <= HI
-        if project and kind != "maco":  # projected: the variables themselves hold an image inside the range (up to FFT rounding)
+        if project and kind != "maco":  # projected: the variables themselves hold an image in the range (up to rounding)
             raw = p.x if kind == "voxel" else torch.fft.irfftn(torch.view_as_complex(p.spectrum) * p.scale,
                                                                  s=SHAPE, dim=(-3, -2, -1))
             assert raw.min() >= LO - 1e-3 * (HI - LO) and raw.max() <= HI + 1e-3 * (HI - LO)
