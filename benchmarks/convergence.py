@@ -7,9 +7,9 @@ For every request of the default config (``featviz.layers``) and preset, runs th
 plateau criterion (``featviz.converge``) up to ``--steps`` and prints, per request and preset: the share
 of elements (unit x seed) converged, the median and max steps they ran, seconds per step of the whole batch
 and the element-steps actually computed (with per-element stopping the batch shrinks). ``--variant``
-compares ways of bounding the image (``data``: the default squash into the data's percentiles; ``none``:
-unbounded; ``tanh4``: +-4; ``project``: hard bounds, variables projected after each step)
-and ``--no-stop`` runs every element all steps (the cost without stopping).
+compares ways of bounding the image: ``data`` (the schema's defaults: range data, bound_by project),
+``squash`` (range data, tanh squash), ``project``, ``none`` (unbounded) and ``tanh4`` (+-4); ``--no-stop``
+runs every element all steps (the cost without stopping); ``--lr`` overrides every preset's lr.
 """
 import argparse
 import sys
@@ -30,9 +30,10 @@ def main():
     ap.add_argument("--presets", default="none,jitter,fourier,maco")
     ap.add_argument("--requests", default="all", help="indices into featviz.layers (comma-separated) or all")
     ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--variant", default="data", help="range: data, none, tanh4 or project")
+    ap.add_argument("--variant", default="data", help="data, squash, project, none or tanh4")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--no-stop", action="store_true")
+    ap.add_argument("--rtol", type=float, default=None, help="featviz.converge.rtol (default: the schema's)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
 
@@ -54,22 +55,26 @@ def main():
     for spec in reqs:
         for name in a.presets.split(","):
             preset = dict(fv["regularizers"][name])
+            if a.lr is not None:
+                preset["lr"] = a.lr
             if a.variant == "none":
                 preset["range"] = "none"
             elif a.variant == "tanh4":
                 preset["range"] = "tanh"
-            elif a.variant == "project":
-                preset["bound_by"] = "project"
+            elif a.variant in ("project", "squash"):
+                preset["bound_by"] = a.variant
             from brainfv.featviz.units import layer_output_shape
 
             n = layer_output_shape(model, spec["layer"], (1,) + tuple(ds.grid.shape))[0]
             units = list(range(n)) if spec.get("units", "all") == "all" else list(range(min(n, spec["units"])))
             seeds = a.seeds or spec.get("seeds", fv["seeds"])
             conv = dict(fv["converge"], enabled=not a.no_stop)
+            if a.rtol is not None:
+                conv["rtol"] = a.rtol
             t0 = time.perf_counter()
             r = visualize_layer(model, spec["layer"], units, preset, shape=ds.grid.shape, mask=ds.mask,
                                 real_volumes=real, test_volumes=val, seed=cfg["seed"], task="lesion",
-                                regularizer=name, steps=a.steps, lr=a.lr or fv["lr"], n_seeds=seeds,
+                                regularizer=name, steps=a.steps, lr=fv["lr"], n_seeds=seeds,
                                 objective=spec.get("objective", "channel"), converge=conv,
                                 log=lambda m: print("#", m, file=sys.stderr, flush=True))
             secs = time.perf_counter() - t0

@@ -44,7 +44,8 @@ class RenderResult:
     images: np.ndarray            # (B, X, Y, Z) on the full input shape
     objective_start: np.ndarray   # (B,) on the untransformed initial image
     objective_end: np.ndarray     # (B,) on the untransformed final image
-    trajectory: np.ndarray        # (n_records, B) objective during optimisation (with transforms)
+    trajectory: np.ndarray        # (n_records, B) objective during optimisation (with transforms; after an
+    #                               element stopped, its last value)
     trajectory_steps: np.ndarray  # (n_records,)
     seconds: float
     steps_per_s: float
