@@ -256,7 +256,7 @@ def visualize_job(job):
         log(f"{name}: {len(units)} units x {p['n_seeds']} seeds in {r.result.seconds:.1f}s "
             f"({r.result.steps_per_s:.2f} steps/s); objective mean {np.mean(r.result.objective_start):.3f} -> "
             f"{np.mean(r.result.objective_end):.3f}")
-    if "cascade" in job.output:  # the cascade at the first seed: steps x units
+    if job.output.get("cascade"):  # the cascade at the first seed: steps x units (an unused output is [])
         steps, ctables = [], []
         for k, (stages, net) in enumerate(cascade(model, control_seed)):
             r = visualize_layer(net.to(device), p["module"], units, p["preset"], shape=grid.shape, mask=ds.mask,
@@ -274,7 +274,7 @@ def visualize_job(job):
         with atomic_path(job.output["cascade_table"]) as tmp:
             pd.concat(ctables, ignore_index=True).to_csv(tmp, sep="\t", index=False)
     for key, name in (("nifti", "trained"), ("randomized", "randomized"), ("cascade", "cascade")):
-        if key in job.output:
+        if job.output.get(key):
             img = grid.to_nifti(np.moveaxis(volumes[name], 0, -1))
             img.header["descrip"] = f"brainfv {p['task']} {p['layer']} {p['regularizer']} {name}"[:79].encode()
             with atomic_path(job.output[key]) as tmp:
