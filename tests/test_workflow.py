@@ -219,11 +219,12 @@ def test_tiny_study_end_to_end(tmp_path):
                 "effect_corr_surrogate", "transfer_prob_surrogate", "act_matched_z"):
         assert col in table, col
     assert table["regularizer"].str.startswith("attribution:").any()  # the positive control
-    assert set(vis["task"]) == {"sex", "lesion", "lesion-known", "densenet", "scripted"}
-    # the positive control: built (not trained), flatten head, summarised per head and model kind
-    known = json.loads((res / "models/lesion-known/main/metrics.json").read_text())
+    assert set(vis["task"]) == {"sex", "lesion", "sex-flatten", "lesion-flatten", "lesion-known", "lesion-known-flatten",
+                                "densenet", "scripted"}
+    # the positive controls: built (not trained), per head, summarised per head and model kind
+    known = json.loads((res / "models/lesion-known-flatten/main/metrics.json").read_text())
     assert known["role"] == "positive control" and known["construction"]["head"] == "flatten"
-    assert not (res / "models/lesion-known/transfer").exists()
+    assert not (res / "models/lesion-known/transfer").exists() and not (res / "models/sex-flatten/transfer").exists()
     # block 1 neurons probe where lesions were planted, the same position for both tasks
     pos = {t: set(pd.read_csv(res / f"featviz/{t}/block1.norm/fourier/units.tsv", sep="\t")["position"])
            for t in ("sex", "lesion")}
@@ -233,7 +234,8 @@ def test_tiny_study_end_to_end(tmp_path):
                 "p_min_gain", "p_adj", "primary", "verdict", "z", "randomization_check", "head", "model"):
         assert col in summary, col
     kinds = summary.drop_duplicates("task").set_index("task")
-    assert kinds.loc["lesion-known", "head"] == "flatten" and kinds.loc["lesion-known", "model"] == "positive control"
+    assert kinds.loc["lesion-known-flatten", "head"] == "flatten" and kinds.loc["lesion-known", "head"] == "pool"
+    assert kinds.loc["lesion-known", "model"] == "positive control" and kinds.loc["lesion-flatten", "model"] == "trained"
     assert kinds.loc["lesion", "head"] == "pool" and kinds.loc["densenet", "model"] == "given"
     checks = set(pd.read_csv(res / "report/sanity.tsv", sep="\t")["randomization_check"])
     assert checks <= {"pass", "fail", "no control"}
