@@ -176,3 +176,31 @@ def test_featviz_requests_are_checked_against_the_models_layers_before_any_job(t
         check(cfg({"layer": "features.conv1", "units": [6]}, **given))
     os.utime(ck, (os.stat(folder / "model.json").st_mtime + 10,) * 2)  # a new file: describe_model checks it
     assert check(cfg({"layer": "features.conv9"}, **given))
+
+
+def test_a_replaced_given_model_is_not_checked_against_its_old_description(tmp_path):
+    """A checkpoint copied over with its old modification time (cp -p) still has a new change time: its old
+    describe_model outputs are not used to judge the requests (describe_model reruns: its content param)."""
+    import json
+    import os
+    import shutil
+
+    from brainfv.jobs.requests import check_requests, checkpoint_stat
+
+    ck, other = tmp_path / "net.pt", tmp_path / "other.pt"
+    ck.write_bytes(b"old network")
+    other.write_bytes(b"a new network with another layer")
+    folder = tmp_path / "results/models/mine/provided"
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text(json.dumps({"checkpoint": str(ck), "modules": ["features", "head"],
+                                                   "checkpoint_stat": checkpoint_stat(ck)}))
+    (folder / "units.tsv").write_text("layer\ttype\tchannels\nfeatures\tConv3d\t6\nhead\tLinear\t\n")
+    mine = {"dataset": "cohort", "target": "sex", "model": {"checkpoint": str(ck)}}
+    cfg = C.check(C.complete({"results": str(tmp_path / "results"), "tasks": {"mine": mine},
+                              "featviz": {"layers": [{"layer": "features.conv9"}]}}))
+    with pytest.raises(ConfigError, match="'features.conv9' is not a layer of tasks.mine.model"):
+        check_requests(cfg)
+    st = os.stat(ck)
+    shutil.copyfile(other, ck)
+    os.utime(ck, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p leaves it
+    check_requests(cfg)  # the old description no longer speaks for the file: describe_model judges it

@@ -1,5 +1,4 @@
 """brainfv.jobs.requests: what the rules and the command line ask of the jobs, built once from the config."""
-import json
 
 import pytest
 
@@ -78,13 +77,3 @@ def test_exemplars_shown_beside_each_request(cfg):
         "k": cfg["featviz"]["exemplars"], "device": cfg["featviz"]["device"], "position": "centre"}
     off = {**cfg, "featviz": {**cfg["featviz"], "exemplars": 0}}
     assert Q.exemplar_layers(off, "sex") == [] and Q.exemplar_source(off, "sex", "block4.norm") is None
-
-
-def test_a_given_models_layers_are_checked_once_described(cfg, tmp_path):
-    given = {**cfg, "tasks": {"own": {"dataset": "cohort", "target": "sex", "model": {"checkpoint": "m.pt"}}}}
-    info = tmp_path / "model.json"
-    Q.check_provided_layer(given, "own", "anything", info)  # not described yet: nothing to check against
-    info.write_text(json.dumps({"modules": ["features", "features.conv0"]}))
-    Q.check_provided_layer(given, "own", "features.conv0", info)
-    with pytest.raises(ConfigError, match="'features.nope' is not a layer of tasks.own.model"):
-        Q.check_provided_layer(given, "own", "features.nope", info)

@@ -30,6 +30,11 @@ def code(script):
 
 config.update(bfv_config.check(bfv_config.complete(config)))
 bfv_requests.check_requests(config)  # every featviz.layers request against its tasks' layers, before any job
+# the data source's files, once at load: a key that matches nothing (cohort.bids.space, an entry of cohort.qc.accept)
+# is named as a plain config error before any job, not inside an input function's traceback
+from brainfv.data.sources import source_files  # noqa: E402
+
+source_files(config["cohort"])
 
 R = config["results"]
 
@@ -118,6 +123,16 @@ def cohort_inputs(wildcards):
     return source_files(config["cohort"])
 
 
+def model_content(task):
+    """The content hash of a given model's file (a describe_model param: a new file with the old modification
+    time, as after cp -p, reruns it and so every visualization of the task); empty for a study model."""
+    from brainfv.data.sources import inputs_digest
+
+    if not provided(task):
+        return ""
+    return inputs_digest([config["tasks"][task]["model"]["checkpoint"]], f"{R}/.inputs/models.json")  # own cache
+
+
 def cohort_content(wildcards):
     """The content hash of those files (a param: new content reruns the cohort also when a file keeps its
     modification time, as after cp -p or rsync -a; hashes cached on size, mtime, ctime and inode)."""
@@ -190,9 +205,9 @@ def layer_seeds(task, layer):
 def visualize_request(wc, unit=None):
     """Everything a visualize job optimises (brainfv.jobs.requests.VisualizeRequest, as plain data); for one
     ``unit``, the same request as its layer's job (so the same numbers) with ``only_unit`` saying which unit's
-    volumes to write. A given model's layer list, once described, is checked here, at DAG time."""
+    volumes to write (a given model's layers are checked at load by check_requests, against its description when
+    that describes the current checkpoint)."""
     spec = layer_spec(wc.task, wc.layer)
-    bfv_requests.check_provided_layer(config, wc.task, spec["layer"], model_info(wc.task))
     return bfv_requests.visualize_request(config, task=wc.task, layer=wc.layer, spec=spec,
                                           regularizer=wc.regularizer, only_unit=unit).as_dict()
 

@@ -13,6 +13,7 @@ rule describe_model:
                      category="2. Models", subcategory="{task}"),
     params:
         code=code("describe_model"),  # the library modules it runs (brainfv.provenance)
+        content=lambda wc: model_content(wc.task),  # the model file's content, not only its time
         task=lambda wc: wc.task,
         target=lambda wc: config["tasks"][wc.task]["target"],
         model=lambda wc: model_param(wc.task),

@@ -19,6 +19,7 @@ from ..models.positive import construct_positive_control
 from ..models.torchscript import hookable
 from ..utils import atomic_path, write_json
 from .base import Job
+from .requests import checkpoint_stat
 
 __all__ = ["task_model", "describe_job", "positive_control_job"]
 
@@ -69,6 +70,7 @@ def describe_job(job: Job) -> None:
     cohort = str(parts["cohort"].iloc[0]) if "cohort" in parts else ""
     write_json({"task": p["task"], "target": p["target"], "classes": classes, "output_layer": out_layer,
                 "format": info["format"], "architecture": info.get("architecture"), "checkpoint": info["checkpoint"],
+                "checkpoint_stat": checkpoint_stat(info["checkpoint"]),
                 "n_parameters": info.get("n_parameters"), "output_shape": list(out_shape or ()), "cohort": cohort,
                 "role": "provided", "notes": info.get("notes", []), "modules": sorted(names)}, job.output["info"])
     log(f"task {p['task']}: {info['format']} model {info.get('architecture')} ({info.get('n_parameters')} parameters), "

@@ -18,7 +18,8 @@ from ..errors import ConfigError
 from ..models.arch import layer_units, resolve_units
 
 __all__ = ["VisualizeRequest", "visualize_request", "exemplars_request", "provided", "model_param", "layer_spec",
-           "layer_unit_count", "exemplar_layers", "exemplar_source", "check_provided_layer", "check_requests"]
+           "layer_unit_count", "exemplar_layers", "exemplar_source", "check_requests",
+           "checkpoint_stat"]
 
 #: units a request of a given model counts for memory estimates when it asks for "all" (its layers are known
 #: to its describe_model job, not to the DAG)
@@ -151,17 +152,6 @@ def exemplar_source(cfg: dict, task: str, layer: str) -> str | None:
     return None
 
 
-def check_provided_layer(cfg: dict, task: str, module: str, info: str | Path) -> None:
-    """A request added after describe_model ran is checked against the given model's layer list (``info``,
-    its model.json, when it exists) at DAG time."""
-    info = Path(info)
-    if provided(cfg, task) and info.exists():
-        names = json.loads(info.read_text()).get("modules")
-        if names is not None and module not in names:
-            raise ConfigError(f"featviz.layers: {module!r} is not a layer of tasks.{task}.model (its layers: "
-                              f"{info.with_name('units.tsv')}, or `brainfv units`)")
-
-
 def check_requests(cfg: dict) -> None:
     """Every ``featviz.layers`` request names a layer of each of its tasks' models and units within it; raise
     :class:`ConfigError` naming the request's key, before any job (``workflow/rules/common.smk`` runs it when the
@@ -207,9 +197,18 @@ def _described_units(folder: Path, spec: dict) -> dict | None:
     described = json.loads(info.read_text())
     if Path(described.get("checkpoint", "")).resolve() != ck.resolve():
         return None
+    if described.get("checkpoint_stat") not in (None, checkpoint_stat(ck)):  # replaced, also with its old mtime
+        return None
     units = dict.fromkeys(described.get("modules") or [])
     with open(table, newline="") as fh:
         for row in csv.DictReader(fh, delimiter="\t"):
             ch = row.get("channels")
             units[row["layer"]] = int(float(ch)) if ch not in (None, "", "nan") else None
     return units
+
+
+def checkpoint_stat(path: str | Path) -> list[int]:
+    """Size, modification and change time (ns) of a model file: a copy that keeps the old modification time
+    (cp -p, rsync -a, a restore) still changes the change time."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
