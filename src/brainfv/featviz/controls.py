@@ -17,15 +17,17 @@ like every parameter).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from ..utils import stable_seed
 
 __all__ = ["cascade_stages", "randomize_stages", "cascade", "randomized_copy"]
 
 
-def cascade_stages(model):
+def cascade_stages(model: nn.Module) -> list[str]:
     """The stages of the cascade, bottom (input side) to top: the names of the top-level children that hold
     parameters, in registration order (a model that keeps every parameter in one child is looked into, until
     there are at least two stages). For :class:`~brainfv.models.BrainCNN`: ``block1 … blockN`` and the head."""
@@ -62,7 +64,7 @@ def _randomize(stage, seed):
                 p.normal_(0.0, sd if sd > 0 else 1.0)
 
 
-def randomize_stages(model, stages, seed):
+def randomize_stages(model: nn.Module, stages: Sequence[str], seed: int) -> nn.Module:
     """A copy of ``model`` with the parameters of ``stages`` (names from :func:`cascade_stages`) re-initialised;
     the caller's model and the global RNG are untouched."""
     net = copy.deepcopy(model)
@@ -71,7 +73,7 @@ def randomize_stages(model, stages, seed):
     return net.eval()
 
 
-def cascade(model, seed):
+def cascade(model: nn.Module, seed: int) -> list[tuple[list[str], nn.Module]]:
     """Adebayo et al.'s cascading randomization: a list of ``(stages randomized, model)``, the first with the
     top stage randomized, each next one also the stage below, the last with every stage randomized (equal to
     :func:`randomized_copy` with the same seed). Stages keep their weights in every step below their turn
@@ -84,7 +86,7 @@ def cascade(model, seed):
     return out
 
 
-def randomized_copy(model, seed):
+def randomized_copy(model: nn.Module, seed: int) -> nn.Module:
     """A copy of ``model`` with every stage's parameters re-initialised (each module's own
     ``reset_parameters``), drawn from ``seed``, running statistics kept (see the module docstring); the
     caller's model and the global RNG are untouched. Modules without parameters are unaffected.

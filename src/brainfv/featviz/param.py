@@ -34,12 +34,13 @@ parametrisation.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..config import default
+from ..config import Preset, default
 from ..errors import ConfigError
 
 __all__ = ["Squash", "data_range", "VoxelParam", "FourierParam", "MacoParam", "frequencies", "spectrum_scale",
@@ -54,7 +55,8 @@ def _noise(gens, shape, std):
 RANGES = ("data", "none", "tanh", "sigmoid")
 
 
-def data_range(volumes, mask=None, pct=default("preset.range_pct")):
+def data_range(volumes: Sequence[np.ndarray], mask: np.ndarray | None = None,
+               pct: float = default("preset.range_pct")) -> tuple[float, float]:
     """``(lo, hi)``: the ``pct`` and ``100 - pct`` percentiles of the brain voxels (``mask``; all voxels
     when None) of real volumes, the range ``range: data`` squashes into."""
     vols = [np.asarray(v, np.float32) for v in volumes]
@@ -80,7 +82,7 @@ class Squash(nn.Module):
         if self.bounded and not self.lo < self.hi:
             raise ConfigError(f"range: lower bound {lo} is not below the upper bound {hi}")
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.bounded:
             return x
         if self.project:
@@ -91,7 +93,7 @@ class Squash(nn.Module):
         # tanh rounds to +-1 in float32 for large arguments; the clamp only removes that last bit
         return (c + h * torch.tanh((x - c) / h)).clamp(self.lo, self.hi)
 
-    def inverse(self, v):
+    def inverse(self, v: torch.Tensor) -> torch.Tensor:
         """The unconstrained values whose squash is ``v`` (values at or beyond a bound: just inside it), so an
         init volume starts as itself."""
         if not self.bounded:
@@ -102,8 +104,8 @@ class Squash(nn.Module):
         return c + h * torch.atanh(((v - c) / h).clamp(-0.999, 0.999))
 
 
-def make_squash(value_range=default("preset.range"), bound=default("preset.bound"), data=None,
-                project=False):
+def make_squash(value_range: str | None = default("preset.range"), bound: float = default("preset.bound"),
+                data: Sequence[float] | None = None, project: bool = False) -> Squash:
     """The :class:`Squash` a preset's ``range`` asks for (``data``: into ``data=(lo, hi)``; ``project``: hard
     bounds kept by the parametrisation's ``project_`` instead of the tanh)."""
     if value_range not in RANGES + (None,):
@@ -145,23 +147,23 @@ class VoxelParam(_Ranged):
         self.x = nn.Parameter(x[:, None].contiguous())
         self.project_()
 
-    def forward(self):
+    def forward(self) -> torch.Tensor:
         return self.constrain(self.x)
 
     @torch.no_grad()
-    def project_(self):
+    def project_(self) -> None:
         """With hard bounds (``bound_by: project``): the variables back into the range (projected Adam)."""
         if self.squash.project:
             self.x.clamp_(self.squash.lo, self.squash.hi)
 
     @torch.no_grad()
-    def blur_(self, sigma):
+    def blur_(self, sigma: float) -> None:
         from .transforms import gaussian_blur
 
         self.x.copy_(gaussian_blur(self.x, sigma))
 
 
-def frequencies(shape, device=None):
+def frequencies(shape: Sequence[int], device: str | torch.device | None = None) -> torch.Tensor:
     """Frequency magnitude (cycles per voxel) of every bin of a 3D ``rfftn`` of ``shape``."""
     fx = torch.fft.fftfreq(shape[0], device=device)[:, None, None]
     fy = torch.fft.fftfreq(shape[1], device=device)[None, :, None]
@@ -169,7 +171,7 @@ def frequencies(shape, device=None):
     return torch.sqrt(fx ** 2 + fy ** 2 + fz ** 2)
 
 
-def spectrum_scale(shape, decay=1.0):
+def spectrum_scale(shape: Sequence[int], decay: float = 1.0) -> torch.Tensor:
     """Lucid's spectrum scaling in 3D: ``1 / max(f, 1/max(shape))^decay * sqrt(prod(shape))``.
 
     ``f`` is the frequency magnitude in cycles per voxel.
@@ -206,7 +208,7 @@ class FourierParam(_Ranged):
         self.project_()
 
     @torch.no_grad()
-    def project_(self):
+    def project_(self) -> None:
         """With hard bounds: the spectrum of the image clipped to the range (an exact projection in image
         space: the spectrum is a linear, invertible function of the image)."""
         if self.squash.project:
@@ -215,24 +217,25 @@ class FourierParam(_Ranged):
             # bits of the batched FFT, and an element would then not compute the same alone and in a batch
             self.spectrum.copy_(self.to_spectrum(img.clamp(self.squash.lo, self.squash.hi)))
 
-    def unit_noise_std(self):
+    def unit_noise_std(self) -> float:
         """Standard deviation of the image made from unit white noise in the spectrum variables (fixed
         draw: deterministic)."""
         g = torch.Generator().manual_seed(0)
         spec = torch.view_as_complex(torch.randn(self.scale.shape + (2,), generator=g)) * self.scale
         return float(torch.fft.irfftn(spec, s=self.shape, dim=(-3, -2, -1)).std())
 
-    def to_spectrum(self, volume):
+    def to_spectrum(self, volume: torch.Tensor) -> torch.Tensor:
         """The spectrum variables that reproduce ``volume`` exactly (round trip)."""
         spec = torch.fft.rfftn(volume, s=self.shape, dim=(-3, -2, -1)) / self.scale
         return torch.view_as_real(spec)
 
-    def forward(self):
+    def forward(self) -> torch.Tensor:
         spec = torch.view_as_complex(self.spectrum) * self.scale
         return self.constrain(torch.fft.irfftn(spec, s=self.shape, dim=(-3, -2, -1)))
 
 
-def mean_amplitude_spectrum(volumes, shape=None, box=None, max_volumes=64):
+def mean_amplitude_spectrum(volumes: Sequence[np.ndarray], shape: Sequence[int] | None = None,
+                            box: tuple[slice, ...] | None = None, max_volumes: int = 64) -> torch.Tensor:
     """Mean |rfftn| of real volumes (optionally cropped to ``box``, a tuple of slices): MACO's magnitude."""
     acc, n = None, 0
     for v in volumes[:max_volumes]:
@@ -265,13 +268,15 @@ class MacoParam(_Ranged):
             phase = torch.stack([(torch.rand(mag.shape, generator=g) * 2 - 1) * math.pi for g in gens])
         self.phase = nn.Parameter(phase[:, None].contiguous())
 
-    def forward(self):
+    def forward(self) -> torch.Tensor:
         # the same as torch.polar(magnitude, phase), whose backward is twice as slow on the CPU
         spec = torch.complex(self.magnitude * torch.cos(self.phase), self.magnitude * torch.sin(self.phase))
         return self.constrain(torch.fft.irfftn(spec, s=self.shape, dim=(-3, -2, -1)))
 
 
-def build_param(preset, shape, gens, magnitude=None, init_volume=None, data=None):
+def build_param(preset: Preset, shape: Sequence[int], gens: Sequence[torch.Generator],
+                magnitude: torch.Tensor | np.ndarray | None = None, init_volume: np.ndarray | None = None,
+                data: Sequence[float] | None = None) -> VoxelParam | FourierParam | MacoParam:
     """The parametrisation a :class:`~brainfv.featviz.render.Preset` asks for (``data``: the ``(lo, hi)``
     intensity range of real brains, for ``range: data``). ``bound_by: project`` applies to the voxel and
     Fourier parametrisations; MACO's phase-only variables cannot be projected, so MACO is always squashed."""

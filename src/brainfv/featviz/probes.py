@@ -17,8 +17,14 @@ scored for *not* showing a dark lesion, like the 'absent' logit).
 """
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.grid import Grid
 from ..errors import ConfigError
 
 __all__ = ["probe_position", "request_position", "position_mm", "class_preference"]
@@ -35,7 +41,9 @@ def _field(model, layer, shape, device="cpu"):
     return rf, tuple(int(n) for n in out)
 
 
-def probe_position(model, layer: str, shape, grid, spec, frequency=None, device="cpu"):
+def probe_position(model: nn.Module, layer: str, shape: Sequence[int], grid: Grid,
+                   spec: dict | str | Sequence[float] | None, frequency: np.ndarray | None = None,
+                   device: str | torch.device = "cpu") -> tuple[int, ...] | None:
     """The map position (tuple) that request ``spec`` (``position``: ``centre``, ``lesions`` or MNI mm)
     probes, or ``None`` for the centre. ``frequency``: the planted-lesion frequency on the grid."""
     where = spec if not isinstance(spec, dict) else spec.get("position", "centre")
@@ -73,7 +81,9 @@ def probe_position(model, layer: str, shape, grid, spec, frequency=None, device=
     return tuple(int(i) for i in np.unravel_index(np.argmin(d), out))
 
 
-def request_position(request: dict, position_map, model, grid, device="cpu", log=None):
+def request_position(request: dict, position_map: str | Path | None, model: nn.Module, grid: Grid,
+                     device: str | torch.device = "cpu",
+                     log: Callable[[str], object] | None = None) -> tuple[int, ...] | None:
     """The map position a job's request (``objective``, ``module``, ``position``) probes, or None (the centre
     or not a neuron objective); ``position_map``: the path of the lesion frequency map (for ``lesions``)."""
     if request["objective"] != "neuron" or request.get("position", "centre") == "centre":
@@ -91,7 +101,8 @@ def request_position(request: dict, position_map, model, grid, device="cpu", log
     return pos
 
 
-def position_mm(model, layer: str, shape, grid, position, device="cpu"):
+def position_mm(model: nn.Module, layer: str, shape: Sequence[int], grid: Grid, position: Sequence[int] | None,
+                device: str | torch.device = "cpu") -> tuple[float, ...]:
     """MNI coordinates (mm) of the receptive-field centre of map ``position`` (None: the map's centre)."""
     rf, out = _field(model, layer, shape, device)
     p = np.asarray(position if position is not None else [n // 2 for n in out], float)
@@ -99,7 +110,8 @@ def position_mm(model, layer: str, shape, grid, position, device="cpu"):
     return tuple(float(v) for v in grid.world_coords(centre))
 
 
-def class_preference(values: np.ndarray, labels, classes) -> tuple[list[str], np.ndarray]:
+def class_preference(values: np.ndarray, labels: Sequence | np.ndarray,
+                     classes: Sequence) -> tuple[list[str], np.ndarray]:
     """Per unit (columns of ``values``, one row per labelled volume): the class with the higher mean value
     and Cohen's d of the last class against the first (pooled SD; NaN where undefined)."""
     values = np.asarray(values, np.float64)

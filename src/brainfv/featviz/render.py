@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -65,7 +66,7 @@ class Pieces:
     after_step: object = None
 
 
-def preset_transforms(preset):
+def preset_transforms(preset: Preset) -> list:
     """The transforms a preset asks for, in order: pre-blur, jitter, random scale/rotation."""
     out = []
     if preset.pre_blur > 0:
@@ -81,13 +82,15 @@ def _jitter(x, gens, n):
     return jitter(x, n, gens)
 
 
-def preset_penalty(preset):
+def preset_penalty(preset: Preset) -> Callable:
     """``x -> (B,)``: the weighted sum of the penalty terms a preset names."""
     weights = {k: getattr(preset, k) for k in R.PENALTIES}
     return lambda x: R.penalty(x, weights)
 
 
-def preset_pieces(preset, shape, gens, real_volumes=None, init_volume=None, box=None, data_range=None):
+def preset_pieces(preset: Preset, shape: Sequence[int], gens: list, real_volumes: Sequence | None = None,
+                  init_volume: np.ndarray | None = None, box: tuple | None = None,
+                  data_range: tuple | None = None) -> Pieces:
     """:class:`Pieces` for a :class:`~brainfv.config.Preset` on inputs of ``shape`` (already cropped to
     ``box`` when given; ``real_volumes`` and ``init_volume`` are full-size and cropped here; ``data_range``:
     ``(lo, hi)`` for ``range: data``)."""
@@ -116,7 +119,8 @@ def preset_pieces(preset, shape, gens, real_volumes=None, init_volume=None, box=
     return Pieces(param, preset_transforms(preset), penalty, after)
 
 
-def prepare_network(model, layers, simplify=True, log=None):
+def prepare_network(model: torch.nn.Module, layers: list[str], simplify: bool = True,
+                    log: Callable | None = None) -> torch.nn.Module:
     """A frozen eval-mode copy of ``model`` (simplified unless ``simplify=False``, see
     :mod:`~brainfv.featviz.simplify`) in channels-last layout; the caller's model is not modified."""
     from ..models.cnn import frozen
@@ -150,7 +154,7 @@ class Converge:
     min_steps: int = default("featviz.converge.min_steps")
 
     @classmethod
-    def from_config(cls, c):
+    def from_config(cls, c: dict | Converge | None) -> Converge:
         if c is None or isinstance(c, Converge):
             return c or cls()
         unknown = set(c) - {f.name for f in fields(cls)}
@@ -158,7 +162,7 @@ class Converge:
             raise ConfigError(f"featviz.converge: unknown keys {sorted(unknown)}")
         return cls(**c)
 
-    def check(self, hist, n):
+    def check(self, hist: np.ndarray, n: int) -> np.ndarray:
         """Which elements have converged after ``n`` steps; ``hist`` is ``(steps, B)`` of ``J`` (rows ``< n`` set)."""
         q = n // 4
         if q < 2:
@@ -172,7 +176,9 @@ class Converge:
 
 
 @torch.no_grad()
-def objective_scale(net, objective, volumes, B, *, device, plan=None, amp=False, truncate=True, box=None):
+def objective_scale(net: torch.nn.Module, objective: object, volumes: Sequence, B: int, *, device: torch.device,
+                    plan: CropPlan | None = None, amp: bool = False, truncate: bool = True,
+                    box: tuple | None = None) -> torch.Tensor:
     """Per batch element, the standard deviation of its objective over real ``volumes`` (its unit's natural
     spread on real brains; ``box`` crops them to the optimised region): the objective is divided by it
     before penalties are subtracted, so a penalty weight means the same on every network and unit (a unit
@@ -195,8 +201,11 @@ def objective_scale(net, objective, volumes, B, *, device, plan=None, amp=False,
     return torch.where(sd > 1e-12, sd, torch.where(ma > 1e-12, ma, torch.ones(B)))
 
 
-def optimize(net, objective, pieces, gens, *, steps, lr, device, mask=None, plan=None, micro_batch=None,
-             amp=False, truncate=True, record_every=8, log=None, scale=None, converge=None, betas=(0.9, 0.999)):
+def optimize(net: torch.nn.Module, objective: object, pieces: Pieces, gens: list, *, steps: int, lr: float,
+             device: torch.device, mask: torch.Tensor | None = None, plan: CropPlan | None = None,
+             micro_batch: int | None = None, amp: bool = False, truncate: bool = True, record_every: int = 8,
+             log: Callable | None = None, scale: Sequence | None = None, converge: dict | Converge | None = None,
+             betas: tuple = (0.9, 0.999)) -> RenderResult:
     """Maximise ``objective / scale - penalty`` over ``pieces.param`` with Adam until every element has
     converged (``converge``, a :class:`Converge`; None: the defaults) or ``steps`` ran out; returns a
     :class:`RenderResult` on the parametrisation's (possibly cropped) shape, with ``steps_run`` and
@@ -209,113 +218,138 @@ def optimize(net, objective, pieces, gens, *, steps, lr, device, mask=None, plan
     Adam step, so they stay exactly as they were: every parameter of ``pieces.param`` must hold the batch
     in its first dimension. ``mask`` (``(1, 1, X, Y, Z)`` tensor) zeroes the image outside the brain.
     """
-    log = log or (lambda m: None)
+    loop = _Loop(net, objective, pieces, gens, device=device, mask=mask, plan=plan, micro_batch=micro_batch, amp=amp,
+                 truncate=truncate, scale=scale, lr=lr, betas=betas, steps=steps)
     converge = Converge.from_config(converge)
-    param = pieces.param.to(device)
-    B = len(gens)
-    mb = micro_batch or (B if device.type == "cuda" else 2)
-    scale = (torch.ones(B) if scale is None else torch.as_tensor(scale, dtype=torch.float32)).to(device)
-    batched = [p for p in param.parameters() if p.dim() and p.shape[0] == B]
-    if len(batched) != len(list(param.parameters())):
-        raise ConfigError("every parameter of the parametrisation must hold the batch in its first dimension")
-    try:  # the fused kernel: one pass over the variables, 5x faster than the default on the CPU (1 vs 5 ms a step)
-        opt = torch.optim.Adam(param.parameters(), lr=lr, betas=betas, fused=True)
-    except (RuntimeError, ValueError):  # a device without it
-        opt = torch.optim.Adam(param.parameters(), lr=lr, betas=betas)
-
-    def image():
-        img = param()
-        return img * mask if mask is not None else img
-
-    def score(x, rows):
-        if x.dim() == 5:  # channels-last 3D convolutions are much faster on the CPU (benchmarks/training.py)
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            acts = capture_activations(net, x, objective.layers, truncate=truncate)
-        return objective(plan.activations(acts) if plan is not None else acts, rows)
-
-    def score_all(img):
-        return torch.cat([score(img[rows], rows) for rows in _chunks(B, mb)])
-
+    log = log or (lambda m: None)
     with torch.no_grad():
-        obj_start = score_all(image()).float().cpu().numpy()
+        obj_start = loop.score_all(loop.image()).float().cpu().numpy()
+    loop.last_obj = np.array(obj_start, np.float64)  # the raw objective, carried on after an element stops
     traj, traj_steps = [], []
-    hist = np.zeros((steps, B))                  # J per step and element (what is maximised)
-    last_obj = np.array(obj_start, np.float64)   # the raw objective, carried on after an element stops
-    active = np.ones(B, bool)
-    converged = np.zeros(B, bool)
-    steps_run = np.zeros(B, int)
-    frozen = {}                                  # parameter -> its values, restored for converged elements
     t0 = last_log = time.perf_counter()
-    work = 0
     for step in range(steps):
-        idx = np.flatnonzero(active)
-        img = image()
-        sub = img if len(idx) == B else img[torch.as_tensor(idx, device=img.device)]
-        leaves = [c.detach().requires_grad_(True) for c in sub.split(mb)]
-        objs, js = [], []
-        for k, leaf in enumerate(leaves):
-            rows = [int(i) for i in idx[k * mb:k * mb + len(leaf)]]
-            rows = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
-            x = leaf
-            for t in pieces.transforms:
-                x = t(x, gens[rows] if isinstance(rows, slice) else [gens[i] for i in rows])
-            obj_c = score(x, rows)
-            j_c = obj_c.float() / scale[rows] - pieces.penalty(leaf).float()
-            (-j_c.sum()).backward()
-            objs.append(obj_c.detach())
-            js.append(j_c.detach())
-        work += len(idx)
-        opt.zero_grad(set_to_none=True)
-        grad = torch.cat([leaf.grad for leaf in leaves])
-        if len(idx) < B:
-            grad = torch.zeros_like(img).index_copy_(0, torch.as_tensor(idx, device=img.device), grad)
-        img.backward(grad)  # gradients meet at the image, then the variables
-        opt.step()
-        if pieces.after_step is not None:
-            pieces.after_step(param, step)
-        if hasattr(param, "project_"):  # hard bounds: back into the range (projected Adam)
-            param.project_()
-        if frozen:
-            with torch.no_grad():
-                done = torch.as_tensor(~active, device=device)
-                for p in batched:
-                    p[done] = frozen[p][done]
-        last_obj[idx] = torch.cat(objs).float().cpu().numpy()
-        hist[step, idx] = torch.cat(js).float().cpu().numpy()
-        steps_run[idx] += 1
+        loop.step(step)
         n = step + 1
         if converge.enabled and n % converge.every == 0 and n >= converge.min_steps or n == steps:
-            newly = active & converge.check(hist, n)
-            converged |= newly
-            if converge.enabled and newly.any():
-                active &= ~newly
-                with torch.no_grad():
-                    for p in batched:
-                        frozen.setdefault(p, p.detach().clone())[torch.as_tensor(newly, device=device)] = \
-                            p.detach()[torch.as_tensor(newly, device=device)]
-        if step % record_every == 0 or step == steps - 1 or not active.any():
-            traj.append(last_obj.astype(np.float32))
+            loop.settle(converge.check(loop.hist, n), freeze=converge.enabled)
+        if step % record_every == 0 or step == steps - 1 or not loop.active.any():
+            traj.append(loop.last_obj.astype(np.float32))
             traj_steps.append(step)
         now = time.perf_counter()
-        if now - last_log > 10 or step == steps - 1 or not active.any():
+        if now - last_log > 10 or step == steps - 1 or not loop.active.any():
             last_log = now
-            rate = (step + 1) / (now - t0)
-            log(f"step {step + 1}/{steps} objective mean {float(last_obj.mean()):.4f} [{float(last_obj.min()):.3f}, "
-                f"{float(last_obj.max()):.3f}] converged {int(converged.sum())}/{B} {rate:.2f} steps/s")
-        if not active.any():
+            o = loop.last_obj
+            log(f"step {step + 1}/{steps} objective mean {float(o.mean()):.4f} [{float(o.min()):.3f}, "
+                f"{float(o.max()):.3f}] converged {int(loop.converged.sum())}/{loop.B} "
+                f"{(step + 1) / (now - t0):.2f} steps/s")
+        if not loop.active.any():
             break
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        final = image().detach()
-        obj_end = score_all(final).float().cpu().numpy()
-    n_steps = int(steps_run.max()) if B else 0
+        final = loop.image().detach()
+        obj_end = loop.score_all(final).float().cpu().numpy()
+    n_steps = int(loop.steps_run.max()) if loop.B else 0
     return RenderResult(images=final[:, 0].float().cpu().numpy(), objective_start=obj_start, objective_end=obj_end,
                         trajectory=np.array(traj), trajectory_steps=np.array(traj_steps), seconds=seconds,
                         steps_per_s=n_steps / seconds if seconds > 0 else float("inf"),
                         box=plan.box if plan is not None else None,
-                        info={"batch": B, "steps_run": steps_run, "converged": converged,
-                              "element_steps": int(work), "scale": scale.cpu().numpy()})
+                        info={"batch": loop.B, "steps_run": loop.steps_run, "converged": loop.converged,
+                              "element_steps": int(loop.work), "scale": loop.scale.cpu().numpy()})
+
+
+class _Loop:
+    """The state of :func:`optimize`: the parametrisation, its Adam, the active and converged elements, the
+    objective history, and the variables of converged elements (restored after every later step)."""
+
+    def __init__(self, net, objective, pieces, gens, *, device, mask, plan, micro_batch, amp, truncate, scale, lr,
+                 betas, steps):
+        self.net, self.objective, self.pieces, self.gens = net, objective, pieces, gens
+        self.device, self.mask, self.plan, self.amp, self.truncate = device, mask, plan, amp, truncate
+        self.param = pieces.param.to(device)
+        self.B = B = len(gens)
+        self.mb = micro_batch or (B if device.type == "cuda" else 2)
+        self.scale = (torch.ones(B) if scale is None else torch.as_tensor(scale, dtype=torch.float32)).to(device)
+        self.batched = [p for p in self.param.parameters() if p.dim() and p.shape[0] == B]
+        if len(self.batched) != len(list(self.param.parameters())):
+            raise ConfigError("every parameter of the parametrisation must hold the batch in its first dimension")
+        try:  # the fused kernel: one pass over the variables, 5x faster than the default on the CPU (1 vs 5 ms)
+            self.opt = torch.optim.Adam(self.param.parameters(), lr=lr, betas=betas, fused=True)
+        except (RuntimeError, ValueError):  # a device without it
+            self.opt = torch.optim.Adam(self.param.parameters(), lr=lr, betas=betas)
+        self.hist = np.zeros((steps, B))         # J per step and element (what is maximised)
+        self.active = np.ones(B, bool)
+        self.converged = np.zeros(B, bool)
+        self.steps_run = np.zeros(B, int)
+        self.frozen = {}                         # parameter -> its values, restored for converged elements
+        self.work = 0
+        self.last_obj = np.zeros(B)
+
+    def image(self):
+        img = self.param()
+        return img * self.mask if self.mask is not None else img
+
+    def score(self, x, rows):
+        if x.dim() == 5:  # channels-last 3D convolutions are much faster on the CPU (benchmarks/training.py)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            acts = capture_activations(self.net, x, self.objective.layers, truncate=self.truncate)
+        return self.objective(self.plan.activations(acts) if self.plan is not None else acts, rows)
+
+    def score_all(self, img):
+        return torch.cat([self.score(img[rows], rows) for rows in _chunks(self.B, self.mb)])
+
+    def step(self, step):
+        """One Adam step of the active elements: chunked forward and backward, then projection and freezing."""
+        idx = np.flatnonzero(self.active)
+        img = self.image()
+        sub = img if len(idx) == self.B else img[torch.as_tensor(idx, device=img.device)]
+        leaves = [c.detach().requires_grad_(True) for c in sub.split(self.mb)]
+        objs, js = [], []
+        for k, leaf in enumerate(leaves):
+            rows = [int(i) for i in idx[k * self.mb:k * self.mb + len(leaf)]]
+            rows = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+            x = leaf
+            for t in self.pieces.transforms:
+                x = t(x, self.gens[rows] if isinstance(rows, slice) else [self.gens[i] for i in rows])
+            obj_c = self.score(x, rows)
+            j_c = obj_c.float() / self.scale[rows] - self.pieces.penalty(leaf).float()
+            (-j_c.sum()).backward()
+            objs.append(obj_c.detach())
+            js.append(j_c.detach())
+        self.work += len(idx)
+        self.opt.zero_grad(set_to_none=True)
+        grad = torch.cat([leaf.grad for leaf in leaves])
+        if len(idx) < self.B:
+            grad = torch.zeros_like(img).index_copy_(0, torch.as_tensor(idx, device=img.device), grad)
+        img.backward(grad)  # gradients meet at the image, then the variables
+        self.opt.step()
+        self._after_step(step)
+        self.last_obj[idx] = torch.cat(objs).float().cpu().numpy()
+        self.hist[step, idx] = torch.cat(js).float().cpu().numpy()
+        self.steps_run[idx] += 1
+
+    def _after_step(self, step):
+        if self.pieces.after_step is not None:
+            self.pieces.after_step(self.param, step)
+        if hasattr(self.param, "project_"):  # hard bounds: back into the range (projected Adam)
+            self.param.project_()
+        if self.frozen:
+            with torch.no_grad():
+                done = torch.as_tensor(~self.active, device=self.device)
+                for p in self.batched:
+                    p[done] = self.frozen[p][done]
+
+    def settle(self, plateau, freeze):
+        """Mark the active elements whose objective reached its plateau as converged; with ``freeze`` they leave
+        the batch and their variables are kept as they are now."""
+        newly = self.active & plateau
+        self.converged |= newly
+        if freeze and newly.any():
+            self.active &= ~newly
+            sel = torch.as_tensor(newly, device=self.device)
+            with torch.no_grad():
+                for p in self.batched:
+                    self.frozen.setdefault(p, p.detach().clone())[sel] = p.detach()[sel]
 
 
 def _batch_seeds(objective, seeds):
@@ -324,39 +358,35 @@ def _batch_seeds(objective, seeds):
     return list(range(objective.batch or 1))
 
 
-def render(model, objective, shape, preset=None, *, steps=default("featviz.steps"), lr=default("featviz.lr"),
-           seeds=None, device=None, mask=None, real_volumes=None, init_volume=None, pieces=None, crop=True,
-           simplify=True, truncate=True, micro_batch=None, amp=None, record_every=8, log=None, data_range=None,
-           converge=None, normalise=True, betas=(0.9, 0.999)):
-    """Optimise one input volume per batch element to maximise ``objective``.
+def render(model: torch.nn.Module, objective: object, shape: Sequence[int], preset: Preset | dict | None = None, *,
+           steps: int = default("featviz.steps"), lr: float = default("featviz.lr"), seeds: list | None = None,
+           device: str | torch.device | None = None, mask: np.ndarray | None = None,
+           real_volumes: Sequence | None = None, init_volume: np.ndarray | None = None,
+           pieces: Callable | None = None, crop: bool = True, simplify: bool = True, truncate: bool = True,
+           micro_batch: int | None = None, amp: bool | None = None, record_every: int = 8,
+           log: Callable | None = None, data_range: tuple | None = None, converge: dict | Converge | None = None,
+           normalise: bool = True, betas: tuple = (0.9, 0.999)) -> RenderResult:
+    """Optimise one input volume per batch element to maximise ``objective``. Parameters:
 
-    Parameters
-    ----------
-    model : nn.Module taking ``(B, 1, X, Y, Z)``; a frozen eval-mode copy is optimised against.
-    objective : :class:`~brainfv.featviz.objectives.Objective` (its channel lists set the batch size).
-    shape : (X, Y, Z) input shape.
+    model : nn.Module taking ``(B, 1, X, Y, Z)``; a frozen eval-mode copy is optimised against. ``objective``:
+    an :class:`~brainfv.featviz.objectives.Objective` (its channel lists set the batch size); ``shape``: (X, Y, Z).
     preset : :class:`~brainfv.config.Preset` or a dict of its fields (ignored for what ``pieces`` gives).
-    seeds : one int per batch element; element ``b``'s initialisation and random transforms come from
-        its own generator, so a unit gives the same result alone or in a batch.
+    seeds : one int per batch element (its own generator: a unit gives the same result alone or in a batch).
     mask : bool array (X, Y, Z); with ``preset.mask`` the image is zero outside.
     real_volumes : real (z-scored) volumes: MACO's amplitude spectrum, the intensity range of ``range: data``
         (with ``mask``; see :func:`~brainfv.featviz.param.data_range`) and the objective's scale.
-    init_volume : starting volume for ``init: volume``.
-    data_range : ``(lo, hi)`` for ``range: data`` (default: from ``real_volumes``).
+    init_volume, data_range : the start for ``init: volume``; ``(lo, hi)`` for ``range: data``.
     converge : :class:`Converge` or its config dict (``featviz.converge``): when an element stops.
     normalise : divide each element's objective by its spread over ``real_volumes``
         (:func:`objective_scale`) before the penalties are subtracted (without real volumes: by 1).
-    pieces : a callable ``(work_shape, gens, box) -> Pieces`` to use your own parametrisation,
-        transforms and penalty instead of the preset's.
-    crop : optimise only the receptive field when the objective reads known positions (same
-        objective, far less work); the result is placed back into a full-size volume.
-    simplify : run a simplified copy of the network (see :mod:`~brainfv.featviz.simplify`).
-    truncate : stop each forward pass at the deepest layer the objective reads.
+    pieces : a callable ``(work_shape, gens, box) -> Pieces``: your own parametrisation, transforms, penalty.
+    crop : optimise only the receptive field when the objective reads known positions (placed back after).
+    simplify, truncate : run a simplified copy of the network (:mod:`~brainfv.featviz.simplify`); stop each
+        forward pass at the deepest layer the objective reads.
     micro_batch : volumes per forward pass (default: 2 on the CPU, where channels-last batches of 2 run
         fastest per volume; the whole batch on CUDA). With ``micro_batch=1`` a unit is bit-identical alone
-        or in a batch; larger micro-batches use other CPU kernels, whose last-bit differences max-pool
-        ties can amplify over many steps.
-    amp : bf16 autocast (default: on CUDA).
+        or in a batch (other CPU kernels' last-bit differences can grow through max-pool ties).
+    amp : bf16 autocast (default: on CUDA). ``record_every``, ``log``, ``betas``: see :func:`optimize`.
     """
     preset = Preset.from_config(preset)
     lr = preset.lr if preset.lr is not None else lr
@@ -377,23 +407,35 @@ def render(model, objective, shape, preset=None, *, steps=default("featviz.steps
         pc = preset_pieces(preset, work_shape, gens, real_volumes, init_volume, box, data_range)
     else:
         pc = pieces(work_shape, gens, box)
-    mask_t = None
-    if preset.mask and mask is not None:
-        m = np.asarray(mask)[box] if box is not None else np.asarray(mask)
-        mask_t = torch.as_tensor(m, dtype=torch.float32, device=device)[None, None]
+    mask_t = _mask_tensor(mask, box, device) if preset.mask else None
     with compute_settings(device):
-        scale = None
-        if normalise and real_volumes is not None and len(real_volumes):
-            scale = objective_scale(net, objective, real_volumes, len(seeds), device=device, plan=plan, amp=amp,
-                                    truncate=truncate, box=box)
+        scale = objective_scale(net, objective, real_volumes, len(seeds), device=device, plan=plan, amp=amp,
+                                truncate=truncate, box=box) if normalise and _have(real_volumes) else None
         res = optimize(net, objective, pc, gens, steps=steps, lr=lr, device=device, mask=mask_t, plan=plan,
                        micro_batch=micro_batch, amp=amp, truncate=truncate, record_every=record_every, log=log,
                        scale=scale, converge=converge, betas=betas)
-    if box is not None:
-        full = np.zeros((len(seeds),) + tuple(shape), np.float32)
-        full[(slice(None),) + box] = res.images
-        res.images = full
-    res.images = res.images.astype(np.float32)
+    res.images = _uncrop(res.images, box, shape)
     res.info["work_shape"] = work_shape
     res.info["data_range"] = data_range
     return res
+
+
+def _have(volumes):
+    return volumes is not None and len(volumes) > 0
+
+
+def _uncrop(images, box, shape):
+    """Optimised (possibly cropped) images placed into full-size float32 volumes."""
+    if box is None:
+        return images.astype(np.float32)
+    full = np.zeros((len(images),) + tuple(shape), np.float32)
+    full[(slice(None),) + box] = images
+    return full
+
+
+def _mask_tensor(mask, box, device):
+    """The brain mask (cropped to ``box``) as a ``(1, 1, X, Y, Z)`` tensor, or None without a mask."""
+    if mask is None:
+        return None
+    m = np.asarray(mask)[box] if box is not None else np.asarray(mask)
+    return torch.as_tensor(m, dtype=torch.float32, device=device)[None, None]

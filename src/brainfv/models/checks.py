@@ -70,8 +70,12 @@ def check_model_input(info: dict, grid_shape: Sequence[int], voxel_size: float |
         raise ConfigError(f"{where}: the model does not match {_dataset_name(grid_label)}: " + "; ".join(problems)
                           + ". Use data on the model's training grid (in the workflow: set grid.voxel_size and "
                             "grid.bbox_mm), or correct the model's input section if it is wrong")
-    if model is None:
-        return None
+    return None if model is None else _probe(model, info, inp, grid_shape, where, device, grid_label, cohort)
+
+
+def _probe(model, info, inp, grid_shape, where, device, grid_label, cohort):
+    """One forward pass of a zero input on the grid (no gradients): the model accepts the grid, and its output
+    has one value per class in ``classes``; returns the output shape without batch."""
     channels = int(inp.get("channels") or 1)
     if device is None:
         p = next(iter(model.parameters()), None)

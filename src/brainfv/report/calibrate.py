@@ -23,6 +23,8 @@ row a Benjamini–Hochberg adjusted p-value.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -45,7 +47,8 @@ def _with_class(df):
     return df.assign(**{"class": cls.fillna("").astype(str)})
 
 
-def bootstrap_mean(values, n_boot=2000, seed=0, level=0.95):
+def bootstrap_mean(values: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float, int]:
     """Mean of ``values`` (array units × seeds or replicates × units × seeds, NaN = missing) and its
     hierarchical percentile bootstrap CI: ``(mean, low, high, n)``, ``n`` the number of finite values.
     (The summary's intervals are t intervals: :mod:`brainfv.report.stats` says why.)"""
@@ -53,7 +56,7 @@ def bootstrap_mean(values, n_boot=2000, seed=0, level=0.95):
     return mean, lo, hi, n
 
 
-def paired_table(trained, controls, metrics):
+def paired_table(trained: pd.DataFrame, controls: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """Per trained visualization: each metric, its paired control values and calibrated scores.
 
     ``trained``: rows (task, layer, regularizer, unit, seed, optionally replicate: the trained network's
@@ -98,7 +101,8 @@ def paired_table(trained, controls, metrics):
     return out
 
 
-def summarise(paired, metrics, n_boot=2000, seed=0, method="t", level=0.95):
+def summarise(paired: pd.DataFrame, metrics: Sequence[str], n_boot: int = 2000, seed: int = 0, method: str = "t",
+              level: float = 0.95) -> pd.DataFrame:
     """One row per task × layer × preset × class × metric: ``n`` (visualizations with a value), ``n_undefined``
     (those whose metric is undefined, NaN), ``converged_share`` (of the visualizations, those whose optimisation
     met the plateau criterion), ``mean`` with its interval (``ci_low``,
@@ -158,7 +162,7 @@ def _matches(summary, endpoint):
     return sel
 
 
-def verdict(lo, hi, delta):
+def verdict(lo: float, hi: float, delta: float) -> str:
     """A primary endpoint's verdict from the 95 % interval ``[lo, hi]`` of its smallest gain over every control:
     present (lo > 0: above every control, by any amount; whether it reaches δ is said beside it), absent
     (hi < δ: any effect over the weakest control is below the smallest effect of interest) or undecided."""
@@ -171,7 +175,8 @@ def verdict(lo, hi, delta):
     return "undecided"
 
 
-def judge(summary, primary, sesoi):
+def judge(summary: pd.DataFrame, primary: Sequence[dict],
+          sesoi: dict[str, float]) -> tuple[pd.DataFrame, list[dict]]:
     """``summary`` with the questions named before the run (config ``report``): ``primary`` (the row belongs
     to an endpoint of ``primary``), ``sesoi`` (the metric's smallest effect of interest), ``verdict`` (primary
     rows, :func:`verdict`) and ``p_adj``: for primary rows their own ``p_min_gain`` (each tested at 95 %),
@@ -197,7 +202,7 @@ def judge(summary, primary, sesoi):
     return s, missing
 
 
-def sanity_table(summary, metrics):
+def sanity_table(summary: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """The model-randomization check per task × layer × preset for the ground-truth ``metrics``: trained and
     randomized means, the paired gain with its CI, and pass (the CI's lower bound is above :data:`MIN_GAIN`)
     or fail."""

@@ -34,6 +34,7 @@ real volumes in the same region).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,17 +78,17 @@ class Truth:
     _real: dict = field(default_factory=dict)
 
     @property
-    def kind(self):
+    def kind(self) -> str:
         if self.lesion_map is not None:
             return "lesion"
         return "sex" if self.effect is not None else ""
 
-    def bank(self):
+    def bank(self) -> TemplateBank:
         if "bank" not in self._banks:
             self._banks["bank"] = TemplateBank(self.templates, self.mask.shape)
         return self._banks["bank"]
 
-    def real_stats(self, region):
+    def real_stats(self, region: tuple) -> tuple[float, float]:
         """Mean relative TV and high-frequency share of real volumes inside ``region``."""
         from ..featviz.metrics import high_frequency_fraction, relative_tv
 
@@ -99,7 +100,7 @@ class Truth:
                                float(np.mean([high_frequency_fraction(v) for v in real])))
         return self._real[key]
 
-    def lesion_sign(self, unit, is_output, preferred=""):
+    def lesion_sign(self, unit: int, is_output: bool, preferred: str = "") -> float:
         """Which way lesion evidence points for a unit: the 'absent' logit's evidence is *no* dark lesion
         where lesions were planted (−1), as is that of an intermediate unit that prefers lesion-free volumes
         (``preferred``: its preferred class measured on validation volumes); every other unit is read as
@@ -110,14 +111,15 @@ class Truth:
             return -1.0
         return 1.0
 
-    def sign(self, unit, is_output):
+    def sign(self, unit: int, is_output: bool) -> float:
         """+1 for a unit that should look male, −1 for female, 0 when the unit has no class."""
         if not is_output or unit >= len(self.classes):
             return 0.0
         return {"M": 1.0, "F": -1.0}.get(str(self.classes[unit]), 0.0)
 
 
-def score_volumes(truth, volumes, units, region, is_output, batch=16, preferred=None):
+def score_volumes(truth: Truth, volumes: Sequence, units: list[int], region: tuple | None, is_output: bool,
+                  batch: int = 16, preferred: dict | None = None) -> list[dict]:
     """Ground-truth metrics of ``volumes`` (n, X, Y, Z), volume ``i`` being a visualization of ``units[i]``,
     optimised inside ``region``: a list of dicts (see the module docstring). ``preferred``: unit -> its preferred
     class (intermediate units; the sign of their lesion metrics)."""
@@ -164,7 +166,7 @@ def _transfer_probs(model, volumes, units):
     return [float(p[i, u]) if u < p.shape[1] else float("nan") for i, u in enumerate(units)]
 
 
-def other_tasks(task, truths, heads=None):
+def other_tasks(task: str, truths: dict, heads: dict | None = None) -> list[str]:
     """The tasks whose models serve as ``task``'s other-model control: those that never saw its target (another
     kind of truth), of the same network head where one exists (a flatten-head lesion model is compared with the
     flatten-head sex model), in config order."""
@@ -174,7 +176,9 @@ def other_tasks(task, truths, heads=None):
     return same or others
 
 
-def compare_entries(entries, truths, transfer_models, output_layers, n_surrogates=2, seed=0, log=None, heads=None):
+def compare_entries(entries: list[dict], truths: dict, transfer_models: dict, output_layers: dict | str | None,
+                    n_surrogates: int = 2, seed: int = 0, log: Callable | None = None,
+                    heads: dict | None = None) -> tuple:
     """Score every entry (dict: ``task, layer, module, regularizer, table`` (the visualize table),
     ``trained`` and ``randomized`` (arrays seeds × units × X × Y × Z, randomized may be None), optionally
     ``replicate``: the independently trained network it comes from, the top level of the summary's
@@ -184,92 +188,112 @@ def compare_entries(entries, truths, transfer_models, output_layers, n_surrogate
     control, :func:`other_tasks`). Returns ``(trained rows, control rows)`` as DataFrames."""
     import pandas as pd
 
-    from ..featviz.study import parse_region
-    from ..utils import stable_seed
-
     log = log or (lambda m: None)
     by_key = {(e["task"], e["layer"], e["regularizer"], e.get("replicate")): e for e in entries}
     trained_rows, control_rows = [], []
     for e in entries:
-        truth = truths[e["task"]]
-        tab = e["table"]
-        # volume i of units.nii.gz is the table row with volume == i (never assume an order)
-        tt = tab[tab["network"] == "trained"].sort_values("volume").reset_index(drop=True)
-        region = parse_region(tt["region"].iloc[0])
-        out_layer = output_layers.get(e["task"]) if isinstance(output_layers, dict) else output_layers
-        is_output = out_layer is not None and e["module"] == out_layer
-        real_tv, real_hf = truth.real_stats(region)
-
-        def class_of(u):
-            return str(truth.classes[u]) if is_output and u < len(truth.classes) else ""
-
-        vols = e["trained"].reshape((-1,) + truth.mask.shape)
-        if tt["volume"].tolist() != list(range(len(vols))):
-            raise ValueError(f"{e['task']} {e['layer']} {e['regularizer']}: units.tsv rows do not index the "
-                             f"{len(vols)} volumes of units.nii.gz one to one")
-        unit_of, seed_of = tt["unit"].astype(int).tolist(), tt["seed"].astype(int).tolist()
-        rt = tab[tab["network"] == "randomized"].sort_values("volume")
-        if len(rt) and (rt["unit"].tolist() != unit_of or rt["seed"].tolist() != seed_of):
-            raise ValueError(f"{e['task']} {e['layer']} {e['regularizer']}: randomized.nii.gz is not laid out "
-                             "like units.nii.gz")
-        # an intermediate unit's lesion metrics are read with its preferred class (measured on validation
-        # volumes); its controls with the same sign, so that the comparison stays paired
-        preferred = dict(zip(tt["unit"].astype(int), tt["preferred_class"].fillna("").astype(str))) \
-            if "preferred_class" in tt else {}
-        scores = score_volumes(truth, vols, unit_of, region, is_output, preferred=preferred)
-        probs = _transfer_probs(transfer_models.get(e["task"]), vols, unit_of) if is_output else [np.nan] * len(vols)
-        # chance of a hit over the positions a best match can take (template centres inside region and mask)
-        base = base_rate(truth.lesion_map, truth.bank().valid_positions(region, truth.mask)) \
-            if truth.kind == "lesion" else float("nan")
-        for i, (u, s) in enumerate(zip(unit_of, seed_of)):
-            row = tt.iloc[i].to_dict()
-            row.update(scores[i], **quality_ratios(vols[i], real_tv, real_hf, truth.mask, region),
-                       transfer_prob=probs[i], lesion_hit_base_rate=base,
-                       intended_class=class_of(u))
-            if e.get("replicate") is not None:
-                row["replicate"] = e["replicate"]
-            trained_rows.append(row)
-
-        def add_controls(kind, volumes, units_, seeds_, source):
-            sc = score_volumes(truth, volumes, units_, region, is_output, preferred=preferred)
-            pr = (_transfer_probs(transfer_models.get(e["task"]), volumes, units_) if is_output
-                  else [np.nan] * len(volumes))
-            for v_sc, p, u, s in zip(sc, pr, units_, seeds_):
-                control_rows.append({"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u,
-                                     "seed": s, "control": kind, "source": source, **v_sc, "transfer_prob": p,
-                                     "intended_class": class_of(u),
-                                     **({"replicate": e["replicate"]} if e.get("replicate") is not None else {})})
-
+        c = _entry_context(e, truths[e["task"]], output_layers)
+        c["transfer"] = transfer_models.get(e["task"])
+        trained_rows += _trained_rows(e, c)
         if e.get("randomized") is not None:
-            add_controls("randomized", e["randomized"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
-                         "re-initialised weights")
+            control_rows += _control_rows(e, c, "randomized", e["randomized"].reshape((-1,) + c["truth"].mask.shape),
+                                          c["unit_of"], c["seed_of"], "re-initialised weights")
         for other_task in other_tasks(e["task"], truths, heads)[:1]:
             o = by_key.get((other_task, e["layer"], e["regularizer"], e.get("replicate")))
             if o is None:
                 continue
             ot = o["table"]
             ot = ot[ot["network"] == "trained"].sort_values("volume")
-            if ot["unit"].tolist() != unit_of or ot["seed"].tolist() != seed_of:
+            if ot["unit"].tolist() != c["unit_of"] or ot["seed"].tolist() != c["seed_of"]:
                 log(f"{e['task']} {e['layer']} {e['regularizer']}: {other_task}'s request differs; "
                     "no other-model control")
                 continue
-            add_controls("other", o["trained"].reshape((-1,) + truth.mask.shape), unit_of, seed_of,
-                         f"{other_task} model")
+            control_rows += _control_rows(e, c, "other", o["trained"].reshape((-1,) + c["truth"].mask.shape),
+                                          c["unit_of"], c["seed_of"], f"{other_task} model")
         if n_surrogates:
-            rep = () if e.get("replicate") is None else (e["replicate"],)
-            rng = np.random.default_rng(stable_seed(seed, "surrogate", e["task"], e["layer"], e["regularizer"], *rep))
-            sur, su, ss = [], [], []
-            for i, v in enumerate(vols):
-                for sv in phase_surrogates(v, n_surrogates, rng, region, truth.mask):
-                    sur.append(sv)
-                    su.append(unit_of[i])
-                    ss.append(seed_of[i])
-            add_controls("surrogate", np.asarray(sur), su, ss, "phase-randomised copy")
-        log(f"compared {e['task']} {e['layer']} {e['regularizer']}: {len(vols)} visualizations with controls")
+            control_rows += _surrogate_rows(e, c, n_surrogates, seed)
+        log(f"compared {e['task']} {e['layer']} {e['regularizer']}: {len(c['vols'])} visualizations with controls")
     return pd.DataFrame(trained_rows), pd.DataFrame(control_rows)
 
 
-def attribution_rows(truth, maps, method, layer, output_layer):
+def _entry_context(e, truth, output_layers):
+    """What scoring one visualization job needs: its truth, trained table (volume i is the row with volume == i,
+    never an assumed order), region, volumes, units and seeds, whether it reads the class logits, and the
+    preferred class of each intermediate unit (its lesion metrics and its controls' read with that sign)."""
+    from ..featviz.study import parse_region
+
+    tab = e["table"]
+    tt = tab[tab["network"] == "trained"].sort_values("volume").reset_index(drop=True)
+    out_layer = output_layers.get(e["task"]) if isinstance(output_layers, dict) else output_layers
+    vols = e["trained"].reshape((-1,) + truth.mask.shape)
+    if tt["volume"].tolist() != list(range(len(vols))):
+        raise ValueError(f"{e['task']} {e['layer']} {e['regularizer']}: units.tsv rows do not index the "
+                         f"{len(vols)} volumes of units.nii.gz one to one")
+    unit_of, seed_of = tt["unit"].astype(int).tolist(), tt["seed"].astype(int).tolist()
+    rt = tab[tab["network"] == "randomized"].sort_values("volume")
+    if len(rt) and (rt["unit"].tolist() != unit_of or rt["seed"].tolist() != seed_of):
+        raise ValueError(f"{e['task']} {e['layer']} {e['regularizer']}: randomized.nii.gz is not laid out "
+                         "like units.nii.gz")
+    preferred = dict(zip(tt["unit"].astype(int), tt["preferred_class"].fillna("").astype(str))) \
+        if "preferred_class" in tt else {}
+    return {"truth": truth, "tt": tt, "region": parse_region(tt["region"].iloc[0]), "vols": vols,
+            "unit_of": unit_of, "seed_of": seed_of, "preferred": preferred,
+            "is_output": out_layer is not None and e["module"] == out_layer}
+
+
+def _class_of(c, u):
+    """The intended class of unit ``u`` of a class-logit request ('' for other units)."""
+    return str(c["truth"].classes[u]) if c["is_output"] and u < len(c["truth"].classes) else ""
+
+
+def _replicate(e):
+    return {"replicate": e["replicate"]} if e.get("replicate") is not None else {}
+
+
+def _trained_rows(e, c):
+    """One row per trained visualization: its table row, ground-truth scores, quality ratios, transfer
+    probability and the lesion hit's chance (over the positions a best match can take in region and mask)."""
+    truth, region, vols = c["truth"], c["region"], c["vols"]
+    real_tv, real_hf = truth.real_stats(region)
+    scores = score_volumes(truth, vols, c["unit_of"], region, c["is_output"], preferred=c["preferred"])
+    probs = _transfer_probs(c["transfer"], vols, c["unit_of"]) if c["is_output"] else [np.nan] * len(vols)
+    base = base_rate(truth.lesion_map, truth.bank().valid_positions(region, truth.mask)) \
+        if truth.kind == "lesion" else float("nan")
+    rows = []
+    for i, u in enumerate(c["unit_of"]):
+        row = c["tt"].iloc[i].to_dict()
+        row.update(scores[i], **quality_ratios(vols[i], real_tv, real_hf, truth.mask, region),
+                   transfer_prob=probs[i], lesion_hit_base_rate=base, intended_class=_class_of(c, u))
+        row.update(_replicate(e))
+        rows.append(row)
+    return rows
+
+
+def _control_rows(e, c, kind, volumes, units_, seeds_, source):
+    """Rows of one kind of control, scored like the trained visualizations they pair with."""
+    sc = score_volumes(c["truth"], volumes, units_, c["region"], c["is_output"], preferred=c["preferred"])
+    pr = _transfer_probs(c["transfer"], volumes, units_) if c["is_output"] else [np.nan] * len(volumes)
+    return [{"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u, "seed": s,
+             "control": kind, "source": source, **v_sc, "transfer_prob": p, "intended_class": _class_of(c, u),
+             **_replicate(e)} for v_sc, p, u, s in zip(sc, pr, units_, seeds_)]
+
+
+def _surrogate_rows(e, c, n_surrogates, seed):
+    """Phase-randomised copies of every visualization (same amplitude spectrum, no spatial structure)."""
+    from ..utils import stable_seed
+
+    rep = () if e.get("replicate") is None else (e["replicate"],)
+    rng = np.random.default_rng(stable_seed(seed, "surrogate", e["task"], e["layer"], e["regularizer"], *rep))
+    sur, su, ss = [], [], []
+    for i, v in enumerate(c["vols"]):
+        for sv in phase_surrogates(v, n_surrogates, rng, c["region"], c["truth"].mask):
+            sur.append(sv)
+            su.append(c["unit_of"][i])
+            ss.append(c["seed_of"][i])
+    return _control_rows(e, c, "surrogate", np.asarray(sur), su, ss, "phase-randomised copy")
+
+
+def attribution_rows(truth: Truth, maps: dict, method: str, layer: str, output_layer: str | None) -> list[dict]:
     """The positive control: attribution maps of the class logits (positive = evidence for the class), scored
     with the metrics that apply to an evidence map averaged over subjects: where the evidence lies (lesion
     task: correlation with the planted-lesion frequency, for 'present' positive and for 'absent' negative

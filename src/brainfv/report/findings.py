@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +23,19 @@ ALPHA = 0.05
 START, END = "<!-- findings:start -->", "<!-- findings:end -->"
 
 
-def fmt(x):
+def fmt(x: float) -> str:
     """A summary number as the findings print it (3 decimals; 'n/a' when missing)."""
     return "n/a" if not np.isfinite(x) else f"{x:.3f}"
 
 
-def fmt_p(p):
+def fmt_p(p: float) -> str:
     """A p-value as the findings print it ('< 0.001' below 0.001, else 3 decimals)."""
     if not np.isfinite(p):
         return "n/a"
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def p_text(label, p):
+def p_text(label: str, p: float) -> str:
     """``label = p`` as the findings print it (``label < 0.001`` below 0.001)."""
     v = fmt_p(p)
     return f"{label} {v}" if v.startswith("<") else f"{label} = {v}"
@@ -64,7 +65,8 @@ def _primary_line(r):
             f"{_plural(int(r.get('n_replicates', 1)), 'trained network')})")
 
 
-def render(summary, missing=(), alpha=ALPHA, method="t"):
+def render(summary: pd.DataFrame | str | Path, missing: Sequence[dict] = (), alpha: float = ALPHA,
+           method: str = "t") -> str:
     """The findings as Markdown from a judged summary (columns of :func:`brainfv.report.calibrate.summarise`
     and :func:`~brainfv.report.calibrate.judge`); ``missing``: primary endpoints with no rows."""
     s = summary if isinstance(summary, pd.DataFrame) else pd.read_csv(summary, sep="\t", keep_default_na=False,
@@ -102,7 +104,7 @@ def render(summary, missing=(), alpha=ALPHA, method="t"):
     return "\n".join(out) + "\n"
 
 
-def read_block(text):
+def read_block(text: str) -> str:
     """The text between the findings markers of ``text`` (a README)."""
     m = re.search(re.escape(START) + r"\n(.*?)" + re.escape(END), text, re.DOTALL)
     if not m:
@@ -110,7 +112,7 @@ def read_block(text):
     return m.group(1)
 
 
-def update_readme(readme, findings):
+def update_readme(readme: str | Path, findings: str | Path) -> str:
     """Replace the findings block of the file ``readme`` with ``findings`` (text, or a findings.md path)."""
     readme = Path(readme)
     text = readme.read_text()

@@ -27,7 +27,10 @@ controls' p, the intersection–union p-value).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import pandas as pd
 from scipy import stats as st
 
 __all__ = ["METHODS", "adjust", "grid", "hierarchical_bootstrap", "joint_gains", "mean_interval", "simulate_coverage",
@@ -37,7 +40,7 @@ METHODS = ("t", "bootstrap", "bca")
 LEVELS = ("replicate", "unit", "seed")
 
 
-def grid(df, value):
+def grid(df: pd.DataFrame, value: str) -> np.ndarray:
     """``df`` (columns ``unit``, ``seed``, optionally ``replicate``, and ``value``) as an array
     (replicates, units, seeds) with NaN where missing."""
     d = df.assign(replicate=df.get("replicate", 0))
@@ -48,7 +51,7 @@ def grid(df, value):
     return piv.to_numpy(float).reshape(len(reps), len(units), -1)
 
 
-def top_means(values):
+def top_means(values: np.ndarray) -> np.ndarray:
     """The values a t interval is taken over: the replicates' means when more than one replicate has data,
     else the units' means when more than one unit has, else the seeds' values (NaNs ignored)."""
     v = np.asarray(values, float)
@@ -67,7 +70,8 @@ def top_means(values):
     return v[0][ok[0]]
 
 
-def t_interval(top, level=0.95, tail=None):
+def t_interval(top: np.ndarray, level: float = 0.95,
+               tail: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mean of ``top`` (…, k) over its last axis with its t interval and one-sided p (mean > 0).
     ``tail``: the one-sided miss probability of each bound (default (1 − level) / 2).
     Returns arrays ``(mean, low, high, p)``; k < 2 gives NaN bounds and p."""
@@ -94,7 +98,7 @@ def _resample_index(shape, n_boot, rng):
     return r[..., None, None], u[..., None], s
 
 
-def hierarchical_bootstrap(values, n_boot=2000, seed=0):
+def hierarchical_bootstrap(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
     """Means of ``n_boot`` hierarchical resamples of ``values`` (…, replicates, units, seeds), NaN = missing,
     the same resample for every leading index (a joint resample): array (n_boot, …)."""
     v = np.asarray(values, float)
@@ -108,7 +112,8 @@ def hierarchical_bootstrap(values, n_boot=2000, seed=0):
     return np.moveaxis(means, -1, 0)
 
 
-def mean_interval(values, method="t", level=0.95, n_boot=2000, seed=0):
+def mean_interval(values: np.ndarray, method: str = "t", level: float = 0.95, n_boot: int = 2000,
+                  seed: int = 0) -> tuple[float, float, float, float, int]:
     """Mean of ``values`` (array replicates × units × seeds, or units × seeds; NaN = missing) with its interval
     and one-sided p for a mean above zero: ``(mean, low, high, p, n)``, ``n`` the number of finite values."""
     v = np.asarray(values, float)
@@ -128,7 +133,8 @@ def mean_interval(values, method="t", level=0.95, n_boot=2000, seed=0):
     return mean, lo, hi, p, n
 
 
-def joint_gains(gains, method="t", level=0.95, n_boot=2000, seed=0):
+def joint_gains(gains: dict[str, np.ndarray], method: str = "t", level: float = 0.95, n_boot: int = 2000,
+                seed: int = 0) -> tuple[dict[str, tuple[float, ...]], tuple[float, float, float, float]]:
     """Each control's mean gain and the smallest of them, read together (see the module docstring).
 
     ``gains``: dict control -> array (replicates, units, seeds) of paired gains, all of one shape (the same
@@ -155,7 +161,7 @@ def joint_gains(gains, method="t", level=0.95, n_boot=2000, seed=0):
     return per, (est, lo, hi, p)
 
 
-def adjust(p):
+def adjust(p: np.ndarray | Sequence[float]) -> np.ndarray:
     """Benjamini–Hochberg adjusted p-values (``scipy.stats.false_discovery_control``) of the finite ``p``;
     NaN stays NaN."""
     p = np.asarray(p, float)
@@ -174,8 +180,9 @@ def _draw(rng, dist, size):
     raise ValueError(f"dist: {dist!r} (normal or skewed)")
 
 
-def simulate_coverage(replicates, units, seeds, methods=METHODS, n_studies=2000, sd=(1.0, 1.0, 1.0),
-                      dist="normal", level=0.95, n_boot=1000, seed=0, controls=1):
+def simulate_coverage(replicates: int, units: int, seeds: int, methods: Sequence[str] = METHODS,
+                      n_studies: int = 2000, sd: tuple[float, float, float] = (1.0, 1.0, 1.0), dist: str = "normal",
+                      level: float = 0.95, n_boot: int = 1000, seed: int = 0, controls: int = 1) -> dict[str, float]:
     """The share of ``n_studies`` simulated studies whose interval covers the true mean, per method.
 
     Each study has ``replicates × units × seeds`` values: true mean 0, plus a replicate effect, a unit
