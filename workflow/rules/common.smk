@@ -254,6 +254,37 @@ def lesion_tasks():
     return [t for t in config["tasks"] if task_dataset(t) == "lesions"]
 
 
+def compare_records():
+    """What compare_regularizers reads, as records that carry their own paths (brainfv.jobs.compare): one per
+    visualization job (its volumes and table), per task (its model's description, dataset files, head and kind),
+    per transfer model and per attribution map."""
+    randomized = config["compare"]["randomized"]
+    entries = [{**e, "nifti": featviz_file(e, "units.nii.gz"), "table": featviz_file(e, "units.tsv"),
+                "randomized": featviz_file(e, "randomized.nii.gz") if randomized else None}
+               for e in featviz_entries()]
+    tasks = [{"task": t, "info": model_info(t), "head": bfv_config.task_head(config, t),
+              "model_kind": bfv_config.task_model_kind(config, t),
+              **{k: dataset_file(task_dataset(t), k) for k in ("participants", "volumes", "reference", "mask",
+                                                              "sex_effect", "sex_effect_regional")},
+              "lesion_masks": dataset_file("lesions", "lesion_masks") if t in lesion_tasks() else None}
+             for t in config["tasks"]]
+    transfer = [{"task": t, "model": model_file(t), "predictions": model_file(t, "main", "predictions.tsv"),
+                 "transfer_model": model_file(t, "transfer"),
+                 "transfer_predictions": model_file(t, "transfer", "predictions.tsv")} for t in transfer_tasks()]
+    keys, paths = attribution_files()
+    attributions = [{"task": t, "method": m, "path": p} for (t, m), p in zip(keys, paths)]
+    return {"entries": entries, "tasks": tasks, "transfer": transfer, "attributions": attributions}
+
+
+def record_paths(records):
+    """Every file the records name (the rule's declared inputs: a newer one reruns the comparison)."""
+    path_keys = {"nifti", "table", "randomized", "info", "participants", "volumes", "reference", "mask", "sex_effect",
+                 "sex_effect_regional", "lesion_masks", "model", "predictions", "transfer_model",
+                 "transfer_predictions", "path"}
+    return list(dict.fromkeys(v for group in records.values() for r in group for k, v in r.items()
+                              if k in path_keys and v))
+
+
 def grid_keys():
     return list(dict.fromkeys((e["task"], e["layer"]) for e in featviz_entries()))
 

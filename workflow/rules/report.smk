@@ -3,22 +3,7 @@
 
 rule compare_regularizers:
     input:
-        niftis=[featviz_file(e, "units.nii.gz") for e in featviz_entries()],
-        randomized=[featviz_file(e, "randomized.nii.gz") for e in featviz_entries()] if config["compare"]["randomized"] else [],
-        tables=[featviz_file(e, "units.tsv") for e in featviz_entries()],
-        infos=[model_info(t) for t in config["tasks"]],
-        models=[model_file(t) for t in transfer_tasks()],
-        predictions=[model_file(t, "main", "predictions.tsv") for t in transfer_tasks()],
-        transfer_models=[model_file(t, "transfer") for t in transfer_tasks()],
-        transfer_predictions=[model_file(t, "transfer", "predictions.tsv") for t in transfer_tasks()],
-        participants=per_task("participants"),
-        volumes=per_task("volumes"),
-        masks=per_task("mask"),
-        references=per_task("reference"),
-        effects=per_task("sex_effect"),
-        effects_regional=per_task("sex_effect_regional"),
-        lesion_masks=[dataset_file("lesions", "lesion_masks") for t in lesion_tasks()],
-        attributions=attribution_files()[1],
+        record_paths(compare_records()),
     output:
         table=report(f"{REPORT}/comparison.tsv", caption="../report/comparison.rst", category="4. Comparison"),
         controls=f"{REPORT}/controls.tsv",
@@ -28,13 +13,7 @@ rule compare_regularizers:
         findings=report(f"{REPORT}/findings.md", caption="../report/findings.rst", category="4. Comparison"),
     params:
         code=code("compare_regularizers"),  # the library modules it runs (brainfv.provenance)
-        entries=featviz_entries(),
-        tasks=list(config["tasks"]),
-        heads={t: bfv_config.task_head(config, t) for t in config["tasks"]},
-        model_kinds={t: bfv_config.task_model_kind(config, t) for t in config["tasks"]},
-        transfer_tasks=transfer_tasks(),
-        lesion_tasks=lesion_tasks(),
-        attributions=attribution_files()[0],
+        records=compare_records(),
         lesions=config["lesions"],
         compare=config["compare"],
         report=config["report"],
