@@ -47,7 +47,7 @@ from .models.cnn import frozen
 from .utils import Progress, atomic_path
 
 __all__ = ["METHODS", "class_attribution_maps", "default_cam_layer", "attribution_table",
-           "write_attribution_nifti", "write_attribution_table"]
+           "write_attribution_nifti", "write_attribution_table", "RowView"]
 
 METHODS = ("integrated_gradients", "gradcam", "saliency", "input_x_gradient")
 _CAM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
@@ -353,7 +353,7 @@ def write_attribution_table(result: dict, path: str | Path, classes: list | None
     return path
 
 
-class _Rows:
+class RowView:
     """A lazy view of some rows of a volume store (read when indexed)."""
 
     def __init__(self, volumes, rows):

@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import torch
 
-from ..attribution import _Rows, attribution_table, class_attribution_maps, write_attribution_nifti
+from ..attribution import RowView, attribution_table, class_attribution_maps, write_attribution_nifti
 from ..data.store import Dataset
 from ..device import pick_device
 from ..utils import atomic_path
@@ -36,7 +36,7 @@ def attribution_job(job: Job) -> None:
     test = parts[(parts["split"] == "test") & parts[target].astype(str).isin(classes)]
     picked = pd.concat([g.head(p["max_per_class"]) for _, g in test.groupby(test[target].astype(str), sort=True)])
     labels = [classes.index(str(v)) for v in picked[target]]
-    volumes = _Rows(ds.volumes, picked["index"])
+    volumes = RowView(ds.volumes, picked["index"])
     tables = []
     for method in p["methods"]:
         log(f"{method}: {len(picked)} test subjects ({p['max_per_class']} per class at most), classes {classes}")

@@ -13,7 +13,14 @@ import torch
 
 from ..models.cnn import load_checkpoint
 from ..report.calibrate import judge, paired_table, sanity_table, summarise
-from ..report.compare import GT_METRICS, SUMMARY_EXTRA, _transfer_agreement, _truth, attribution_rows, compare_entries
+from ..report.compare import (
+    GT_METRICS,
+    SUMMARY_EXTRA,
+    attribution_rows,
+    compare_entries,
+    task_truth,
+    transfer_agreement,
+)
 from ..report.findings import render
 from ..utils import atomic_path
 from .base import Job
@@ -78,7 +85,7 @@ def _task_truths(tasks: list[dict], p: dict, log: Callable) -> tuple[dict, dict]
                  "effect_regional": t["sex_effect_regional"]}
         if t.get("lesion_masks"):
             files["lesion_masks"] = t["lesion_masks"]
-        truths[t["task"]] = _truth(t["task"], meta["target"], meta["classes"], files, p["lesions"],
+        truths[t["task"]] = task_truth(t["task"], meta["target"], meta["classes"], files, p["lesions"],
                                    p["compare"]["n_real"], log)
     return truths, outputs
 
@@ -89,7 +96,7 @@ def _transfer_models(records: list[dict], tasks: list[str], log: Callable) -> tu
     for r in records:
         main, meta = load_checkpoint(r["model"])
         transfer[r["task"]], tmeta = load_checkpoint(r["transfer_model"])
-        rows.append(_transfer_agreement(r["task"], r["predictions"], r["transfer_predictions"],
+        rows.append(transfer_agreement(r["task"], r["predictions"], r["transfer_predictions"],
                                         {**meta, "arch": main.arch}, {**tmeta, "arch": transfer[r["task"]].arch}))
     missing = [t for t in tasks if t not in transfer]
     if missing:

@@ -52,7 +52,7 @@ from .metrics import (
     sex_effect_fidelity,
 )
 
-__all__ = ["GT_METRICS", "Truth", "score_volumes", "compare_entries"]
+__all__ = ["GT_METRICS", "Truth", "score_volumes", "compare_entries", "task_truth", "transfer_agreement"]
 
 GT_METRICS = {"lesion": ["lesion_ncc", "lesion_hit", "lesion_map_corr"], "sex": ["effect_corr", "effect_corr_full"]}
 SUMMARY_EXTRA = ["transfer_prob", "act_matched_z", "stability", "tv_ratio", "hf_ratio", "energy_inside_mask",
@@ -317,7 +317,8 @@ def attribution_rows(truth: Truth, maps: dict, method: str, layer: str, output_l
     return rows
 
 
-def _truth(task, target, classes, files, lesions, n_real, log):
+def task_truth(task: str, target: str, classes: list, files: dict, lesions: dict, n_real: int,
+               log: Callable) -> Truth:
     """A task's :class:`Truth` from its dataset files."""
     import nibabel as nib
 
@@ -354,7 +355,7 @@ def _truth(task, target, classes, files, lesions, n_real, log):
     return t
 
 
-def _transfer_agreement(task, main_pred, transfer_pred, meta, tmeta):
+def transfer_agreement(task: str, main_pred: str, transfer_pred: str, meta: dict, tmeta: dict) -> dict:
     """How independent the transfer model is: the correlation of both models' test margins, and what differs."""
     import pandas as pd
 
