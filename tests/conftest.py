@@ -59,3 +59,19 @@ def small_config(**over):
     for k, v in over.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return check(complete(cfg))
+
+
+def small_model(seed=0):
+    """A small study CNN (4/8/8 channels) with non-trivial BatchNorm statistics, as in a trained model."""
+    import torch
+    from torch import nn
+
+    from brainfv.models import build_model
+
+    torch.manual_seed(seed)
+    m = build_model({"channels": [4, 8, 8]})
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm3d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()

@@ -3,6 +3,7 @@ the same start image for every network (issue 18, part A)."""
 import numpy as np
 import pytest
 import torch
+from conftest import small_model
 from torch import nn
 
 from brainfv.featviz import objectives as O
@@ -15,16 +16,6 @@ from brainfv.models import build_model
 
 SHAPE = (12, 16, 12)
 LO, HI = -2.5, 3.5
-
-
-def small_model(seed=0):
-    torch.manual_seed(seed)
-    m = build_model({"channels": [4, 8, 8]})
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm3d):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 2.0)
-    return m.eval()
 
 
 def real_volumes(n=4, shape=SHAPE):

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import small_model
 from torch import nn
 
 from brainfv.errors import UnitError
@@ -19,17 +20,6 @@ R = (-3.0, 4.0)  # the intensity range of range: data (real brains: their brain 
 
 def corr(a, b):
     return np.corrcoef(np.ravel(a), np.ravel(b))[0, 1]
-
-
-def small_model(seed=0):
-    torch.manual_seed(seed)
-    m = build_model({"channels": [4, 8, 8]})
-    # non-trivial BatchNorm statistics, as in a trained model
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm3d):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 2.0)
-    return m.eval()
 
 
 def test_known_filter_is_recovered():
@@ -398,7 +388,7 @@ def test_frozen_copy_is_channels_last_even_for_one_input_channel():
     plain ones made every optimisation step 2.5x slower on the CPU. Other tensors (4D buffers) are kept."""
     import torch
 
-    from brainfv.models import build_model, frozen
+    from brainfv.models import frozen
 
     net = build_model({"channels": [4, 8]})
     net.register_buffer("masks", torch.zeros(2, 3, 3, 3))
