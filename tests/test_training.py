@@ -200,3 +200,11 @@ def test_flatten_head_is_position_specific():
     assert info["block2.pool"]["output_shape"] == (8, 6, 6, 6) and info["block2.pool"]["rf_size"] is not None
     assert info["fc"]["output_shape"] == (100,) and not info["fc"]["spatial"] and info["fc"]["rf_size"] is None
     assert info["classifier"]["output_shape"] == (2,)
+
+
+def test_patience_counts_epochs_without_a_bacc_or_loss_gain():
+    from brainfv.training import epochs_without_gain
+
+    assert epochs_without_gain(3, True, 0.9, 0.5) == 0     # better balanced accuracy
+    assert epochs_without_gain(3, False, 0.4, 0.5) == 0    # tied accuracy, lower loss: still learning
+    assert epochs_without_gain(3, False, 0.5, 0.5) == 4    # neither

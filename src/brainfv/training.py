@@ -40,10 +40,10 @@ from .provenance import code_hash
 from .utils import atomic_path, get_logger, stable_seed, write_json
 
 __all__ = ["VolumeDataset", "task_labels", "make_loaders", "Checkpointer", "checkpoint_key", "fit", "evaluate",
-           "binary_metrics", "write_outputs", "train_task", "pick_device"]
+           "binary_metrics", "write_outputs", "train_task", "pick_device", "epochs_without_gain"]
 
 #: bumped when the checkpoint's content or the training loop changes what a resumed run computes
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 class VolumeDataset(torch.utils.data.Dataset):
@@ -293,6 +293,7 @@ def fit(model: nn.Module, loaders: Loaders, cfg: TrainingConfig, device: torch.d
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch))
     history, best, best_state, start_epoch, bad_epochs = [], (-1.0, -float("inf")), None, 0, 0
+    best_loss = float("inf")  # early stopping: patience counts epochs without a val bacc or val loss gain
     ck = checkpointer.load(device)
     if ck is not None:
         model.load_state_dict(ck["model"])
@@ -300,6 +301,7 @@ def fit(model: nn.Module, loaders: Loaders, cfg: TrainingConfig, device: torch.d
         sched.load_state_dict(ck["sched"])
         torch.set_rng_state(ck["rng"])
         history, best, best_state = ck["history"], ck["best"], ck["best_state"]
+        best_loss = ck.get("best_loss", min((h["val_loss"] for h in history), default=float("inf")))
         start_epoch, bad_epochs = ck["epoch"] + 1, ck["bad_epochs"]
         log(f"resuming from {checkpointer.path} after epoch {start_epoch}")
     epoch_times = []
@@ -318,24 +320,31 @@ def fit(model: nn.Module, loaders: Loaders, cfg: TrainingConfig, device: torch.d
                "lr": opt.param_groups[0]["lr"], "seconds": dt, "samples_per_s": seen / dt}
         history.append(rec)
         score = (val["balanced_accuracy"], -val["loss"])
-        if best_state is None or score > tuple(best):
-            best, best_state, bad_epochs = score, copy.deepcopy(model.state_dict()), 0
-        else:
-            bad_epochs += 1
+        improved = best_state is None or score > tuple(best)
+        if improved:
+            best, best_state = score, copy.deepcopy(model.state_dict())
+        bad_epochs = epochs_without_gain(bad_epochs, improved, val["loss"], best_loss)
+        best_loss = min(best_loss, val["loss"])
         remaining = cfg.epochs - epoch - 1
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.3f} | "
             f"val loss {val['loss']:.4f} bacc {val['balanced_accuracy']:.3f} auc {val['roc_auc']:.3f} | "
             f"{rec['samples_per_s']:.1f} vol/s {dt:.1f}s/epoch ETA {remaining * np.mean(epoch_times):.0f}s"
-            + (" *" if bad_epochs == 0 else ""))
+            + (" *" if improved else ""))
         checkpointer.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                            "rng": torch.get_rng_state(), "history": history, "best": best, "best_state": best_state,
-                           "epoch": epoch, "bad_epochs": bad_epochs})
+                           "epoch": epoch, "bad_epochs": bad_epochs, "best_loss": best_loss})
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             log(f"stopping after epoch {epoch + 1} as asked (simulated interruption)")
             return None
     if bad_epochs >= cfg.patience:
-        log(f"early stopping: no val balanced-accuracy gain for {cfg.patience} epochs")
+        log(f"early stopping: no val balanced-accuracy or val-loss gain for {cfg.patience} epochs")
     return history, best_state
+
+
+def epochs_without_gain(bad_epochs: int, improved: bool, val_loss: float, best_loss: float) -> int:
+    """Early stopping's count: reset by a gain in val balanced accuracy (``improved``) or in val loss (a bacc
+    that ties, as it does on a small validation split, no longer stops a model whose loss still falls)."""
+    return 0 if improved or val_loss < best_loss else bad_epochs + 1
 
 
 def _train_epoch(model: nn.Module, batches: Iterable, opt: torch.optim.Optimizer,
