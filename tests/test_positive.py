@@ -212,3 +212,20 @@ def test_config_names_the_key_of_a_control_that_cannot_be_built():
                        ({"dataset": "cohort", "target": "handedness", "positive_control": True}, "'handedness'")):
         with pytest.raises(ConfigError, match=rf"tasks\.x\.positive_control: .*{says}"):
             check(complete({"tasks": {"x": spec}}))
+
+
+def test_other_model_control_of_the_positive_controls_is_chosen_by_head():
+    """The comparison's other-model control: a known network is paired with a trained network of the other task
+    and the same head (config order), and adding the sex control changes no pairing of the others."""
+    from brainfv.report.compare import Truth, other_tasks
+
+    m = np.ones((2, 2, 2), bool)
+    lesion = lambda t: Truth(t, "lesion", ["absent", "present"], m, 8.0, lesion_map=np.zeros((2, 2, 2)))  # noqa: E731
+    sex = lambda t: Truth(t, "sex", ["F", "M"], m, 8.0, effect=np.zeros((2, 2, 2)))  # noqa: E731
+    heads = {"sex": "pool", "lesion": "pool", "sex-flatten": "flatten", "lesion-flatten": "flatten",
+             "lesion-known": "pool", "lesion-known-flatten": "flatten", "sex-known-flatten": "flatten"}
+    truths = {t: (sex if t.startswith("sex") else lesion)(t) for t in heads}
+    first = {t: other_tasks(t, truths, heads)[0] for t in heads}
+    assert first == {"sex": "lesion", "lesion": "sex", "sex-flatten": "lesion-flatten",
+                     "lesion-flatten": "sex-flatten", "lesion-known": "sex", "lesion-known-flatten": "sex-flatten",
+                     "sex-known-flatten": "lesion-flatten"}
