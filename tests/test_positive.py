@@ -109,7 +109,8 @@ def test_sex_cell_weights_average_the_effect_per_cell():
 
 @pytest.mark.parametrize("arch", [{"channels": [2, 3], "hidden": 0, "norm": "batch", "activation": "relu"},
                                   {"channels": [2, 3], "hidden": 1, "norm": "none", "activation": "elu"},
-                                  {"channels": [3, 2], "hidden": 6, "norm": "batch", "activation": "gelu"}])
+                                  {"channels": [3, 2], "hidden": 6, "norm": "batch", "activation": "gelu",
+                                   "kernel_size": 5}])
 def test_sex_control_is_the_study_network_with_a_known_concave_logit(arch, tmp_path):
     """The built network has build_model's architecture (it saves and loads as a study checkpoint), and its 'M'
     logit is sum_{w>0} w min_cell(x) + sum_{w<0} w max_cell(x) up to a constant ('F': the same with -w)."""

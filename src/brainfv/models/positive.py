@@ -199,7 +199,8 @@ def sex_control_network(arch: dict, input_shape: tuple, weights: np.ndarray, n_c
         lift[:2] = SEX_OFFSET
         for i in range(2, model.n_blocks + 1):
             conv = model.get_submodule(f"block{i}.conv")
-            conv.weight[0, 0, 1, 1, 1] = conv.weight[1, 1, 1, 1, 1] = 1.0
+            k = conv.kernel_size[0] // 2  # the centre tap
+            conv.weight[0, 0, k, k, k] = conv.weight[1, 1, k, k, k] = 1.0
         readouts = [(male, _sex_readout(w, n_cells)), (1 - male, _sex_readout(-w, n_cells))]
         if not hasattr(model, "fc"):
             for cls, row in readouts:
