@@ -30,6 +30,18 @@ def test_dry_run_default_config(tmp_path):
         assert re.search(rf"^{rule}\s+\d+", out, re.M), rule
 
 
+def test_sex_positive_control_is_built_from_the_cohort_effect_map(tmp_path):
+    """construct_model for a sex control declares the files it reads: the cohort's regional effect map and mask."""
+    target = f"{tmp_path}/res/models/sex-known-flatten/main/model.pt"
+    p = smk("-n", target, "--configfile", "config/test.yaml", "--config", f"results={tmp_path}/res")
+    out = p.stdout + p.stderr
+    job = out[out.index("rule construct_model:"):].split("\n\n")[0]
+    inputs = re.search(r"input: (.*)", job).group(1).split(", ")
+    assert sorted(Path(f).name for f in inputs) == ["mask.nii.gz", "participants.tsv", "reference.nii.gz",
+                                                    "sex_effect_regional.nii.gz"]
+    assert all("/data/cohort/" in f for f in inputs) and "task=sex-known-flatten" in job
+
+
 def test_bad_config_fails_before_any_job(tmp_path):
     p = smk("-n", "--config", "grid={'voxel_size': -3}", check=False)
     assert p.returncode != 0 and "voxel_size" in p.stdout + p.stderr
@@ -220,7 +232,7 @@ def test_tiny_study_end_to_end(tmp_path):
         assert col in table, col
     assert table["regularizer"].str.startswith("attribution:").any()  # the positive control
     assert set(vis["task"]) == {"sex", "lesion", "sex-flatten", "lesion-flatten", "lesion-known",
-                                "lesion-known-flatten", "densenet", "scripted"}
+                                "lesion-known-flatten", "sex-known-flatten", "densenet", "scripted"}
     # the positive controls: built (not trained), per head, summarised per head and model kind
     known = json.loads((res / "models/lesion-known-flatten/main/metrics.json").read_text())
     assert known["role"] == "positive control" and known["construction"]["head"] == "flatten"
@@ -236,6 +248,8 @@ def test_tiny_study_end_to_end(tmp_path):
     kinds = summary.drop_duplicates("task").set_index("task")
     assert kinds.loc["lesion-known-flatten", "head"] == "flatten" and kinds.loc["lesion-known", "head"] == "pool"
     assert kinds.loc["lesion-known", "model"] == "positive control"
+    assert kinds.loc["sex-known-flatten", "model"] == "positive control"
+    assert vis.loc[vis["task"] == "sex-known-flatten", "effect_corr"].notna().any()  # scored with the sex truth
     assert kinds.loc["lesion-flatten", "model"] == "trained"
     assert kinds.loc["lesion", "head"] == "pool" and kinds.loc["densenet", "model"] == "given"
     checks = set(pd.read_csv(res / "report/sanity.tsv", sep="\t")["randomization_check"])

@@ -150,10 +150,8 @@ def check(cfg: dict) -> dict:
     for task, spec in cfg["tasks"].items():
         _validate(spec.get("training") or {}, _no_defaults(node("training")), f"tasks.{task}.training")
         _validate(spec.get("arch") or {}, _no_defaults(node("model")), f"tasks.{task}.arch")
-        if spec.get("positive_control") and ("model" in spec or spec["dataset"] != "lesions"
-                                             or spec["target"] != "lesion"):
-            raise ConfigError(f"config key tasks.{task}.positive_control: a built positive control needs "
-                              "dataset: lesions, target: lesion and no `model`")
+        if spec.get("positive_control"):
+            _check_positive_control(cfg, task, spec)
         if "arch" in spec and "model" in spec:
             raise ConfigError(f"config key tasks.{task}: `arch` changes a trained model, `model` gives one; "
                               "set one of them")
@@ -234,6 +232,22 @@ def task_training(cfg: dict, task: str) -> dict:
     merged = {**cfg["training"], **over}
     merged["augment"] = {**cfg["training"]["augment"], **(over.get("augment") or {})}
     return merged
+
+
+def _check_positive_control(cfg: dict, task: str, spec: dict) -> None:
+    """A built positive control exists for target lesion (lesion dataset, either head) and for target sex
+    (flatten head only: a pooled head's optimum is a uniform image); see :mod:`brainfv.models.positive`."""
+    key = f"config key tasks.{task}.positive_control"
+    if "model" in spec:
+        raise ConfigError(f"{key}: a built positive control takes no `model`")
+    if spec["target"] == "lesion" and spec["dataset"] != "lesions":
+        raise ConfigError(f"{key}: target lesion needs dataset: lesions (its planted lesions)")
+    if spec["target"] == "sex" and task_head(cfg, task) != "flatten":
+        raise ConfigError(f"{key}: target sex has a control only with a flatten head (tasks.{task}.arch: "
+                          "{head: flatten}); a pooled head's preferred input is a uniform image")
+    if spec["target"] not in ("lesion", "sex"):
+        raise ConfigError(f"{key}: no positive control is built for target {spec['target']!r} (lesion and sex "
+                          "have one)")
 
 
 def task_arch(cfg: dict, task: str) -> dict:

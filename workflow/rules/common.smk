@@ -150,6 +150,23 @@ def constructed_tasks():
     return [t for t in config["tasks"] if constructed(t)]
 
 
+#: what each target's positive control reads from its dataset (input name -> dataset file kind; brainfv.models.positive)
+POSITIVE_CONTROL_READS = {
+    "lesion": {"lesions": "lesions", "frequency": "lesion_frequency"},
+    "sex": {"effect": "sex_effect_regional", "mask": "mask"},
+}
+
+
+def positive_control_inputs(wildcards):
+    """Input function of construct_model: the dataset files the task's positive control reads."""
+    task, target = wildcards.task, config["tasks"][wildcards.task]["target"]
+    if target not in POSITIVE_CONTROL_READS:
+        raise ValueError(f"tasks.{task}.positive_control: no positive control is built for target {target!r} "
+                         f"(targets with one: {sorted(POSITIVE_CONTROL_READS)})")
+    kinds = {"participants": "participants", "reference": "reference", **POSITIVE_CONTROL_READS[target]}
+    return {name: dataset_file(task_dataset(task), kind) for name, kind in kinds.items()}
+
+
 def roles(task):
     """The models trained for ``task``: ``main`` (visualised) and, if enabled, ``transfer`` (an independent
     model on which class-logit visualizations are tested); none for a given or constructed model."""

@@ -67,10 +67,7 @@ rule construct_model:
     """A positive-control network (tasks.<task>.positive_control): the study's architecture with weights set so
     that its preferred input is known (brainfv.models.positive); no training."""
     input:
-        participants=lambda wc: dataset_file(task_dataset(wc.task), "participants"),
-        reference=lambda wc: dataset_file(task_dataset(wc.task), "reference"),
-        lesions=lambda wc: dataset_file(task_dataset(wc.task), "lesions"),
-        frequency=lambda wc: dataset_file(task_dataset(wc.task), "lesion_frequency"),
+        unpack(positive_control_inputs),
     output:
         model=model_file("{task}", "main"),
         info=model_file("{task}", "main", "metrics.json"),
