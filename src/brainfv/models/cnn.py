@@ -4,7 +4,7 @@ Eitel et al.'s lab used four conv layers (8/32/64/64 channels) with ELU and 3D
 dropout on 182×218×182 volumes, then flattened the last feature maps into FC→100→output
 (``head: flatten``: position-specific weights, so a class logit can prefer a pattern at one place).
 The default here is a lighter conv–BN–ReLU–maxpool stack (8-16-32-64) with global average pooling
-(``head: pool``: nearly blind to where a pattern sits) for the 3 mm laptop grid; every piece is a config value.
+(``head: pool``: nearly blind to where a pattern sits) for the 4 mm laptop grid; every piece is a config value.
 """
 from __future__ import annotations
 
