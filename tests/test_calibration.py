@@ -211,3 +211,22 @@ def test_summary_counts_undefined_values_and_converged_share():
     r = out.iloc[0]
     assert r["n"] == 3 and r["n_undefined"] == 1 and r["converged_share"] == 0.75
     assert np.isclose(r["mean"], 0.2)
+
+
+def test_known_corr_scores_recovery_of_a_positive_controls_known_optimum():
+    """known_corr: the correlation with a positive control's known optimum over the voxels it reads (NaN for a
+    class without one, and for units that are not class logits)."""
+    from brainfv.report.compare import score_volumes
+
+    shape = (8, 8, 8)
+    known = np.full((2,) + shape, np.nan, np.float32)
+    known[1, :4] = 1.0
+    known[1, 4:6] = -1.0   # the last rows are never read: free
+    t = Truth("k", "sex", ["F", "M"], np.ones(shape, bool), 4.0, known=known)
+    rng = np.random.default_rng(0)
+    perfect = np.where(np.isfinite(known[1]), known[1], rng.normal(size=shape) * 5)
+    noise = rng.normal(size=shape)
+    s = score_volumes(t, [perfect, noise, perfect], [1, 1, 0], None, True)
+    assert s[0]["known_corr"] == pytest.approx(1.0) and abs(s[1]["known_corr"]) < 0.3
+    assert np.isnan(s[2]["known_corr"])
+    assert np.isnan(score_volumes(t, [perfect], [1], None, False)[0]["known_corr"])

@@ -1,4 +1,5 @@
 """Positive-control networks: the study's architecture with a known preferred input, recovered on a tiny grid."""
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -196,6 +197,9 @@ def test_construct_sex_control_from_a_dataset_folder(toy, tmp_path):
     with torch.no_grad():
         gain = net(torch.as_tensor(bright)) - net(torch.zeros_like(torch.as_tensor(bright)))
     assert gain[0, 1] > 0.9 and gain[0, 0] < -0.9
+    known = np.moveaxis(np.asarray(nib.load(tmp_path / "m" / "known.nii.gz").dataobj), -1, 0)
+    assert known.shape == (2, 12, 14, 12) and np.isfinite(known).sum() == 2 * 4 ** 3  # the one read cell
+    assert (known[1, 4:8, 4:8, 4:8] == 1).all() and (known[0, 4:8, 4:8, 4:8] == -1).all()
     with pytest.raises(ConfigError, match=r"tasks\.sex-known\.positive_control"):
         construct_positive_control(toy, {**arch, "head": "pool"}, "sex-known", "sex", tmp_path / "p")
     with pytest.raises(ConfigError, match=r"tasks\.odd\.positive_control: no positive control .* 'label'"):

@@ -15,7 +15,7 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
 from brainfv import config as bfv_config  # noqa: E402
-from brainfv.data.files import DATASET_FILES  # noqa: E402
+from brainfv.data.files import DATASET_FILES, KNOWN_FILE  # noqa: E402
 from brainfv.jobs import requests as bfv_requests  # noqa: E402
 from brainfv.provenance import code_hash  # noqa: E402
 
@@ -283,7 +283,8 @@ def compare_records():
               "model_kind": bfv_config.task_model_kind(config, t),
               **{k: dataset_file(task_dataset(t), k) for k in ("participants", "volumes", "reference", "mask",
                                                               "sex_effect", "sex_effect_regional")},
-              "lesion_masks": dataset_file("lesions", "lesion_masks") if t in lesion_tasks() else None}
+              "lesion_masks": dataset_file("lesions", "lesion_masks") if t in lesion_tasks() else None,
+              "known": model_file(t, "main", KNOWN_FILE) if constructed(t) else None}
              for t in config["tasks"]]
     transfer = [{"task": t, "model": model_file(t), "predictions": model_file(t, "main", "predictions.tsv"),
                  "transfer_model": model_file(t, "transfer"),
@@ -297,7 +298,7 @@ def record_paths(records):
     """Every file the records name (the rule's declared inputs: a newer one reruns the comparison)."""
     path_keys = {"nifti", "table", "randomized", "info", "participants", "volumes", "reference", "mask", "sex_effect",
                  "sex_effect_regional", "lesion_masks", "model", "predictions", "transfer_model",
-                 "transfer_predictions", "path"}
+                 "transfer_predictions", "path", "known"}
     return list(dict.fromkeys(v for group in records.values() for r in group for k, v in r.items()
                               if k in path_keys and v))
 

@@ -71,6 +71,7 @@ rule construct_model:
     output:
         model=model_file("{task}", "main"),
         info=model_file("{task}", "main", "metrics.json"),
+        known=model_file("{task}", "main", KNOWN_FILE),  # its known optimum per class logit (known_corr)
     params:
         code=code("construct_model"),  # the library modules it runs (brainfv.provenance)
         task=lambda wc: wc.task,

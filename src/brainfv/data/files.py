@@ -4,7 +4,7 @@ Standard library only (``workflow/rules/common.smk`` imports it while Snakemake 
 """
 from __future__ import annotations
 
-__all__ = ["DATASET_FILES"]
+__all__ = ["DATASET_FILES", "KNOWN_FILE"]
 
 #: kind -> file name in a dataset folder (the cohort and the lesion dataset; the lesion files only in the latter)
 DATASET_FILES = {
@@ -23,3 +23,7 @@ DATASET_FILES = {
     "qc_figure": "qc.png",
     "lesion_examples": "examples.png",
 }
+
+#: in a positive-control network's model folder (brainfv.models.positive): the known optimum of each class logit
+#: (X × Y × Z × classes; NaN where no single image is the optimum), scored as ``known_corr`` (brainfv.report.compare)
+KNOWN_FILE = "known.nii.gz"

@@ -35,7 +35,8 @@ def compare_job(job: Job) -> None:
     input): ``entries`` (task, layer id, module, regularizer and the paths ``nifti``, ``randomized``, ``table``
     of each visualization job), ``tasks`` (task, ``info`` — a trained model's metrics.json or a given model's
     description, naming its target, classes and output layer —, ``head``, ``model_kind`` and its dataset's
-    ``participants``, ``mask``, ``sex_effect``, ``sex_effect_regional``, ``lesion_masks``), ``transfer`` (task,
+    ``participants``, ``mask``, ``sex_effect``, ``sex_effect_regional``, ``lesion_masks``, ``known`` — a positive
+    control's known optimum), ``transfer`` (task,
     ``model``, ``predictions``, ``transfer_model``, ``transfer_predictions``) and ``attributions`` (task,
     method, ``path``). Params ``lesions``, ``compare``, ``report`` (config sections) and ``seed``. Outputs:
     ``table`` (comparison.tsv), ``controls``, ``summary``, ``sanity``, ``transfer``, ``findings`` (findings.md).
@@ -49,7 +50,8 @@ def compare_job(job: Job) -> None:
     heads = {t["task"]: t["head"] for t in rec["tasks"]}
     trained, controls = compare_entries(entries, truths, transfer, outputs, cmp["surrogates"], p["seed"], log, heads)
     attr = _attribution_scores(rec["attributions"], rec["entries"], truths, outputs)
-    metrics = sorted({m for t in truths.values() for m in GT_METRICS.get(t.kind, [])}) + ["transfer_prob"]
+    metrics = sorted({m for t in truths.values() for m in GT_METRICS.get(t.kind, [])})
+    metrics += ["known_corr"] * any(t.known is not None for t in truths.values()) + ["transfer_prob"]
     paired = paired_table(trained, controls, metrics)
     method = cmp["interval"]
     summary = summarise(paired, metrics + [m for m in SUMMARY_EXTRA if m != "transfer_prob"], cmp["bootstrap"],
@@ -83,8 +85,9 @@ def _task_truths(tasks: list[dict], p: dict, log: Callable) -> tuple[dict, dict]
         outputs[t["task"]] = meta.get("output_layer")
         files = {"participants": t["participants"], "mask": t["mask"], "effect": t["sex_effect"],
                  "effect_regional": t["sex_effect_regional"]}
-        if t.get("lesion_masks"):
-            files["lesion_masks"] = t["lesion_masks"]
+        for key in ("lesion_masks", "known"):
+            if t.get(key):
+                files[key] = t[key]
         truths[t["task"]] = task_truth(t["task"], meta["target"], meta["classes"], files, p["lesions"],
                                    p["compare"]["n_real"], log)
     return truths, outputs

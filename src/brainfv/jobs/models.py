@@ -97,7 +97,8 @@ def _check_requested_layers(job: Job, where: str, rows: list, names: set, info: 
 def positive_control_job(job: Job) -> None:
     """The ``construct_model`` rule: the dataset's ``participants`` and ``reference`` and what the target's
     control reads (lesion: ``lesions``, ``frequency``; sex: ``effect``, the regional sex effect, and ``mask``),
-    all inputs of one dataset folder → ``model`` and ``info`` outputs. Params: ``task``, ``target``, ``arch``
+    all inputs of one dataset folder → ``model``, ``info`` and ``known`` (the known optimum) outputs.
+    Params: ``task``, ``target``, ``arch``
     (the task's architecture, :func:`brainfv.config.task_arch`)."""
     p = job.params
     construct_positive_control(job.folder(*job.input.keys()), p["arch"], p["task"], p["target"],

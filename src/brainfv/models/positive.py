@@ -47,13 +47,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.files import KNOWN_FILE
 from ..data.store import Dataset
 from ..errors import ConfigError
 from ..utils import atomic_path, get_logger
 from .cnn import build_model, flatten_shape, save_checkpoint
 
 __all__ = ["lesion_template_kernel", "lesion_positions", "positive_control_network", "known_pattern",
-           "sex_cell_weights", "sex_control_network", "sex_known_pattern", "construct_positive_control"]
+           "sex_cell_weights", "sex_control_network", "sex_known_pattern", "construct_positive_control",
+           "KNOWN_FILE"]
 
 
 def lesion_template_kernel(diameter_vox: float, size: int | None = None) -> np.ndarray:
@@ -238,7 +240,7 @@ def construct_positive_control(dataset_dir: str | Path, arch: dict, task: str, t
                           "(targets lesion and sex have one)")
     classes = sorted(ds.participants[target].astype(str).unique())
     build = _lesion_control if target == "lesion" else _sex_control
-    model, how, said = build(ds, Path(dataset_dir), arch, task, classes, cells)
+    model, how, said, known = build(ds, Path(dataset_dir), arch, task, classes, cells)
     meta = {"task": task, "target": target, "classes": classes, "role": "positive control",
             "grid": {"shape": list(ds.grid.shape), "voxel_size": ds.grid.voxel_size, "origin": list(ds.grid.origin)},
             "normalisation": "z-score within brain mask", "dataset": str(dataset_dir), "output_layer": "classifier",
@@ -248,6 +250,8 @@ def construct_positive_control(dataset_dir: str | Path, arch: dict, task: str, t
     save_checkpoint(out / "model.pt", model, **meta)
     with atomic_path(out / "metrics.json") as tmp:
         Path(tmp).write_text(json.dumps(meta, indent=1))
+    with atomic_path(out / KNOWN_FILE) as tmp:  # X × Y × Z × classes, NaN: no single known optimum
+        nib.save(nib.Nifti1Image(np.moveaxis(known, 0, -1).astype(np.float32), ds.grid.affine), tmp)
     log(f"task {task}: positive-control network ({how['head']} head), {said}")
     return meta
 
@@ -277,7 +281,9 @@ def _lesion_control(ds: Dataset, root: Path, arch: dict, task: str, classes: lis
            "cell_size_vox": 2 ** n_blocks}
     said = f"dark-lesion template of {diameter:.1f} voxels" + (
         f", read at cells {how['cells']} ({how['cell_size_vox']} voxels a side)" if positions else "")
-    return model, how, said
+    # its optimum is a dark lesion anywhere (in the read cells): not one image, so no known_corr; lesion_ncc,
+    # lesion_hit and lesion_map_corr measure its recovery
+    return model, how, said, np.full((2,) + tuple(ds.grid.shape), np.nan, np.float32)
 
 
 def _sex_control(ds: Dataset, root: Path, arch: dict, task: str, classes: list, cells: int) -> tuple:
@@ -298,4 +304,5 @@ def _sex_control(ds: Dataset, root: Path, arch: dict, task: str, classes: list, 
            "cells_bright": int((w > 0).sum()), "offset": SEX_OFFSET, "effect_corr_of_optimum": round(ceiling, 4)}
     said = (f"'M' reads the regional sex effect on {how['cells_read']} cells of {how['cell_size_vox']} voxels "
             f"({how['cells_bright']} bright); its optimum's effect_corr is {ceiling:.3f}")
-    return model, how, said
+    optimum = np.stack([-known, known] if classes.index("M") == 1 else [known, -known])
+    return model, how, said, np.where(optimum == 0, np.nan, optimum).astype(np.float32)  # unread voxels: free

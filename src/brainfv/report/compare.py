@@ -25,6 +25,9 @@ Ground-truth metrics (defined in :mod:`brainfv.report.metrics`):
 ``effect_corr``       sex task, class logits and contrasts: correlation with the *regional* component of the
                       planted sex effect (the part the model can use; male with M−F, female with F−M)
 ``effect_corr_full``  the same with the full planted map (dominated by the global size difference)
+``known_corr``        positive-control networks (``tasks.<t>.positive_control``), class logits whose optimum
+                      is one known image (the sex control): correlation with it inside the region, over the
+                      voxels the network reads — how much of the known pattern a preset recovers
 ``transfer_prob``     class logits and contrasts: probability the independent transfer model gives the
                       intended class
 
@@ -73,6 +76,7 @@ class Truth:
     templates: list | None = None
     effect: np.ndarray | None = None            # regional component of the planted sex effect
     effect_full: np.ndarray | None = None
+    known: np.ndarray | None = None             # a positive control's known optimum per class (NaN: none/free)
     real_volumes: list = field(default_factory=list)
     _banks: dict = field(default_factory=dict)
     _real: dict = field(default_factory=dict)
@@ -146,6 +150,9 @@ def score_volumes(truth: Truth, volumes: Sequence, units: list[int], region: tup
             o.update(lesion_ncc=m["ncc"], lesion_shape=m["shape"] or "", lesion_diameter_mm=m["diameter_mm"],
                      lesion_hit=lesion_hit(m["position"], truth.lesion_map),
                      lesion_map_corr=partial_correlation(-s * np.asarray(v), truth.lesion_map, truth.wm, rmask))
+    if truth.known is not None:
+        for o, v, u in zip(out, volumes, units):
+            o["known_corr"] = _known_corr(truth.known, v, u, rmask) if is_output else float("nan")
     if truth.kind == "sex":
         for o, v, u in zip(out, volumes, units):
             s = truth.sign(u, is_output)
@@ -153,6 +160,20 @@ def score_volumes(truth: Truth, volumes: Sequence, units: list[int], region: tup
                      effect_corr_full=sex_effect_fidelity(v, truth.effect_full, rmask, s)
                      if s and truth.effect_full is not None else float("nan"))
     return out
+
+
+def _known_corr(known, v, u, rmask):
+    """Correlation of visualization ``v`` with the known optimum of class ``u`` over the region's voxels the
+    network reads (NaN when that class has no known optimum)."""
+    if u >= len(known):
+        return float("nan")
+    k = known[u]
+    sel = rmask & np.isfinite(k)
+    if sel.sum() < 3:
+        return float("nan")
+    from ..featviz.metrics import correlation
+
+    return float(correlation(np.asarray(v)[sel], k[sel]))
 
 
 def _transfer_probs(model, volumes, units):
@@ -343,6 +364,9 @@ def task_truth(task: str, target: str, classes: list, files: dict, lesions: dict
         t.templates = lesion_templates(lc.template_shapes, np.linspace(*lc.diameter_mm, 3), t.voxel_size, lc.edge_mm)
         log(f"task {task}: planted lesions cover {float((t.lesion_map[mask] > 0).mean()):.1%} of the brain mask "
             f"({len(train)} training volumes)")
+    if files.get("known"):  # a positive control: its known optimum per class, if one is a single image
+        known = np.moveaxis(np.asarray(nib.load(files["known"]).dataobj, np.float32), -1, 0)
+        t.known = known if np.isfinite(known).any() else None
     if target == "sex":
         img = nib.load(files["effect"])
         t.effect_full = img.get_fdata()
