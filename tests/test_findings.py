@@ -131,3 +131,26 @@ def test_findings_from_a_written_summary_and_the_readme_block(tmp_path):
         (tmp_path / "bare.md").write_text("no markers")
         update_readme(tmp_path / "bare.md", text)
     assert END in new
+
+
+def test_findings_state_the_lesion_logit_per_head_and_the_positive_controls_recovery():
+    """The per-head table reads the trained lesion models' 'present' rows (shape, location, hits: the smallest
+    gain over every control and its interval); the recovery table the positive controls' known-pattern metrics;
+    each names the converged share; both come out of render, nothing typed."""
+    parts = [paired({"randomized": 0.3, "other": 0.25, "surrogate": 0.2}, task=t, metric=m, reg=reg)
+             for t in ("lesion", "lesion-flatten", "lesion-known") for m in ("lesion_ncc", "lesion_map_corr")
+             for reg in ("none", "maco")]
+    s = pd.concat([summarise(p, ["lesion_ncc", "lesion_map_corr"]) for p in parts], ignore_index=True)
+    s["head"] = s["task"].map({"lesion": "pool", "lesion-flatten": "flatten", "lesion-known": "pool"})
+    s["model"] = s["task"].map({"lesion": "trained", "lesion-flatten": "trained", "lesion-known": "positive control"})
+    s, missing = judge(s, default("report.primary"), default("report.sesoi"))
+    text = render(s, missing)
+    head = text.split("### The lesion models' 'present' logit, per head")[1].split("###")[0]
+    lines = [ln for ln in head.splitlines() if ln.startswith("| ") and "preset" not in ln]
+    assert len(lines) == 4 and {ln.split(" | ")[0] for ln in lines} == {"| pool", "| flatten"}
+    r = s[(s["task"] == "lesion-flatten") & (s["regularizer"] == "maco") & (s["metric"] == "lesion_ncc")].iloc[0]
+    assert f"| flatten | lesion-flatten | maco | {fmt(r['min_gain'])} [{fmt(r['min_gain_lo'])}, " in head
+    assert "lesion-known" not in head
+    rec = text.split("### Positive controls")[1].split("###")[0]
+    k = s[(s["task"] == "lesion-known") & (s["regularizer"] == "none") & (s["metric"] == "lesion_ncc")].iloc[0]
+    assert f"| lesion-known | pool | present | none | {fmt(k['mean'])} [{fmt(k['ci_low'])}, {fmt(k['ci_high'])}]" in rec

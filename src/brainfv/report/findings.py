@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["ALPHA", "END", "START", "fmt", "fmt_p", "read_block", "render", "update_readme"]
+__all__ = ["ALPHA", "END", "START", "fmt", "fmt_p", "fmt_share", "read_block", "render", "update_readme",
+           "per_head_lines", "recovery_lines"]
 
 ALPHA = 0.05
 START, END = "<!-- findings:start -->", "<!-- findings:end -->"
@@ -65,6 +66,71 @@ def _primary_line(r):
             f"{_plural(int(r.get('n_replicates', 1)), 'trained network')})")
 
 
+#: what the per-head table reads on the lesion models' 'present' logit: shape and location of the dark lesions
+LESION_ASPECTS = (("shape", "lesion_ncc"), ("location", "lesion_map_corr"), ("hits", "lesion_hit"))
+#: how a positive control's recovery of its known pattern is measured, per target
+RECOVERY = ("known_corr", "lesion_ncc", "lesion_hit", "lesion_map_corr")
+
+
+def _gain_cell(r):
+    if r is None:
+        return "—"
+    return f"{fmt(r['min_gain'])} [{fmt(r['min_gain_lo'])}, {fmt(r['min_gain_hi'])}]"
+
+
+def _row(s, metric):
+    m = s[s["metric"] == metric]
+    return m.iloc[0] if len(m) else None
+
+
+def per_head_lines(s: pd.DataFrame) -> list[str]:
+    """Per network head and preset: whether the trained lesion models' 'present' logit shows dark lesions of
+    the planted shape and where they were planted — the smallest gain over every control, with its interval
+    — and the share of those visualizations that converged."""
+    rows = s[(s["model"].astype(str) == "trained") & (s["class"] == "present")]
+    if not len(rows):
+        return []
+    out = ["", "### The lesion models' 'present' logit, per head", "",
+           "Smallest gain over every control [95 % CI] of the shape (`lesion_ncc`), the location (`lesion_map_corr`)"
+           " and the hits (`lesion_hit`) of the dark lesions the visualizations show; a gain whose interval holds 0"
+           " is within noise, and its upper bound is how large it could still be.", "",
+           "| head | task | preset | shape | location | hits | converged |", "|---|---|---|---|---|---|---|"]
+    for (head, task, reg), g in rows.groupby(["head", "task", "regularizer"], sort=True):
+        cells = [_gain_cell(_row(g, m)) for _, m in LESION_ASPECTS]
+        conv = g["converged_share"].astype(float).mean()
+        out.append(f"| {head} | {task} | {reg} | " + " | ".join(cells) + f" | {fmt_share(conv)} |")
+    return out
+
+
+def fmt_share(x: float) -> str:
+    """A share as a percentage ('n/a' when missing)."""
+    return "n/a" if not np.isfinite(x) else f"{100 * x:.0f} %"
+
+
+def recovery_lines(s: pd.DataFrame) -> list[str]:
+    """Per positive-control network and preset: how much of its known pattern the class-logit visualizations
+    recover (mean [95 % CI] of each recovery metric; the fidelity ceiling of the preset)."""
+    rows = s[(s["model"].astype(str) == "positive control") & s["metric"].isin(RECOVERY)]
+    rows = rows[rows["class"].isin(["present", "M"])]
+    if not len(rows):
+        return []
+    metrics = [m for m in RECOVERY if m in set(rows["metric"])]
+    out = ["", "### Positive controls: how much of the known pattern each preset recovers", "",
+           "Mean [95 % CI] over the visualizations of the logit whose preferred input is known by construction "
+           "(`known_corr`: correlation with the known optimum; the lesion controls' optimum is a dark lesion of "
+           "the planted size anywhere, or in the read cells, measured by the lesion metrics).", "",
+           "| network | head | logit | preset | " + " | ".join(metrics) + " | converged |",
+           "|---|---|---|---|" + "---|" * len(metrics) + "---|"]
+    for (task, head, cls, reg), g in rows.groupby(["task", "head", "class", "regularizer"], sort=True):
+        cells = []
+        for m in metrics:
+            r = _row(g, m)
+            cells.append("—" if r is None else f"{fmt(r['mean'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]")
+        out.append(f"| {task} | {head} | {cls} | {reg} | " + " | ".join(cells)
+                   + f" | {fmt_share(g['converged_share'].astype(float).mean())} |")
+    return out
+
+
 def render(summary: pd.DataFrame | str | Path, missing: Sequence[dict] = (), alpha: float = ALPHA,
            method: str = "t") -> str:
     """The findings as Markdown from a judged summary (columns of :func:`brainfv.report.calibrate.summarise`
@@ -91,6 +157,8 @@ def render(summary: pd.DataFrame | str | Path, missing: Sequence[dict] = (), alp
         out.append(f"- **{e['task']} · {e['request']}{cls} · {e['metric']}**: not run in this study (no summary rows)")
     if not len(prim) and not missing:
         out.append("None named (config `report.primary`).")
+    if "model" in s and "head" in s:
+        out += per_head_lines(s) + recovery_lines(s)
     sec = s[~s["primary"].astype(bool) & (s["p_adj"].astype(float) < alpha)].sort_values("p_adj", kind="stable")
     n_sec = int((~s["primary"].astype(bool) & np.isfinite(s["p_adj"].astype(float))).sum())
     out += ["", f"### Secondary rows that survive correction ({len(sec)} of {n_sec})", ""]
