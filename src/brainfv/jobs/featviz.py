@@ -31,7 +31,7 @@ def visualize_job(job: Job) -> None:
     Inputs: ``model`` (loaded as param ``model``, a model spec, says; a study checkpoint without one) and the
     task's dataset files (``participants``, ``volumes``,
     ``mask``, ``reference``). Param ``request``: ``task, layer (the request's id), module, regularizer, units,
-    objective, preset, steps, lr, n_seeds, n_real, micro_batch, device, seed, randomized`` and ``only_unit``
+    objective, preset, steps, lr, n_seeds, n_real, micro_batch, device, seed, randomized, replicate`` and ``only_unit``
     (write that unit alone; the request is the layer's, so its volumes are the ones the layer's job writes).
     Outputs: ``nifti`` (4D on the dataset grid: seeds × units, seed-major; for ``only_unit`` that unit's seeds),
     ``table`` (one row per network, unit and seed), and for whole layers ``trajectory`` and, with
