@@ -42,9 +42,9 @@ R = config["results"]
 DATASET = f"{R}/data/{{dataset}}"
 MODEL = f"{R}/models/{{task}}/{{role}}"
 # {layer}: a request's id (bfv_config.layer_id); {rep}: the trained replicate, "" for replicate 0 (models/{task}/main)
-# and "/rep{r}" for replicate r >= 1 (rep_folder), so replicate 0's paths are those of a study without replicates
-FEATVIZ = f"{R}/featviz/{{task}}{{rep}}/{{layer}}/{{regularizer}}"
-REP = r"(/rep[1-9][0-9]*)?"  # the {rep} wildcard's values
+# and "rep{r}/" for replicate r >= 1 (rep_folder), so replicate 0's paths are those of a study without replicates
+FEATVIZ = f"{R}/featviz/{{task}}/{{rep}}{{layer}}/{{regularizer}}"
+REP = r"(rep[1-9][0-9]*/)?"  # the {rep} wildcard's values
 EXEMPLARS = f"{R}/exemplars/{{task}}/{{layer}}"
 ATTRIBUTION = f"{R}/attribution/{{task}}"
 REPORT = f"{R}/report"
@@ -96,14 +96,14 @@ def replicate_role(replicate):
 
 
 def rep_folder(replicate):
-    """The {rep} part of a featviz path: "" for replicate 0, "/rep{r}" for replicate r >= 1."""
-    return f"/rep{replicate}" if replicate else ""
+    """The {rep} part of a featviz path: "" for replicate 0, "rep{r}/" for replicate r >= 1."""
+    return f"rep{replicate}/" if replicate else ""
 
 
 def wildcard_replicate(wc):
-    """The replicate of a job's {rep} wildcard (0 for a rule without one: exemplars, attribution)."""
+    """The replicate of a job's {rep} wildcard (0 for the exemplars and attribution jobs, which have none)."""
     rep = getattr(wc, "rep", "")
-    return int(rep[len("/rep"):]) if rep else 0
+    return int(rep[len("rep"):-1]) if rep else 0
 
 
 def provided(task):

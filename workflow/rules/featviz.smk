@@ -26,9 +26,9 @@ rule visualize:
         layer=r"[^/]+",
         regularizer=r"[^/]+",
     log:
-        f"{LOGS}/visualize/{{task}}{{rep}}_{{layer}}_{{regularizer}}.log",
+        f"{LOGS}/visualize/{{task}}_{{rep}}{{layer}}_{{regularizer}}.log",
     benchmark:
-        f"{BENCH}/visualize/{{task}}{{rep}}_{{layer}}_{{regularizer}}.tsv"
+        f"{BENCH}/visualize/{{task}}_{{rep}}{{layer}}_{{regularizer}}.tsv"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=lambda wc, attempt: job_mem_mb(attempt, batch=3 * layer_unit_count(wc.task, wc.layer) * layer_seeds(wc.task, wc.layer)),
@@ -66,7 +66,7 @@ rule visualize_unit:
         regularizer=r"[^/]+",
         unit=r"\d+",
     log:
-        f"{LOGS}/visualize/{{task}}{{rep}}_{{layer}}_{{regularizer}}_unit-{{unit}}.log",
+        f"{LOGS}/visualize/{{task}}_{{rep}}{{layer}}_{{regularizer}}_unit-{{unit}}.log",
     threads: config["compute"]["threads"]
     resources:
         gpu=config["compute"]["gpu"],
