@@ -114,6 +114,20 @@ def test_trained_replicates_are_carried_to_the_summary():
     assert row["n_replicates"] == 2 and row["n"] == 8 and row["n_units"] == 2
 
 
+def test_a_task_with_fewer_replicates_gives_its_first_network_as_the_other_control():
+    """The lesion task has two trained replicates, the sex task one: both lesion replicates are paired with the
+    sex model's visualizations (same request, units and seeds) as their other-model control."""
+    rng = np.random.default_rng(5)
+    sex_truth = Truth("sex", "sex", ["F", "M"], np.ones(SHAPE, bool), VS, effect=rng.normal(size=SHAPE),
+                      effect_full=rng.normal(size=SHAPE), real_volumes=truth().real_volumes)
+    lesion = replicate_entries()
+    sex = {**lesion[0], "task": "sex", "table": lesion[0]["table"].assign(task="sex"), "replicate": 0}
+    _, controls = compare_entries(lesion + [sex], {"lesion": truth(), "sex": sex_truth}, {}, "classifier",
+                                  n_surrogates=0)
+    other = controls[(controls["task"] == "lesion") & (controls["control"] == "other")]
+    assert sorted(set(other["replicate"])) == [0, 1] and len(other) == 8
+
+
 class ConstantLogits(nn.Module):
     """A "transfer model" whose logits are the same for every input."""
 

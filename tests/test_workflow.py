@@ -255,10 +255,13 @@ def test_tiny_study_end_to_end(tmp_path):
     smk("--cores", "2", *cfg)
     parts = (res / "data/cohort/participants.tsv").read_text()
     assert "synthetic" in parts
-    for t in ("sex", "lesion"):
-        for role in ("main", "transfer"):
-            m = json.loads((res / f"models/{t}/{role}/metrics.json").read_text())
-            assert m["test"]["n"] > 0 and m["role"] == role
+    for t, role, replicate in (("sex", "main", 0), ("sex", "transfer", 1), ("lesion", "main", 0),
+                               ("lesion", "rep1", 1)):  # lesion: two replicates, replicate 1 its transfer model
+        m = json.loads((res / f"models/{t}/{role}/metrics.json").read_text())
+        assert m["test"]["n"] > 0 and m["role"] == role and m["replicate"] == replicate
+    assert not (res / "models/lesion/transfer").exists() and not (res / "models/sex/rep1").exists()
+    assert (res / "featviz/lesion/rep1/classifier/fourier/units.nii.gz").exists()
+    assert not (res / "featviz/lesion/rep1/block2.norm").exists()  # replicates: first
     img = nib.load(res / "featviz/lesion/block2.norm/fourier/units.nii.gz")
     ref = nib.load(res / "data/cohort/reference.nii.gz")
     assert img.shape == ref.shape + (4,) and (img.affine == ref.affine).all()  # 2 units x 2 seeds
@@ -291,6 +294,13 @@ def test_tiny_study_end_to_end(tmp_path):
            for t in ("sex", "lesion")}
     assert pos["sex"] == pos["lesion"] and len(pos["sex"]) == 1 and "," in str(next(iter(pos["sex"])))
     summary = pd.read_csv(res / "report/summary.tsv", sep="\t")
+    # the lesion task's class logits on both replicates: the top level of their intervals
+    logits = vis[(vis["task"] == "lesion") & (vis["layer"] == "classifier")]
+    assert set(logits["replicate"]) == {0, 1} and set(vis.loc[vis["layer"] == "block2.norm", "replicate"]) == {0}
+    rows = summary[(summary["task"] == "lesion") & (summary["layer"] == "classifier")]
+    assert len(rows) and (rows["n_replicates"] == 2).all()
+    tm = pd.read_csv(res / "report/transfer_models.tsv", sep="\t")
+    assert set(tm.loc[tm["task"] == "lesion", "replicate"]) == {0, 1}
     for col in ("mean", "ci_low", "ci_high", "null_randomized", "gain_randomized_low", "min_gain", "min_gain_lo",
                 "p_min_gain", "p_adj", "primary", "verdict", "z", "randomization_check", "head", "model"):
         assert col in summary, col
@@ -331,7 +341,8 @@ def test_tiny_study_end_to_end(tmp_path):
     comp = res / "report/comparison.tsv"
     for f in ("featviz/sex/classifier/maco/units.nii.gz", "featviz/lesion/block2.norm/fourier/units.tsv",
               "featviz/sex/classifier/maco/randomized.nii.gz", "models/sex/main/metrics.json",
-              "models/lesion/transfer/model.pt", "data/cohort/participants.tsv", "data/lesions/volumes.npy",
+              "models/lesion/rep1/model.pt", "featviz/lesion/rep1/classifier/maco/units.tsv",
+              "models/sex/transfer/model.pt", "data/cohort/participants.tsv", "data/lesions/volumes.npy",
               "data/cohort/mask.nii.gz", "data/lesions/lesion_masks.npy", "data/cohort/sex_effect_regional.nii.gz",
               "attribution/sex/saliency.nii.gz"):
         assert_newer_input_reruns(cfg, res / f, comp, "compare_regularizers")
