@@ -143,8 +143,8 @@ def _write_visualizations(job: Job, p: dict, grid: Grid, volumes: dict, tables: 
         pd.concat(tables, ignore_index=True).to_csv(tmp, sep="\t", index=False)
     if "trajectory" in job.output:
         with atomic_path(job.output["trajectory"]) as tmp:
-            pd.concat(trajs, ignore_index=True).assign(task=p["task"], layer=p["layer"],
-                                                       regularizer=p["regularizer"]).to_csv(tmp, sep="\t", index=False)
+            pd.concat(trajs, ignore_index=True).assign(task=p["task"], layer=p["layer"], regularizer=p["regularizer"],
+                                                       replicate=p["replicate"]).to_csv(tmp, sep="\t", index=False)
 
 
 def exemplars_job(job: Job) -> None:
