@@ -85,27 +85,71 @@ def test_smooth_noise_scores_at_its_null():
     assert row["gain_surrogate_low"] < 0 < row["gain_surrogate_high"]  # ...that its null explains
 
 
-def test_trained_replicates_are_carried_to_the_summary():
-    """Entries of independently trained networks (``replicate``) keep their index in every row, are paired
-    with their own controls, and are the top level of the summary's interval."""
+def replicate_entries(layer="n"):
+    """Visualization entries (2 units x 2 seeds of smooth noise) of request ``layer`` on trained replicates 0, 1."""
     from scipy import ndimage
 
     entries = []
     for rep in (0, 1):
         rng = np.random.default_rng(10 + rep)
         vols = np.stack([ndimage.gaussian_filter(rng.normal(size=SHAPE), 1.5) for _ in range(4)]).astype(np.float32)
-        table = pd.DataFrame([{"task": "lesion", "layer": "n", "module": "n", "regularizer": "none",
+        table = pd.DataFrame([{"task": "lesion", "layer": layer, "module": layer, "regularizer": "none",
                                "network": "trained",
                                "unit": u, "seed": s, "volume": 2 * s + u, "region": "0:24,0:24,0:24"}
                               for s in range(2) for u in range(2)])
-        entries.append({"task": "lesion", "layer": "n", "module": "n", "regularizer": "none", "table": table,
+        entries.append({"task": "lesion", "layer": layer, "module": layer, "regularizer": "none", "table": table,
                         "trained": vols.reshape(2, 2, *SHAPE), "randomized": None, "replicate": rep})
+    return entries
+
+
+def test_trained_replicates_are_carried_to_the_summary():
+    """Entries of independently trained networks (``replicate``) keep their index in every row, are paired
+    with their own controls, and are the top level of the summary's interval."""
+    entries = replicate_entries()
     trained, controls = compare_entries(entries, {"lesion": truth()}, {}, "classifier", n_surrogates=1)
     assert sorted(set(trained["replicate"])) == sorted(set(controls["replicate"])) == [0, 1]
     paired = paired_table(trained, controls, ["lesion_ncc"])
     assert len(paired) == 8 and paired["lesion_ncc_surrogate"].notna().all()
     row = summarise(paired, ["lesion_ncc"]).iloc[0]
     assert row["n_replicates"] == 2 and row["n"] == 8 and row["n_units"] == 2
+
+
+def test_a_task_with_fewer_replicates_gives_its_first_network_as_the_other_control():
+    """The lesion task has two trained replicates, the sex task one: both lesion replicates are paired with the
+    sex model's visualizations (same request, units and seeds) as their other-model control."""
+    rng = np.random.default_rng(5)
+    sex_truth = Truth("sex", "sex", ["F", "M"], np.ones(SHAPE, bool), VS, effect=rng.normal(size=SHAPE),
+                      effect_full=rng.normal(size=SHAPE), real_volumes=truth().real_volumes)
+    lesion = replicate_entries()
+    sex = {**lesion[0], "task": "sex", "table": lesion[0]["table"].assign(task="sex"), "replicate": 0}
+    _, controls = compare_entries(lesion + [sex], {"lesion": truth(), "sex": sex_truth}, {}, "classifier",
+                                  n_surrogates=0)
+    other = controls[(controls["task"] == "lesion") & (controls["control"] == "other")]
+    assert sorted(set(other["replicate"])) == [0, 1] and len(other) == 8
+
+
+class ConstantLogits(nn.Module):
+    """A "transfer model" whose logits are the same for every input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+def test_each_replicate_is_tested_on_its_own_transfer_model():
+    """Transfer models keyed by (task, replicate) (transfer.from_replicate: replicate 1 tests replicate 0's
+    class-logit visualizations, replicate 0 replicate 1's) are looked up per entry before the task's own."""
+    for_0, for_1 = ConstantLogits([4.0, -4.0]), ConstantLogits([-4.0, 4.0])  # prefer 'absent' / 'present'
+    trained, _ = compare_entries(replicate_entries("classifier"), {"lesion": truth()},
+                                 {("lesion", 0): for_0, ("lesion", 1): for_1}, "classifier", n_surrogates=0)
+    p = trained.groupby(["replicate", "unit"])["transfer_prob"].mean()
+    assert p[0, 0] > 0.99 and p[0, 1] < 0.01 and p[1, 0] < 0.01 and p[1, 1] > 0.99
+    trained, _ = compare_entries(replicate_entries("classifier"), {"lesion": truth()}, {"lesion": for_1},
+                                 "classifier", n_surrogates=0)  # one transfer model for the task: every replicate
+    assert (trained.loc[trained["unit"] == 1, "transfer_prob"] > 0.99).all()
 
 
 def test_randomized_network_fails_the_check_a_trained_one_passes():

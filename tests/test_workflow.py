@@ -42,6 +42,67 @@ def test_sex_positive_control_is_built_from_the_cohort_effect_map(tmp_path):
     assert all("/data/cohort/" in f for f in inputs) and "task=sex-known-flatten" in job
 
 
+def test_dry_run_trains_and_visualises_each_replicate(tmp_path):
+    """config/test.yaml: the lesion task has two replicates, replicate 1 its transfer model; the sex task one
+    replicate and a trained transfer model. Requests with replicates: first run on replicate 0 only."""
+    p = smk("-n", "--configfile", "config/test.yaml", "--config", f"results={tmp_path}/res")
+    out = p.stdout + p.stderr
+    trained = set(re.findall(r"wildcards: task=([\w.-]+), role=(\w+)", out))
+    assert {("lesion", "main"), ("lesion", "rep1"), ("sex", "main"), ("sex", "transfer")} <= trained
+    assert ("lesion", "transfer") not in trained and ("sex", "rep1") not in trained
+    assert re.search(r"log: \S+/logs/train_model/lesion_rep1\.log", out)
+    vis = set(re.findall(r"wildcards: task=([\w.-]+), rep=(\S*), layer=([\w.-]+), regularizer=\w+", out))
+    assert {(t, layer) for t, rep, layer in vis if rep == "rep1/"} == {("lesion", "classifier"),
+                                                                      ("lesion", "classifier-contrast")}
+    assert ("lesion", "", "block1.norm") in vis and ("lesion", "rep1/", "block1.norm") not in vis
+    assert re.search(r"input: \S+/models/lesion/rep1/model\.pt, \S+/models/lesion/rep1/metrics\.json", out)
+    assert f"{tmp_path}/res/featviz/lesion/rep1/classifier/maco/units.tsv" in out
+
+
+def common(override=None):
+    """The rules' shared helpers (workflow/rules/common.smk) on config/config.yaml with ``override`` merged in as
+    Snakemake merges a --configfile (dict by dict), without Snakemake."""
+    from types import SimpleNamespace
+
+    def merge(a, b):
+        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+                        for k, v in b.items()}}
+
+    rules = ROOT / "workflow/rules"
+    ns = {"config": merge(yaml.safe_load((ROOT / "config/config.yaml").read_text()), override or {}),
+          "workflow": SimpleNamespace(current_basedir=SimpleNamespace(get_path_or_uri=lambda **_: str(rules)))}
+    exec(compile((rules / "common.smk").read_text(), str(rules / "common.smk"), "exec"), ns)
+    return SimpleNamespace(**ns)
+
+
+def test_replicates_in_models_requests_and_comparison_records():
+    c = common({"results": "res"})
+    assert c.roles("sex") == ["main", "rep1"] and c.roles("lesion-known") == [] and c.transfer_role("sex") == "rep1"
+    assert [c.model_spec("sex", r)["replicate"] for r in ("main", "rep1")] == [0, 1]
+    assert "replicates" not in c.model_spec("sex", "rep1")["training"]  # a third replicate retrains no other
+    reps = {}
+    for e in c.featviz_entries():
+        reps.setdefault((e["task"], e["layer"]), set()).add(e["replicate"])
+    assert reps["sex", "block2.norm"] == {0} and reps["sex", "classifier"] == {0, 1}  # replicates: first / all
+    assert reps["lesion-known", "classifier"] == {0}                                  # a built network: one
+    rec = c.compare_records()
+    by_rep = {(e["task"], e["layer"], e["regularizer"], e["replicate"]): e for e in rec["entries"]}
+    assert by_rep["sex", "classifier", "none", 1]["nifti"] == "res/featviz/sex/rep1/classifier/none/units.nii.gz"
+    assert by_rep["sex", "classifier", "none", 0]["nifti"] == "res/featviz/sex/classifier/none/units.nii.gz"
+    transfer = {(r["task"], r["replicate"]): r for r in rec["transfer"]}
+    assert transfer["sex", 0]["transfer_model"] == "res/models/sex/rep1/model.pt"  # never its own network
+    assert transfer["sex", 1]["transfer_model"] == "res/models/sex/main/model.pt"
+    assert "res/models/sex/rep1/predictions.tsv" in c.record_paths(rec)
+    assert "res/models/sex/rep1/learning_curve.png" in c.model_targets()
+    # a trained transfer model beside the replicates, its seed after theirs; a task's own number of replicates
+    c = common({"results": "res", "transfer": {"from_replicate": False},
+                "tasks": {"lesion": {"training": {"replicates": 3}}}})
+    assert c.roles("lesion") == ["main", "rep1", "rep2", "transfer"] and c.model_spec("lesion", "transfer")[
+        "replicate"] == 3
+    assert {r["transfer_model"] for r in c.compare_records()["transfer"] if r["task"] == "lesion"} == {
+        "res/models/lesion/transfer/model.pt"}
+
+
 def test_bad_config_fails_before_any_job(tmp_path):
     p = smk("-n", "--config", "grid={'voxel_size': -3}", check=False)
     assert p.returncode != 0 and "voxel_size" in p.stdout + p.stderr
@@ -206,10 +267,13 @@ def test_tiny_study_end_to_end(tmp_path):
     smk("--cores", "2", *cfg)
     parts = (res / "data/cohort/participants.tsv").read_text()
     assert "synthetic" in parts
-    for t in ("sex", "lesion"):
-        for role in ("main", "transfer"):
-            m = json.loads((res / f"models/{t}/{role}/metrics.json").read_text())
-            assert m["test"]["n"] > 0 and m["role"] == role
+    for t, role, replicate in (("sex", "main", 0), ("sex", "transfer", 1), ("lesion", "main", 0),
+                               ("lesion", "rep1", 1)):  # lesion: two replicates, replicate 1 its transfer model
+        m = json.loads((res / f"models/{t}/{role}/metrics.json").read_text())
+        assert m["test"]["n"] > 0 and m["role"] == role and m["replicate"] == replicate
+    assert not (res / "models/lesion/transfer").exists() and not (res / "models/sex/rep1").exists()
+    assert (res / "featviz/lesion/rep1/classifier/fourier/units.nii.gz").exists()
+    assert not (res / "featviz/lesion/rep1/block2.norm").exists()  # replicates: first
     img = nib.load(res / "featviz/lesion/block2.norm/fourier/units.nii.gz")
     ref = nib.load(res / "data/cohort/reference.nii.gz")
     assert img.shape == ref.shape + (4,) and (img.affine == ref.affine).all()  # 2 units x 2 seeds
@@ -242,6 +306,14 @@ def test_tiny_study_end_to_end(tmp_path):
            for t in ("sex", "lesion")}
     assert pos["sex"] == pos["lesion"] and len(pos["sex"]) == 1 and "," in str(next(iter(pos["sex"])))
     summary = pd.read_csv(res / "report/summary.tsv", sep="\t")
+    # the lesion task's class logits on both replicates: the top level of their intervals
+    logits = vis[(vis["task"] == "lesion") & (vis["layer"] == "classifier")]
+    assert set(logits["replicate"]) == {0, 1} and set(vis.loc[vis["layer"] == "block2.norm", "replicate"]) == {0}
+    rows = summary[(summary["task"] == "lesion") & (summary["layer"] == "classifier")
+                   & ~summary["regularizer"].str.startswith("attribution:")]  # attribution maps: replicate 0
+    assert len(rows) and (rows["n_replicates"] == 2).all()
+    tm = pd.read_csv(res / "report/transfer_models.tsv", sep="\t")
+    assert set(tm.loc[tm["task"] == "lesion", "replicate"]) == {0, 1}
     for col in ("mean", "ci_low", "ci_high", "null_randomized", "gain_randomized_low", "min_gain", "min_gain_lo",
                 "p_min_gain", "p_adj", "primary", "verdict", "z", "randomization_check", "head", "model"):
         assert col in summary, col
@@ -284,7 +356,8 @@ def test_tiny_study_end_to_end(tmp_path):
     comp = res / "report/comparison.tsv"
     for f in ("featviz/sex/classifier/maco/units.nii.gz", "featviz/lesion/block2.norm/fourier/units.tsv",
               "featviz/sex/classifier/maco/randomized.nii.gz", "models/sex/main/metrics.json",
-              "models/lesion/transfer/model.pt", "data/cohort/participants.tsv", "data/lesions/volumes.npy",
+              "models/lesion/rep1/model.pt", "featviz/lesion/rep1/classifier/maco/units.tsv",
+              "models/sex/transfer/model.pt", "data/cohort/participants.tsv", "data/lesions/volumes.npy",
               "data/cohort/mask.nii.gz", "data/lesions/lesion_masks.npy", "data/cohort/sex_effect_regional.nii.gz",
               "attribution/sex/saliency.nii.gz"):
         assert_newer_input_reruns(cfg, res / f, comp, "compare_regularizers")

@@ -26,7 +26,7 @@ from .errors import ConfigError
 __all__ = ["SCHEMA_PATH", "schema", "node", "default", "complete", "check", "check_source",
            "layer_id", "Section", "AugmentConfig",
            "TrainingConfig", "ModelConfig", "Preset", "SexEffectConfig", "VariabilityConfig", "LesionConfig",
-           "task_training", "task_arch", "task_head", "task_model_kind", "transfer_model"]
+           "task_training", "task_replicates", "task_arch", "task_head", "task_model_kind", "transfer_model"]
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
@@ -250,6 +250,15 @@ def _check_positive_control(cfg: dict, task: str, spec: dict) -> None:
                           "have one)")
 
 
+def task_replicates(cfg: dict, task: str) -> int:
+    """How many independently trained networks ``task`` has (``training.replicates`` with the task's override):
+    one for a positive control or a model the user gives."""
+    spec = cfg["tasks"][task]
+    if "model" in spec or spec.get("positive_control"):
+        return 1
+    return int(task_training(cfg, task)["replicates"])
+
+
 def task_arch(cfg: dict, task: str) -> dict:
     """The architecture of ``task``'s trained main model: the model section with ``tasks.<task>.arch``
     overrides (both validated)."""
@@ -341,6 +350,7 @@ class TrainingConfig(Section):
     bn_volumes: int = _d("training.bn_volumes")
     num_workers: int = _d("training.num_workers")
     device: str = _d("training.device")
+    replicates: int = _d("training.replicates")
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 

@@ -420,9 +420,9 @@ def train_task(dataset_dir: str | Path, task: str, target: str, arch: dict, trai
     Outputs: ``model.pt`` (best validation state, loadable with :func:`brainfv.models.load_checkpoint`),
     ``metrics.json`` (test and validation metrics, timing), ``predictions.tsv`` (test subjects),
     ``history.tsv`` (per epoch). A per-epoch checkpoint in ``checkpoint_dir`` (not a rule output) makes the
-    job resumable; it is removed once the outputs are written. ``replicate`` enters the seed (the ``transfer``
-    model is replicate 1); ``bootstrap`` resamples the training subjects; ``stop_after_epoch`` simulates a kill.
-    """
+    job resumable; it is removed once the outputs are written. ``replicate`` enters the seed (trained replicate r;
+    a ``transfer`` model the index after the last); ``bootstrap`` resamples the training subjects;
+    ``stop_after_epoch`` simulates a kill."""
     log = log or get_logger().info
     cfg = TrainingConfig.from_config(training, "training")
     ds = Dataset(dataset_dir)

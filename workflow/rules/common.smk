@@ -41,7 +41,10 @@ R = config["results"]
 # ------------------------------------------------------------------------------------------- paths
 DATASET = f"{R}/data/{{dataset}}"
 MODEL = f"{R}/models/{{task}}/{{role}}"
-FEATVIZ = f"{R}/featviz/{{task}}/{{layer}}/{{regularizer}}"   # {layer}: a request's id (bfv_config.layer_id)
+# {layer}: a request's id (bfv_config.layer_id); {rep}: the trained replicate, "" for replicate 0 (models/{task}/main)
+# and "rep{r}/" for replicate r >= 1 (rep_folder), so replicate 0's paths are those of a study without replicates
+FEATVIZ = f"{R}/featviz/{{task}}/{{rep}}{{layer}}/{{regularizer}}"
+REP = r"(rep[1-9][0-9]*/)?"  # the {rep} wildcard's values
 EXEMPLARS = f"{R}/exemplars/{{task}}/{{layer}}"
 ATTRIBUTION = f"{R}/attribution/{{task}}"
 REPORT = f"{R}/report"
@@ -76,9 +79,31 @@ def per_task(kind):
 
 
 def model_and_dataset(*kinds):
-    """Input function: the task's visualised model, its description (for a given model: checked against the
-    cohort first) and the named files of its dataset."""
-    return lambda wc: {"model": model_file(wc.task), "info": model_info(wc.task), **dataset_files(wc.task, *kinds)}
+    """Input function: the task's visualised model (of the job's replicate, wildcard {rep}; else replicate 0), its
+    description (for a given model: checked against the cohort first) and the named files of its dataset."""
+    return lambda wc: {"model": model_file(wc.task, replicate_role(wildcard_replicate(wc))),
+                       "info": model_info(wc.task, wildcard_replicate(wc)), **dataset_files(wc.task, *kinds)}
+
+
+def replicates(task):
+    """How many independently trained networks ``task`` has (training.replicates; one for a given or built model)."""
+    return bfv_config.task_replicates(config, task)
+
+
+def replicate_role(replicate):
+    """The models/{task}/ folder of a trained replicate: main (replicate 0, the one without replicates) or rep{r}."""
+    return "main" if replicate == 0 else f"rep{replicate}"
+
+
+def rep_folder(replicate):
+    """The {rep} part of a featviz path: "" for replicate 0, "rep{r}/" for replicate r >= 1."""
+    return f"rep{replicate}/" if replicate else ""
+
+
+def wildcard_replicate(wc):
+    """The replicate of a job's {rep} wildcard (0 for the exemplars and attribution jobs, which have none)."""
+    rep = getattr(wc, "rep", "")
+    return int(rep[len("rep"):-1]) if rep else 0
 
 
 def provided(task):
@@ -98,15 +123,18 @@ def model_param(task):
     return bfv_requests.model_param(config, task)
 
 
-def model_info(task):
+def model_info(task, replicate=0):
     """The JSON naming a task's model's target, classes and output layer (read by the jobs after training)."""
     if provided(task):
         return f"{MODEL.format(task=task, role='provided')}/model.json"
-    return model_file(task, "main", "metrics.json")
+    return model_file(task, replicate_role(replicate), "metrics.json")
 
 
 def featviz_file(entry, name):
-    return f"{FEATVIZ.format(**entry)}/{name}"
+    """A file of the visualization job ``entry`` (task, layer, regularizer; replicate, default 0)."""
+    folder = FEATVIZ.format(task=entry["task"], rep=rep_folder(entry.get("replicate", 0)), layer=entry["layer"],
+                            regularizer=entry["regularizer"])
+    return f"{folder}/{name}"
 
 
 # ---------------------------------------------------------------------------------- config helpers
@@ -167,12 +195,23 @@ def positive_control_inputs(wildcards):
     return {name: dataset_file(task_dataset(task), kind) for name, kind in kinds.items()}
 
 
+def transfer_role(task):
+    """The models/{task}/ folder of the model on which ``task``'s class-logit visualizations are tested: transfer
+    (trained for that), rep1 (transfer.from_replicate, with two or more replicates) or None (transfer off, or a
+    given or constructed model)."""
+    if provided(task) or constructed(task) or not config["tasks"][task].get("transfer",
+                                                                            config["transfer"]["enabled"]):
+        return None
+    return "rep1" if config["transfer"]["from_replicate"] and replicates(task) >= 2 else "transfer"
+
+
 def roles(task):
-    """The models trained for ``task``: ``main`` (visualised) and, if enabled, ``transfer`` (an independent
-    model on which class-logit visualizations are tested); none for a given or constructed model."""
+    """The models trained for ``task``: its replicates (``main``, the visualised one, and ``rep{r}``) and, if
+    enabled and not a replicate, ``transfer``; none for a given or constructed model."""
     if provided(task) or constructed(task):
         return []
-    return ["main"] + (["transfer"] if config["tasks"][task].get("transfer", config["transfer"]["enabled"]) else [])
+    return [replicate_role(r) for r in range(replicates(task))] + (
+        ["transfer"] if transfer_role(task) == "transfer" else [])
 
 
 def trained_tasks():
@@ -180,14 +219,28 @@ def trained_tasks():
 
 
 def transfer_tasks():
-    return [t for t in config["tasks"] if "transfer" in roles(t)]
+    return [t for t in config["tasks"] if transfer_role(t)]
+
+
+def transfer_pairs(task):
+    """(replicate, its model's folder, its transfer model's folder) for each trained replicate of a task with a
+    transfer model: the trained transfer model for every replicate; with transfer.from_replicate, replicate 1 for
+    the others and replicate 0 for replicate 1 (a visualization is never tested on its own network)."""
+    other = transfer_role(task)
+    return [(r, replicate_role(r), other if other != replicate_role(r) else replicate_role(0))
+            for r in range(replicates(task))]
 
 
 def model_spec(task, role):
-    """What ``train_model`` needs for one model: its architecture, training settings and seed key."""
+    """What ``train_model`` needs for one model: its architecture, training settings and seed key (the study seed
+    with the replicate index: main 0, rep{r} r; the transfer model the index after the last replicate, so that it
+    shares no seed with one). The number of replicates is left out of the training settings: adding replicates
+    trains the new ones only."""
     arch = bfv_config.transfer_model(config, task) if role == "transfer" else bfv_config.task_arch(config, task)
-    return {"task": task, "role": role, "target": config["tasks"][task]["target"], "arch": arch,
-            "training": bfv_config.task_training(config, task), "seed": config["seed"],
+    replicate = replicates(task) if role == "transfer" else 0 if role == "main" else int(role[len("rep"):])
+    training = {k: v for k, v in bfv_config.task_training(config, task).items() if k != "replicates"}
+    return {"task": task, "role": role, "replicate": replicate, "target": config["tasks"][task]["target"],
+            "arch": arch, "training": training, "seed": config["seed"],
             "bootstrap": role == "transfer" and config["transfer"]["bootstrap"]}
 
 
@@ -225,8 +278,8 @@ def visualize_request(wc, unit=None):
     volumes to write (a given model's layers are checked at load by check_requests, against its description when
     that describes the current checkpoint)."""
     spec = layer_spec(wc.task, wc.layer)
-    return bfv_requests.visualize_request(config, task=wc.task, layer=wc.layer, spec=spec,
-                                          regularizer=wc.regularizer, only_unit=unit).as_dict()
+    return bfv_requests.visualize_request(config, task=wc.task, layer=wc.layer, spec=spec, regularizer=wc.regularizer,
+                                          only_unit=unit, replicate=wildcard_replicate(wc)).as_dict()
 
 
 def probe_inputs(wc):
@@ -256,9 +309,11 @@ def regularizer_names():
 
 
 def featviz_entries():
-    """One dict per visualization job: task, layer (the request's id), module, regularizer."""
-    return [{"task": t, "layer": lid, "module": s["layer"], "regularizer": r} for t in config["tasks"]
-            for lid, s in task_layers(t).items() for r in regularizer_names()]
+    """One dict per visualization job: task, layer (the request's id), module, regularizer and the trained
+    replicate it runs on (bfv_requests.layer_replicates: every one, or 0 for a request with replicates: first)."""
+    return [{"task": t, "layer": lid, "module": s["layer"], "regularizer": r, "replicate": rep}
+            for t in config["tasks"] for lid, s in task_layers(t).items() for r in regularizer_names()
+            for rep in bfv_requests.layer_replicates(config, t, lid)]
 
 
 def attribution_files():
@@ -273,8 +328,9 @@ def lesion_tasks():
 
 def compare_records():
     """What compare_regularizers reads, as records that carry their own paths (brainfv.jobs.compare): one per
-    visualization job (its volumes and table), per task (its model's description, dataset files, head and kind),
-    per transfer model and per attribution map."""
+    visualization job (its volumes and table, and its trained replicate: the top level of the summary's
+    hierarchy), per task (its model's description, dataset files, head and kind), per trained replicate tested on
+    a transfer model (transfer_pairs) and per attribution map."""
     randomized = config["compare"]["randomized"]
     entries = [{**e, "nifti": featviz_file(e, "units.nii.gz"), "table": featviz_file(e, "units.tsv"),
                 "randomized": featviz_file(e, "randomized.nii.gz") if randomized else None}
@@ -286,9 +342,10 @@ def compare_records():
               "lesion_masks": dataset_file("lesions", "lesion_masks") if t in lesion_tasks() else None,
               "known": model_file(t, "main", KNOWN_FILE) if constructed(t) else None}
              for t in config["tasks"]]
-    transfer = [{"task": t, "model": model_file(t), "predictions": model_file(t, "main", "predictions.tsv"),
-                 "transfer_model": model_file(t, "transfer"),
-                 "transfer_predictions": model_file(t, "transfer", "predictions.tsv")} for t in transfer_tasks()]
+    transfer = [{"task": t, "replicate": r, "model": model_file(t, role),
+                 "predictions": model_file(t, role, "predictions.tsv"), "transfer_model": model_file(t, other),
+                 "transfer_predictions": model_file(t, other, "predictions.tsv")}
+                for t in transfer_tasks() for r, role, other in transfer_pairs(t)]
     keys, paths = attribution_files()
     attributions = [{"task": t, "method": m, "path": p} for (t, m), p in zip(keys, paths)]
     return {"entries": entries, "tasks": tasks, "transfer": transfer, "attributions": attributions}

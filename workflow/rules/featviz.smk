@@ -1,6 +1,7 @@
 """Interpretation: per task × request × regularizer all units optimised in one batch (on the trained network
-and, as a control, on the same network with re-initialised weights), dataset exemplars per request, and
-attribution maps of the class logits."""
+and, as a control, on the same network with re-initialised weights; on each trained replicate, {rep}, for a
+request with replicates: all), dataset exemplars per request, and attribution maps of the class logits (those two
+on replicate 0)."""
 
 
 rule visualize:
@@ -20,12 +21,14 @@ rule visualize:
         model=lambda wc: model_param(wc.task),
         model_key=lambda wc: f"tasks.{wc.task}.model",
     wildcard_constraints:
+        task=r"[^/]+",
+        rep=REP,
         layer=r"[^/]+",
         regularizer=r"[^/]+",
     log:
-        f"{LOGS}/visualize/{{task}}_{{layer}}_{{regularizer}}.log",
+        f"{LOGS}/visualize/{{task}}_{{rep}}{{layer}}_{{regularizer}}.log",
     benchmark:
-        f"{BENCH}/visualize/{{task}}_{{layer}}_{{regularizer}}.tsv"
+        f"{BENCH}/visualize/{{task}}_{{rep}}{{layer}}_{{regularizer}}.tsv"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=lambda wc, attempt: job_mem_mb(attempt, batch=3 * layer_unit_count(wc.task, wc.layer) * layer_seeds(wc.task, wc.layer)),
@@ -41,7 +44,8 @@ rule visualize:
 
 
 rule visualize_unit:
-    """One unit as a target: results/featviz/{task}/{layer}/{regularizer}/unit-{unit}.nii.gz (its seeds).
+    """One unit as a target: results/featviz/{task}/{layer}/{regularizer}/unit-{unit}.nii.gz (its seeds; a trained
+    replicate r >= 1: results/featviz/{task}/rep{r}/...).
     A unit the config lists is computed exactly as in its layer's job (same request, seeds and
     micro-batches, so the same volumes); any other unit of the layer is optimised alone."""
     input:
@@ -56,11 +60,13 @@ rule visualize_unit:
         model=lambda wc: model_param(wc.task),
         model_key=lambda wc: f"tasks.{wc.task}.model",
     wildcard_constraints:
+        task=r"[^/]+",
+        rep=REP,
         layer=r"[^/]+",
         regularizer=r"[^/]+",
         unit=r"\d+",
     log:
-        f"{LOGS}/visualize/{{task}}_{{layer}}_{{regularizer}}_unit-{{unit}}.log",
+        f"{LOGS}/visualize/{{task}}_{{rep}}{{layer}}_{{regularizer}}_unit-{{unit}}.log",
     threads: config["compute"]["threads"]
     resources:
         gpu=config["compute"]["gpu"],

@@ -1,4 +1,5 @@
-"""Training stage: per task, the visualised model (main) and an independent one (transfer)."""
+"""Training stage: per task, the visualised model (main), its independently trained replicates (rep{r},
+training.replicates) and an independent model of another architecture (transfer)."""
 
 
 rule describe_model:
@@ -45,7 +46,7 @@ rule train_model:
         spec=lambda wc: model_spec(wc.task, wc.role),
         checkpoint_dir=lambda wc: f"{CHECKPOINTS}/{wc.task}/{wc.role}",
     wildcard_constraints:
-        role="main|transfer",
+        role=r"main|transfer|rep[1-9][0-9]*",
         task="|".join(trained_tasks()) or "(?!)",
     log:
         f"{LOGS}/train_model/{{task}}_{{role}}.log",

@@ -37,7 +37,8 @@ def compare_job(job: Job) -> None:
     description, naming its target, classes and output layer —, ``head``, ``model_kind`` and its dataset's
     ``participants``, ``mask``, ``sex_effect``, ``sex_effect_regional``, ``lesion_masks``, ``known`` — a positive
     control's known optimum), ``transfer`` (task,
-    ``model``, ``predictions``, ``transfer_model``, ``transfer_predictions``) and ``attributions`` (task,
+    optionally ``replicate``: the trained network whose visualizations it tests, its ``model`` and ``predictions``,
+    ``transfer_model``, ``transfer_predictions``) and ``attributions`` (task,
     method, ``path``). Params ``lesions``, ``compare``, ``report`` (config sections) and ``seed``. Outputs:
     ``table`` (comparison.tsv), ``controls``, ``summary``, ``sanity``, ``transfer``, ``findings`` (findings.md).
     """
@@ -94,14 +95,25 @@ def _task_truths(tasks: list[dict], p: dict, log: Callable) -> tuple[dict, dict]
 
 
 def _transfer_models(records: list[dict], tasks: list[str], log: Callable) -> tuple[dict, list]:
-    """The transfer model of each task that has one, and how it agrees with the main model."""
-    transfer, rows = {}, []
+    """The transfer model of each task that has one (keyed by task, or by (task, replicate) for a record that
+    names the trained replicate whose visualizations it tests), and how it agrees with that replicate's model."""
+    transfer, rows, loaded = {}, [], {}
+
+    def load(path):
+        if path not in loaded:
+            loaded[path] = load_checkpoint(path)
+        return loaded[path]
+
     for r in records:
-        main, meta = load_checkpoint(r["model"])
-        transfer[r["task"]], tmeta = load_checkpoint(r["transfer_model"])
-        rows.append(transfer_agreement(r["task"], r["predictions"], r["transfer_predictions"],
-                                        {**meta, "arch": main.arch}, {**tmeta, "arch": transfer[r["task"]].arch}))
-    missing = [t for t in tasks if t not in transfer]
+        main, meta = load(r["model"])
+        net, tmeta = load(r["transfer_model"])
+        rep = r.get("replicate")
+        transfer[r["task"] if rep is None else (r["task"], rep)] = net
+        row = transfer_agreement(r["task"], r["predictions"], r["transfer_predictions"], {**meta, "arch": main.arch},
+                                 {**tmeta, "arch": net.arch})
+        rows.append(row if rep is None else {"task": r["task"], "replicate": rep, **row})
+    have = {k[0] if isinstance(k, tuple) else k for k in transfer}
+    missing = [t for t in tasks if t not in have]
     if missing:
         log(f"no transfer model for {missing} (a given model, or transfer.enabled: false): transfer_prob left out")
     return transfer, rows

@@ -31,7 +31,7 @@ def visualize_job(job: Job) -> None:
     Inputs: ``model`` (loaded as param ``model``, a model spec, says; a study checkpoint without one) and the
     task's dataset files (``participants``, ``volumes``,
     ``mask``, ``reference``). Param ``request``: ``task, layer (the request's id), module, regularizer, units,
-    objective, preset, steps, lr, n_seeds, n_real, micro_batch, device, seed, randomized`` and ``only_unit``
+    objective, preset, steps, lr, n_seeds, n_real, micro_batch, device, seed, randomized, replicate`` and ``only_unit``
     (write that unit alone; the request is the layer's, so its volumes are the ones the layer's job writes).
     Outputs: ``nifti`` (4D on the dataset grid: seeds × units, seed-major; for ``only_unit`` that unit's seeds),
     ``table`` (one row per network, unit and seed), and for whole layers ``trajectory`` and, with
@@ -143,8 +143,8 @@ def _write_visualizations(job: Job, p: dict, grid: Grid, volumes: dict, tables: 
         pd.concat(tables, ignore_index=True).to_csv(tmp, sep="\t", index=False)
     if "trajectory" in job.output:
         with atomic_path(job.output["trajectory"]) as tmp:
-            pd.concat(trajs, ignore_index=True).assign(task=p["task"], layer=p["layer"],
-                                                       regularizer=p["regularizer"]).to_csv(tmp, sep="\t", index=False)
+            pd.concat(trajs, ignore_index=True).assign(task=p["task"], layer=p["layer"], regularizer=p["regularizer"],
+                                                       replicate=p["replicate"]).to_csv(tmp, sep="\t", index=False)
 
 
 def exemplars_job(job: Job) -> None:

@@ -13,12 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import task_arch, task_requests
+from ..config import task_arch, task_replicates, task_requests
 from ..errors import ConfigError
 from ..models.arch import layer_units, resolve_units
 
 __all__ = ["VisualizeRequest", "visualize_request", "exemplars_request", "provided", "model_param", "layer_spec",
-           "layer_unit_count", "exemplar_layers", "exemplar_source", "check_requests",
+           "layer_unit_count", "layer_replicates", "exemplar_layers", "exemplar_source", "check_requests",
            "checkpoint_stat"]
 
 #: units a request of a given model counts for memory estimates when it asks for "all" (its layers are known
@@ -31,7 +31,9 @@ class VisualizeRequest:
     """Everything a visualize job optimises (the ``request`` param of the ``visualize`` rules).
 
     ``layer`` is the request's id (:func:`brainfv.config.layer_id`), ``module`` the network's layer; ``only_unit``
-    says which unit's volumes to write (the request stays its layer's, so its numbers are the layer's)."""
+    says which unit's volumes to write (the request stays its layer's, so its numbers are the layer's);
+    ``replicate`` which trained network of the task it runs on (``training.replicates``; 0: ``models/{task}/main``):
+    every replicate starts from the same images, and replicates >= 1 get their own re-initialised control."""
 
     only_unit: int | None = None
     task: str
@@ -51,6 +53,7 @@ class VisualizeRequest:
     randomized: bool
     converge: dict = dataclasses.field(default_factory=dict)  # the plateau criterion (featviz.converge)
     position: object = "centre"  # where a neuron objective reads: centre, lesions or [x, y, z] mm (featviz.probes)
+    replicate: int = 0  # the task's trained network (training.replicates)
 
     def as_dict(self) -> dict:
         """Plain data, in field order (a rule's param: Snakemake compares it between runs)."""
@@ -60,7 +63,8 @@ class VisualizeRequest:
     def from_dict(cls, d: dict) -> VisualizeRequest:
         """The request a job was given; a missing or unknown key is named."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(d) - names), sorted(names - set(d) - {"only_unit", "converge", "position"})
+        unknown, missing = sorted(set(d) - names), sorted(names - set(d) - {"only_unit", "replicate", "converge",
+                                                                                        "position"})
         if unknown or missing:
             raise ConfigError(f"visualize request: unknown keys {unknown}, missing keys {missing}")
         return cls(**d)
@@ -69,7 +73,7 @@ class VisualizeRequest:
 def visualize_request(cfg: dict, *, task: str, layer: str, spec: dict, regularizer: str, preset: dict | None = None,
                       only_unit: int | None = None, steps: int | None = None, lr: float | None = None,
                       n_seeds: int | None = None, device: str | None = None, seed: int | None = None,
-                      randomized: bool | None = None) -> VisualizeRequest:
+                      randomized: bool | None = None, replicate: int = 0) -> VisualizeRequest:
     """The request ``layer`` (id) of ``task`` under preset ``regularizer``, from a completed config.
 
     ``spec`` is the ``featviz.layers`` entry (``layer``, ``units``, ``objective``, optional ``seeds``); the
@@ -86,7 +90,15 @@ def visualize_request(cfg: dict, *, task: str, layer: str, spec: dict, regulariz
         steps=pick(steps, fv["steps"]), lr=pick(lr, fv["lr"]), n_seeds=pick(n_seeds, spec.get("seeds", fv["seeds"])),
         n_real=fv["n_real"], micro_batch=fv["micro_batch"], device=pick(device, fv["device"]),
         seed=pick(seed, cfg["seed"]), randomized=pick(randomized, cfg["compare"]["randomized"]),
-        converge=fv["converge"], position=spec.get("position", "centre"))
+        converge=fv["converge"], position=spec.get("position", "centre"), replicate=replicate)
+
+
+def layer_replicates(cfg: dict, task: str, layer: str) -> list[int]:
+    """The trained replicates of ``task`` the request ``layer`` (an id) is visualised on: every one
+    (``replicates: all``, :func:`brainfv.config.task_replicates`) or replicate 0 (``first``)."""
+    if layer_spec(cfg, task, layer).get("replicates", "all") == "first":
+        return [0]
+    return list(range(task_replicates(cfg, task)))
 
 
 def exemplars_request(cfg: dict, task: str, layer: str) -> dict:

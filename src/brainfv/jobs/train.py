@@ -15,7 +15,7 @@ __all__ = ["train_job"]
 
 def train_job(job: Job) -> None:
     """The ``train_model`` rule. Inputs: the task's dataset files (``volumes``, ``participants``,
-    ``reference``). Params: ``spec`` (task, role, target, arch, training, seed, bootstrap; see
+    ``reference``). Params: ``spec`` (task, role, replicate, target, arch, training, seed, bootstrap; see
     ``model_spec`` in ``workflow/rules/common.smk``) and ``checkpoint_dir``. Outputs: ``model``, ``metrics``,
     ``predictions``, ``history``, ``curve``."""
     torch.set_num_threads(job.threads)
@@ -23,7 +23,7 @@ def train_job(job: Job) -> None:
     out = Path(job.output["model"]).parent
     metrics = train_task(job.folder("volumes", "participants", "reference", "manifest"), s["task"], s["target"],
                          s["arch"], s["training"], s["seed"], out, job.params["checkpoint_dir"], log=job.log,
-                         replicate=0 if s["role"] == "main" else 1, role=s["role"], bootstrap=s["bootstrap"])
+                         replicate=s["replicate"], role=s["role"], bootstrap=s["bootstrap"])
     history = pd.read_csv(job.output["history"], sep="\t")
     learning_curve_figure(history, metrics, job.output["curve"], f"task {s['task']} ({s['role']} model) — "
                           f"{metrics['cohort']}")

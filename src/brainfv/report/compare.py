@@ -203,10 +203,13 @@ def compare_entries(entries: list[dict], truths: dict, transfer_models: dict, ou
     """Score every entry (dict: ``task, layer, module, regularizer, table`` (the visualize table),
     ``trained`` and ``randomized`` (arrays seeds × units × X × Y × Z, randomized may be None), optionally
     ``replicate``: the independently trained network it comes from, the top level of the summary's
-    hierarchy; the other task's control is then that task's network of the same replicate index) against its
-    task's :class:`Truth`, with its controls. ``output_layers``: the class-logit module of each task (a name
-    for all tasks, or a dict task -> name or None); ``heads``: task -> network head (chooses the other-model
-    control, :func:`other_tasks`). Returns ``(trained rows, control rows)`` as DataFrames."""
+    hierarchy; the other task's control is then that task's network of the same replicate index, or its first
+    where it has fewer replicates) against its
+    task's :class:`Truth`, with its controls. ``transfer_models``: task -> the model its class-logit
+    visualizations are tested on, or (task, replicate) -> that replicate's (first looked up). ``output_layers``:
+    the class-logit module of each task (a name for all tasks, or a dict task -> name or None); ``heads``: task ->
+    network head (chooses the other-model control, :func:`other_tasks`). Returns ``(trained rows, control rows)``
+    as DataFrames."""
     import pandas as pd
 
     log = log or (lambda m: None)
@@ -214,13 +217,14 @@ def compare_entries(entries: list[dict], truths: dict, transfer_models: dict, ou
     trained_rows, control_rows = [], []
     for e in entries:
         c = _entry_context(e, truths[e["task"]], output_layers)
-        c["transfer"] = transfer_models.get(e["task"])
+        c["transfer"] = transfer_models.get((e["task"], e.get("replicate")), transfer_models.get(e["task"]))
         trained_rows += _trained_rows(e, c)
         if e.get("randomized") is not None:
             control_rows += _control_rows(e, c, "randomized", e["randomized"].reshape((-1,) + c["truth"].mask.shape),
                                           c["unit_of"], c["seed_of"], "re-initialised weights")
         for other_task in other_tasks(e["task"], truths, heads)[:1]:
-            o = by_key.get((other_task, e["layer"], e["regularizer"], e.get("replicate")))
+            o = by_key.get((other_task, e["layer"], e["regularizer"], e.get("replicate"))) or by_key.get(
+                (other_task, e["layer"], e["regularizer"], 0))  # a task with fewer replicates: its first network
             if o is None:
                 continue
             ot = o["table"]

@@ -305,8 +305,9 @@ def trajectories_figure(traj: pd.DataFrame, table: pd.DataFrame, path: str | Pat
     plt = _mpl()
     import seaborn as sns
 
-    t = traj.merge(table[["task", "layer", "regularizer", "unit", "real_max"]], on=["task", "layer", "regularizer",
-                                                                                   "unit"], how="left")
+    keys = ["task", "layer", "regularizer", "unit"] + (["replicate"] if "replicate" in traj and "replicate" in table
+                                                       else [])  # each trained replicate's units on their own
+    t = traj.merge(table[keys + ["real_max"]], on=keys, how="left")
     t["relative"] = t["objective"] / t["real_max"].where(t["real_max"].abs() > 1e-8)
     tasks = list(dict.fromkeys(t["task"]))
     layers = list(dict.fromkeys(t["layer"]))
