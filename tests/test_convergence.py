@@ -92,6 +92,30 @@ def test_linear_unit_converges_to_the_bound_and_an_unbounded_one_is_flagged():
     assert not free.info["converged"].any() and (free.info["steps_run"] == 96).all()
 
 
+def test_a_dead_start_is_stopped_but_not_converged():
+    """Every unit after the ReLU at zero on the whole range: the objective is a constant, its gradient exactly 0;
+    a flat line is no plateau reached by climbing."""
+    conv = nn.Conv3d(1, 1, 3)
+    conv.weight.data.fill_(0.01)
+    conv.bias.data.fill_(-10.0)  # at most 27 * 0.01 * HI - 10 < 0 inside the range
+    dead = nn.Sequential(conv, nn.ReLU()).eval()
+    c = dict(rtol=0.02, every=8, min_steps=32)
+    res = render(dead, O.channel("1", [0, 0]), SHAPE, {}, steps=200, lr=0.1, seeds=[0, 1], data_range=(LO, HI),
+                 converge=c)
+    assert not res.info["converged"].any() and res.info["stalled"].all()
+    assert (res.info["steps_run"] == 32).all()  # stopped at the first check: nothing would ever change
+    assert np.array_equal(res.objective_end, res.objective_start)
+    # without stopping: still not converged at the end of the budget
+    full = render(dead, O.channel("1", [0]), SHAPE, {}, steps=40, lr=0.1, seeds=[0], data_range=(LO, HI),
+                  converge=dict(c, enabled=False))
+    assert not full.info["converged"].any() and full.info["stalled"].all() and full.info["steps_run"][0] == 40
+    # the criterion itself: a constant history is stalled, never converged; a climbed plateau is not stalled
+    t = np.arange(64, dtype=float)[:, None]
+    hist = np.hstack([np.full_like(t, -0.079), np.minimum(t, 20.0)])
+    assert list(Converge(rtol=0.01, every=4, min_steps=8).check(hist, 64)) == [False, True]
+    assert list(Converge.stalled(hist, 64)) == [True, False]
+
+
 def test_plateau_criterion_reads_the_last_quarter():
     c = Converge(rtol=0.01, every=4, min_steps=8)
     t = np.arange(64, dtype=float)[:, None]

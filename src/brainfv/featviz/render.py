@@ -146,7 +146,12 @@ class Converge:
     a difference of two values, so the jitter of random transforms neither fakes nor hides a plateau.
     The test uses only the element's own values, so a unit stops at the same step alone or in a batch.
     A converged element stops: its variables are frozen and it leaves the batch. With ``enabled=False``
-    every element runs all steps and the flag is still computed at the end."""
+    every element runs all steps and the flag is still computed at the end.
+
+    An element whose ``J`` never moved (its range over every step run at most ``1e-6 (1 + |J|)``: a dead start,
+    every unit after some ReLU at zero, so its gradient is exactly 0) is *stalled*, not converged: a flat line
+    is no plateau reached by climbing. :meth:`stalled` finds them; the loop stops them too (nothing would ever
+    change) but records ``converged`` False and ``stalled`` True."""
 
     enabled: bool = default("featviz.converge.enabled")
     rtol: float = default("featviz.converge.rtol")
@@ -172,7 +177,16 @@ class Converge:
         slope = (t[:, None] * (last - last.mean(0))).sum(0) / (t ** 2).sum()
         now = hist[n - max(1, min(self.every, q)):n].mean(0)
         gain = np.abs(now - hist[0])
-        return np.abs(slope) * q <= self.rtol * np.maximum(gain, 1e-12 * (1 + np.abs(now)))
+        plateau = np.abs(slope) * q <= self.rtol * np.maximum(gain, 1e-12 * (1 + np.abs(now)))
+        return plateau & ~self.stalled(hist, n)
+
+    @staticmethod
+    def stalled(hist: np.ndarray, n: int) -> np.ndarray:
+        """Which elements' ``J`` has not moved in ``n`` steps (``hist`` as in :meth:`check`): never converged."""
+        if n < 2:
+            return np.zeros(hist.shape[1], bool)
+        h = hist[:n]
+        return np.ptp(h, 0) <= 1e-6 * (1 + np.abs(h).max(0))
 
 
 @torch.no_grad()
@@ -231,7 +245,7 @@ def optimize(net: torch.nn.Module, objective: object, pieces: Pieces, gens: list
         loop.step(step)
         n = step + 1
         if converge.enabled and n % converge.every == 0 and n >= converge.min_steps or n == steps:
-            loop.settle(converge.check(loop.hist, n), freeze=converge.enabled)
+            loop.settle(converge.check(loop.hist, n), converge.stalled(loop.hist, n), freeze=converge.enabled)
         if step % record_every == 0 or step == steps - 1 or not loop.active.any():
             traj.append(loop.last_obj.astype(np.float32))
             traj_steps.append(step)
@@ -254,6 +268,7 @@ def optimize(net: torch.nn.Module, objective: object, pieces: Pieces, gens: list
                         steps_per_s=n_steps / seconds if seconds > 0 else float("inf"),
                         box=plan.box if plan is not None else None,
                         info={"batch": loop.B, "steps_run": loop.steps_run, "converged": loop.converged,
+                              "stalled": loop.stalled,
                               "element_steps": int(loop.work), "scale": loop.scale.cpu().numpy()})
 
 
@@ -279,6 +294,7 @@ class _Loop:
         self.hist = np.zeros((steps, B))         # J per step and element (what is maximised)
         self.active = np.ones(B, bool)
         self.converged = np.zeros(B, bool)
+        self.stalled = np.zeros(B, bool)         # J never moved (a dead start): stopped, not converged
         self.steps_run = np.zeros(B, int)
         self.frozen = {}                         # parameter -> its values, restored for converged elements
         self.work = 0
@@ -339,11 +355,12 @@ class _Loop:
                 for p in self.batched:
                     p[done] = self.frozen[p][done]
 
-    def settle(self, plateau, freeze):
-        """Mark the active elements whose objective reached its plateau as converged; with ``freeze`` they leave
-        the batch and their variables are kept as they are now."""
-        newly = self.active & plateau
-        self.converged |= newly
+    def settle(self, plateau, stalled, freeze):
+        """Mark the active elements whose objective reached its plateau as converged, and those whose objective
+        never moved as stalled; with ``freeze`` both leave the batch and their variables are kept as they are."""
+        self.converged |= self.active & plateau
+        self.stalled |= self.active & stalled
+        newly = self.active & (plateau | stalled)
         if freeze and newly.any():
             self.active &= ~newly
             sel = torch.as_tensor(newly, device=self.device)
