@@ -92,14 +92,19 @@ def test_linear_unit_converges_to_the_bound_and_an_unbounded_one_is_flagged():
     assert not free.info["converged"].any() and (free.info["steps_run"] == 96).all()
 
 
-def test_a_dead_start_is_stopped_but_not_converged():
-    """Every unit after the ReLU at zero on the whole range: the objective is a constant, its gradient exactly 0;
-    a flat line is no plateau reached by climbing."""
+def dead_unit(weight, bias):
+    """A 3x3x3 convolution of constant ``weight`` and ``bias``, then a ReLU (the unit read)."""
     conv = nn.Conv3d(1, 1, 3)
-    conv.weight.data.fill_(0.01)
-    conv.bias.data.fill_(-10.0)  # at most 27 * 0.01 * HI - 10 < 0 inside the range
-    dead = nn.Sequential(conv, nn.ReLU()).eval()
+    conv.weight.data.fill_(weight)
+    conv.bias.data.fill_(bias)
+    return nn.Sequential(conv, nn.ReLU()).eval()
+
+
+def test_a_dead_start_is_stopped_but_not_converged():
+    """Every unit at zero behind the ReLU and no gradient reaching the image: the objective is a constant; a
+    flat line is no plateau reached by climbing."""
     c = dict(rtol=0.02, every=8, min_steps=32)
+    dead = dead_unit(0.0, -1.0)
     res = render(dead, O.channel("1", [0, 0]), SHAPE, {}, steps=200, lr=0.1, seeds=[0, 1], data_range=(LO, HI),
                  converge=c)
     assert not res.info["converged"].any() and res.info["stalled"].all()
@@ -114,6 +119,25 @@ def test_a_dead_start_is_stopped_but_not_converged():
     hist = np.hstack([np.full_like(t, -0.079), np.minimum(t, 20.0)])
     assert list(Converge(rtol=0.01, every=4, min_steps=8).check(hist, 64)) == [False, True]
     assert list(Converge.stalled(hist, 64)) == [True, False]
+
+
+def test_a_dead_start_that_can_be_left_is_left_by_the_redirected_relu_gradient():
+    """Dead everywhere at the start (27 * 0.02 * 1 SD of noise < 0.6), alive where the image is high: the ReLU's
+    gradient is 0, Lucid's redirected gradient raises the image until the unit lives, then it converges."""
+    net = dead_unit(0.02, -0.6)
+    c = dict(rtol=0.02, every=8, min_steps=32)
+    res = render(net, O.channel("1", [0, 0]), SHAPE, {"init_std": 0.1}, steps=300, lr=0.1, seeds=[0, 1],
+                 data_range=(LO, HI), converge=c)
+    assert (res.objective_start == 0).all() and (res.objective_end > 0.5).all()
+    assert res.info["converged"].all() and not res.info["stalled"].any()
+    # the same values as a plain ReLU: only the gradient of an element with none passing is redirected
+    from brainfv.featviz.simplify import RedirectedReLU
+
+    x = torch.randn(2, 1, 4, 4, 4, requires_grad=True)
+    y = RedirectedReLU()(x)
+    assert torch.equal(y, torch.relu(x))
+    y.sum().backward()
+    assert torch.equal(x.grad, (x > 0).float())  # live elements: the ordinary ReLU gradient
 
 
 def test_plateau_criterion_reads_the_last_quarter():

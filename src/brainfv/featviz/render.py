@@ -32,7 +32,7 @@ from . import regularizers as R
 from .crop import CropPlan, crop_box, plan_crop
 from .param import build_param, mean_amplitude_spectrum
 from .param import data_range as param_data_range
-from .simplify import simplify_for_featviz
+from .simplify import redirect_relus, simplify_for_featviz
 from .transforms import gaussian_blur, jitter, random_affine
 from .units import capture_activations, check_channels
 
@@ -122,12 +122,14 @@ def preset_pieces(preset: Preset, shape: Sequence[int], gens: list, real_volumes
 def prepare_network(model: torch.nn.Module, layers: list[str], simplify: bool = True,
                     log: Callable | None = None) -> torch.nn.Module:
     """A frozen eval-mode copy of ``model`` (simplified unless ``simplify=False``, see
-    :mod:`~brainfv.featviz.simplify`) in channels-last layout; the caller's model is not modified."""
+    :mod:`~brainfv.featviz.simplify`) in channels-last layout, its ReLUs passing Lucid's redirected gradient
+    to an element that is dead behind them (:class:`~brainfv.featviz.simplify.RedirectedReLU`); the caller's
+    model is not modified."""
     from ..models.cnn import frozen
 
     if simplify:
-        return frozen(simplify_for_featviz(model, keep=layers, log=log)[0], copy=False)
-    return frozen(model)
+        return redirect_relus(frozen(simplify_for_featviz(model, keep=layers, log=log)[0], copy=False))
+    return redirect_relus(frozen(model))
 
 
 def _chunks(n, size):
@@ -245,7 +247,7 @@ def optimize(net: torch.nn.Module, objective: object, pieces: Pieces, gens: list
         loop.step(step)
         n = step + 1
         if converge.enabled and n % converge.every == 0 and n >= converge.min_steps or n == steps:
-            loop.settle(converge.check(loop.hist, n), converge.stalled(loop.hist, n), freeze=converge.enabled)
+            loop.settle(converge.check(loop.hist, n), converge.stalled(loop.hist, n), converge.enabled, n == steps)
         if step % record_every == 0 or step == steps - 1 or not loop.active.any():
             traj.append(loop.last_obj.astype(np.float32))
             traj_steps.append(step)
@@ -295,6 +297,7 @@ class _Loop:
         self.active = np.ones(B, bool)
         self.converged = np.zeros(B, bool)
         self.stalled = np.zeros(B, bool)         # J never moved (a dead start): stopped, not converged
+        self.gradless = np.ones(B, bool)         # no gradient reached the image at any step yet
         self.steps_run = np.zeros(B, int)
         self.frozen = {}                         # parameter -> its values, restored for converged elements
         self.work = 0
@@ -335,6 +338,7 @@ class _Loop:
         self.work += len(idx)
         self.opt.zero_grad(set_to_none=True)
         grad = torch.cat([leaf.grad for leaf in leaves])
+        self.gradless[idx] &= (grad.flatten(1).abs().amax(1) == 0).cpu().numpy()
         if len(idx) < self.B:
             grad = torch.zeros_like(img).index_copy_(0, torch.as_tensor(idx, device=img.device), grad)
         img.backward(grad)  # gradients meet at the image, then the variables
@@ -355,12 +359,14 @@ class _Loop:
                 for p in self.batched:
                     p[done] = self.frozen[p][done]
 
-    def settle(self, plateau, stalled, freeze):
+    def settle(self, plateau, stalled, freeze, last=False):
         """Mark the active elements whose objective reached its plateau as converged, and those whose objective
-        never moved as stalled; with ``freeze`` both leave the batch and their variables are kept as they are."""
+        never moved and got no gradient as stalled; with ``freeze`` both leave the batch and their variables are
+        kept as they are. (At the ``last`` step, every active element whose J never moved is stalled.)"""
         self.converged |= self.active & plateau
-        self.stalled |= self.active & stalled
-        newly = self.active & (plateau | stalled)
+        stuck = stalled & self.gradless  # an element climbing out of a dead start (RedirectedReLU) runs on
+        self.stalled |= self.active & (stuck | stalled & last)
+        newly = self.active & (plateau | stuck)
         if freeze and newly.any():
             self.active &= ~newly
             sel = torch.as_tensor(newly, device=self.device)
