@@ -132,6 +132,13 @@ def prepare_network(model: torch.nn.Module, layers: list[str], simplify: bool = 
     return redirect_relus(frozen(model))
 
 
+# Volumes per forward pass on the CPU (benchmarks/vs_lucent.py --micro-batch; block3, 8 units, 2 threads, median
+# per-round ratio to 2 a volume: 4 mm 0.42 (8) / 0.79 (4) / 1.96 (1), 3 mm 0.65 / 0.67 / 2.00): the cost per
+# forward and backward call barely grows with its batch. 8, not the whole batch: memory (a 32-element batch of
+# class logits at 3 mm holds about 1 GB of activations).
+CPU_MICRO_BATCH = 8
+
+
 def _chunks(n, size):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -284,7 +291,7 @@ class _Loop:
         self.device, self.mask, self.plan, self.amp, self.truncate = device, mask, plan, amp, truncate
         self.param = pieces.param.to(device)
         self.B = B = len(gens)
-        self.mb = micro_batch or (B if device.type == "cuda" else 2)
+        self.mb = micro_batch or (B if device.type == "cuda" else min(B, CPU_MICRO_BATCH))
         self.scale = (torch.ones(B) if scale is None else torch.as_tensor(scale, dtype=torch.float32)).to(device)
         self.batched = [p for p in self.param.parameters() if p.dim() and p.shape[0] == B]
         if len(self.batched) != len(list(self.param.parameters())):
@@ -406,8 +413,7 @@ def render(model: torch.nn.Module, objective: object, shape: Sequence[int], pres
     crop : optimise only the receptive field when the objective reads known positions (placed back after).
     simplify, truncate : run a simplified copy of the network (:mod:`~brainfv.featviz.simplify`); stop each
         forward pass at the deepest layer the objective reads.
-    micro_batch : volumes per forward pass (default: 2 on the CPU, where channels-last batches of 2 run
-        fastest per volume; the whole batch on CUDA). With ``micro_batch=1`` a unit is bit-identical alone
+    micro_batch : volumes per forward pass (default: ``CPU_MICRO_BATCH`` (8) on the CPU, the whole batch on CUDA). With ``micro_batch=1`` a unit is bit-identical alone
         or in a batch (other CPU kernels' last-bit differences can grow through max-pool ties).
     amp : bf16 autocast (default: on CUDA). ``record_every``, ``log``, ``betas``: see :func:`optimize`.
     """

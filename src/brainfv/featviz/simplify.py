@@ -53,14 +53,14 @@ class _RedirectedReLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        neg = x <= 0
-        relu = g.masked_fill(neg, 0)
+        relu = torch.ops.aten.threshold_backward(g, x, 0.0)  # the ordinary ReLU gradient, in one pass
         # an element none of whose gradient passes: let through what would raise a negative input
         # (g < 0: the loss, -objective, falls as the input rises), never what would push it lower
-        blocked = relu.flatten(1).abs().amax(1) == 0 if g.dim() > 1 else relu.abs().amax() == 0
+        flat = relu.flatten(1) if g.dim() > 1 else relu.reshape(1, -1)
+        blocked = torch.linalg.vector_norm(flat, float("inf"), dim=1) == 0
         if not bool(blocked.any()):
             return relu
-        redirected = g.masked_fill(neg & (g > 0), 0)
+        redirected = g.masked_fill((x <= 0) & (g > 0), 0)
         shape = (-1,) + (1,) * (g.dim() - 1) if g.dim() > 1 else ()
         return torch.where(blocked.reshape(shape), redirected, relu)
 
