@@ -155,7 +155,9 @@ def test_plateau_criterion_reads_the_last_quarter():
 def test_stopped_elements_are_frozen_and_match_their_run_alone():
     m = small_model()
     vols = real_volumes()
-    preset = {"param": "fourier", "jitter": 1}
+    # voxels: bit-identical alone and in a batch (batched FFTs differ in the last bits, which the plateau test can
+    # turn into a step earlier or later)
+    preset = {"jitter": 1}
     conv = dict(rtol=0.2, every=4, min_steps=8)  # lenient, so elements stop at different steps
     kw = dict(steps=40, lr=0.1, data_range=(LO, HI), real_volumes=vols, converge=conv, micro_batch=1)
     batch = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, seeds=[11, 12, 13], **kw)
@@ -165,8 +167,7 @@ def test_stopped_elements_are_frozen_and_match_their_run_alone():
     for b, (unit, seed) in enumerate(zip([0, 3, 5], [11, 12, 13])):
         alone = render(m, O.channel("block2.norm", [unit]), SHAPE, preset, seeds=[seed], **kw)
         assert alone.info["steps_run"][0] == run[b]
-        # the same optimisation; batch-size-dependent FFT kernels differ in the last bits only
-        assert np.allclose(alone.images[0], batch.images[b], atol=1e-5)
+        assert np.array_equal(alone.images[0], batch.images[b])  # the same optimisation
         # an element that stopped at step n holds exactly the image of n steps without a stopping rule
         fixed = render(m, O.channel("block2.norm", [unit]), SHAPE, preset, seeds=[seed],
                        **dict(kw, steps=int(run[b]), converge=dict(conv, enabled=False)))
