@@ -6,7 +6,7 @@
     straightforward per-unit loop that runs the full network with a forward hook, one unit at a time
     (how Lucent works), for the same units, steps and preset; for a mid-level layer with 8 units and for
     an early layer's neurons with receptive-field cropping;
-(c) time per step of the same request at CPU micro-batch sizes 1, 2, 4 and 8 (the default is 8);
+(c) time per step of the same request at CPU micro-batch sizes 1, 2, 4 and 8 (the default is 2);
 (b) the loop's overhead: time per step of ``render`` versus the bare forward+backward of the truncated
     (and simplified, see ``brainfv.featviz.simplify``) network on the same batch (transforms, parametrisation and
     regularizers should cost <= 25 % extra).

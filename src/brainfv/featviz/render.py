@@ -133,10 +133,10 @@ def prepare_network(model: torch.nn.Module, layers: list[str], simplify: bool = 
 
 
 # Volumes per forward pass on the CPU (benchmarks/featviz.py (c); block3 of the trained sex model, 8 units,
-# 2 threads, median per-round ratio to 2 a pass: 4 mm 0.42 (8) / 0.79 (4) / 1.96 (1), 3 mm 0.65 / 0.67 / 2.00):
-# the cost of a forward and backward call barely grows with its batch. 8, not the whole batch: the activations
-# held for the backward pass grow with it (a class-logit request has 32 elements).
-CPU_MICRO_BATCH = 8
+# 2 threads; time per step relative to 2 a pass, median of per-round ratios). On a quiet machine: 4 a pass 1.28
+# at 3 mm and 0.95 at 4 mm, 8 a pass 1.26 and 1.19. Only with the two cores shared by other work (load 5-6) do
+# larger passes win (8: 0.65 at 3 mm, 0.42 at 4 mm); the study's jobs run on a machine of their own, so 2.
+CPU_MICRO_BATCH = 2
 
 
 def _chunks(n, size):
@@ -422,7 +422,7 @@ def render(model: torch.nn.Module, objective: object, shape: Sequence[int], pres
     crop : optimise only the receptive field when the objective reads known positions (placed back after).
     simplify, truncate : run a simplified copy of the network (:mod:`~brainfv.featviz.simplify`); stop each
         forward pass at the deepest layer the objective reads.
-    micro_batch : volumes per forward pass (default: ``CPU_MICRO_BATCH`` (8) on the CPU, the whole batch on
+    micro_batch : volumes per forward pass (default: ``CPU_MICRO_BATCH`` (2) on the CPU, the whole batch on
         CUDA). With ``micro_batch=1`` a unit is bit-identical alone or in a batch (other CPU kernels' last-bit
         differences can grow through max-pool ties).
     amp : bf16 autocast (default: on CUDA). ``record_every``, ``log``, ``betas``: see :func:`optimize`.
