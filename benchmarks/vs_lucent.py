@@ -16,7 +16,7 @@ Requests: 8 units of a mid layer (``--mid``, channel objective) and the class lo
 and the Lucent-style loop (the units one after the other, each to its plateau) run in interleaved rounds;
 printed: medians, the median of the per-round ratios, steps per element and the share converged.
 ``--grid 4`` resamples the volumes to the 4 mm laptop grid (39x48x39, trilinear; a pooled-head model
-accepts any grid), ``--grid 3`` keeps the dataset's. ``--quick`` (about 7 minutes on 2 quiet cores): 4 mm,
+accepts any grid), ``--grid 3`` keeps the dataset's. ``--quick`` (16 minutes on 2 shared cores): 4 mm,
 presets none and fourier, 3 rounds, 10 steps for the per-step figure. One round is not enough: a round that
 shares the cores with other work makes the Lucent-style loop (many small batch-1 calls) several times slower.
 """
