@@ -10,6 +10,13 @@ and the element-steps actually computed (with per-element stopping the batch shr
 compares ways of bounding the image: ``data`` (the schema's defaults: range data, bound_by project),
 ``squash`` (range data, tanh squash), ``project``, ``none`` (unbounded) and ``tanh4`` (+-4); ``--no-stop``
 runs every element all steps (the cost without stopping); ``--lr`` overrides every preset's lr.
+
+``--vs-lucent`` (the remaining arguments go to benchmarks/vs_lucent.py) prints instead, in one run, the
+time per step and the time to convergence of brainfv against a Lucent-style loop run to the same plateau
+criterion, with their ratios (medians of interleaved rounds)::
+
+    .venv/bin/python benchmarks/convergence.py --vs-lucent --model results/models/sex/main/model.pt \
+        --dataset results/data/cohort [--quick]   # --quick: 16 minutes on 2 shared cores
 """
 import argparse
 import sys
@@ -23,6 +30,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def main():
+    if "--vs-lucent" in sys.argv:
+        sys.argv.remove("--vs-lucent")
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import vs_lucent
+
+        return vs_lucent.main()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--dataset", required=True)

@@ -6,7 +6,7 @@
     straightforward per-unit loop that runs the full network with a forward hook, one unit at a time
     (how Lucent works), for the same units, steps and preset; for a mid-level layer with 8 units and for
     an early layer's neurons with receptive-field cropping;
-(c) time per step of the same request at CPU micro-batch sizes 1, 2 and 8 (the default is 2);
+(c) time per step of the same request at CPU micro-batch sizes 1, 2, 4 and 8 (the default is 2);
 (b) the loop's overhead: time per step of ``render`` versus the bare forward+backward of the truncated
     (and simplified, see ``brainfv.featviz.simplify``) network on the same batch (transforms, parametrisation and
     regularizers should cost <= 25 % extra).
@@ -136,9 +136,9 @@ def main():
               f"{100 * (median_ratio(rounds, name, 'bare') - 1):+.0f}%")
     preset = {"param": "fourier", "jitter": 2}
     med, _ = interleaved({mb: lambda n, mb=mb: render(model, O.channel(layer, units), SHAPE, preset, steps=n,
-                                                      seeds=units, micro_batch=mb, **FIXED) for mb in (1, 2, 8)},
+                                                      seeds=units, micro_batch=mb, **FIXED) for mb in (1, 2, 4, 8)},
                          a.steps, a.repeats)
-    print(f"(c) {layer}, batch {len(units)}, micro-batch 1/2/8: "
+    print(f"(c) {layer}, batch {len(units)}, micro-batch 1/2/4/8: "
           + " / ".join(f"{1000 * t / a.steps:.0f}" for t in med.values()) + " ms/step")
 
 

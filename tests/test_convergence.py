@@ -92,6 +92,54 @@ def test_linear_unit_converges_to_the_bound_and_an_unbounded_one_is_flagged():
     assert not free.info["converged"].any() and (free.info["steps_run"] == 96).all()
 
 
+def dead_unit(weight, bias):
+    """A 3x3x3 convolution of constant ``weight`` and ``bias``, then a ReLU (the unit read)."""
+    conv = nn.Conv3d(1, 1, 3)
+    conv.weight.data.fill_(weight)
+    conv.bias.data.fill_(bias)
+    return nn.Sequential(conv, nn.ReLU()).eval()
+
+
+def test_a_dead_start_is_stopped_but_not_converged():
+    """Every unit at zero behind the ReLU and no gradient reaching the image: the objective is a constant; a
+    flat line is no plateau reached by climbing."""
+    c = dict(rtol=0.02, every=8, min_steps=32)
+    dead = dead_unit(0.0, -1.0)
+    res = render(dead, O.channel("1", [0, 0]), SHAPE, {}, steps=200, lr=0.1, seeds=[0, 1], data_range=(LO, HI),
+                 converge=c)
+    assert not res.info["converged"].any() and res.info["stalled"].all()
+    assert (res.info["steps_run"] == 32).all()  # stopped at the first check: nothing would ever change
+    assert np.array_equal(res.objective_end, res.objective_start)
+    # without stopping: still not converged at the end of the budget
+    full = render(dead, O.channel("1", [0]), SHAPE, {}, steps=40, lr=0.1, seeds=[0], data_range=(LO, HI),
+                  converge=dict(c, enabled=False))
+    assert not full.info["converged"].any() and full.info["stalled"].all() and full.info["steps_run"][0] == 40
+    # the criterion itself: a constant history is stalled, never converged; a climbed plateau is not stalled
+    t = np.arange(64, dtype=float)[:, None]
+    hist = np.hstack([np.full_like(t, -0.079), np.minimum(t, 20.0)])
+    assert list(Converge(rtol=0.01, every=4, min_steps=8).check(hist, 64)) == [False, True]
+    assert list(Converge.stalled(hist, 64)) == [True, False]
+
+
+def test_a_dead_start_that_can_be_left_is_left_by_the_redirected_relu_gradient():
+    """Dead everywhere at the start (27 * 0.02 * 1 SD of noise < 0.6), alive where the image is high: the ReLU's
+    gradient is 0, Lucid's redirected gradient raises the image until the unit lives, then it converges."""
+    net = dead_unit(0.02, -0.6)
+    c = dict(rtol=0.02, every=8, min_steps=32)
+    res = render(net, O.channel("1", [0, 0]), SHAPE, {"init_std": 0.1}, steps=300, lr=0.1, seeds=[0, 1],
+                 data_range=(LO, HI), converge=c)
+    assert (res.objective_start == 0).all() and (res.objective_end > 0.5).all()
+    assert res.info["converged"].all() and not res.info["stalled"].any()
+    # the same values as a plain ReLU: only the gradient of an element with none passing is redirected
+    from brainfv.featviz.simplify import RedirectedReLU
+
+    x = torch.randn(2, 1, 4, 4, 4, requires_grad=True)
+    y = RedirectedReLU()(x)
+    assert torch.equal(y, torch.relu(x))
+    y.sum().backward()
+    assert torch.equal(x.grad, (x > 0).float())  # live elements: the ordinary ReLU gradient
+
+
 def test_plateau_criterion_reads_the_last_quarter():
     c = Converge(rtol=0.01, every=4, min_steps=8)
     t = np.arange(64, dtype=float)[:, None]
@@ -107,7 +155,9 @@ def test_plateau_criterion_reads_the_last_quarter():
 def test_stopped_elements_are_frozen_and_match_their_run_alone():
     m = small_model()
     vols = real_volumes()
-    preset = {"param": "fourier", "jitter": 1}
+    # voxels: bit-identical alone and in a batch (batched FFTs differ in the last bits, which the plateau test can
+    # turn into a step earlier or later)
+    preset = {"jitter": 1}
     conv = dict(rtol=0.2, every=4, min_steps=8)  # lenient, so elements stop at different steps
     kw = dict(steps=40, lr=0.1, data_range=(LO, HI), real_volumes=vols, converge=conv, micro_batch=1)
     batch = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, seeds=[11, 12, 13], **kw)
@@ -117,8 +167,7 @@ def test_stopped_elements_are_frozen_and_match_their_run_alone():
     for b, (unit, seed) in enumerate(zip([0, 3, 5], [11, 12, 13])):
         alone = render(m, O.channel("block2.norm", [unit]), SHAPE, preset, seeds=[seed], **kw)
         assert alone.info["steps_run"][0] == run[b]
-        # the same optimisation; batch-size-dependent FFT kernels differ in the last bits only
-        assert np.allclose(alone.images[0], batch.images[b], atol=1e-5)
+        assert np.array_equal(alone.images[0], batch.images[b])  # the same optimisation
         # an element that stopped at step n holds exactly the image of n steps without a stopping rule
         fixed = render(m, O.channel("block2.norm", [unit]), SHAPE, preset, seeds=[seed],
                        **dict(kw, steps=int(run[b]), converge=dict(conv, enabled=False)))

@@ -32,7 +32,7 @@ from . import regularizers as R
 from .crop import CropPlan, crop_box, plan_crop
 from .param import build_param, mean_amplitude_spectrum
 from .param import data_range as param_data_range
-from .simplify import simplify_for_featviz
+from .simplify import redirect_relus, simplify_for_featviz
 from .transforms import gaussian_blur, jitter, random_affine
 from .units import capture_activations, check_channels
 
@@ -122,12 +122,21 @@ def preset_pieces(preset: Preset, shape: Sequence[int], gens: list, real_volumes
 def prepare_network(model: torch.nn.Module, layers: list[str], simplify: bool = True,
                     log: Callable | None = None) -> torch.nn.Module:
     """A frozen eval-mode copy of ``model`` (simplified unless ``simplify=False``, see
-    :mod:`~brainfv.featviz.simplify`) in channels-last layout; the caller's model is not modified."""
+    :mod:`~brainfv.featviz.simplify`) in channels-last layout, its ReLUs passing Lucid's redirected gradient
+    to an element that is dead behind them (:class:`~brainfv.featviz.simplify.RedirectedReLU`); the caller's
+    model is not modified."""
     from ..models.cnn import frozen
 
     if simplify:
-        return frozen(simplify_for_featviz(model, keep=layers, log=log)[0], copy=False)
-    return frozen(model)
+        return redirect_relus(frozen(simplify_for_featviz(model, keep=layers, log=log)[0], copy=False))
+    return redirect_relus(frozen(model))
+
+
+# Volumes per forward pass on the CPU (benchmarks/featviz.py (c); block3 of the trained sex model, 8 units,
+# 2 threads; time per step relative to 2 a pass, median of per-round ratios). On a quiet machine: 4 a pass 1.28
+# at 3 mm and 0.95 at 4 mm, 8 a pass 1.26 and 1.19. Only with the two cores shared by other work (load 5-6) do
+# larger passes win (8: 0.65 at 3 mm, 0.42 at 4 mm); the study's jobs run on a machine of their own, so 2.
+CPU_MICRO_BATCH = 2
 
 
 def _chunks(n, size):
@@ -146,7 +155,12 @@ class Converge:
     a difference of two values, so the jitter of random transforms neither fakes nor hides a plateau.
     The test uses only the element's own values, so a unit stops at the same step alone or in a batch.
     A converged element stops: its variables are frozen and it leaves the batch. With ``enabled=False``
-    every element runs all steps and the flag is still computed at the end."""
+    every element runs all steps and the flag is still computed at the end.
+
+    An element whose ``J`` never moved (its range over every step run at most ``1e-6 (1 + |J|)``: a dead start,
+    every unit after some ReLU at zero, so its gradient is exactly 0) is *stalled*, not converged: a flat line
+    is no plateau reached by climbing. :meth:`stalled` finds them; the loop stops them too (nothing would ever
+    change) but records ``converged`` False and ``stalled`` True."""
 
     enabled: bool = default("featviz.converge.enabled")
     rtol: float = default("featviz.converge.rtol")
@@ -172,7 +186,16 @@ class Converge:
         slope = (t[:, None] * (last - last.mean(0))).sum(0) / (t ** 2).sum()
         now = hist[n - max(1, min(self.every, q)):n].mean(0)
         gain = np.abs(now - hist[0])
-        return np.abs(slope) * q <= self.rtol * np.maximum(gain, 1e-12 * (1 + np.abs(now)))
+        plateau = np.abs(slope) * q <= self.rtol * np.maximum(gain, 1e-12 * (1 + np.abs(now)))
+        return plateau & ~self.stalled(hist, n)
+
+    @staticmethod
+    def stalled(hist: np.ndarray, n: int) -> np.ndarray:
+        """Which elements' ``J`` has not moved in ``n`` steps (``hist`` as in :meth:`check`): never converged."""
+        if n < 2:
+            return np.zeros(hist.shape[1], bool)
+        h = hist[:n]
+        return np.ptp(h, 0) <= 1e-6 * (1 + np.abs(h).max(0))
 
 
 @torch.no_grad()
@@ -231,7 +254,7 @@ def optimize(net: torch.nn.Module, objective: object, pieces: Pieces, gens: list
         loop.step(step)
         n = step + 1
         if converge.enabled and n % converge.every == 0 and n >= converge.min_steps or n == steps:
-            loop.settle(converge.check(loop.hist, n), freeze=converge.enabled)
+            loop.settle(converge.check(loop.hist, n), converge.stalled(loop.hist, n), converge.enabled, n == steps)
         if step % record_every == 0 or step == steps - 1 or not loop.active.any():
             traj.append(loop.last_obj.astype(np.float32))
             traj_steps.append(step)
@@ -254,6 +277,7 @@ def optimize(net: torch.nn.Module, objective: object, pieces: Pieces, gens: list
                         steps_per_s=n_steps / seconds if seconds > 0 else float("inf"),
                         box=plan.box if plan is not None else None,
                         info={"batch": loop.B, "steps_run": loop.steps_run, "converged": loop.converged,
+                              "stalled": loop.stalled,
                               "element_steps": int(loop.work), "scale": loop.scale.cpu().numpy()})
 
 
@@ -267,7 +291,7 @@ class _Loop:
         self.device, self.mask, self.plan, self.amp, self.truncate = device, mask, plan, amp, truncate
         self.param = pieces.param.to(device)
         self.B = B = len(gens)
-        self.mb = micro_batch or (B if device.type == "cuda" else 2)
+        self.mb = micro_batch or (B if device.type == "cuda" else min(B, CPU_MICRO_BATCH))
         self.scale = (torch.ones(B) if scale is None else torch.as_tensor(scale, dtype=torch.float32)).to(device)
         self.batched = [p for p in self.param.parameters() if p.dim() and p.shape[0] == B]
         if len(self.batched) != len(list(self.param.parameters())):
@@ -279,6 +303,8 @@ class _Loop:
         self.hist = np.zeros((steps, B))         # J per step and element (what is maximised)
         self.active = np.ones(B, bool)
         self.converged = np.zeros(B, bool)
+        self.stalled = np.zeros(B, bool)         # J never moved (a dead start): stopped, not converged
+        self.gradless = np.ones(B, bool)         # no gradient reached the image at any step yet
         self.steps_run = np.zeros(B, int)
         self.frozen = {}                         # parameter -> its values, restored for converged elements
         self.work = 0
@@ -289,11 +315,20 @@ class _Loop:
         return img * self.mask if self.mask is not None else img
 
     def score(self, x, rows):
+        # One volume alone on the CPU runs PyTorch's slow 3D convolution (its oneDNN test counts batch x channels
+        # x two dimensions, under 20480 for one volume): a detached copy beside it takes oneDNN, and the pair's
+        # forward and backward cost 10 instead of 15 ms on the 4 mm grid (block3); the copy's score is dropped.
+        pad = x.shape[0] == 1 and x.dim() == 5 and x.device.type == "cpu"
+        if pad:
+            x = torch.cat([x, x.detach()])
+            r = rows.start if isinstance(rows, slice) else rows[0]
+            rows = [r, r]
         if x.dim() == 5:  # channels-last 3D convolutions are much faster on the CPU (benchmarks/training.py)
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             acts = capture_activations(self.net, x, self.objective.layers, truncate=self.truncate)
-        return self.objective(self.plan.activations(acts) if self.plan is not None else acts, rows)
+        out = self.objective(self.plan.activations(acts) if self.plan is not None else acts, rows)
+        return out[:1] if pad else out
 
     def score_all(self, img):
         return torch.cat([self.score(img[rows], rows) for rows in _chunks(self.B, self.mb)])
@@ -319,6 +354,7 @@ class _Loop:
         self.work += len(idx)
         self.opt.zero_grad(set_to_none=True)
         grad = torch.cat([leaf.grad for leaf in leaves])
+        self.gradless[idx] &= (grad.flatten(1).abs().amax(1) == 0).cpu().numpy()
         if len(idx) < self.B:
             grad = torch.zeros_like(img).index_copy_(0, torch.as_tensor(idx, device=img.device), grad)
         img.backward(grad)  # gradients meet at the image, then the variables
@@ -339,11 +375,14 @@ class _Loop:
                 for p in self.batched:
                     p[done] = self.frozen[p][done]
 
-    def settle(self, plateau, freeze):
-        """Mark the active elements whose objective reached its plateau as converged; with ``freeze`` they leave
-        the batch and their variables are kept as they are now."""
-        newly = self.active & plateau
-        self.converged |= newly
+    def settle(self, plateau, stalled, freeze, last=False):
+        """Mark the active elements whose objective reached its plateau as converged, and those whose objective
+        never moved and got no gradient as stalled; with ``freeze`` both leave the batch and their variables are
+        kept as they are. (At the ``last`` step, every active element whose J never moved is stalled.)"""
+        self.converged |= self.active & plateau
+        stuck = stalled & self.gradless  # an element climbing out of a dead start (RedirectedReLU) runs on
+        self.stalled |= self.active & (stuck | stalled & last)
+        newly = self.active & (plateau | stuck)
         if freeze and newly.any():
             self.active &= ~newly
             sel = torch.as_tensor(newly, device=self.device)
@@ -383,9 +422,9 @@ def render(model: torch.nn.Module, objective: object, shape: Sequence[int], pres
     crop : optimise only the receptive field when the objective reads known positions (placed back after).
     simplify, truncate : run a simplified copy of the network (:mod:`~brainfv.featviz.simplify`); stop each
         forward pass at the deepest layer the objective reads.
-    micro_batch : volumes per forward pass (default: 2 on the CPU, where channels-last batches of 2 run
-        fastest per volume; the whole batch on CUDA). With ``micro_batch=1`` a unit is bit-identical alone
-        or in a batch (other CPU kernels' last-bit differences can grow through max-pool ties).
+    micro_batch : volumes per forward pass (default: ``CPU_MICRO_BATCH`` (2) on the CPU, the whole batch on
+        CUDA). With ``micro_batch=1`` a unit is bit-identical alone or in a batch (other CPU kernels' last-bit
+        differences can grow through max-pool ties).
     amp : bf16 autocast (default: on CUDA). ``record_every``, ``log``, ``betas``: see :func:`optimize`.
     """
     preset = Preset.from_config(preset)

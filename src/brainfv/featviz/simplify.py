@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["simplify_for_featviz"]
+__all__ = ["simplify_for_featviz", "RedirectedReLU", "redirect_relus"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -42,6 +42,47 @@ class PoolThenAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.pool(x))
+
+
+class _RedirectedReLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        relu = torch.ops.aten.threshold_backward(g, x, 0.0)  # the ordinary ReLU gradient, in one pass
+        # an element none of whose gradient passes: let through what would raise a negative input
+        # (g < 0: the loss, -objective, falls as the input rises), never what would push it lower
+        flat = relu.flatten(1) if g.dim() > 1 else relu.reshape(1, -1)
+        blocked = torch.linalg.vector_norm(flat, float("inf"), dim=1) == 0
+        if not bool(blocked.any()):
+            return relu
+        redirected = g.masked_fill((x <= 0) & (g > 0), 0)
+        shape = (-1,) + (1,) * (g.dim() - 1) if g.dim() > 1 else ()
+        return torch.where(blocked.reshape(shape), redirected, relu)
+
+
+class RedirectedReLU(nn.ReLU):
+    """ReLU with Lucid's redirected gradient (``relu_gradient_override``): the same values; per batch element,
+    when *no* gradient passes the ReLU (every unit it reaches is at or below zero: a dead start, whose
+    objective is a constant with gradient exactly 0), the gradient that would raise the negative inputs passes
+    instead, so the optimisation can leave the dead region. An element with any live unit gets the ordinary
+    ReLU gradient, so this changes nothing for an element that is not stuck, and an element computes the same
+    alone or in a batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RedirectedReLUFn.apply(x) if torch.is_grad_enabled() and x.requires_grad else torch.relu(x)
+
+
+def redirect_relus(model: nn.Module) -> nn.Module:
+    """``model`` (modified in place) with every ``nn.ReLU`` module replaced by a :class:`RedirectedReLU`."""
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.ReLU:
+            _set_module(model, name, RedirectedReLU())
+    return model
 
 
 def _monotone(m):

@@ -150,7 +150,8 @@ def visualize_layer(model: nn.Module, layer: str, units: list[int], preset: dict
     """Optimise every unit of ``layer`` (× ``n_seeds`` seeds) in one batch and measure each result.
 
     Per unit and seed: the objective at start and end; ``steps`` (run) and ``converged`` (the plateau
-    criterion held, :class:`~brainfv.featviz.render.Converge`); the activation at *matched amplitude*
+    criterion held, :class:`~brainfv.featviz.render.Converge`) or ``stalled`` (the objective never moved: a dead
+    start, stopped but not converged); the activation at *matched amplitude*
     (``act_matched``: the visualization shifted and rescaled to the mean and standard deviation real test
     volumes have in the optimised region, then scored; ``act_matched_z``/``act_matched_pct``: against the
     unit's values on the real test volumes, which a value of 0 / 0.5 would match); image statistics inside the
@@ -215,6 +216,7 @@ def _unit_rows(res: object, imgs: np.ndarray, units: list[int], seeds: list[int]
                 "position": "" if position is None else ",".join(str(int(q)) for q in position),
                 "preferred_class": pref[j], "class_d": float(class_d[j]),
                 "steps": int(res.info["steps_run"][b]), "converged": bool(res.info["converged"][b]),
+                "stalled": bool(res.info["stalled"][b]),
                 "seconds": res.seconds, "steps_per_s": res.steps_per_s, "batch": len(seeds)})
     return rows
 

@@ -1,0 +1,218 @@
+"""Time to a converged visualization and time per step, brainfv against a Lucent-style loop, in one run.
+
+    .venv/bin/python benchmarks/vs_lucent.py --model results/models/sex/main/model.pt \
+        --dataset results/data/cohort [--grid 4] [--presets none,jitter,fourier,maco] [--rounds 3] [--quick]
+
+The Lucent-style loop (Lucent's ``render_vis``): one unit at a time, the full network (no truncation, no
+simplification, default memory layout) with the unit read by a forward hook, batch 1. It optimises the same
+thing as brainfv, so only the engineering differs: the same parametrisation, transforms and penalties (the
+preset's :func:`~brainfv.featviz.render.preset_pieces`, built for that one element from the same seed), the
+same Adam and learning rate, the same brain mask, and it stops at the same plateau criterion
+(:class:`~brainfv.featviz.render.Converge`, the schema's ``featviz.converge``) on its own objective history.
+(The per-step figure (a) uses the same loop with the convergence test off, as in benchmarks/featviz.py.)
+
+Requests: 8 units of a mid layer (``--mid``, channel objective) and the class logits (every class x
+``--logit-seeds`` seeds). Per preset and request, brainfv (one batch, every element stopping at its plateau)
+and the Lucent-style loop (the units one after the other, each to its plateau) run in interleaved rounds;
+printed: medians, the median of the per-round ratios, steps per element and the share converged.
+``--grid 4`` resamples the volumes to the 4 mm laptop grid (39x48x39, trilinear; a pooled-head model
+accepts any grid), ``--grid 3`` keeps the dataset's. ``--quick`` (16 minutes on 2 shared cores): 4 mm,
+presets none and fourier, 3 rounds, 10 steps for the per-step figure. One round is not enough: a round that
+shares the cores with other work makes the Lucent-style loop (many small batch-1 calls) several times slower.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def lucent_converge(model, layer, unit, preset, seed, shape, mask, real, data_range, *, steps, lr, converge,
+                    logit=False):
+    """One unit, Lucent-style, until the plateau criterion or ``steps``; returns the steps run and the flag."""
+    import torch
+
+    from brainfv.config import Preset
+    from brainfv.featviz.render import preset_pieces
+    from brainfv.featviz.units import get_module
+
+    preset = Preset.from_config(preset)
+    gens = [torch.Generator().manual_seed(seed)]
+    pc = preset_pieces(preset, shape, gens, real, None, None, data_range)
+    opt = torch.optim.Adam(pc.param.parameters(), lr=lr)
+    m = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+    store = {}
+    h = get_module(model, layer).register_forward_hook(lambda mod, i, o: store.__setitem__("a", o))
+    hist = np.zeros((steps, 1))
+    try:
+        for step in range(steps):
+            img = pc.param() * m
+            x = img
+            for t in pc.transforms:
+                x = t(x, gens)
+            model(x)
+            a = store["a"][0, unit]
+            j = (a if logit else a.mean()) - pc.penalty(img)[0]
+            opt.zero_grad()
+            (-j).backward()
+            opt.step()
+            if pc.after_step is not None:
+                pc.after_step(pc.param, step)
+            if hasattr(pc.param, "project_"):
+                pc.param.project_()
+            hist[step, 0] = float(j.detach())
+            n = step + 1
+            if converge.enabled and n % converge.every == 0 and n >= converge.min_steps and converge.check(hist, n)[0]:
+                return n, True
+    finally:
+        h.remove()
+    return steps, bool(converge.check(hist, steps)[0])
+
+
+def resample(volumes, mask, shape):
+    """Volumes (trilinear) and mask (nearest) on ``shape``."""
+    import torch
+    import torch.nn.functional as F
+
+    v = torch.as_tensor(np.stack([np.asarray(x, np.float32) for x in volumes]))[:, None]
+    v = F.interpolate(v, size=shape, mode="trilinear", align_corners=False)[:, 0].numpy()
+    mk = F.interpolate(torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None, None], size=shape,
+                       mode="nearest")[0, 0].numpy() > 0.5
+    return list(v), mk
+
+
+def main():
+    import torch
+
+    from brainfv.config import complete
+    from brainfv.data.store import Dataset
+    from brainfv.featviz import objectives as O
+    from brainfv.featviz import render
+    from brainfv.featviz.param import data_range
+    from brainfv.featviz.render import Converge
+    from brainfv.featviz.study import split_volumes
+    from brainfv.featviz.units import layer_output_shape
+    from brainfv.models import load_checkpoint
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(ROOT / "results/models/sex/main/model.pt"))
+    ap.add_argument("--dataset", default=str(ROOT / "results/data/cohort"))
+    ap.add_argument("--grid", type=int, default=4, help="4: resample to 39x48x39; 3: the dataset's grid")
+    ap.add_argument("--presets", default="none,jitter,fourier,maco")
+    ap.add_argument("--mid", default="block3.norm")
+    ap.add_argument("--units", type=int, default=8)
+    ap.add_argument("--logit-seeds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=256, help="budget (featviz.steps)")
+    ap.add_argument("--step-steps", type=int, default=20, help="steps of the per-step figure")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=None, help="override every preset's lr")
+    ap.add_argument("--requests", default="mid,logits")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    if a.quick:
+        a.grid, a.presets, a.rounds, a.step_steps = 4, "none,fourier", 3, 10
+    torch.set_num_threads(a.threads)
+    cfg = complete({})
+    fv = cfg["featviz"]
+    conv = Converge.from_config(fv["converge"])
+    model, _ = load_checkpoint(a.model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ds = Dataset(a.dataset)
+    real, mask = split_volumes(ds, "train", fv["n_real"]), np.asarray(ds.mask, bool)
+    shape = tuple(ds.grid.shape)
+    if a.grid == 4:
+        shape = tuple(int(round(s * 3 / 4)) for s in shape)
+        real, mask = resample(real, mask, shape)
+    drange = data_range(real, mask, 0.5)
+    n_cls = layer_output_shape(model, "classifier", (1,) + shape)[0]
+    reqs = {"mid": (a.mid, list(range(a.units)), list(range(a.units)), False),
+            "logits": ("classifier", [c for c in range(n_cls) for _ in range(a.logit_seeds)],
+                       list(range(n_cls * a.logit_seeds)), True)}
+    reqs = {k: reqs[k] for k in a.requests.split(",")}
+    print(f"model {a.model}; grid {shape}; budget {a.steps} steps; plateau {conv}; {a.threads} threads; "
+          f"{a.rounds} interleaved rounds after a warm-up: medians and median per-round ratios", flush=True)
+    per_step(model, reqs, shape, mask, real, drange, fv, a)
+    for name in a.presets.split(","):
+        preset = dict(fv["regularizers"][name])
+        if a.lr is not None:
+            preset["lr"] = a.lr
+        lr = preset.get("lr") or fv["lr"]
+        for rname, (layer, units, seeds, logit) in reqs.items():
+            obj = O.channel(layer, units)
+            out = {}
+
+            def ours():
+                r = render(model, obj, shape, preset, steps=a.steps, lr=fv["lr"], seeds=seeds, mask=mask,
+                           real_volumes=real, data_range=drange, converge=fv["converge"])
+                return r.info["steps_run"], r.info["converged"]
+
+            def theirs():
+                res = [lucent_converge(model, layer, u, preset, s, shape, mask, real, drange, steps=a.steps, lr=lr,
+                                       converge=conv, logit=logit) for u, s in zip(units, seeds)]
+                return np.array([r[0] for r in res]), np.array([r[1] for r in res])
+
+            rounds = interleave({"brainfv": ours, "lucent": theirs}, a.rounds, out)
+            med = {k: float(np.median([r[k] for r in rounds])) for k in ("brainfv", "lucent")}
+            ratio = float(np.median([r["lucent"] / r["brainfv"] for r in rounds]))
+            s_o, c_o = out["brainfv"]
+            s_l, c_l = out["lucent"]
+            print(f"(b) {name:8s} {rname:6s} {layer} x{len(units)}: to convergence brainfv {med['brainfv']:.1f}s "
+                  f"(steps median {int(np.median(s_o))}, max {int(s_o.max())}, converged {c_o.mean():.2f}) vs "
+                  f"Lucent-style {med['lucent']:.1f}s (steps median {int(np.median(s_l))}, max {int(s_l.max())}, "
+                  f"converged {c_l.mean():.2f}) -> {ratio:.1f}x", flush=True)
+
+
+def interleave(fns, rounds, out):
+    """``rounds`` rounds of every fn (times in seconds per round); ``out[name]`` keeps the last return value."""
+    res = []
+    for _ in range(rounds):
+        r = {}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            out[name] = fn()
+            r[name] = time.perf_counter() - t0
+        res.append(r)
+    return res
+
+
+def per_step(model, reqs, shape, mask, real, drange, fv, a):
+    """(a) seconds per step of a fixed number of steps (no stopping), brainfv vs the Lucent-style loop."""
+    from brainfv.featviz import objectives as O
+    from brainfv.featviz import render
+    from brainfv.featviz.render import Converge
+
+    off = Converge(enabled=False)
+    for rname, (layer, units, seeds, logit) in reqs.items():
+        preset = dict(fv["regularizers"]["none"])
+        obj = O.channel(layer, units)
+        def ours(n):  # the loop's own seconds (render's setup, e.g. the objective scale, is not a step)
+            return render(model, obj, shape, preset, steps=n, lr=fv["lr"], seeds=seeds, mask=mask, real_volumes=real,
+                          data_range=drange, converge=off).seconds
+
+        def theirs(n):
+            t0 = time.perf_counter()
+            for u, s in zip(units, seeds):
+                lucent_converge(model, layer, u, preset, s, shape, mask, real, drange, steps=n, lr=fv["lr"],
+                                converge=off, logit=logit)
+            return time.perf_counter() - t0
+
+        fns = {"brainfv": ours, "lucent": theirs}
+        for fn in fns.values():
+            fn(2)  # warm-up: kernel selection, allocation
+        rounds = [{k: f(a.step_steps) for k, f in fns.items()} for _ in range(max(a.rounds, 3))]
+        med = {k: float(np.median([r[k] for r in rounds])) for k in fns}
+        ratio = float(np.median([r["lucent"] / r["brainfv"] for r in rounds]))
+        print(f"(a) per step, preset none, {rname} {layer} x{len(units)}, {a.step_steps} steps: brainfv "
+              f"{1000 * med['brainfv'] / a.step_steps:.0f} ms/step vs Lucent-style "
+              f"{1000 * med['lucent'] / a.step_steps:.0f} ms/step -> {ratio:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
