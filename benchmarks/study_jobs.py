@@ -17,7 +17,7 @@ def main(results: str = "results") -> None:
     rows = []
     for f in sorted(root.rglob("*.tsv")):
         b = pd.read_csv(f, sep="\t")
-        rule = f.parent.name if f.parent != root else f.stem
+        rule = f.relative_to(root).parts[0] if f.parent != root else f.stem
         rows.append({"rule": rule, "job": f.stem, "s": float(b["s"].iloc[0]), "max_rss": float(b["max_rss"].iloc[0])})
     if not rows:
         sys.exit(f"no benchmark files under {root}")

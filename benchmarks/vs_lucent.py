@@ -15,12 +15,14 @@ Requests: 8 units of a mid layer (``--mid``, channel objective) and the class lo
 ``--logit-seeds`` seeds). Per preset and request, brainfv (one batch, every element stopping at its plateau)
 and the Lucent-style loop (the units one after the other, each to its plateau) run in interleaved rounds;
 printed: medians, the median of the per-round ratios, steps per element and the share converged.
-``--grid 4`` resamples the volumes to the 4 mm laptop grid (39x48x39, trilinear; a pooled-head model
-accepts any grid), ``--grid 3`` keeps the dataset's. ``--quick`` (16 minutes on 2 shared cores): 4 mm,
+``--grid 4`` resamples the volumes to 4 mm (the laptop grid, 39x48x39; trilinear; nothing to do on the laptop
+study's own data; a pooled-head model accepts any grid), ``--grid 3`` to 3 mm.
+``--quick`` (16 minutes on 2 shared cores): 4 mm,
 presets none and fourier, 3 rounds, 10 steps for the per-step figure. One round is not enough: a round that
 shares the cores with other work makes the Lucent-style loop (many small batch-1 calls) several times slower.
 """
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -94,6 +96,7 @@ def main():
     from brainfv.featviz import render
     from brainfv.featviz.param import data_range
     from brainfv.featviz.render import Converge
+    from brainfv.featviz.simplify import redirect_relus
     from brainfv.featviz.study import split_volumes
     from brainfv.featviz.units import layer_output_shape
     from brainfv.models import load_checkpoint
@@ -124,11 +127,13 @@ def main():
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+
+    lucent_model = redirect_relus(copy.deepcopy(model))  # the same redirected ReLU gradient as brainfv's network
     ds = Dataset(a.dataset)
     real, mask = split_volumes(ds, "train", fv["n_real"]), np.asarray(ds.mask, bool)
     shape = tuple(ds.grid.shape)
-    if a.grid == 4:
-        shape = tuple(int(round(s * 3 / 4)) for s in shape)
+    if a.grid and abs(a.grid - ds.grid.voxel_size) > 1e-6:  # resample to the asked voxel size (the data's own)
+        shape = tuple(int(round(s * ds.grid.voxel_size / a.grid)) for s in shape)
         real, mask = resample(real, mask, shape)
     drange = data_range(real, mask, 0.5)
     n_cls = layer_output_shape(model, "classifier", (1,) + shape)[0]
@@ -154,8 +159,8 @@ def main():
                 return r.info["steps_run"], r.info["converged"]
 
             def theirs():
-                res = [lucent_converge(model, layer, u, preset, s, shape, mask, real, drange, steps=a.steps, lr=lr,
-                                       converge=conv, logit=logit) for u, s in zip(units, seeds)]
+                res = [lucent_converge(lucent_model, layer, u, preset, s, shape, mask, real, drange, steps=a.steps,
+                                       lr=lr, converge=conv, logit=logit) for u, s in zip(units, seeds)]
                 return np.array([r[0] for r in res]), np.array([r[1] for r in res])
 
             rounds = interleave({"brainfv": ours, "lucent": theirs}, a.rounds, out)
@@ -187,8 +192,10 @@ def per_step(model, reqs, shape, mask, real, drange, fv, a):
     from brainfv.featviz import objectives as O
     from brainfv.featviz import render
     from brainfv.featviz.render import Converge
+    from brainfv.featviz.simplify import redirect_relus
 
     off = Converge(enabled=False)
+    lucent_model = redirect_relus(copy.deepcopy(model))
     for rname, (layer, units, seeds, logit) in reqs.items():
         preset = dict(fv["regularizers"]["none"])
         obj = O.channel(layer, units)
@@ -199,7 +206,7 @@ def per_step(model, reqs, shape, mask, real, drange, fv, a):
         def theirs(n):
             t0 = time.perf_counter()
             for u, s in zip(units, seeds):
-                lucent_converge(model, layer, u, preset, s, shape, mask, real, drange, steps=n, lr=fv["lr"],
+                lucent_converge(lucent_model, layer, u, preset, s, shape, mask, real, drange, steps=n, lr=fv["lr"],
                                 converge=off, logit=logit)
             return time.perf_counter() - t0
 

@@ -274,3 +274,22 @@ def test_known_corr_scores_recovery_of_a_positive_controls_known_optimum():
     assert s[0]["known_corr"] == pytest.approx(1.0) and abs(s[1]["known_corr"]) < 0.3
     assert np.isnan(s[2]["known_corr"])
     assert np.isnan(score_volumes(t, [perfect], [1], None, False)[0]["known_corr"])
+
+
+def test_other_model_control_pairs_by_unit_and_seed_when_a_request_reads_fewer_units():
+    """A positive control that visualises one logit (unit 1) is paired with the other task's visualizations of
+    the same unit and seeds, although that task visualises both logits; a missing seed means no control."""
+    rng = np.random.default_rng(6)
+    sex_truth = Truth("sex", "sex", ["F", "M"], np.ones(SHAPE, bool), VS, effect=rng.normal(size=SHAPE),
+                      effect_full=rng.normal(size=SHAPE), real_volumes=truth().real_volumes)
+    sex = {**replicate_entries()[0], "task": "sex", "replicate": 0}
+    sex["table"] = sex["table"].assign(task="sex")
+    known = {**sex, "task": "lesion-known", "trained": sex["trained"][:, 1:] * 0.5,
+             "table": sex["table"][sex["table"]["unit"] == 1].assign(task="lesion-known", volume=[0, 1])}
+    truths = {"lesion-known": truth(), "sex": sex_truth}
+    _, controls = compare_entries([sex, known], truths, {}, "classifier", n_surrogates=0)
+    other = controls[(controls["task"] == "lesion-known") & (controls["control"] == "other")]
+    assert other[["unit", "seed"]].values.tolist() == [[1, 0], [1, 1]]
+    known["table"] = known["table"].assign(seed=[0, 5])
+    _, controls = compare_entries([sex, known], truths, {}, "classifier", n_surrogates=0)
+    assert controls.empty or not ((controls["task"] == "lesion-known") & (controls["control"] == "other")).any()

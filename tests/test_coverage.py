@@ -1,5 +1,7 @@
 """The summary's intervals keep their promise: ≥ 93 % coverage at nominal 95 % in 2,000 simulated studies
 at the default study's numbers of replicates, units and seeds (brainfv.report.stats)."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,17 +19,30 @@ from brainfv.report.stats import (
 
 
 def default_structures():
-    """(replicates, units, seeds) of each default request: a class logit is read per class (one unit)."""
-    seeds = default("featviz.seeds")
-    out = []
-    for req in default("featviz.layers"):
-        s = req.get("seeds", seeds)
-        out.append((1, 1, s) if req["layer"] == "classifier" else (1, req["units"], s))
-    return sorted(set(out))
+    """(replicates, units, seeds) of each request of the default study (config/config.yaml over the schema's
+    defaults) and of the schema's own defaults: a class logit is read per class (one unit); a request with
+    ``replicates: all`` on trained tasks runs on every trained replicate."""
+    import yaml
 
 
-def test_default_requests_have_16_seeds_per_class_logit():
-    assert all(s >= 16 for r, u, s in default_structures() if u == 1)
+    laptop = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/config.yaml").read_text())
+    out = set()
+    for layers, reps, seeds in ((default("featviz.layers"), 1, default("featviz.seeds")),
+                                (laptop["featviz"]["layers"], laptop["training"]["replicates"],
+                                 laptop.get("featviz", {}).get("seeds", default("featviz.seeds")))):
+        for req in layers:
+            s = req.get("seeds", seeds)
+            known = all(laptop["tasks"].get(t, {}).get("positive_control") for t in req.get("tasks", ["?"]))
+            r = 1 if known or req.get("replicates", "all") == "first" else reps
+            units = req["units"] if isinstance(req["units"], int) else len(req["units"]) if isinstance(
+                req["units"], list) else 1
+            out.add((r, 1, s) if req["layer"] == "classifier" else (r, units, s))
+    return sorted(out)
+
+
+def test_default_requests_have_16_visualizations_per_class_logit():
+    """≥ 16 per class logit and preset: 16 seeds on one network, or 8 on each of two trained replicates."""
+    assert all(r * s >= 16 for r, u, s in default_structures() if u == 1)
 
 
 @pytest.mark.parametrize("sd", [(0.3, 0.3, 1.0), (0.3, 1.0, 0.3), (1.0, 0.5, 0.5)])

@@ -416,3 +416,13 @@ def test_undefined_correlations_are_nan_and_wm_is_partialled_out():
     extra = rng.random(wm.shape)
     assert partial_correlation(wm + extra, 0.5 * wm + extra, wm) > 0.95
     assert partial_correlation(darkness, lesion_map, None) == correlation(darkness, lesion_map)
+
+
+def test_each_trained_replicate_draws_its_own_start_images_and_control():
+    """Replicate 0 keeps the study seed (its results unchanged); every other replicate has its own, the same for
+    every task (the other-model control of replicate r is the other task's replicate r, from the same images)."""
+    from brainfv.jobs.featviz import replicate_seed
+
+    seeds = [replicate_seed({"seed": 7, "replicate": r, "task": t}) for r in range(3) for t in ("a", "b")]
+    assert seeds[0] == seeds[1] == 7 and seeds[2] == seeds[3] and seeds[4] == seeds[5]
+    assert len({seeds[0], seeds[2], seeds[4]}) == 3

@@ -154,3 +154,24 @@ def test_findings_state_the_lesion_logit_per_head_and_the_positive_controls_reco
     rec = text.split("### Positive controls")[1].split("###")[0]
     k = s[(s["task"] == "lesion-known") & (s["regularizer"] == "none") & (s["metric"] == "lesion_ncc")].iloc[0]
     assert f"| lesion-known | pool | present | none | {fmt(k['mean'])} [{fmt(k['ci_low'])}, {fmt(k['ci_high'])}]" in rec
+
+
+def test_positive_controls_attribution_and_rows_without_every_control_are_not_in_the_family():
+    """Benjamini–Hochberg runs over the trained models' secondary rows only: a positive control (built to be
+    found) or an attribution row would loosen its threshold for the rest, and a row whose smallest gain lacks a
+    kind of control the study has is not a win over every control (a primary one is undecided)."""
+    parts = [paired({"randomized": 0.3, "other": 0.25, "surrogate": 0.2}, task=t, layer="block4.norm", cls="",
+                    reg=reg, seed=i) for i, (t, reg) in enumerate([("lesion", "none"), ("lesion-known", "none"),
+                                                                   ("lesion", "attribution:saliency")])]
+    parts.append(paired({"randomized": 0.3, "surrogate": 0.2}, layer="block2.norm", cls="", reg="none"))
+    parts.append(paired({"randomized": 0.3, "surrogate": 0.2}, reg="maco"))   # a primary row, no other model
+    s = pd.concat([summarise(p, ["lesion_ncc"]) for p in parts], ignore_index=True)
+    s["model"] = np.where(s["task"] == "lesion-known", "positive control", "trained")
+    s, _ = judge(s, default("report.primary"), default("report.sesoi"))
+    adj = s.set_index(["task", "layer", "regularizer"])["p_adj"]
+    assert np.isfinite(adj["lesion", "block4.norm", "none"])
+    for key in [("lesion-known", "block4.norm", "none"), ("lesion", "block4.norm", "attribution:saliency"),
+                ("lesion", "block2.norm", "none")]:
+        assert np.isnan(adj[key]), key
+    prim = s[s["primary"]].iloc[0]
+    assert prim["verdict"] == "undecided: no other control"

@@ -234,3 +234,16 @@ def test_other_model_control_of_the_positive_controls_is_chosen_by_head():
     assert first == {"sex": "lesion", "lesion": "sex", "sex-flatten": "lesion-flatten",
                      "lesion-flatten": "sex-flatten", "lesion-known": "sex", "lesion-known-flatten": "sex-flatten",
                      "sex-known-flatten": "lesion-flatten"}
+
+
+def test_sex_control_optimum_is_undefined_in_cells_that_leave_the_brain_mask():
+    """A masked image is 0 outside the brain: in a cell that holds such voxels the 0s cap a bright cell's
+    minimum, so its optimum is not one image; only cells wholly inside the mask keep a known optimum."""
+    from brainfv.models.positive import _cells_inside
+
+    mask = np.zeros((8, 8, 8), bool)
+    mask[:4, :4, :4] = True
+    mask[4:, 4:, 4:] = True
+    mask[7, 7, 7] = False
+    inside = _cells_inside(mask, 2)   # cells of 4 voxels
+    assert inside[:4, :4, :4].all() and not inside[4:, 4:, 4:].any() and inside.sum() == 64

@@ -22,7 +22,7 @@ from .base import Job
 from .models import task_model
 from .requests import VisualizeRequest
 
-__all__ = ["visualize_job", "exemplars_job"]
+__all__ = ["replicate_seed", "visualize_job", "exemplars_job"]
 
 
 def visualize_job(job: Job) -> None:
@@ -54,7 +54,7 @@ def visualize_job(job: Job) -> None:
             "init": split_volumes(ds, "val", 1)}  # init: subject starts here (the same image for every network)
     data["position"], data["labelled"] = request_probe(job, model, ds, device)
     networks = [("trained", model)]
-    control_seed = stable_seed(p["seed"], "randomized", p["task"])
+    control_seed = stable_seed(replicate_seed(p), "randomized", p["task"])
     if p.get("randomized") and p.get("only_unit") is None:
         networks.append(("randomized", randomized_copy(model, control_seed)))
     tables, trajs, volumes = [], [], {}
@@ -99,11 +99,20 @@ def _cascade(job: Job, model: torch.nn.Module, control_seed: int, p: dict, units
     return np.concatenate(steps)
 
 
+def replicate_seed(p: dict) -> int:
+    """The seed from which a request's start images, random transforms and randomized control derive: the study
+    seed for replicate 0, one of its own for each other trained replicate (so two replicates are independent
+    draws of the whole hierarchy, start images and control included; the other task's network of the same
+    replicate index starts from the same images, as the other-model control needs)."""
+    r = int(p.get("replicate") or 0)
+    return p["seed"] if r == 0 else stable_seed(p["seed"], "replicate", r)
+
+
 def _layer(net: torch.nn.Module, name: str, p: dict, units: list[int], ds: Dataset, data: dict,
            device: torch.device, log: Callable) -> object:
     """:func:`~brainfv.featviz.study.visualize_layer` of the request on one network."""
     return visualize_layer(net, p["module"], units, p["preset"], shape=ds.grid.shape, mask=ds.mask,
-                           real_volumes=data["real"], test_volumes=data["test"], seed=p["seed"], task=p["task"],
+                           real_volumes=data["real"], test_volumes=data["test"], seed=replicate_seed(p), task=p["task"],
                            regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
                            objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
                            network=name, layer_id=p["layer"], template=np.asarray(ds.reference.dataobj, np.float32),

@@ -33,7 +33,8 @@ class VisualizeRequest:
     ``layer`` is the request's id (:func:`brainfv.config.layer_id`), ``module`` the network's layer; ``only_unit``
     says which unit's volumes to write (the request stays its layer's, so its numbers are the layer's);
     ``replicate`` which trained network of the task it runs on (``training.replicates``; 0: ``models/{task}/main``):
-    every replicate starts from the same images, and replicates >= 1 get their own re-initialised control."""
+    each replicate draws its own start images, random transforms and re-initialised control
+    (:func:`brainfv.jobs.featviz.replicate_seed`), shared with the other tasks' networks of the same index."""
 
     only_unit: int | None = None
     task: str

@@ -304,5 +304,29 @@ def _sex_control(ds: Dataset, root: Path, arch: dict, task: str, classes: list, 
            "cells_bright": int((w > 0).sum()), "offset": SEX_OFFSET, "effect_corr_of_optimum": round(ceiling, 4)}
     said = (f"'M' reads the regional sex effect on {how['cells_read']} cells of {how['cell_size_vox']} voxels "
             f"({how['cells_bright']} bright); its optimum's effect_corr is {ceiling:.3f}")
+    # a cell with voxels outside the brain mask (0 in a masked image) has no single optimum: the 0s cap a bright
+    # cell's minimum, so any in-brain values >= 0 are optimal; its known optimum is left undefined (NaN)
+    inside = _cells_inside(mask, n_blocks)
+    known = np.where(inside, known, 0)
+    how["cells_known"] = int(((w != 0) & _cell_grid(mask, n_blocks)).sum())
+    said += f"; its optimum is one image on {how['cells_known']} cells wholly inside the brain mask"
     optimum = np.stack([-known, known] if classes.index("M") == 1 else [known, -known])
     return model, how, said, np.where(optimum == 0, np.nan, optimum).astype(np.float32)  # unread voxels: free
+
+
+def _cell_grid(mask: np.ndarray, n_blocks: int) -> np.ndarray:
+    """Per cell of the last feature maps: whether its input window lies wholly inside ``mask``."""
+    s = 2 ** n_blocks
+    fs = flatten_shape(mask.shape, n_blocks)
+    m = np.asarray(mask, bool)[:fs[0] * s, :fs[1] * s, :fs[2] * s]
+    return m.reshape(fs[0], s, fs[1], s, fs[2], s).all((1, 3, 5))
+
+
+def _cells_inside(mask: np.ndarray, n_blocks: int) -> np.ndarray:
+    """:func:`_cell_grid` on the voxel grid (False past the last whole cell)."""
+    s = 2 ** n_blocks
+    cells = _cell_grid(mask, n_blocks)
+    out = np.zeros(mask.shape, bool)
+    up = cells.repeat(s, 0).repeat(s, 1).repeat(s, 2)
+    out[:up.shape[0], :up.shape[1], :up.shape[2]] = up
+    return out

@@ -181,8 +181,9 @@ def judge(summary: pd.DataFrame, primary: Sequence[dict],
     to an endpoint of ``primary``), ``sesoi`` (the metric's smallest effect of interest), ``verdict`` (primary
     rows, :func:`verdict`) and ``p_adj``: for primary rows their own ``p_min_gain`` (each tested at 95 %),
     for every other row with a p the Benjamini–Hochberg adjusted ``p_min_gain`` over all of them (a false
-    discovery rate: the secondary rows are a screen, not claims one by one). Also returns the endpoints
-    that matched no row (another study's tasks or requests)."""
+    discovery rate: the secondary rows are a screen, not claims one by one) — except rows whose smallest gain
+    lacks a kind of control the study has (NaN; a primary one is "undecided: no … control"), positive
+    controls and attribution rows (NaN: not in the family). Also returns the endpoints that matched no row."""
     s = summary.copy()
     s["primary"] = False
     missing = []
@@ -195,11 +196,35 @@ def judge(summary: pd.DataFrame, primary: Sequence[dict],
             missing.append(e)
         s.loc[sel[sel].index, "primary"] = True
     s["sesoi"] = s["metric"].map(sesoi).astype(float) if len(s) else np.nan
-    s["verdict"] = [verdict(r.min_gain_lo, r.min_gain_hi, r.sesoi) if r.primary else "" for r in s.itertuples()]
+    missing_controls = _missing_controls(s)
+    s["verdict"] = [("undecided: no " + "/".join(m) + " control" if m else verdict(r.min_gain_lo, r.min_gain_hi,
+                                                                                   r.sesoi)) if r.primary else ""
+                    for r, m in zip(s.itertuples(), missing_controls)]
     p = s["p_min_gain"].to_numpy(float) if len(s) else np.array([])
-    adj = stats.adjust(np.where(s["primary"], np.nan, p)) if len(s) else p
-    s["p_adj"] = np.where(s["primary"], p, adj)
+    family = ~s["primary"].to_numpy(bool) & np.array([not m for m in missing_controls], bool) & _screened(s)
+    adj = stats.adjust(np.where(family, p, np.nan)) if len(s) else p
+    s["p_adj"] = np.where(s["primary"], p, np.where(family, adj, np.nan))
     return s, missing
+
+
+def _missing_controls(s: pd.DataFrame) -> list[list[str]]:
+    """Per row, the kinds of control that other rows of the study have and it lacks: its smallest gain is
+    then not over every control (e.g. a request the other task does not visualise)."""
+    if "controls" not in s or not len(s):
+        return [[] for _ in range(len(s))]
+    kinds = [set(str(c).split(",")) - {"", "nan"} for c in s["controls"]]
+    full = set().union(*kinds)
+    return [sorted(full - k) for k in kinds]
+
+
+def _screened(s: pd.DataFrame) -> np.ndarray:
+    """Rows in the Benjamini–Hochberg family: the trained and given models' visualizations; not the positive
+    controls (built to be found, they would loosen the threshold for the rest; their own table reports them) nor
+    the attribution maps (a reference, not a preset)."""
+    ok = ~s["regularizer"].astype(str).str.startswith("attribution")
+    if "model" in s:
+        ok &= s["model"].astype(str) != "positive control"
+    return ok.to_numpy(bool)
 
 
 def sanity_table(summary: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:

@@ -227,18 +227,28 @@ def compare_entries(entries: list[dict], truths: dict, transfer_models: dict, ou
                 (other_task, e["layer"], e["regularizer"], 0))  # a task with fewer replicates: its first network
             if o is None:
                 continue
-            ot = o["table"]
-            ot = ot[ot["network"] == "trained"].sort_values("volume")
-            if ot["unit"].tolist() != c["unit_of"] or ot["seed"].tolist() != c["seed_of"]:
-                log(f"{e['task']} {e['layer']} {e['regularizer']}: {other_task}'s request differs; "
-                    "no other-model control")
+            idx = _paired_volumes(o, c)
+            if idx is None:
+                log(f"{e['task']} {e['layer']} {e['regularizer']}: {other_task}'s request lacks some of its units "
+                    "or seeds; no other-model control")
                 continue
-            control_rows += _control_rows(e, c, "other", o["trained"].reshape((-1,) + c["truth"].mask.shape),
-                                          c["unit_of"], c["seed_of"], f"{other_task} model")
+            vols = o["trained"].reshape((-1,) + c["truth"].mask.shape)
+            control_rows += _control_rows(e, c, "other", vols[idx], c["unit_of"], c["seed_of"], f"{other_task} model")
         if n_surrogates:
             control_rows += _surrogate_rows(e, c, n_surrogates, seed)
         log(f"compared {e['task']} {e['layer']} {e['regularizer']}: {len(c['vols'])} visualizations with controls")
     return pd.DataFrame(trained_rows), pd.DataFrame(control_rows)
+
+
+def _paired_volumes(o, c):
+    """Indices of the other task's trained volumes with the same unit (channel) and seed as each of this
+    entry's visualizations, in its order (a subset of the other's: e.g. a positive control visualising one logit
+    of two), or None when one is missing."""
+    ot = o["table"]
+    ot = ot[ot["network"] == "trained"]
+    where = {(int(u), int(sd)): int(v) for u, sd, v in zip(ot["unit"], ot["seed"], ot["volume"])}
+    idx = [where.get((u, sd)) for u, sd in zip(c["unit_of"], c["seed_of"])]
+    return None if any(i is None for i in idx) else np.asarray(idx)
 
 
 def _entry_context(e, truth, output_layers):

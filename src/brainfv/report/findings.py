@@ -78,6 +78,12 @@ def _gain_cell(r):
     return f"{fmt(r['min_gain'])} [{fmt(r['min_gain_lo'])}, {fmt(r['min_gain_hi'])}]"
 
 
+def _class_logit_rows(s):
+    """The class-logit visualizations (not a contrast or probability request, nor an attribution map)."""
+    logit = ~s["layer"].astype(str).str.contains(r"-(?:contrast|probability)$")
+    return s[logit & ~s["regularizer"].astype(str).str.startswith("attribution")]
+
+
 def _row(s, metric):
     m = s[s["metric"] == metric]
     return m.iloc[0] if len(m) else None
@@ -87,7 +93,8 @@ def per_head_lines(s: pd.DataFrame) -> list[str]:
     """Per network head and preset: whether the trained lesion models' 'present' logit shows dark lesions of
     the planted shape and where they were planted — the smallest gain over every control, with its interval
     — and the share of those visualizations that converged."""
-    rows = s[(s["model"].astype(str) == "trained") & (s["class"] == "present")]
+    c = _class_logit_rows(s)
+    rows = c[(c["model"].astype(str) == "trained") & (c["class"] == "present")]
     if not len(rows):
         return []
     out = ["", "### The lesion models' 'present' logit, per head", "",
@@ -110,7 +117,8 @@ def fmt_share(x: float) -> str:
 def recovery_lines(s: pd.DataFrame) -> list[str]:
     """Per positive-control network and preset: how much of its known pattern the class-logit visualizations
     recover (mean [95 % CI] of each recovery metric; the fidelity ceiling of the preset)."""
-    rows = s[(s["model"].astype(str) == "positive control") & s["metric"].isin(RECOVERY)]
+    c = _class_logit_rows(s)
+    rows = c[(c["model"].astype(str) == "positive control") & c["metric"].isin(RECOVERY)]
     rows = rows[rows["class"].isin(["present", "M"])]
     if not len(rows):
         return []
@@ -129,6 +137,20 @@ def recovery_lines(s: pd.DataFrame) -> list[str]:
         out.append(f"| {task} | {head} | {cls} | {reg} | " + " | ".join(cells)
                    + f" | {fmt_share(g['converged_share'].astype(float).mean())} |")
     return out
+
+
+def _few_networks_note(prim):
+    """A line on how wide intervals over few trained networks are by design (their degrees of freedom)."""
+    if "n_replicates" not in prim or not len(prim):
+        return []
+    k = int(prim["n_replicates"].astype(int).min())
+    if not 1 < k < 5:
+        return []
+    from scipy.stats import t
+
+    return ["", f"Intervals over {k} trained networks have {k - 1} degree{'s' * (k > 2)} of freedom "
+            f"(t = {t.ppf(0.975, k - 1):.1f} at 95 %): wide by design, so 'absent' is out of reach and 'undecided' "
+            "says little; `config/paper.yaml` trains 5 networks per task."]
 
 
 def render(summary: pd.DataFrame | str | Path, missing: Sequence[dict] = (), alpha: float = ALPHA,
@@ -152,6 +174,7 @@ def render(summary: pd.DataFrame | str | Path, missing: Sequence[dict] = (), alp
     prim = s[s["primary"].astype(bool)]
     for _, r in prim.iterrows():
         out.append(_primary_line(r))
+    out += _few_networks_note(prim)
     for e in missing:
         cls = f" · {e['class']}" if e.get("class") else ""
         out.append(f"- **{e['task']} · {e['request']}{cls} · {e['metric']}**: not run in this study (no summary rows)")
