@@ -53,7 +53,7 @@ from ..errors import ConfigError
 from ..utils import atomic_path, get_logger
 from .cnn import build_model, flatten_shape, save_checkpoint
 
-__all__ = ["lesion_template_kernel", "lesion_positions", "positive_control_network", "known_pattern",
+__all__ = ["narrowed", "lesion_template_kernel", "lesion_positions", "positive_control_network", "known_pattern",
            "sex_cell_weights", "sex_control_network", "sex_known_pattern", "construct_positive_control",
            "KNOWN_FILE"]
 
@@ -121,6 +121,15 @@ def positive_control_network(arch: dict, input_shape: tuple, diameter_vox: float
         if hasattr(model, "fc"):
             model.classifier.weight[present, 0] = 1.0
     return model.eval()
+
+
+def narrowed(arch: dict, channels: int) -> dict:
+    """``arch`` with ``channels`` channels in every block: a positive control uses one channel (the lesion
+    template's response) or two (the sex control's x and −x) and sets every other weight to 0, so the channels it
+    does not use compute zeros; without them it is the same function — the same preferred input, the same
+    gradients — at a fraction of the cost (the lesion template's kernel is 9 voxels wide on the 4 mm grid:
+    with the study's 8 channels one optimisation step took 3.6 s for 16 images)."""
+    return {**arch, "channels": [int(channels)] * len(arch.get("channels", build_model().arch["channels"]))}
 
 
 def _identity_blocks(model: torch.nn.Module) -> None:
@@ -274,7 +283,7 @@ def _lesion_control(ds: Dataset, root: Path, arch: dict, task: str, classes: lis
     if head == "flatten":
         freq = np.asarray(nib.load(root / "lesion_frequency.nii.gz").dataobj, np.float32)
         positions = lesion_positions(freq, n_blocks, cells)
-    model = positive_control_network(arch, ds.grid.shape, diameter, positions, n_classes=2,
+    model = positive_control_network(narrowed(arch, 1), ds.grid.shape, diameter, positions, n_classes=2,
                                      present=classes.index("present"))
     how = {"template_diameter_vox": round(diameter, 3), "head": head,
            "cells": [list(p) for p in positions] if positions else None,
@@ -296,7 +305,7 @@ def _sex_control(ds: Dataset, root: Path, arch: dict, task: str, classes: list, 
     effect = np.asarray(nib.load(root / "sex_effect_regional.nii.gz").dataobj, np.float32)
     n_blocks = len(arch["channels"])
     w = sex_cell_weights(effect, n_blocks)
-    model = sex_control_network(arch, ds.grid.shape, w, n_classes=2, male=classes.index("M"))
+    model = sex_control_network(narrowed(arch, 2), ds.grid.shape, w, n_classes=2, male=classes.index("M"))
     known = sex_known_pattern(ds.grid.shape, w, n_blocks)
     mask = np.asarray(nib.load(root / "mask.nii.gz").dataobj) > 0
     ceiling = float(np.corrcoef(known[mask], effect[mask])[0, 1])  # effect_corr of the optimum (report.metrics)
