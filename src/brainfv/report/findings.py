@@ -149,8 +149,8 @@ def _few_networks_note(prim):
     from scipy.stats import t
 
     return ["", f"Intervals over {k} trained networks have {k - 1} degree{'s' * (k > 2)} of freedom "
-            f"(t = {t.ppf(0.975, k - 1):.1f} at 95 %): wide by design, so 'absent' is out of reach and 'undecided' "
-            "says little; `config/paper.yaml` trains 5 networks per task."]
+            f"(t = {t.ppf(0.975, k - 1):.1f} at 95 %): wide by design, so 'undecided' says little and 'absent' "
+            "needs two networks that agree closely; `config/paper.yaml` trains 5 networks per task."]
 
 
 def render(summary: pd.DataFrame | str | Path, missing: Sequence[dict] = (), alpha: float = ALPHA,
