@@ -52,8 +52,7 @@ def test_dry_run_trains_and_visualises_each_replicate(tmp_path):
     assert ("lesion", "transfer") not in trained and ("sex", "rep1") not in trained
     assert re.search(r"log: \S+/logs/train_model/lesion_rep1\.log", out)
     vis = set(re.findall(r"wildcards: task=([\w.-]+), rep=(\S*), layer=([\w.-]+), regularizer=\w+", out))
-    assert {(t, layer) for t, rep, layer in vis if rep == "rep1/"} == {("lesion", "classifier"),
-                                                                      ("lesion", "classifier-contrast")}
+    assert {(t, layer) for t, rep, layer in vis if rep == "rep1/"} == {("lesion", "classifier")}
     assert ("lesion", "", "block1.norm") in vis and ("lesion", "rep1/", "block1.norm") not in vis
     assert re.search(r"input: \S+/models/lesion/rep1/model\.pt, \S+/models/lesion/rep1/metrics\.json", out)
     assert f"{tmp_path}/res/featviz/lesion/rep1/classifier/maco/units.tsv" in out
@@ -83,7 +82,7 @@ def test_replicates_in_models_requests_and_comparison_records():
     reps = {}
     for e in c.featviz_entries():
         reps.setdefault((e["task"], e["layer"]), set()).add(e["replicate"])
-    assert reps["sex", "block2.norm"] == {0} and reps["sex", "classifier"] == {0, 1}  # replicates: first / all
+    assert reps["lesion", "block2.norm"] == {0} and reps["sex", "classifier"] == {0, 1}  # replicates: first / all
     assert reps["lesion-known", "classifier"] == {0}                                  # a built network: one
     rec = c.compare_records()
     by_rep = {(e["task"], e["layer"], e["regularizer"], e["replicate"]): e for e in rec["entries"]}
