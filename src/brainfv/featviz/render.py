@@ -354,7 +354,8 @@ class _Loop:
         self.work += len(idx)
         self.opt.zero_grad(set_to_none=True)
         grad = torch.cat([leaf.grad for leaf in leaves])
-        self.gradless[idx] &= (grad.flatten(1).abs().amax(1) == 0).cpu().numpy()
+        if self.gradless[idx].any():  # until a gradient has reached every element (one device sync a step)
+            self.gradless[idx] &= (grad.flatten(1).abs().amax(1) == 0).cpu().numpy()
         if len(idx) < self.B:
             grad = torch.zeros_like(img).index_copy_(0, torch.as_tensor(idx, device=img.device), grad)
         img.backward(grad)  # gradients meet at the image, then the variables

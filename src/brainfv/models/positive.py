@@ -76,13 +76,28 @@ def lesion_template_kernel(diameter_vox: float, size: int | None = None) -> np.n
     return (k / np.linalg.norm(k)).astype(np.float32)
 
 
+def _cell_view(a: np.ndarray, n_blocks: int) -> np.ndarray:
+    """``a`` (X, Y, Z) as cells of the last feature maps: (cx, s, cy, s, cz, s) with ``s = 2**n_blocks``, the
+    voxels past the last whole cell dropped (they are never read)."""
+    fs = flatten_shape(a.shape, n_blocks)
+    s = 2 ** n_blocks
+    return a[:fs[0] * s, :fs[1] * s, :fs[2] * s].reshape(fs[0], s, fs[1], s, fs[2], s)
+
+
+def _cells_to_voxels(cells: np.ndarray, shape: tuple, n_blocks: int, fill: float = 0) -> np.ndarray:
+    """A value per cell spread over the cell's voxels, on a grid of ``shape`` (``fill`` past the last cell)."""
+    s = 2 ** n_blocks
+    out = np.full(tuple(shape), fill, np.asarray(cells).dtype)
+    up = np.asarray(cells).repeat(s, 0).repeat(s, 1).repeat(s, 2)
+    out[:up.shape[0], :up.shape[1], :up.shape[2]] = up
+    return out
+
+
 def lesion_positions(frequency: np.ndarray, n_blocks: int, k: int = 2) -> list[tuple[int, int, int]]:
     """The ``k`` cells of the last feature maps (each block halves the grid) whose input region holds the
     largest share of planted lesions (``frequency``: the dataset's lesion frequency map), most frequent first."""
-    f = np.asarray(frequency, np.float64)
-    fs = flatten_shape(f.shape, n_blocks)
-    step = 2 ** n_blocks
-    cells = f[:fs[0] * step, :fs[1] * step, :fs[2] * step].reshape(fs[0], step, fs[1], step, fs[2], step).sum((1, 3, 5))
+    cells = _cell_view(np.asarray(frequency, np.float64), n_blocks).sum((1, 3, 5))
+    fs = cells.shape
     if cells.max() <= 0:
         raise ConfigError("positive control: the lesion frequency map is empty (no lesions were planted)")
     order = np.argsort(cells, axis=None)[::-1][:k]
@@ -151,10 +166,7 @@ SEX_OFFSET = 100.0
 def sex_cell_weights(effect: np.ndarray, n_blocks: int) -> np.ndarray:
     """The M−F ``effect`` map averaged over each cell of the last feature maps (its input window: ``2**n_blocks``
     voxels a side; voxels past the last whole cell are never read), scaled so the absolute weights sum to 1."""
-    e = np.nan_to_num(np.asarray(effect, np.float64))
-    fs = flatten_shape(e.shape, n_blocks)
-    s = 2 ** n_blocks
-    w = e[:fs[0] * s, :fs[1] * s, :fs[2] * s].reshape(fs[0], s, fs[1], s, fs[2], s).mean((1, 3, 5))
+    w = _cell_view(np.nan_to_num(np.asarray(effect, np.float64)), n_blocks).mean((1, 3, 5))
     if not np.abs(w).sum() > 0:
         raise ConfigError("positive control: the sex effect map is zero on every cell of the last feature maps")
     return (w / np.abs(w).sum()).astype(np.float32)
@@ -164,12 +176,7 @@ def sex_known_pattern(shape: tuple, weights: np.ndarray, n_blocks: int) -> np.nd
     """The sex control's preferred input for its 'M' logit, up to the image range: +1 (the range's top) on every
     cell whose weight is positive, −1 (its bottom) where it is negative, 0 where the network reads nothing
     (zero weight, or past the last whole cell). Its 'F' logit prefers the negative."""
-    s = 2 ** n_blocks
-    sign = np.sign(np.asarray(weights, np.float32))
-    out = np.zeros(tuple(shape), np.float32)
-    up = sign.repeat(s, 0).repeat(s, 1).repeat(s, 2)
-    out[:up.shape[0], :up.shape[1], :up.shape[2]] = up
-    return out
+    return _cells_to_voxels(np.sign(np.asarray(weights, np.float32)), shape, n_blocks)
 
 
 def _sex_readout(weights: torch.Tensor, n_cells: int) -> torch.Tensor:
@@ -325,17 +332,9 @@ def _sex_control(ds: Dataset, root: Path, arch: dict, task: str, classes: list, 
 
 def _cell_grid(mask: np.ndarray, n_blocks: int) -> np.ndarray:
     """Per cell of the last feature maps: whether its input window lies wholly inside ``mask``."""
-    s = 2 ** n_blocks
-    fs = flatten_shape(mask.shape, n_blocks)
-    m = np.asarray(mask, bool)[:fs[0] * s, :fs[1] * s, :fs[2] * s]
-    return m.reshape(fs[0], s, fs[1], s, fs[2], s).all((1, 3, 5))
+    return _cell_view(np.asarray(mask, bool), n_blocks).all((1, 3, 5))
 
 
 def _cells_inside(mask: np.ndarray, n_blocks: int) -> np.ndarray:
     """:func:`_cell_grid` on the voxel grid (False past the last whole cell)."""
-    s = 2 ** n_blocks
-    cells = _cell_grid(mask, n_blocks)
-    out = np.zeros(mask.shape, bool)
-    up = cells.repeat(s, 0).repeat(s, 1).repeat(s, 2)
-    out[:up.shape[0], :up.shape[1], :up.shape[2]] = up
-    return out
+    return _cells_to_voxels(_cell_grid(mask, n_blocks), mask.shape, n_blocks, fill=False)
