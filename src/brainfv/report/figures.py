@@ -313,19 +313,24 @@ def trajectories_figure(traj: pd.DataFrame, table: pd.DataFrame, path: str | Pat
     layers = list(dict.fromkeys(t["layer"]))
     fig, axes = plt.subplots(len(tasks), len(layers), figsize=(3.6 * len(layers) + 1.6, 2.8 * len(tasks) + 0.5),
                              squeeze=False, sharex=True)
+    order = sorted(t["regularizer"].unique())
+    legend_ax = None
     for i, task in enumerate(tasks):
         for j, layer in enumerate(layers):
             ax = axes[i, j]
             d = t[(t["task"] == task) & (t["layer"] == layer)]
-            if len(d):
-                sns.lineplot(data=d, x="step", y="relative", hue="regularizer", ax=ax, errorbar=("pi", 50),
-                             legend=(i == 0 and j == len(layers) - 1))
-            ax.axhline(1.0, color="0.3", ls=":", lw=1)
             ax.set_title(f"{task} · {layer}", fontsize=9)
+            if not len(d):  # a request this task does not run: said, not drawn as an empty plot
+                ax.text(0.5, 0.5, "not visualised", ha="center", va="center", color="0.5", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
+            sns.lineplot(data=d, x="step", y="relative", hue="regularizer", hue_order=order, ax=ax,
+                         errorbar=("pi", 50), legend=legend_ax is None)
+            legend_ax = legend_ax or ax
+            ax.axhline(1.0, color="0.3", ls=":", lw=1)
             ax.set_ylabel("objective / max over real volumes" if j == 0 else "")
-    lg = axes[0, -1].get_legend()
-    if lg is not None:
-        sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    if legend_ax is not None and legend_ax.get_legend() is not None:
+        sns.move_legend(legend_ax, "upper left", fontsize=7, title="preset")
     fig.suptitle("Activation during optimisation (median and interquartile range over units; dotted: best real volume)")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     return save(fig, path)
@@ -349,8 +354,9 @@ def models_figure(metrics: dict, histories: dict, path: str | Path) -> tuple[int
     df = pd.DataFrame(rows)
     sns.barplot(data=df, x="model", y="value", hue="metric", ax=a2)
     for c in a2.containers:
-        a2.bar_label(c, fmt="%.2f", fontsize=7)
-    a2.set(ylim=(0, 1.08), ylabel="held-out test", xlabel="", title="test performance")
+        a2.bar_label(c, fmt="%.2f", fontsize=6, rotation=90, padding=2)
+    a2.set(ylim=(0, 1.15), ylabel="held-out test", xlabel="", title="test performance")
+    a2.tick_params(axis="x", labelrotation=45, labelsize=7)
     a2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return save(fig, path)
