@@ -310,11 +310,11 @@ class _Loop:
         self.work = 0
         self.last_obj = np.zeros(B)
 
-    def image(self):
+    def image(self) -> torch.Tensor:
         img = self.param()
         return img * self.mask if self.mask is not None else img
 
-    def score(self, x, rows):
+    def score(self, x: torch.Tensor, rows: slice | list) -> torch.Tensor:
         # One volume alone on the CPU runs PyTorch's slow 3D convolution (its oneDNN test counts batch x channels
         # x two dimensions, under 20480 for one volume): a detached copy beside it takes oneDNN, and the pair's
         # forward and backward cost 10 instead of 15 ms on the 4 mm grid (block3); the copy's score is dropped.
@@ -330,10 +330,10 @@ class _Loop:
         out = self.objective(self.plan.activations(acts) if self.plan is not None else acts, rows)
         return out[:1] if pad else out
 
-    def score_all(self, img):
+    def score_all(self, img: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.score(img[rows], rows) for rows in _chunks(self.B, self.mb)])
 
-    def step(self, step):
+    def step(self, step: int) -> None:
         """One Adam step of the active elements: chunked forward and backward, then projection and freezing."""
         idx = np.flatnonzero(self.active)
         img = self.image()
@@ -376,7 +376,7 @@ class _Loop:
                 for p in self.batched:
                     p[done] = self.frozen[p][done]
 
-    def settle(self, plateau, stalled, freeze, last=False):
+    def settle(self, plateau: np.ndarray, stalled: np.ndarray, freeze: bool, last: bool = False) -> None:
         """Mark the active elements whose objective reached its plateau as converged, and those whose objective
         never moved and got no gradient as stalled; with ``freeze`` both leave the batch and their variables are
         kept as they are. (At the ``last`` step, every active element whose J never moved is stalled.)"""

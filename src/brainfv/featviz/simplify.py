@@ -46,12 +46,12 @@ class PoolThenAct(nn.Module):
 
 class _RedirectedReLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         return x.clamp_min(0)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         relu = torch.ops.aten.threshold_backward(g, x, 0.0)  # the ordinary ReLU gradient, in one pass
         # an element none of whose gradient passes: let through what would raise a negative input

@@ -99,7 +99,7 @@ def _transfer_models(records: list[dict], tasks: list[str], log: Callable) -> tu
     names the trained replicate whose visualizations it tests), and how it agrees with that replicate's model."""
     transfer, rows, loaded = {}, [], {}
 
-    def load(path):
+    def load(path: str) -> tuple:
         if path not in loaded:
             loaded[path] = load_checkpoint(path)
         return loaded[path]
