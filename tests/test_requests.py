@@ -21,7 +21,7 @@ def test_visualize_request_reads_the_config(cfg):
         "units": "all", "objective": "channel", "preset": fv["regularizers"]["tv"], "steps": fv["steps"],
         "lr": fv["lr"], "n_seeds": spec["seeds"], "n_real": fv["n_real"], "micro_batch": fv["micro_batch"],
         "device": fv["device"], "seed": cfg["seed"], "randomized": cfg["compare"]["randomized"],
-        "converge": fv["converge"], "position": "centre", "replicate": 0}
+        "converge": fv["converge"], "position": "centre", "replicate": 0, "amp": fv["amp"]}
     assert list(r.as_dict())[:3] == ["only_unit", "task", "layer"]  # the rule param's order, kept between runs
     # a request without its own seeds takes featviz.seeds
     r2 = Q.visualize_request(cfg, task="sex", layer="block4.norm", spec=Q.layer_spec(cfg, "sex", "block4.norm"),

@@ -276,8 +276,8 @@ def optimize(net: torch.nn.Module, objective: object, pieces: Pieces, gens: list
                         trajectory=np.array(traj), trajectory_steps=np.array(traj_steps), seconds=seconds,
                         steps_per_s=n_steps / seconds if seconds > 0 else float("inf"),
                         box=plan.box if plan is not None else None,
-                        info={"batch": loop.B, "steps_run": loop.steps_run, "converged": loop.converged,
-                              "stalled": loop.stalled,
+                        info={"batch": loop.B, "micro_batch": loop.mb, "steps_run": loop.steps_run,
+                              "converged": loop.converged, "stalled": loop.stalled,
                               "element_steps": int(loop.work), "scale": loop.scale.cpu().numpy()})
 
 

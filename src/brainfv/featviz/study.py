@@ -146,7 +146,7 @@ def visualize_layer(model: nn.Module, layer: str, units: list[int], preset: dict
                     record_every: int = 8, network: str = "trained", layer_id: str | None = None,
                     template: np.ndarray | None = None, position: tuple | None = None, labelled: tuple | None = None,
                     converge: dict | None = None, data_range: tuple | None = None,
-                    init_volumes: Sequence | None = None) -> LayerResult:
+                    init_volumes: Sequence | None = None, amp: bool | None = None) -> LayerResult:
     """Optimise every unit of ``layer`` (× ``n_seeds`` seeds) in one batch and measure each result.
 
     Per unit and seed: the objective at start and end; ``steps`` (run) and ``converged`` (the plateau
@@ -160,7 +160,7 @@ def visualize_layer(model: nn.Module, layer: str, units: list[int], preset: dict
     ``position``: the map position a neuron objective reads (None: the centre). ``labelled``: ``(volumes,
     labels, classes)`` of validation volumes, on which each unit's preferred class and Cohen's d are measured
     (:func:`brainfv.featviz.probes.class_preference`). ``init_volumes``: the volumes ``init: subject`` starts
-    from (default ``test_volumes``; the study passes the validation split).
+    from (default ``test_volumes``; the study passes the validation split). ``amp``: bf16 autocast (None: on CUDA).
     """
     preset = Preset.from_config(preset)
     layer_id = layer_id or layer
@@ -171,7 +171,7 @@ def visualize_layer(model: nn.Module, layer: str, units: list[int], preset: dict
                                   template)
     res = render(model, obj, shape, preset, steps=steps, lr=lr, seeds=seeds, device=device, mask=mask,
                  real_volumes=real_volumes, init_volume=init_volume, micro_batch=micro_batch, log=log,
-                 record_every=record_every, converge=converge, data_range=data_range)
+                 record_every=record_every, converge=converge, data_range=data_range, amp=amp)
     imgs = res.images.reshape(n_seeds, len(units), *shape)
     region = region_of(res.box, shape)
     in_region = np.zeros(shape, bool)

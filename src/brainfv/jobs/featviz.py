@@ -115,7 +115,8 @@ def _layer(net: torch.nn.Module, name: str, p: dict, units: list[int], ds: Datas
                            real_volumes=data["real"], test_volumes=data["test"], seed=replicate_seed(p), task=p["task"],
                            regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
                            objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
-                           network=name, layer_id=p["layer"], template=np.asarray(ds.reference.dataobj, np.float32),
+                           amp=p.get("amp"), network=name, layer_id=p["layer"],
+                           template=np.asarray(ds.reference.dataobj, np.float32),
                            position=data["position"], labelled=data["labelled"], converge=p.get("converge"),
                            init_volumes=data["init"])
 

@@ -55,6 +55,7 @@ class VisualizeRequest:
     converge: dict = dataclasses.field(default_factory=dict)  # the plateau criterion (featviz.converge)
     position: object = "centre"  # where a neuron objective reads: centre, lesions or [x, y, z] mm (featviz.probes)
     replicate: int = 0  # the task's trained network (training.replicates)
+    amp: bool | None = None  # bf16 autocast (featviz.amp; None: on CUDA)
 
     def as_dict(self) -> dict:
         """Plain data, in field order (a rule's param: Snakemake compares it between runs)."""
@@ -65,7 +66,7 @@ class VisualizeRequest:
         """The request a job was given; a missing or unknown key is named."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = sorted(set(d) - names), sorted(names - set(d) - {"only_unit", "replicate", "converge",
-                                                                                        "position"})
+                                                                                        "position", "amp"})
         if unknown or missing:
             raise ConfigError(f"visualize request: unknown keys {unknown}, missing keys {missing}")
         return cls(**d)
@@ -91,7 +92,7 @@ def visualize_request(cfg: dict, *, task: str, layer: str, spec: dict, regulariz
         steps=pick(steps, fv["steps"]), lr=pick(lr, fv["lr"]), n_seeds=pick(n_seeds, spec.get("seeds", fv["seeds"])),
         n_real=fv["n_real"], micro_batch=fv["micro_batch"], device=pick(device, fv["device"]),
         seed=pick(seed, cfg["seed"]), randomized=pick(randomized, cfg["compare"]["randomized"]),
-        converge=fv["converge"], position=spec.get("position", "centre"), replicate=replicate)
+        converge=fv["converge"], position=spec.get("position", "centre"), replicate=replicate, amp=fv["amp"])
 
 
 def layer_replicates(cfg: dict, task: str, layer: str) -> list[int]:
