@@ -182,7 +182,7 @@ def test_penalty_weights_mean_the_same_on_a_network_with_100_times_the_output():
     vols = real_volumes()
     preset = {"tv": 0.5, "l2": 0.05}
     kw = dict(steps=24, lr=0.05, seeds=[3], data_range=(LO, HI), real_volumes=vols, micro_batch=1,
-              converge={"enabled": False})
+              converge={"enabled": False}, amp=False)  # exact in fp32; bf16 rounds 100x larger values differently
     a = render(m, O.channel("classifier", [1]), SHAPE, preset, **kw)
     b = render(big, O.channel("classifier", [1]), SHAPE, preset, **kw)
     assert np.allclose(a.info["scale"] * 100, b.info["scale"], rtol=1e-4)

@@ -18,12 +18,12 @@ from brainfv.report.stats import (
 )
 
 
-def default_structures():
+def default_structures(with_kind=False):
     """(replicates, units, seeds) of each request of the default study (config/config.yaml over the schema's
     defaults) and of the schema's own defaults: a class logit is read per class (one unit); a request with
-    ``replicates: all`` on trained tasks runs on every trained replicate."""
+    ``replicates: all`` on trained tasks runs on every trained replicate. ``with_kind``: a fourth entry, True for
+    a request on positive-control networks only."""
     import yaml
-
 
     laptop = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/config.yaml").read_text())
     out = set()
@@ -36,13 +36,17 @@ def default_structures():
             r = 1 if known or req.get("replicates", "all") == "first" else reps
             units = req["units"] if isinstance(req["units"], int) else len(req["units"]) if isinstance(
                 req["units"], list) else 1
-            out.add((r, 1, s) if req["layer"] == "classifier" else (r, units, s))
+            row = (r, 1, s) if req["layer"] == "classifier" else (r, units, s)
+            out.add(row + (known,) if with_kind else row)
     return sorted(out)
 
 
 def test_default_requests_have_16_visualizations_per_class_logit():
-    """≥ 16 per class logit and preset: 16 seeds on one network, or 8 on each of two trained replicates."""
-    assert all(r * s >= 16 for r, u, s in default_structures() if u == 1)
+    """≥ 16 per trained class logit and preset (8 on each of two trained replicates, or 16 seeds on one network);
+    ≥ 8 seeds on a positive control, whose recovery intervals over 16 seeds were 0.004-0.06 wide."""
+    rows = [x for x in default_structures(with_kind=True) if x[1] == 1]
+    assert all(r * s >= 16 for r, u, s, known in rows if not known)
+    assert all(s >= 8 for r, u, s, known in rows if known) and any(known for *_, known in rows)
 
 
 @pytest.mark.parametrize("sd", [(0.3, 0.3, 1.0), (0.3, 1.0, 0.3), (1.0, 0.5, 0.5)])

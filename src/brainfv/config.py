@@ -350,6 +350,7 @@ class TrainingConfig(Section):
     bn_volumes: int = _d("training.bn_volumes")
     num_workers: int = _d("training.num_workers")
     device: str = _d("training.device")
+    amp: bool | None = _d("training.amp")
     replicates: int = _d("training.replicates")
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 

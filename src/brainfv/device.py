@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["pick_device", "compute_settings"]
+__all__ = ["pick_device", "compute_settings", "native_bf16", "autocast_default"]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -19,6 +19,27 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so oneDNN's bf16 convolutions are faster than
+    fp32 ones rather than emulated; False where torch cannot tell."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(bool(c()) for c in checks if c is not None)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def autocast_default(device: str | torch.device) -> bool:
+    """bf16 autocast in the visualization loop unless asked otherwise (``featviz.amp: null``): on CUDA, and on a
+    CPU with native bf16. Measured on the 4 mm grid (trained lesion network, class logits, 16 elements to the
+    plateau, one thread, AMD EPYC with AVX512-BF16): 8.1 vs 11.6 ms per element-step (voxel), 11.5 vs 16.3
+    (Fourier), the same objective reached (42.88 vs 42.86) and all converged; on CPUs without it bf16 is emulated
+    and slower, so fp32 stays."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and native_bf16())
 
 
 @contextlib.contextmanager

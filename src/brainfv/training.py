@@ -11,7 +11,8 @@ and :func:`train_job` is the workflow's ``train_model`` rule.
   uninterrupted run (on CPU); the checkpoint is keyed on the config, the seed, the code version and the
   dataset's content, and removed once the model is written;
 * class-balanced cross-entropy, AdamW with linear warm-up then cosine decay, early stopping on
-  validation balanced accuracy; on CUDA bf16 autocast and cuDNN autotuning (restored afterwards).
+  validation balanced accuracy; bf16 autocast of the training steps on CUDA and on CPUs with native bf16
+  (``training.amp``; metrics in fp32), cuDNN autotuning on CUDA (restored afterwards).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from torch import nn
 from .config import AugmentConfig, TrainingConfig
 from .data.files import DATASET_FILES
 from .data.store import Dataset, VolumeReader
-from .device import compute_settings, pick_device
+from .device import autocast_default, compute_settings, pick_device
 from .errors import InputDataError
 from .models.cnn import build_model, save_checkpoint
 from .provenance import code_hash
@@ -287,7 +288,7 @@ def fit(model: nn.Module, loaders: Loaders, cfg: TrainingConfig, device: torch.d
     """Train ``model`` for ``cfg.epochs`` epochs (early stopping on validation balanced accuracy, ties broken by
     validation loss), resuming from ``checkpointer``; returns ``(history, best_state)``, or ``None`` when
     stopped after ``stop_after_epoch`` (a simulated interruption, for tests)."""
-    amp = device.type == "cuda"
+    amp = autocast_default(device) if cfg.amp is None else cfg.amp  # the training steps; metrics in fp32
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(loaders.train_set) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -311,7 +312,7 @@ def fit(model: nn.Module, loaders: Loaders, cfg: TrainingConfig, device: torch.d
         t0 = time.perf_counter()
         loss_sum, correct, seen = _train_epoch(model, loaders.train(epoch, seed), opt, sched, loss_fn, device, amp)
         recalibrate_batchnorm(model, loaders.bn, device)
-        val, _ = evaluate(model, loaders.val, device, n_classes, amp)
+        val, _ = evaluate(model, loaders.val, device, n_classes)
         dt = time.perf_counter() - t0
         epoch_times.append(dt)
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
@@ -397,9 +398,8 @@ def _train_and_evaluate(arch: dict, n_classes: int, weights: torch.Tensor, loade
             return None
         history, best_state = fitted
         model.load_state_dict(best_state)
-        amp = device.type == "cuda"
-        test, test_prob = evaluate(model, loaders.test, device, n_classes, amp)
-        val, _ = evaluate(model, loaders.val, device, n_classes, amp)
+        test, test_prob = evaluate(model, loaders.test, device, n_classes)
+        val, _ = evaluate(model, loaders.val, device, n_classes)
     return model, history, test, test_prob, val
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..config import Preset, default
-from ..device import compute_settings
+from ..device import autocast_default, compute_settings
 from ..errors import ConfigError
 from . import regularizers as R
 from .crop import CropPlan, crop_box, plan_crop
@@ -246,7 +246,7 @@ def optimize(net: torch.nn.Module, objective: object, pieces: Pieces, gens: list
     converge = Converge.from_config(converge)
     log = log or (lambda m: None)
     with torch.no_grad():
-        obj_start = loop.score_all(loop.image()).float().cpu().numpy()
+        obj_start = loop.score_all(loop.image(), amp=False).float().cpu().numpy()  # reported values: fp32
     loop.last_obj = np.array(obj_start, np.float64)  # the raw objective, carried on after an element stops
     traj, traj_steps = [], []
     t0 = last_log = time.perf_counter()
@@ -270,7 +270,7 @@ def optimize(net: torch.nn.Module, objective: object, pieces: Pieces, gens: list
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         final = loop.image().detach()
-        obj_end = loop.score_all(final).float().cpu().numpy()
+        obj_end = loop.score_all(final, amp=False).float().cpu().numpy()
     n_steps = int(loop.steps_run.max()) if loop.B else 0
     return RenderResult(images=final[:, 0].float().cpu().numpy(), objective_start=obj_start, objective_end=obj_end,
                         trajectory=np.array(traj), trajectory_steps=np.array(traj_steps), seconds=seconds,
@@ -314,7 +314,7 @@ class _Loop:
         img = self.param()
         return img * self.mask if self.mask is not None else img
 
-    def score(self, x: torch.Tensor, rows: slice | list) -> torch.Tensor:
+    def score(self, x: torch.Tensor, rows: slice | list, amp: bool | None = None) -> torch.Tensor:
         # One volume alone on the CPU runs PyTorch's slow 3D convolution (its oneDNN test counts batch x channels
         # x two dimensions, under 20480 for one volume): a detached copy beside it takes oneDNN, and the pair's
         # forward and backward cost 10 instead of 15 ms on the 4 mm grid (block3); the copy's score is dropped.
@@ -325,13 +325,13 @@ class _Loop:
             rows = [r, r]
         if x.dim() == 5:  # channels-last 3D convolutions are much faster on the CPU (benchmarks/training.py)
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp if amp is None else amp):
             acts = capture_activations(self.net, x, self.objective.layers, truncate=self.truncate)
         out = self.objective(self.plan.activations(acts) if self.plan is not None else acts, rows)
         return out[:1] if pad else out
 
-    def score_all(self, img: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.score(img[rows], rows) for rows in _chunks(self.B, self.mb)])
+    def score_all(self, img: torch.Tensor, amp: bool | None = None) -> torch.Tensor:
+        return torch.cat([self.score(img[rows], rows, amp) for rows in _chunks(self.B, self.mb)])
 
     def step(self, step: int) -> None:
         """One Adam step of the active elements: chunked forward and backward, then projection and freezing."""
@@ -426,13 +426,15 @@ def render(model: torch.nn.Module, objective: object, shape: Sequence[int], pres
     micro_batch : volumes per forward pass (default: ``CPU_MICRO_BATCH`` (2) on the CPU, the whole batch on
         CUDA). With ``micro_batch=1`` a unit is bit-identical alone or in a batch (other CPU kernels' last-bit
         differences can grow through max-pool ties).
-    amp : bf16 autocast (default: on CUDA). ``record_every``, ``log``, ``betas``: see :func:`optimize`.
+    amp : bf16 autocast of the optimisation steps (default: :func:`~brainfv.device.autocast_default`: on CUDA and
+        on CPUs with native bf16); the objective's scale and the reported start and end values are computed in fp32
+        whatever it is. ``record_every``, ``log``, ``betas``: see :func:`optimize`.
     """
     preset = Preset.from_config(preset)
     lr = preset.lr if preset.lr is not None else lr
     log = log or (lambda m: None)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    amp = device.type == "cuda" if amp is None else amp
+    amp = autocast_default(device) if amp is None else amp
     seeds = _batch_seeds(objective, seeds)
     net = prepare_network(model, objective.layers, simplify, log)
     for layer, channels in objective.units:
@@ -449,7 +451,7 @@ def render(model: torch.nn.Module, objective: object, shape: Sequence[int], pres
         pc = pieces(work_shape, gens, box)
     mask_t = _mask_tensor(mask, box, device) if preset.mask else None
     with compute_settings(device):
-        scale = objective_scale(net, objective, real_volumes, len(seeds), device=device, plan=plan, amp=amp,
+        scale = objective_scale(net, objective, real_volumes, len(seeds), device=device, plan=plan, amp=False,
                                 truncate=truncate, box=box) if normalise and _have(real_volumes) else None
         res = optimize(net, objective, pc, gens, steps=steps, lr=lr, device=device, mask=mask_t, plan=plan,
                        micro_batch=micro_batch, amp=amp, truncate=truncate, record_every=record_every, log=log,

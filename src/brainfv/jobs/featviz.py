@@ -46,6 +46,9 @@ def visualize_job(job: Job) -> None:
     p = VisualizeRequest.from_dict(job.params["request"]).as_dict()
     device = pick_device(p["device"])
     model, info = task_model(job, device)
+    if p.get("amp") is None and (info.get("meta") or {}).get("role") == "positive control":  # hand-built: fp32
+        p["amp"] = False  # the sex control reads x + SEX_OFFSET, whose x bf16 would round away
+        job.log("positive-control network: optimised in fp32 (bf16 would round away what its construction reads)")
     ds = Dataset(job.folder("participants", "volumes", "mask", "reference"))
     check_model_dataset(model, info, ds.grid, where=job.params.get("model_key", "model"), log=job.log,
                         dataset=f"the dataset {Path(job.input['volumes']).parent}")

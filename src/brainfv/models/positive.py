@@ -62,7 +62,9 @@ def lesion_template_kernel(diameter_vox: float, size: int | None = None) -> np.n
     """A zero-mean, unit-L2 kernel of odd side ``size`` (default: the ball plus a 1.5-voxel shell): -1 in a
     ball of ``diameter_vox``, +1 in the shell around it, balanced so a flat image scores 0."""
     r_in = diameter_vox / 2
-    size = size or int(2 * np.ceil(r_in + 1.5) + 1)
+    # the smallest odd side holding every voxel within r_in + 1.5 of the centre (a wider kernel only adds zero taps:
+    # 11 instead of 9 voxels for the laptop's 5-voxel lesions cost 1.8x the work of the widest convolution)
+    size = size or int(2 * np.floor(r_in + 1.5) + 1)
     if size % 2 == 0:
         size += 1
     ax = np.arange(size) - (size - 1) / 2
