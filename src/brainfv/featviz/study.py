@@ -199,7 +199,7 @@ def position_seed(seed: int, index: int) -> int:
 
 
 def visualize_positions(model: nn.Module, layer: str, units: list[int], preset: dict, *,
-                        positions: Sequence[tuple | None], seed: int, **kw) -> list[LayerResult]:
+                        positions: Sequence[tuple | None], seed: int, **kw: object) -> list[LayerResult]:
     """:func:`visualize_layer` at each of ``positions`` (one call each: its own receptive-field crop), the
     ``index``-th with seed :func:`position_seed`; ``kw``: the other arguments of :func:`visualize_layer`."""
     return [visualize_layer(model, layer, units, preset, position=pos, seed=position_seed(seed, i), **kw)
