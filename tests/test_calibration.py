@@ -293,3 +293,75 @@ def test_other_model_control_pairs_by_unit_and_seed_when_a_request_reads_fewer_u
     known["table"] = known["table"].assign(seed=[0, 5])
     _, controls = compare_entries([sex, known], truths, {}, "classifier", n_surrogates=0)
     assert controls.empty or not ((controls["task"] == "lesion-known") & (controls["control"] == "other")).any()
+
+
+def test_probe_positions_are_a_level_between_units_and_seeds():
+    """With several probe positions (a position_index column that varies) the summary averages seeds within a
+    position, positions within a unit, then takes the t interval over the units' means (over the positions' means
+    for one unit); with one position the numbers are those of the position-free hierarchy."""
+    from scipy import stats as st
+
+    from brainfv.report import stats
+
+    rows = []
+    values = {(0, 0): [1.0, 2.0], (0, 1): [5.0, 6.0, 7.0], (1, 0): [0.0, 1.0], (1, 1): [3.0, 3.0, 4.0]}
+    seed = {0: 0, 1: 0}
+    for (u, q), vs in values.items():
+        for v in vs:  # seeds stay distinct across positions: position 1's seeds follow position 0's
+            rows.append({"unit": u, "seed": q * 2 + seed.setdefault((u, q), 0), "position_index": q, "m": v})
+            seed[(u, q)] += 1
+    df = pd.DataFrame(rows)
+    g = stats.grid(df, "m")
+    assert g.shape == (1, 2, 2, 5) and np.isfinite(g).sum() == 10
+    unit_means = [(1.5 + 6.0) / 2, (0.5 + 10 / 3) / 2]  # seeds within each position, then the positions
+    mean, lo, hi, p, n = stats.mean_interval(g, "t")
+    half = st.t.ppf(0.975, 1) * np.std(unit_means, ddof=1) / np.sqrt(2)
+    assert n == 10 and np.isclose(mean, np.mean(unit_means)) and np.isclose(mean, 17 / 6)
+    assert np.isclose(lo, mean - half) and np.isclose(hi, mean + half)
+    assert not np.isclose(mean, df["m"].mean())  # not the flat mean of the seeds (3.2)
+    # one unit: the positions are the top level that varies
+    one = stats.mean_interval(stats.grid(df[df["unit"] == 0], "m"), "t")
+    pos_means = [1.5, 6.0]
+    assert np.isclose(one[0], 3.75) and np.isclose(one[2], 3.75 + st.t.ppf(0.975, 1) * np.std(pos_means, ddof=1)
+                                                   / np.sqrt(2)) and one[4] == 5
+    # gains read the same hierarchy
+    per, smallest = stats.joint_gains({"randomized": g - 1.0})
+    assert np.isclose(per["randomized"][0], 17 / 6 - 1) and np.isclose(smallest[0], 17 / 6 - 1)
+    # one position: exactly the position-free numbers
+    flat = pd.DataFrame([{"unit": u, "seed": s, "m": v} for (u, q), vs in values.items() if q == 0
+                         for s, v in enumerate(vs)])
+    assert np.array_equal(stats.grid(flat.assign(position_index=0), "m"), stats.grid(flat, "m"), equal_nan=True)
+    # the summary says how many positions, only where there are several
+    base = {"task": "lesion", "layer": "b", "regularizer": "none", "converged": True}
+    s = summarise(df.assign(**base), ["m"]).iloc[0]
+    assert s["n_positions"] == 2 and np.isclose(s["mean"], 17 / 6) and s["n"] == 10
+    assert "n_positions" not in summarise(flat.assign(position_index=0, **base), ["m"])
+
+
+def test_each_probe_position_is_scored_in_its_own_region():
+    """compare_entries reads each position's rows with that position's optimised region (base rate, lesion
+    match) and pairs controls per visualization; one position gives what a table without the column gives."""
+    t = truth()
+    rng = np.random.default_rng(0)
+    vols = rng.normal(size=(8, *SHAPE)).astype(np.float32)
+    regions = {0: "6:18,6:18,6:18", 1: "0:12,12:24,0:12"}  # the planted lesions (11:14) in the first only
+    table = pd.DataFrame([{"task": "lesion", "layer": "b", "module": "b", "network": "trained", "regularizer": "none",
+                           "unit": u, "seed": q * 2 + s, "volume": (q * 2 + s) * 2 + u, "position_index": q,
+                           "region": regions[q], "preferred_class": "present"}
+                          for q in (0, 1) for s in (0, 1) for u in (0, 1)])
+    e = {"task": "lesion", "layer": "b", "module": "b", "regularizer": "none", "table": table,
+         "trained": vols.reshape(4, 2, *SHAPE), "randomized": vols[::-1].copy().reshape(4, 2, *SHAPE)}
+    tr, ctl = compare_entries([e], {"lesion": t}, {}, "classifier", n_surrogates=1)
+    for q, region in regions.items():  # each position: as if it were an entry of its own
+        sub = table[table["position_index"] == q]
+        alone = {**e, "table": sub.assign(volume=range(4)).drop(columns="position_index"),
+                 "trained": vols[sub["volume"].to_numpy()].reshape(2, 2, *SHAPE),
+                 "randomized": vols[::-1][sub["volume"].to_numpy()].reshape(2, 2, *SHAPE)}
+        tr_q, ctl_q = compare_entries([alone], {"lesion": t}, {}, "classifier", n_surrogates=0)
+        mine = tr[tr["position_index"] == q].reset_index(drop=True)
+        for col in ("lesion_ncc", "lesion_map_corr", "lesion_hit_base_rate", "tv_ratio"):
+            assert np.allclose(mine[col], tr_q[col], equal_nan=True), col
+        rand = ctl[(ctl["control"] == "randomized") & ctl["seed"].isin(sub["seed"])].reset_index(drop=True)
+        assert np.allclose(rand["lesion_ncc"], ctl_q[ctl_q["control"] == "randomized"]["lesion_ncc"], equal_nan=True)
+    assert tr.groupby("position_index")["lesion_hit_base_rate"].first().nunique() == 2
+    assert len(ctl[ctl["control"] == "surrogate"]) == 8

@@ -21,7 +21,7 @@ def test_visualize_request_reads_the_config(cfg):
         "units": "all", "objective": "channel", "preset": fv["regularizers"]["tv"], "steps": fv["steps"],
         "lr": fv["lr"], "n_seeds": spec["seeds"], "n_real": fv["n_real"], "micro_batch": fv["micro_batch"],
         "device": fv["device"], "seed": cfg["seed"], "randomized": cfg["compare"]["randomized"],
-        "converge": fv["converge"], "position": "centre", "replicate": 0, "amp": fv["amp"]}
+        "converge": fv["converge"], "position": "centre", "positions": 1, "replicate": 0, "amp": fv["amp"]}
     assert list(r.as_dict())[:3] == ["only_unit", "task", "layer"]  # the rule param's order, kept between runs
     # a request without its own seeds takes featviz.seeds
     r2 = Q.visualize_request(cfg, task="sex", layer="block4.norm", spec=Q.layer_spec(cfg, "sex", "block4.norm"),
@@ -45,6 +45,27 @@ def test_a_job_names_missing_and_unknown_request_keys(cfg):
     d.pop("steps")
     with pytest.raises(ConfigError, match=r"unknown keys \['step'\], missing keys \['steps'\]"):
         Q.VisualizeRequest.from_dict({**d, "step": 3})
+
+
+def test_several_probe_positions_are_a_neuron_request_at_lesions():
+    """featviz.layers[].positions: K reaches the job's request and the exemplars'; an old request dict without
+    the key still loads (K = 1); K > 1 anywhere but a neuron objective at position: lesions fails at DAG time."""
+    layers = [{"layer": "block2.norm", "units": 2, "objective": "neuron", "position": "lesions", "positions": 3},
+              {"layer": "block4.norm", "units": 2}]
+    cfg = C.complete({"featviz": {"layers": layers}})
+    Q.check_requests(cfg)
+    assert cfg["featviz"]["layers"][1]["positions"] == 1  # the schema's default
+    spec = Q.layer_spec(cfg, "lesion", "block2.norm")
+    d = Q.visualize_request(cfg, task="lesion", layer="block2.norm", spec=spec, regularizer="tv").as_dict()
+    assert d["positions"] == 3 and Q.exemplars_request(cfg, "lesion", "block2.norm")["positions"] == 3
+    d.pop("positions")
+    assert Q.VisualizeRequest.from_dict(d).positions == 1
+    for bad in ({"position": "centre"}, {"position": [0, -20, 10]}, {"objective": "channel"}):
+        c = C.complete({"featviz": {"layers": [{**layers[0], **bad}, layers[1]]}})
+        with pytest.raises(ConfigError, match=r"featviz.layers\[0\].positions: 3 probe positions need"):
+            Q.check_requests(c)
+    with pytest.raises(ConfigError, match=r"featviz.layers.0.positions"):
+        C.complete({"featviz": {"layers": [{**layers[0], "positions": 0}]}})
 
 
 def test_unknown_request_is_named(cfg):
@@ -74,6 +95,7 @@ def test_exemplars_shown_beside_each_request(cfg):
     assert Q.exemplar_source(cfg, "sex", "block4.norm") == "block4.norm"
     assert Q.exemplars_request(cfg, "sex", "block4.norm") == {
         "task": "sex", "layer": "block4.norm", "module": "block4.norm", "units": 4, "objective": "channel",
-        "k": cfg["featviz"]["exemplars"], "device": cfg["featviz"]["device"], "position": "centre"}
+        "k": cfg["featviz"]["exemplars"], "device": cfg["featviz"]["device"], "position": "centre",
+        "positions": 1}
     off = {**cfg, "featviz": {**cfg["featviz"], "exemplars": 0}}
     assert Q.exemplar_layers(off, "sex") == [] and Q.exemplar_source(off, "sex", "block4.norm") is None

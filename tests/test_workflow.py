@@ -300,11 +300,15 @@ def test_tiny_study_end_to_end(tmp_path):
     known = json.loads((res / "models/lesion-known-flatten/main/metrics.json").read_text())
     assert known["role"] == "positive control" and known["construction"]["head"] == "flatten"
     assert not (res / "models/lesion-known/transfer").exists() and not (res / "models/sex-flatten/transfer").exists()
-    # block 1 neurons probe where lesions were planted, the same position for both tasks
-    pos = {t: set(pd.read_csv(res / f"featviz/{t}/block1.norm/fourier/units.tsv", sep="\t")["position"])
-           for t in ("sex", "lesion")}
-    assert pos["sex"] == pos["lesion"] and len(pos["sex"]) == 1 and "," in str(next(iter(pos["sex"])))
+    # block 1 neurons probe where lesions were planted, at two positions (positions: 2), the same for both tasks
+    probes = {t: pd.read_csv(res / f"featviz/{t}/block1.norm/fourier/units.tsv", sep="\t") for t in ("sex", "lesion")}
+    pos = {t: set(zip(d["position_index"], d["position"])) for t, d in probes.items()}
+    assert pos["sex"] == pos["lesion"] and len(pos["sex"]) == 2 and all("," in str(p) for _, p in pos["sex"])
+    assert {i for i, _ in pos["sex"]} == {0, 1} and probes["lesion"]["region"].nunique() == 2
+    assert nib.load(res / "featviz/lesion/block1.norm/fourier/units.nii.gz").shape[-1] == 2 * 2 * 2  # K x units x seeds
     summary = pd.read_csv(res / "report/summary.tsv", sep="\t")
+    probed = summary[(summary["task"] == "lesion") & (summary["layer"] == "block1.norm")]
+    assert len(probed) and (probed["n_positions"] == 2).all()
     # the lesion task's class logits on both replicates: the top level of their intervals
     logits = vis[(vis["task"] == "lesion") & (vis["layer"] == "classifier")]
     assert set(logits["replicate"]) == {0, 1} and set(vis.loc[vis["layer"] == "block2.norm", "replicate"]) == {0}

@@ -26,7 +26,8 @@ from .render import render
 from .units import capture_activations, layer_output_shape
 
 __all__ = ["make_objective", "unit_seeds", "objective_values", "real_activations", "split_volumes", "region_of",
-           "parse_region", "LayerResult", "visualize_layer", "preset_text", "resolve_request_units"]
+           "parse_region", "LayerResult", "visualize_layer", "position_seed", "visualize_positions", "join_positions",
+           "preset_text", "resolve_request_units"]
 
 
 def make_objective(layer: str, channels: list[int], kind: str = "channel",
@@ -188,6 +189,36 @@ def visualize_layer(model: nn.Module, layer: str, units: list[int], preset: dict
     traj = pd.DataFrame([{"unit": u, "step": int(step), "objective": float(res.trajectory[t, j])}
                          for t, step in enumerate(res.trajectory_steps) for j, u in enumerate(units)])
     return LayerResult(imgs, pd.DataFrame(rows), traj, res, region)
+
+
+def position_seed(seed: int, index: int) -> int:
+    """The seed the ``index``-th probe position of a request derives its start images and transforms from: the
+    request's own for the first (so one position is the single-position study), one of its own for each other
+    (every network of the job, and the other task's model, gets the same seed at the same position)."""
+    return seed if index == 0 else stable_seed(seed, "position", index)
+
+
+def visualize_positions(model: nn.Module, layer: str, units: list[int], preset: dict, *,
+                        positions: Sequence[tuple | None], seed: int, **kw: object) -> list[LayerResult]:
+    """:func:`visualize_layer` at each of ``positions`` (one call each: its own receptive-field crop), the
+    ``index``-th with seed :func:`position_seed`; ``kw``: the other arguments of :func:`visualize_layer`."""
+    return [visualize_layer(model, layer, units, preset, position=pos, seed=position_seed(seed, i), **kw)
+            for i, pos in enumerate(positions)]
+
+
+def join_positions(results: Sequence[LayerResult]) -> tuple[np.ndarray, pd.DataFrame]:
+    """The volumes and table of one network's :func:`visualize_positions`, laid out as one request's: volumes
+    (positions × seeds) × units, seed-major, so position ``i``'s seed ``s`` is seed ``i * n_seeds + s`` (seeds stay
+    distinct, and a (unit, seed) pair names the same position on every network); rows get ``position_index``.
+    ``stability`` stays each position's own (never across positions)."""
+    imgs, tables = [], []
+    for i, r in enumerate(results):
+        n_seeds, n_units = r.images.shape[:2]
+        imgs.append(r.images)
+        t = r.table.assign(seed=r.table["seed"] + i * n_seeds, volume=r.table["volume"] + i * n_seeds * n_units)
+        t.insert(t.columns.get_loc("position") + 1, "position_index", i)
+        tables.append(t)
+    return np.concatenate(imgs), pd.concat(tables, ignore_index=True)
 
 
 def _unit_rows(res: object, imgs: np.ndarray, units: list[int], seeds: list[int], m: np.ndarray, region: tuple,

@@ -14,8 +14,8 @@ from ..data.store import Dataset
 from ..device import pick_device
 from ..featviz.controls import cascade, randomized_copy
 from ..featviz.exemplars import top_exemplars, write_exemplars
-from ..featviz.probes import request_position
-from ..featviz.study import preset_text, resolve_request_units, split_volumes, visualize_layer
+from ..featviz.probes import request_position, request_positions
+from ..featviz.study import join_positions, preset_text, resolve_request_units, split_volumes, visualize_positions
 from ..models.checks import check_model_dataset
 from ..utils import atomic_path, stable_seed
 from .base import Job
@@ -31,7 +31,8 @@ def visualize_job(job: Job) -> None:
     Inputs: ``model`` (loaded as param ``model``, a model spec, says; a study checkpoint without one) and the
     task's dataset files (``participants``, ``volumes``,
     ``mask``, ``reference``). Param ``request``: ``task, layer (the request's id), module, regularizer, units,
-    objective, preset, steps, lr, n_seeds, n_real, micro_batch, device, seed, randomized, replicate`` and ``only_unit``
+    objective, preset, steps, lr, n_seeds, n_real, micro_batch, device, seed, randomized, replicate, position,
+    positions`` and ``only_unit``
     (write that unit alone; the request is the layer's, so its volumes are the ones the layer's job writes).
     Outputs: ``nifti`` (4D on the dataset grid: seeds × units, seed-major; for ``only_unit`` that unit's seeds),
     ``table`` (one row per network, unit and seed), and for whole layers ``trajectory`` and, with
@@ -41,6 +42,10 @@ def visualize_job(job: Job) -> None:
     images (same seeds; the validation split's first subject for ``init: subject``) and is optimised to the
     plateau criterion ``converge``; a neuron request reads the map at its ``position`` (``position_map``: the
     lesion frequency), and each unit's preferred class is measured on validation volumes (:func:`request_probe`).
+    With ``positions: K`` every network optimises each unit at each of the K probe positions (one optimisation per
+    position, its own receptive-field crop and seeds, :func:`~brainfv.featviz.study.visualize_positions`): the
+    volumes hold K × seeds per unit, position-major (seed ``i * n_seeds + s`` is position ``i``'s seed ``s``; rows
+    have ``position_index``), the trajectory is the first position's, the cascade has K × units volumes per step.
     """
     torch.set_num_threads(job.threads)
     p = VisualizeRequest.from_dict(job.params["request"]).as_dict()
@@ -55,7 +60,7 @@ def visualize_job(job: Job) -> None:
     units = resolve_request_units(model, p, ds.grid.shape, device)
     data = {"real": split_volumes(ds, "train", p["n_real"]), "test": split_volumes(ds, "test"),
             "init": split_volumes(ds, "val", 1)}  # init: subject starts here (the same image for every network)
-    data["position"], data["labelled"] = request_probe(job, model, ds, device)
+    data["positions"], data["labelled"] = request_probe(job, model, ds, device)
     networks = [("trained", model)]
     control_seed = stable_seed(replicate_seed(p), "randomized", p["task"])
     if p.get("randomized") and p.get("only_unit") is None:
@@ -71,11 +76,12 @@ def visualize_job(job: Job) -> None:
 
 
 def request_probe(job: Job, model: torch.nn.Module, ds: Dataset, device: torch.device) -> tuple:
-    """Where the job's neuron objective reads (request ``position``; the ``position_map`` input holds the
-    lesion frequency for ``lesions``) and the labelled validation volumes (at most ``n_real``, balanced over the
+    """Where the job's neuron objective reads (request ``position`` and ``positions``: a list of map positions,
+    ``[None]`` for the centre; the ``position_map`` input holds the lesion frequency for ``lesions``) and the
+    labelled validation volumes (at most ``n_real``, balanced over the
     classes of the model's ``info``) on which each unit's preferred class is measured."""
     p = job.params["request"]
-    position = request_position(p, job.input.get("position_map"), model, ds.grid, device, job.log)
+    position = request_positions(p, job.input.get("position_map"), model, ds.grid, device, job.log)
     info = json.loads(Path(job.input["info"]).read_text()) if job.input.get("info") else {}
     target, classes = info.get("target"), info.get("classes")
     parts = ds.participants
@@ -88,15 +94,17 @@ def request_probe(job: Job, model: torch.nn.Module, ds: Dataset, device: torch.d
 
 def _cascade(job: Job, model: torch.nn.Module, control_seed: int, p: dict, units: list[int], ds: Dataset,
              data: dict, device: torch.device) -> np.ndarray:
-    """The request at the first seed on every step of the cascading randomization (steps × units volumes);
-    writes ``cascade_table``."""
+    """The request at the first seed on every step of the cascading randomization (steps × units volumes; with
+    several probe positions steps × positions × units, the first seed at each); writes ``cascade_table``."""
     steps, tables = [], []
     for k, (stages, net) in enumerate(cascade(model, control_seed)):
-        r = _layer(net.to(device), f"cascade-{k + 1}", {**p, "n_seeds": 1}, units, ds, data, device, job.log)
-        steps.append(r.images[0])
-        tables.append(r.table.assign(cascade_step=k + 1, randomized_stages=",".join(stages),
-                                     volume=lambda t, k=k: k * len(units) + t["volume"]))
-        job.log(f"cascade step {k + 1} (randomized {', '.join(stages)}): {r.result.seconds:.1f}s")
+        rs = _layer(net.to(device), f"cascade-{k + 1}", {**p, "n_seeds": 1}, units, ds, data, device, job.log)
+        imgs, table = join_positions(rs)
+        steps.append(imgs.reshape((-1,) + imgs.shape[2:]))
+        n = len(steps[-1])
+        tables.append(table.assign(cascade_step=k + 1, randomized_stages=",".join(stages),
+                                   volume=lambda t, k=k, n=n: k * n + t["volume"]))
+        job.log(f"cascade step {k + 1} (randomized {', '.join(stages)}): {sum(r.result.seconds for r in rs):.1f}s")
     with atomic_path(job.output["cascade_table"]) as tmp:
         pd.concat(tables, ignore_index=True).to_csv(tmp, sep="\t", index=False)
     return np.concatenate(steps)
@@ -112,36 +120,42 @@ def replicate_seed(p: dict) -> int:
 
 
 def _layer(net: torch.nn.Module, name: str, p: dict, units: list[int], ds: Dataset, data: dict,
-           device: torch.device, log: Callable) -> object:
-    """:func:`~brainfv.featviz.study.visualize_layer` of the request on one network."""
-    return visualize_layer(net, p["module"], units, p["preset"], shape=ds.grid.shape, mask=ds.mask,
-                           real_volumes=data["real"], test_volumes=data["test"], seed=replicate_seed(p), task=p["task"],
-                           regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
-                           objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
-                           amp=p.get("amp"), network=name, layer_id=p["layer"],
-                           template=np.asarray(ds.reference.dataobj, np.float32),
-                           position=data["position"], labelled=data["labelled"], converge=p.get("converge"),
-                           init_volumes=data["init"])
+           device: torch.device, log: Callable) -> list:
+    """:func:`~brainfv.featviz.study.visualize_layer` of the request on one network at each probe position
+    (:func:`~brainfv.featviz.study.visualize_positions`): one result per position."""
+    return visualize_positions(net, p["module"], units, p["preset"], positions=data["positions"],
+                               shape=ds.grid.shape, mask=ds.mask, real_volumes=data["real"],
+                               test_volumes=data["test"], seed=replicate_seed(p), task=p["task"],
+                               regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
+                               objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
+                               amp=p.get("amp"), network=name, layer_id=p["layer"],
+                               template=np.asarray(ds.reference.dataobj, np.float32),
+                               labelled=data["labelled"], converge=p.get("converge"), init_volumes=data["init"])
 
 
 def _visualize_network(net: torch.nn.Module, name: str, p: dict, units: list[int], ds: Dataset,
                        data: dict, device: torch.device, log: Callable) -> tuple:
-    """One network's visualizations of the request: (volumes (seeds × units, seed-major), table, trajectory);
-    for ``only_unit``, that unit's seeds only."""
+    """One network's visualizations of the request: (volumes (seeds × units, seed-major; with several probe
+    positions (positions × seeds) × units), table, trajectory (the first position's)); for ``only_unit``, that
+    unit's seeds only."""
     grid = ds.grid
+    n_pos = len(data["positions"])
+    at = f" at each of {n_pos} probe positions" if n_pos > 1 else ""
     log(f"task {p['task']} {p['layer']} ({p['module']}) units {units} regularizer {p['regularizer']} "
-        f"{preset_text(p['preset'])} on the {name} network ({p['n_seeds']} seeds each, "
+        f"{preset_text(p['preset'])} on the {name} network ({p['n_seeds']} seeds each{at}, "
         f"batch {len(units) * p['n_seeds']}, {p['steps']} steps, device {device})")
-    r = _layer(net, name, p, units, ds, data, device, log)
-    imgs, table = r.images, r.table
+    rs = _layer(net, name, p, units, ds, data, device, log)
+    imgs, table = join_positions(rs)
     if p.get("only_unit") is not None:  # visualize_unit: the requested unit's seeds only
         j = units.index(p["only_unit"])
         imgs = imgs[:, j:j + 1]
         table = table[table["unit"] == p["only_unit"]].assign(volume=lambda t: t["seed"])
-    log(f"{name}: {len(units)} units x {p['n_seeds']} seeds in {r.result.seconds:.1f}s "
-        f"({r.result.steps_per_s:.2f} steps/s); objective mean {np.mean(r.result.objective_start):.3f} -> "
-        f"{np.mean(r.result.objective_end):.3f}")
-    return imgs.reshape((-1,) + tuple(grid.shape)), table, r.trajectory.assign(network=name)
+    for i, r in enumerate(rs):
+        where = f" (position {i + 1} of {n_pos}, map index {data['positions'][i]})" if n_pos > 1 else ""
+        log(f"{name}{where}: {len(units)} units x {p['n_seeds']} seeds in {r.result.seconds:.1f}s "
+            f"({r.result.steps_per_s:.2f} steps/s); objective mean {np.mean(r.result.objective_start):.3f} -> "
+            f"{np.mean(r.result.objective_end):.3f}")
+    return imgs.reshape((-1,) + tuple(grid.shape)), table, rs[0].trajectory.assign(network=name)
 
 
 def _write_visualizations(job: Job, p: dict, grid: Grid, volumes: dict, tables: list, trajs: list) -> None:
@@ -177,6 +191,9 @@ def exemplars_job(job: Job) -> None:
     units = resolve_request_units(model, p, ds.grid.shape, device)
     kind = "neuron" if p["objective"] == "neuron" else "channel"
     position = request_position(p, job.input.get("position_map"), model, ds.grid, device, log)
+    if int(p.get("positions") or 1) > 1:
+        log(f"exemplars read the first (most lesion-rich) of the request's {p['positions']} probe positions, "
+            f"map index {position}")
     res = top_exemplars(model, ds.volumes, rows, p["module"], units, k=p["k"], kind=kind, device=device, log=log,
                         position=position)
     table = write_exemplars(res, ds.volumes, ds.grid, job.output["nifti"], None, participants=parts)

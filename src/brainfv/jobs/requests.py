@@ -32,8 +32,9 @@ class VisualizeRequest:
 
     ``layer`` is the request's id (:func:`brainfv.config.layer_id`), ``module`` the network's layer; ``only_unit``
     says which unit's volumes to write (the request stays its layer's, so its numbers are the layer's);
-    ``replicate`` which trained network of the task it runs on (``training.replicates``; 0: ``models/{task}/main``):
-    each replicate draws its own start images, random transforms and re-initialised control
+    ``positions`` how many probe positions a neuron objective at ``position: lesions`` reads (each unit is
+    optimised at each); ``replicate`` which trained network of the task it runs on (``training.replicates``;
+    0: ``models/{task}/main``): each replicate draws its own start images, random transforms and re-initialised control
     (:func:`brainfv.jobs.featviz.replicate_seed`), shared with the other tasks' networks of the same index."""
 
     only_unit: int | None = None
@@ -54,6 +55,7 @@ class VisualizeRequest:
     randomized: bool
     converge: dict = dataclasses.field(default_factory=dict)  # the plateau criterion (featviz.converge)
     position: object = "centre"  # where a neuron objective reads: centre, lesions or [x, y, z] mm (featviz.probes)
+    positions: int = 1  # how many probe positions (position: lesions; featviz.probes.probe_positions)
     replicate: int = 0  # the task's trained network (training.replicates)
     amp: bool | None = None  # bf16 autocast (featviz.amp; None: on CUDA)
 
@@ -66,7 +68,7 @@ class VisualizeRequest:
         """The request a job was given; a missing or unknown key is named."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = sorted(set(d) - names), sorted(names - set(d) - {"only_unit", "replicate", "converge",
-                                                                                        "position", "amp"})
+                                                                                        "position", "positions", "amp"})
         if unknown or missing:
             raise ConfigError(f"visualize request: unknown keys {unknown}, missing keys {missing}")
         return cls(**d)
@@ -92,7 +94,8 @@ def visualize_request(cfg: dict, *, task: str, layer: str, spec: dict, regulariz
         steps=pick(steps, fv["steps"]), lr=pick(lr, fv["lr"]), n_seeds=pick(n_seeds, spec.get("seeds", fv["seeds"])),
         n_real=fv["n_real"], micro_batch=fv["micro_batch"], device=pick(device, fv["device"]),
         seed=pick(seed, cfg["seed"]), randomized=pick(randomized, cfg["compare"]["randomized"]),
-        converge=fv["converge"], position=spec.get("position", "centre"), replicate=replicate, amp=fv["amp"])
+        converge=fv["converge"], position=spec.get("position", "centre"), positions=spec.get("positions", 1),
+        replicate=replicate, amp=fv["amp"])
 
 
 def layer_replicates(cfg: dict, task: str, layer: str) -> list[int]:
@@ -108,7 +111,7 @@ def exemplars_request(cfg: dict, task: str, layer: str) -> dict:
     spec = layer_spec(cfg, task, layer)
     return {"task": task, "layer": layer, "module": spec["layer"], "units": spec["units"],
             "objective": spec["objective"], "k": cfg["featviz"]["exemplars"], "device": cfg["featviz"]["device"],
-            "position": spec.get("position", "centre")}
+            "position": spec.get("position", "centre"), "positions": spec.get("positions", 1)}
 
 
 def provided(cfg: dict, task: str) -> bool:
@@ -176,9 +179,15 @@ def check_requests(cfg: dict) -> None:
     classifier has two units for the ``sex`` and ``lesion`` targets, an unknown number otherwise). A given
     model's (``tasks.<task>.model``) come from its ``describe_model`` outputs (``model.json`` and
     ``units.tsv`` under ``results``) once they exist; before that, that job checks them, ahead of every
-    visualization of the task.
+    visualization of the task. ``positions`` > 1 needs ``objective: neuron`` with ``position: lesions`` (whether
+    that many positions fit is known once the model and the lesion frequency map exist: the job says).
     """
     for i, spec in enumerate(cfg["featviz"]["layers"]):
+        k = spec.get("positions", 1)
+        if k != 1 and (spec.get("objective", "channel") != "neuron" or spec.get("position", "centre") != "lesions"):
+            raise ConfigError(f"config key featviz.layers[{i}].positions: {k} probe positions need objective: neuron "
+                              f"with position: lesions (this request: objective {spec.get('objective', 'channel')}, "
+                              f"position {spec.get('position', 'centre')!r}, one place)")
         for task in spec.get("tasks", list(cfg["tasks"])):
             tcfg = cfg["tasks"][task]
             if "model" in tcfg:

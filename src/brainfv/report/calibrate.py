@@ -111,12 +111,14 @@ def summarise(paired: pd.DataFrame, metrics: Sequence[str], n_boot: int = 2000, 
     those gains over every control present (``controls``) with its interval and intersection–union p
     (``min_gain``, ``min_gain_lo``, ``min_gain_hi``, ``p_min_gain``), ``z`` (mean distance from the pooled
     controls in their SD) and the randomization check. Intervals and p: :mod:`brainfv.report.stats`
-    (``method`` t or bootstrap), over trained replicates (a ``replicate`` column), units and seeds.
+    (``method`` t or bootstrap), over trained replicates (a ``replicate`` column), units and seeds (and probe
+    positions between units and seeds where a ``position_index`` column has several: ``n_positions``).
 
     ``class`` is the intended class of class-logit units (``intended_class``; its visualizations are read on
     their own: a 'present' and an 'absent' logit answer different questions) and empty for other units."""
     rows = []
     nan4 = (np.nan,) * 4
+    positions = stats.POSITION in paired and paired[stats.POSITION].nunique() > 1  # a level only where it varies
     for (task, layer, reg, cls), g in _with_class(paired).groupby(GROUP, sort=False):
         for m in metrics:
             if m not in g or not np.isfinite(g[m].to_numpy(float)).any():
@@ -127,6 +129,7 @@ def summarise(paired: pd.DataFrame, metrics: Sequence[str], n_boot: int = 2000, 
                    "converged_share": float(g["converged"].astype(float).mean()) if "converged" in g else np.nan,
                    "n_units": g["unit"].nunique(),
                    "n_replicates": g["replicate"].nunique() if "replicate" in g else 1,
+                   **({"n_positions": g[stats.POSITION].nunique()} if positions else {}),
                    "mean": mean, "ci_low": lo, "ci_high": hi}
             gains = {}
             for kind in CONTROLS:

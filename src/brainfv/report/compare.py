@@ -254,7 +254,9 @@ def _paired_volumes(o, c):
 def _entry_context(e, truth, output_layers):
     """What scoring one visualization job needs: its truth, trained table (volume i is the row with volume == i,
     never an assumed order), region, volumes, units and seeds, whether it reads the class logits, and the
-    preferred class of each intermediate unit (its lesion metrics and its controls' read with that sign)."""
+    preferred class of each intermediate unit (its lesion metrics and its controls' read with that sign).
+    A request probed at several positions (``position_index``) has a region and preferred classes per position:
+    ``groups`` holds, per position, its volumes' indices, region and preferred classes (one group otherwise)."""
     from ..featviz.study import parse_region
 
     tab = e["table"]
@@ -269,11 +271,35 @@ def _entry_context(e, truth, output_layers):
     if len(rt) and (rt["unit"].tolist() != unit_of or rt["seed"].tolist() != seed_of):
         raise ValueError(f"{e['task']} {e['layer']} {e['regularizer']}: randomized.nii.gz is not laid out "
                          "like units.nii.gz")
-    preferred = dict(zip(tt["unit"].astype(int), tt["preferred_class"].fillna("").astype(str))) \
-        if "preferred_class" in tt else {}
-    return {"truth": truth, "tt": tt, "region": parse_region(tt["region"].iloc[0]), "vols": vols,
-            "unit_of": unit_of, "seed_of": seed_of, "preferred": preferred,
+    groups = []
+    for _, g in tt.groupby(tt["position_index"] if "position_index" in tt else np.zeros(len(tt), int), sort=True):
+        preferred = dict(zip(g["unit"].astype(int), g["preferred_class"].fillna("").astype(str))) \
+            if "preferred_class" in g else {}
+        groups.append({"index": g.index.to_numpy(), "region": parse_region(g["region"].iloc[0]),
+                       "preferred": preferred})
+    return {"truth": truth, "tt": tt, "groups": groups, "vols": vols,
+            "unit_of": unit_of, "seed_of": seed_of,
             "is_output": out_layer is not None and e["module"] == out_layer}
+
+
+def _group_of(c):
+    """The position group (index into ``c["groups"]``) of each trained volume."""
+    of = np.zeros(len(c["vols"]), int)
+    for k, g in enumerate(c["groups"]):
+        of[g["index"]] = k
+    return of
+
+
+def _grouped(c, volumes, units_, score, pair=None):
+    """``score(volumes, units, group)`` per probe position of the entry, reassembled in the order of ``volumes``;
+    volume ``i`` is (a control paired with) trained volume ``pair[i]`` (default ``i``)."""
+    member = _group_of(c)[np.arange(len(volumes)) if pair is None else np.asarray(pair, int)]
+    out = [None] * len(volumes)
+    for k, g in enumerate(c["groups"]):
+        idx = np.flatnonzero(member == k)
+        for i, r in zip(idx, score([volumes[i] for i in idx], [units_[i] for i in idx], g)):
+            out[i] = r
+    return out
 
 
 def _class_of(c, u):
@@ -288,25 +314,35 @@ def _replicate(e):
 def _trained_rows(e, c):
     """One row per trained visualization: its table row, ground-truth scores, quality ratios, transfer
     probability and the lesion hit's chance (over the positions a best match can take in region and mask)."""
-    truth, region, vols = c["truth"], c["region"], c["vols"]
-    real_tv, real_hf = truth.real_stats(region)
-    scores = score_volumes(truth, vols, c["unit_of"], region, c["is_output"], preferred=c["preferred"])
+    truth, vols = c["truth"], c["vols"]
+
+    def score(volumes, units_, g):
+        region = g["region"]
+        real_tv, real_hf = truth.real_stats(region)
+        base = base_rate(truth.lesion_map, truth.bank().valid_positions(region, truth.mask)) \
+            if truth.kind == "lesion" else float("nan")
+        sc = score_volumes(truth, volumes, units_, region, c["is_output"], preferred=g["preferred"])
+        return [{**s, **quality_ratios(v, real_tv, real_hf, truth.mask, region), "lesion_hit_base_rate": base}
+                for s, v in zip(sc, volumes)]
+
+    scores = _grouped(c, vols, c["unit_of"], score)
     probs = _transfer_probs(c["transfer"], vols, c["unit_of"]) if c["is_output"] else [np.nan] * len(vols)
-    base = base_rate(truth.lesion_map, truth.bank().valid_positions(region, truth.mask)) \
-        if truth.kind == "lesion" else float("nan")
     rows = []
     for i, u in enumerate(c["unit_of"]):
         row = c["tt"].iloc[i].to_dict()
-        row.update(scores[i], **quality_ratios(vols[i], real_tv, real_hf, truth.mask, region),
-                   transfer_prob=probs[i], lesion_hit_base_rate=base, intended_class=_class_of(c, u))
+        base = scores[i].pop("lesion_hit_base_rate")
+        row.update(scores[i], transfer_prob=probs[i], lesion_hit_base_rate=base, intended_class=_class_of(c, u))
         row.update(_replicate(e))
         rows.append(row)
     return rows
 
 
-def _control_rows(e, c, kind, volumes, units_, seeds_, source):
-    """Rows of one kind of control, scored like the trained visualizations they pair with."""
-    sc = score_volumes(c["truth"], volumes, units_, c["region"], c["is_output"], preferred=c["preferred"])
+def _control_rows(e, c, kind, volumes, units_, seeds_, source, pair=None):
+    """Rows of one kind of control, scored like the trained visualizations they pair with (``volumes[i]`` with
+    trained volume ``i``, or with ``pair[i]`` when given: the surrogates' several copies of each), in the region
+    of that visualization's probe position."""
+    sc = _grouped(c, volumes, units_, lambda v, u, g: score_volumes(c["truth"], v, u, g["region"], c["is_output"],
+                                                                      preferred=g["preferred"]), pair)
     pr = _transfer_probs(c["transfer"], volumes, units_) if c["is_output"] else [np.nan] * len(volumes)
     return [{"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u, "seed": s,
              "control": kind, "source": source, **v_sc, "transfer_prob": p, "intended_class": _class_of(c, u),
@@ -319,13 +355,15 @@ def _surrogate_rows(e, c, n_surrogates, seed):
 
     rep = () if e.get("replicate") is None else (e["replicate"],)
     rng = np.random.default_rng(stable_seed(seed, "surrogate", e["task"], e["layer"], e["regularizer"], *rep))
-    sur, su, ss = [], [], []
+    sur, su, ss, pair = [], [], [], []
+    group_of = _group_of(c)
     for i, v in enumerate(c["vols"]):
-        for sv in phase_surrogates(v, n_surrogates, rng, c["region"], c["truth"].mask):
+        for sv in phase_surrogates(v, n_surrogates, rng, c["groups"][group_of[i]]["region"], c["truth"].mask):
             sur.append(sv)
             su.append(c["unit_of"][i])
             ss.append(c["seed_of"][i])
-    return _control_rows(e, c, "surrogate", np.asarray(sur), su, ss, "phase-randomised copy")
+            pair.append(i)
+    return _control_rows(e, c, "surrogate", np.asarray(sur), su, ss, "phase-randomised copy", pair)
 
 
 def attribution_rows(truth: Truth, maps: dict, method: str, layer: str, output_layer: str | None) -> list[dict]:

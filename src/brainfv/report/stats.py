@@ -5,6 +5,12 @@ A summary value is the mean of a metric over visualizations nested as independen
 top level that varies is the one whose spread counts: replicates when there are several, else units,
 else seeds.
 
+A neuron request probed at several positions (``featviz.layers[].positions``; a ``position_index`` column with
+more than one value) has one more level, between units and seeds: :func:`grid` then returns (replicates, units,
+positions, seeds) and the intervals see the seeds' mean within each position as the lowest level (seeds within a
+position are averaged first, then positions within a unit, then units within a replicate): positions take the
+place of seeds. With one position nothing changes.
+
 Methods (``method`` arguments):
 
 ``t``          Student t over the top level's means (replicate means, else unit means, else the seeds'
@@ -33,22 +39,41 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-__all__ = ["METHODS", "adjust", "grid", "hierarchical_bootstrap", "joint_gains", "mean_interval", "simulate_coverage",
-           "t_interval", "top_means"]
+__all__ = ["METHODS", "adjust", "collapse", "grid", "hierarchical_bootstrap", "joint_gains", "mean_interval",
+           "simulate_coverage", "t_interval", "top_means"]
 
 METHODS = ("t", "bootstrap", "bca")
 LEVELS = ("replicate", "unit", "seed")
+POSITION = "position_index"  # the level between unit and seed, where a request has several probe positions
 
 
 def grid(df: pd.DataFrame, value: str) -> np.ndarray:
     """``df`` (columns ``unit``, ``seed``, optionally ``replicate``, and ``value``) as an array
-    (replicates, units, seeds) with NaN where missing."""
+    (replicates, units, seeds) with NaN where missing; with a ``position_index`` column of several values,
+    (replicates, units, positions, seeds) (:func:`collapse` makes it three levels)."""
     d = df.assign(replicate=df.get("replicate", 0))
+    if POSITION in d and d[POSITION].nunique() > 1:
+        piv = d.pivot_table(index=["replicate", "unit", POSITION], columns="seed", values=value, aggfunc="mean",
+                            dropna=False)
+        reps, units, pos = (sorted(d[k].unique()) for k in ("replicate", "unit", POSITION))
+        piv = piv.reindex([(r, u, q) for r in reps for u in units for q in pos])
+        return piv.to_numpy(float).reshape(len(reps), len(units), len(pos), -1)
     piv = d.pivot_table(index=["replicate", "unit"], columns="seed", values=value, aggfunc="mean", dropna=False)
     reps = sorted(d["replicate"].unique())
     units = sorted(d["unit"].unique())
     piv = piv.reindex([(r, u) for r in reps for u in units])
     return piv.to_numpy(float).reshape(len(reps), len(units), -1)
+
+
+def collapse(values: np.ndarray) -> np.ndarray:
+    """A (replicates, units, positions, seeds) array as (replicates, units, positions): the mean of each
+    position's seeds (NaNs ignored; NaN where a position has none). Fewer dimensions: unchanged."""
+    v = np.asarray(values, float)
+    if v.ndim < 4:
+        return v
+    ok = np.isfinite(v)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, v, 0).sum(-1) / ok.sum(-1)
 
 
 def top_means(values: np.ndarray) -> np.ndarray:
@@ -114,10 +139,12 @@ def hierarchical_bootstrap(values: np.ndarray, n_boot: int = 2000, seed: int = 0
 
 def mean_interval(values: np.ndarray, method: str = "t", level: float = 0.95, n_boot: int = 2000,
                   seed: int = 0) -> tuple[float, float, float, float, int]:
-    """Mean of ``values`` (array replicates × units × seeds, or units × seeds; NaN = missing) with its interval
-    and one-sided p for a mean above zero: ``(mean, low, high, p, n)``, ``n`` the number of finite values."""
+    """Mean of ``values`` (array replicates × units × seeds, or units × seeds, or replicates × units × positions ×
+    seeds; NaN = missing) with its interval and one-sided p for a mean above zero: ``(mean, low, high, p, n)``,
+    ``n`` the number of finite values."""
     v = np.asarray(values, float)
     n = int(np.isfinite(v).sum())
+    v = collapse(v)
     if n == 0:
         return np.nan, np.nan, np.nan, np.nan, 0
     top = top_means(v)
@@ -140,6 +167,7 @@ def joint_gains(gains: dict[str, np.ndarray], method: str = "t", level: float = 
     ``gains``: dict control -> array (replicates, units, seeds) of paired gains, all of one shape (the same
     visualizations). Returns ``(per_control, smallest)``: dict control -> ``(mean, low, high, p)`` and the
     tuple ``(min_gain, low, high, p)`` (NaNs when no control has values)."""
+    gains = {k: collapse(g) for k, g in gains.items()}  # several probe positions: seeds averaged within each
     kinds = [k for k, g in gains.items() if np.isfinite(g).any()]
     per = {}
     for k in kinds:
