@@ -22,6 +22,7 @@ __all__ = [
     "temporary_name",
     "remove_stale_temporaries",
     "terminate_cleanly",
+    "release_memory",
     "Terminated",
     "write_json",
     "stable_seed",
@@ -175,6 +176,20 @@ def terminate_cleanly(signals: tuple = (signal.SIGTERM, signal.SIGINT)) -> Itera
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def release_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). After
+    freeing a large array glibc raises its mmap threshold, so later arrays of up to 32 MB come from the heap and
+    their freed pages stay counted in the process's memory: the comparison's resident memory grew by 260 MB
+    over its jobs without it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def write_json(obj: object, path: str | Path) -> None:

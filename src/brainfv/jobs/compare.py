@@ -124,17 +124,30 @@ def _volumes(path: str) -> np.ndarray:
     return np.moveaxis(np.asarray(nib.load(path).dataobj, dtype=np.float32), -1, 0)
 
 
+class LazyVolumes:
+    """A visualization job's volumes (seeds, units, X, Y, Z), read from its NIfTI each time they are used and not
+    kept: the comparison holds one job's volumes (and its other-model control's) at a time instead of every job's
+    (the default study's 39 jobs: 321 MB)."""
+
+    def __init__(self, path: str, n_units: int) -> None:
+        self.path, self.n_units = path, n_units
+
+    def load(self) -> np.ndarray:
+        v = _volumes(self.path)
+        return v.reshape((-1, self.n_units) + v.shape[1:])
+
+    def reshape(self, *shape: int | tuple) -> np.ndarray:
+        return self.load().reshape(*shape)
+
+
 def _load_entry(e: dict) -> dict:
-    """A visualization job's record with its table and its volumes as (seeds, units, X, Y, Z), trained and
-    randomized, in place of their paths."""
+    """A visualization job's record with its table, and its trained and randomized volumes as
+    :class:`LazyVolumes` (seeds, units, X, Y, Z), in place of their paths."""
     tab = pd.read_csv(e["table"], sep="\t")
     n_units = tab.loc[tab["network"] == "trained", "unit"].nunique()
-    tr = _volumes(e["nifti"])
-    rnd = _volumes(e["randomized"]) if e.get("randomized") else None
-    shape = (-1, n_units) + tr.shape[1:]
     keep = {k: v for k, v in e.items() if k not in ("nifti", "table", "randomized")}
-    return {**keep, "table": tab, "trained": tr.reshape(shape),
-            "randomized": rnd.reshape(shape) if rnd is not None else None}
+    return {**keep, "table": tab, "trained": LazyVolumes(e["nifti"], n_units),
+            "randomized": LazyVolumes(e["randomized"], n_units) if e.get("randomized") else None}
 
 
 def _attribution_scores(attributions: list[dict], entries: list[dict], truths: dict, outputs: dict) -> list:

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import LesionConfig
+from ..utils import release_memory
 from .metrics import (
     TemplateBank,
     base_rate,
@@ -201,7 +202,8 @@ def compare_entries(entries: list[dict], truths: dict, transfer_models: dict, ou
                     n_surrogates: int = 2, seed: int = 0, log: Callable | None = None,
                     heads: dict | None = None) -> tuple:
     """Score every entry (dict: ``task, layer, module, regularizer, table`` (the visualize table),
-    ``trained`` and ``randomized`` (arrays seeds × units × X × Y × Z, randomized may be None), optionally
+    ``trained`` and ``randomized`` (seeds × units × X × Y × Z: arrays, or what has their ``reshape``, such as
+    a reader that loads them when used; randomized may be None), optionally
     ``replicate``: the independently trained network it comes from, the top level of the summary's
     hierarchy; the other task's control is then that task's network of the same replicate index, or its first
     where it has fewer replicates) against its
@@ -237,6 +239,7 @@ def compare_entries(entries: list[dict], truths: dict, transfer_models: dict, ou
         if n_surrogates:
             control_rows += _surrogate_rows(e, c, n_surrogates, seed)
         log(f"compared {e['task']} {e['layer']} {e['regularizer']}: {len(c['vols'])} visualizations with controls")
+        release_memory()  # one job's volumes and scores at a time (utils.release_memory)
     return pd.DataFrame(trained_rows), pd.DataFrame(control_rows)
 
 
