@@ -1,7 +1,13 @@
 """The GPU path measured on a GPU: training throughput and the visualization loop, at the laptop grid and the paper's.
 
-    .venv/bin/python benchmarks/gpu.py --pack .gpu     # here, on the CPU: what the GPU run needs (about 25 MB)
+    .venv/bin/python benchmarks/gpu.py --pack .gpu     # here, on the CPU: what the GPU run needs (about 10 MB)
     python3 benchmarks/gpu.py --data .gpu --out OUT    # on the GPU machine (after pytest tests/test_cuda.py)
+
+On the GPU machine the library needs, beyond its image's torch/numpy/scipy/pandas/scikit-learn/pyyaml/pytest,
+the wheels of nibabel, nilearn, jsonschema, jsonschema-specifications, referencing and rpds-py (cp312), and an
+empty stand-in package ``torchio`` (imported by the synthetic cohort, which the GPU run never builds); start the
+command with ``python3 -c "import nibabel, nilearn, jsonschema, sklearn, yaml, brainfv.training"`` so a missing
+package fails in seconds, not after the machine's start.
 
 ``--pack`` takes from a finished default study (``results/``) 160 volumes of the lesion dataset (80 subjects, each
 with and without planted lesions, their splits kept; float16), its mask and reference image, and the trained lesion
@@ -60,8 +66,7 @@ def pack(out, results):
     rows.to_csv(out / "participants.tsv", sep="\t", index=False)
     for name in ("mask.nii.gz", "reference.nii.gz"):
         shutil.copy(ds.root / name, out / name)
-    for task in ("lesion", "lesion-flatten"):
-        shutil.copy(results / "models" / task / "main" / "model.pt", out / f"{task}.pt")
+    shutil.copy(results / "models" / "lesion" / "main" / "model.pt", out / "lesion.pt")
     counts = pd.crosstab(rows["split"], rows["lesion"]).to_dict()
     print(f"packed {len(rows)} volumes of {len(keep)} subjects ({counts}) into {out}: "
           f"{sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB")
@@ -246,20 +251,26 @@ def viz_layer(rec, grid, model, ds, layer, n_units, seeds, device, steps, preset
                 objective_end_median=round(float(np.median(r.objective_end)), 4), peak_gb=round(peak_gb(), 2))
     a, b = res[True], res[False]
     d = np.abs(a.objective_end - b.objective_end) / (np.abs(b.objective_end) + 1e-6)
-    c = [float(np.corrcoef(a.images[j].ravel(), b.images[j].ravel())[0, 1]) for j in range(len(a.images))]
+    corr = lambda x, y: float(np.corrcoef(x.ravel(), y.ravel())[0, 1])  # noqa: E731
+    c = [corr(a.images[j], b.images[j]) for j in range(len(a.images))]
+    # the reference: fp32 images of the same unit from another seed (elements are seed-major)
+    ref = [corr(b.images[j], b.images[j + n_units]) for j in range(len(b.images) - n_units)] or [float("nan")]
     rec.add(**base, case="bf16 vs fp32 agreement", batch=len(c), objective_rel_diff_median=round(float(np.median(d)),
-            4), objective_rel_diff_max=round(float(d.max()), 4), image_corr_median=round(float(np.median(c)), 3))
+            4), objective_rel_diff_max=round(float(d.max()), 4), image_corr_median=round(float(np.median(c)), 3),
+            image_corr_other_seed_fp32_median=round(float(np.median(ref)), 3))
     for amp in (True, False):
-        walls, steps_run = [], []
+        walls, loops, steps_run = [], [], []
         peak_reset()
         for u in units[:alone]:
             wall, r = render_case(model, layer, [u], 1, ds, device, amp=amp, steps=steps, preset=preset,
                                   objective=objective)
             walls.append(wall)
+            loops.append(r.seconds)  # the loop alone (the wall time includes the objective's scale on 32 volumes)
             steps_run.append(int(r.info["steps_run"][0]))
         per = float(np.mean(walls))
         rec.add(**base, case=f"one unit at a time to convergence ({'bf16' if amp else 'fp32'})", batch=1,
                 units_measured=len(walls), seconds_per_element=round(per, 3),
+                loop_seconds_per_element=round(float(np.mean(loops)), 3),
                 element_steps_per_s=round(sum(steps_run) / sum(walls), 1),
                 seconds_full_layer_extrapolated=round(per * n_units * seeds, 1),
                 steps_median=int(np.median(steps_run)), peak_gb=round(peak_gb(), 2))

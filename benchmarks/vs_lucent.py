@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+AMP = {"off": False, "on": True, "auto": None}
 sys.path.insert(0, str(ROOT / "src"))
 
 
@@ -116,6 +117,9 @@ def main():
     ap.add_argument("--lr", type=float, default=None, help="override every preset's lr")
     ap.add_argument("--requests", default="mid,logits")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--amp", default="off", choices=["off", "on", "auto"],
+                    help="bf16 autocast of brainfv's steps: off (default; fp32 like the Lucent-style loop, so the "
+                         "ratio is the engineering alone), on, or auto (the study's default, featviz.amp: null)")
     a = ap.parse_args()
     if a.quick:
         a.grid, a.presets, a.rounds, a.step_steps = 4, "none,fourier", 3, 10
@@ -155,7 +159,7 @@ def main():
 
             def ours():
                 r = render(model, obj, shape, preset, steps=a.steps, lr=fv["lr"], seeds=seeds, mask=mask,
-                           real_volumes=real, data_range=drange, converge=fv["converge"])
+                           real_volumes=real, data_range=drange, converge=fv["converge"], amp=AMP[a.amp])
                 return r.info["steps_run"], r.info["converged"]
 
             def theirs():
@@ -201,7 +205,7 @@ def per_step(model, reqs, shape, mask, real, drange, fv, a):
         obj = O.channel(layer, units)
         def ours(n):  # the loop's own seconds (render's setup, e.g. the objective scale, is not a step)
             return render(model, obj, shape, preset, steps=n, lr=fv["lr"], seeds=seeds, mask=mask, real_volumes=real,
-                          data_range=drange, converge=off).seconds
+                          data_range=drange, converge=off, amp=AMP[a.amp]).seconds
 
         def theirs(n):
             t0 = time.perf_counter()

@@ -24,13 +24,14 @@ def _corr(a, b):
 
 
 def test_training_runs_on_cuda_with_bf16_autocast(tmp_path):
+    from test_training import ARCH, FAST  # the settings that learn the toy set on the CPU (test_toy_set_is_learned)
+
     from brainfv.models import load_checkpoint
     from brainfv.training import train_task
 
     root = toy_dataset(tmp_path / "toy", n=24)
-    arch = {"channels": [4, 8], "dropout": 0.0}
-    training = {"epochs": 4, "batch_size": 4, "lr": 0.01, "patience": 10, "num_workers": 0, "device": "cuda"}
-    m = train_task(root, "toy", "label", arch, training, 0, tmp_path / "out", tmp_path / "ck")
+    m = train_task(root, "toy", "label", ARCH, {**FAST, "device": "cuda"}, 0, tmp_path / "out", tmp_path / "ck")
+    assert m["precision"] == "bf16"
     assert m["device"].startswith("cuda")
     import pandas as pd
 
@@ -61,17 +62,23 @@ def test_visualization_runs_on_cuda_with_bf16_autocast():
     assert r.info["micro_batch"] == 4  # CUDA evaluates the whole batch at once
 
 
-def _agree(ref, other, tag, rel_tol):
-    """``other`` agrees with ``ref`` (same seeds) when each image is closer to its own reference than
-    to the reference of another seed is (numerical noise changes the picture less than a new start does),
-    and the objective reached differs by less than ``rel_tol`` (+ 0.02 absolute); printed with ``pytest -s``."""
+def _agree(ref, other, tag, rel_tol, min_corr=None, reseeded=None):
+    """``other`` agrees with ``ref`` (same units, same seeds): each image correlates with its reference at least
+    ``min_corr``, or — ``reseeded``: ``ref``'s units from other seeds, same precision — more than the reference
+    correlates with its own unit started elsewhere (the numerical difference changes the picture less than a new
+    start does); and the objective reached differs by at most ``rel_tol`` (relative, + 0.02 absolute). The
+    figures are printed (``pytest -s``)."""
     n = len(ref.images)
     same = [_corr(ref.images[j], other.images[j]) for j in range(n)]
-    cross = [_corr(ref.images[j], ref.images[(j + 1) % n]) for j in range(n)]
     end_ref, end = (np.asarray(r.objective_end, np.float64) for r in (ref, other))
-    print(f"{tag}: image corr same seed {np.round(same, 3).tolist()} vs next element {np.round(cross, 3).tolist()}; "
-          f"objective {np.round(end_ref, 3).tolist()} vs {np.round(end, 3).tolist()}")
-    assert all(s > c for s, c in zip(same, cross)), (same, cross)
+    print(f"{tag}: image corr {np.round(same, 3).tolist()}; objective {np.round(end_ref, 3).tolist()} vs "
+          f"{np.round(end, 3).tolist()}")
+    if reseeded is not None:
+        cross = [_corr(ref.images[j], reseeded.images[j]) for j in range(n)]
+        print(f"    reference: the same unit from another seed {np.round(cross, 3).tolist()}")
+        assert all(s > c for s, c in zip(same, cross)), (same, cross)
+    if min_corr is not None:
+        assert min(same) >= min_corr, same
     assert (np.abs(end - end_ref) <= rel_tol * np.abs(end_ref) + 0.02).all(), (end_ref, end)
 
 
@@ -85,14 +92,20 @@ def test_batched_equals_one_unit_at_a_time_on_cuda(amp):
     alone = [_render(model, [u], amp) for u in units]
     joined = types.SimpleNamespace(images=np.stack([a.images[0] for a in alone]),
                                    objective_end=np.array([a.objective_end[0] for a in alone]))
-    _agree(batched, joined, f"batched vs alone, amp={amp}", 0.02 if not amp else 0.05)
+    if amp:  # bf16 rounding differs with the batch's convolution algorithm: judged against a new start
+        reseeded = _render(model, units, amp, seeds=[900 + u for u in units])
+        _agree(batched, joined, "batched vs alone, bf16", 0.05, reseeded=reseeded)
+    else:  # fp32 (TF32 convolutions by default): as close as the CPU's micro-batches of 2 are to one volume at a time
+        # on this model (image correlation 0.984-1.0, objective within 1.8e-3 relative; 48 steps, Fourier)
+        _agree(batched, joined, "batched vs alone, fp32", 5e-3, min_corr=0.98)
 
 
 def test_bf16_and_fp32_visualizations_agree():
     model = small_model().cuda()
     units = [0, 1, 2, 3]
     f32, bf = _render(model, units, amp=False), _render(model, units, amp=True)
-    _agree(f32, bf, "bf16 vs fp32", 0.05)
+    reseeded = _render(model, units, amp=False, seeds=[900 + u for u in units])
+    _agree(f32, bf, "bf16 vs fp32", 0.05, reseeded=reseeded)
 
 
 def test_layer_job_path_on_cuda_matches_the_cpu():
@@ -104,11 +117,12 @@ def test_layer_job_path_on_cuda_matches_the_cpu():
     real = [rng.normal(size=SHAPE).astype(np.float32) for _ in range(4)]
     kw = dict(shape=SHAPE, mask=np.ones(SHAPE, bool), real_volumes=real, test_volumes=real, seed=0, task="t",
               regularizer="none", steps=32, n_seeds=2, objective="neuron", converge={"enabled": False})
-    cpu = visualize_layer(model, "block2.norm", [0, 1, 2], {"jitter": 1}, device="cpu", micro_batch=1, **kw)
+    cpu = visualize_layer(model, "block2.norm", [0, 1, 2], {"jitter": 1}, device="cpu", micro_batch=1, amp=False,
+                          **kw)
     gpu = visualize_layer(small_model().cuda(), "block2.norm", [0, 1, 2], {"jitter": 1}, device="cuda", amp=False,
                           **kw)
     import types
 
     as_result = [types.SimpleNamespace(images=r.images.reshape(6, -1),
                                        objective_end=r.table["objective_end"].to_numpy()) for r in (cpu, gpu)]
-    _agree(*as_result, "CPU vs CUDA (fp32), neuron objective with cropping", 0.02)
+    _agree(*as_result, "CPU vs CUDA (fp32), neuron objective with cropping", 0.02, min_corr=0.99)

@@ -247,3 +247,28 @@ def test_sex_control_optimum_is_undefined_in_cells_that_leave_the_brain_mask():
     mask[7, 7, 7] = False
     inside = _cells_inside(mask, 2)   # cells of 4 voxels
     assert inside[:4, :4, :4].all() and not inside[4:, 4:, 4:].any() and inside.sum() == 64
+
+
+@pytest.mark.parametrize("d", [4.0, 5.02, 5.2, 6.0])
+def test_template_kernel_is_the_smallest_that_holds_the_template(d):
+    """A kernel two voxels wider only adds an all-zero border (the same function at more cost); the kernel's own
+    border is not all zero."""
+    k = lesion_template_kernel(d)
+    wider = lesion_template_kernel(d, size=k.shape[0] + 2)
+    inner = wider[1:-1, 1:-1, 1:-1]
+    assert np.allclose(inner, k, atol=1e-6)
+    assert np.abs(wider).sum() - np.abs(inner).sum() < 1e-5
+    assert np.abs(k).sum() - np.abs(k[1:-1, 1:-1, 1:-1]).sum() > 1e-3
+
+
+def test_positive_controls_are_visualised_in_fp32_unless_asked():
+    from brainfv.device import autocast_default, native_bf16
+    from brainfv.jobs.featviz import request_precision
+
+    said = []
+    control = {"meta": {"role": "positive control"}}
+    assert request_precision({"amp": None}, control, said.append) is False and "fp32" in said[0]
+    assert request_precision({"amp": True}, control, said.append) is True  # asked for
+    assert request_precision({"amp": None}, {"meta": {"role": "main"}}, said.append) is None  # the default
+    assert autocast_default("cuda") and autocast_default("cpu") == native_bf16()
+    assert isinstance(native_bf16(), bool)

@@ -34,10 +34,13 @@ def native_bf16() -> bool:
 
 def autocast_default(device: str | torch.device) -> bool:
     """bf16 autocast in the visualization loop unless asked otherwise (``featviz.amp: null``): on CUDA, and on a
-    CPU with native bf16. Measured on the 4 mm grid (trained lesion network, class logits, 16 elements to the
-    plateau, one thread, AMD EPYC with AVX512-BF16): 8.1 vs 11.6 ms per element-step (voxel), 11.5 vs 16.3
-    (Fourier), the same objective reached (42.88 vs 42.86) and all converged; on CPUs without it bf16 is emulated
-    and slower, so fp32 stays."""
+    CPU with native bf16. Measured on the 4 mm grid (one thread, AMD EPYC with AVX512-BF16; benchmarks/precision.py,
+    the default study's lesion, lesion-flatten and sex networks, class logits, 8 seeds x 3 presets): 142 vs 173 s
+    of loop time to the plateau, and the endpoint metrics unchanged — the paired bf16 - fp32 differences of
+    lesion_ncc, lesion_map_corr and effect_corr average within 2.2 standard errors of 0 and within the spread
+    between seeds (each image itself differs from its fp32 twin about as much as a new start does). On CPUs
+    without native bf16 it is emulated and slower, so fp32 stays. Training does not use this default
+    (:func:`brainfv.training.step_autocast`)."""
     device = torch.device(device)
     return device.type == "cuda" or (device.type == "cpu" and native_bf16())
 

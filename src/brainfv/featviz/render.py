@@ -426,9 +426,8 @@ def render(model: torch.nn.Module, objective: object, shape: Sequence[int], pres
     micro_batch : volumes per forward pass (default: ``CPU_MICRO_BATCH`` (2) on the CPU, the whole batch on
         CUDA). With ``micro_batch=1`` a unit is bit-identical alone or in a batch (other CPU kernels' last-bit
         differences can grow through max-pool ties).
-    amp : bf16 autocast of the optimisation steps (default: :func:`~brainfv.device.autocast_default`: on CUDA and
-        on CPUs with native bf16); the objective's scale and the reported start and end values are computed in fp32
-        whatever it is. ``record_every``, ``log``, ``betas``: see :func:`optimize`.
+    amp : bf16 autocast of the steps (default: :func:`~brainfv.device.autocast_default`); scale, start and end values
+        in fp32 whatever it is (``info["amp"]`` says which ran). ``record_every``, ``log``, ``betas``: :func:`optimize`.
     """
     preset = Preset.from_config(preset)
     lr = preset.lr if preset.lr is not None else lr
@@ -457,8 +456,7 @@ def render(model: torch.nn.Module, objective: object, shape: Sequence[int], pres
                        micro_batch=micro_batch, amp=amp, truncate=truncate, record_every=record_every, log=log,
                        scale=scale, converge=converge, betas=betas)
     res.images = _uncrop(res.images, box, shape)
-    res.info["work_shape"] = work_shape
-    res.info["data_range"] = data_range
+    res.info.update(work_shape=work_shape, data_range=data_range, amp=bool(amp))
     return res
 
 

@@ -161,7 +161,8 @@ def visualize_layer(model: nn.Module, layer: str, units: list[int], preset: dict
     ``position``: the map position a neuron objective reads (None: the centre). ``labelled``: ``(volumes,
     labels, classes)`` of validation volumes, on which each unit's preferred class and Cohen's d are measured
     (:func:`brainfv.featviz.probes.class_preference`). ``init_volumes``: the volumes ``init: subject`` starts
-    from (default ``test_volumes``; the study passes the validation split). ``amp``: bf16 autocast (None: on CUDA).
+    from (default ``test_volumes``; the study passes the validation split). ``amp``: bf16 autocast of the steps (None:
+    :func:`brainfv.device.autocast_default`).
     """
     preset = Preset.from_config(preset)
     layer_id = layer_id or layer
@@ -247,7 +248,7 @@ def _unit_rows(res: object, imgs: np.ndarray, units: list[int], seeds: list[int]
                 "position": "" if position is None else ",".join(str(int(q)) for q in position),
                 "preferred_class": pref[j], "class_d": float(class_d[j]),
                 "steps": int(res.info["steps_run"][b]), "converged": bool(res.info["converged"][b]),
-                "stalled": bool(res.info["stalled"][b]),
+                "stalled": bool(res.info["stalled"][b]), "precision": "bf16" if res.info.get("amp") else "fp32",
                 "seconds": res.seconds, "steps_per_s": res.steps_per_s, "batch": len(seeds)})
     return rows
 

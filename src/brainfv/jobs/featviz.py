@@ -51,9 +51,7 @@ def visualize_job(job: Job) -> None:
     p = VisualizeRequest.from_dict(job.params["request"]).as_dict()
     device = pick_device(p["device"])
     model, info = task_model(job, device)
-    if p.get("amp") is None and (info.get("meta") or {}).get("role") == "positive control":  # hand-built: fp32
-        p["amp"] = False  # the sex control reads x + SEX_OFFSET, whose x bf16 would round away
-        job.log("positive-control network: optimised in fp32 (bf16 would round away what its construction reads)")
+    p["amp"] = request_precision(p, info, job.log)
     ds = Dataset(job.folder("participants", "volumes", "mask", "reference"))
     check_model_dataset(model, info, ds.grid, where=job.params.get("model_key", "model"), log=job.log,
                         dataset=f"the dataset {Path(job.input['volumes']).parent}")
@@ -73,6 +71,16 @@ def visualize_job(job: Job) -> None:
     if job.output.get("cascade"):  # an empty list when featviz.cascade is off
         volumes["cascade"] = _cascade(job, model, control_seed, p, units, ds, data, device)
     _write_visualizations(job, p, ds.grid, volumes, tables, trajs)
+
+
+def request_precision(p: dict, info: dict, log: Callable) -> bool | None:
+    """The request's ``amp`` (bf16 autocast; None: :func:`brainfv.device.autocast_default`), except that a hand-built
+    positive control (its checkpoint's ``role``) runs in fp32 unless asked otherwise: the sex control reads
+    ``x + SEX_OFFSET``, whose ``x`` bf16 would round away."""
+    if p.get("amp") is None and (info.get("meta") or {}).get("role") == "positive control":
+        log("positive-control network: optimised in fp32 (bf16 would round away what its construction reads)")
+        return False
+    return p.get("amp")
 
 
 def request_probe(job: Job, model: torch.nn.Module, ds: Dataset, device: torch.device) -> tuple:

@@ -57,7 +57,7 @@ class VisualizeRequest:
     position: object = "centre"  # where a neuron objective reads: centre, lesions or [x, y, z] mm (featviz.probes)
     positions: int = 1  # how many probe positions (position: lesions; featviz.probes.probe_positions)
     replicate: int = 0  # the task's trained network (training.replicates)
-    amp: bool | None = None  # bf16 autocast (featviz.amp; None: on CUDA)
+    amp: bool | None = None  # bf16 autocast (featviz.amp; None: brainfv.device.autocast_default)
 
     def as_dict(self) -> dict:
         """Plain data, in field order (a rule's param: Snakemake compares it between runs)."""

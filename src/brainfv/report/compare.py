@@ -243,14 +243,16 @@ def compare_entries(entries: list[dict], truths: dict, transfer_models: dict, ou
     return pd.DataFrame(trained_rows), pd.DataFrame(control_rows)
 
 
-def _paired_volumes(o, c):
-    """Indices of the other task's trained volumes with the same unit (channel) and seed as each of this
-    entry's visualizations, in its order (a subset of the other's: e.g. a positive control visualising one logit
-    of two), or None when one is missing."""
+def _paired_volumes(o: dict, c: dict) -> np.ndarray | None:
+    """Indices of the other task's trained volumes with the same unit (channel), seed and probe position (map
+    index, where the tables say) as each of this entry's visualizations, in its order (a subset of the other's:
+    e.g. a positive control visualising one logit of two), or None when one is missing."""
     ot = o["table"]
     ot = ot[ot["network"] == "trained"]
-    where = {(int(u), int(sd)): int(v) for u, sd, v in zip(ot["unit"], ot["seed"], ot["volume"])}
-    idx = [where.get((u, sd)) for u, sd in zip(c["unit_of"], c["seed_of"])]
+    by_pos = "position" in ot and "position" in c["tt"]
+    pos = (lambda t: t["position"].fillna("").astype(str).tolist()) if by_pos else (lambda t: [""] * len(t))
+    where = {(int(u), int(sd), p): int(v) for u, sd, p, v in zip(ot["unit"], ot["seed"], pos(ot), ot["volume"])}
+    idx = [where.get((u, sd, p)) for u, sd, p in zip(c["unit_of"], c["seed_of"], pos(c["tt"]))]
     return None if any(i is None for i in idx) else np.asarray(idx)
 
 
@@ -285,7 +287,7 @@ def _entry_context(e, truth, output_layers):
             "is_output": out_layer is not None and e["module"] == out_layer}
 
 
-def _group_of(c):
+def _group_of(c: dict) -> np.ndarray:
     """The position group (index into ``c["groups"]``) of each trained volume."""
     of = np.zeros(len(c["vols"]), int)
     for k, g in enumerate(c["groups"]):
@@ -293,7 +295,7 @@ def _group_of(c):
     return of
 
 
-def _grouped(c, volumes, units_, score, pair=None):
+def _grouped(c: dict, volumes: Sequence, units_: list, score: Callable, pair: Sequence | None = None) -> list:
     """``score(volumes, units, group)`` per probe position of the entry, reassembled in the order of ``volumes``;
     volume ``i`` is (a control paired with) trained volume ``pair[i]`` (default ``i``)."""
     member = _group_of(c)[np.arange(len(volumes)) if pair is None else np.asarray(pair, int)]
