@@ -58,7 +58,8 @@ def units_job(job: Job) -> None:
                                   else f"{method.replace('_', ' ')} (a.u.)", scale="panel", use_for_cuts=False)
     labels = [lab.replace("\n", " ")
               for lab in unit_labels(p["module"], units, meta["classes"], meta.get("output_layer"))]
-    title = f"task {p['task']} · {p['layer']} — {meta.get('cohort', '')}"
+    what = meta.get("cohort") or ("positive control (built by hand)" if meta.get("role") == "positive control" else "")
+    title = f"task {p['task']} · {p['layer']}" + (f" — {what}" if what else "")
     fig = units_on_anatomy_figure(panels, labels, grid, job.output["figure"], title, mask=mask, styles=styles, log=log)
     log(f"figure {job.output['figure']}: {fig.size_px[0]}x{fig.size_px[1]} px, cuts {fig.cut_coords}")
     entries = [{"label": lab, "cut_coords": cut, "panels": {k: v[i] for k, v in panels.items()}}
