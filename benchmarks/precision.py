@@ -9,7 +9,7 @@ preset, ``--seeds`` seeds per class, optimised twice from the same starts — fp
 sex task). Printed per task, preset, class and metric: the mean in fp32 and in bf16, the paired difference
 (mean and SD over seeds), and the seed-to-seed SD of the fp32 values — the spread the study's intervals already
 carry. bf16 is harmless to the study's claims where the paired differences are small against that spread; also
-the steps to convergence and the loop's time, which is what bf16 buys.
+the steps to convergence, the loop's time to the plateau and its time per element-step, which is what bf16 buys.
 """
 import argparse
 import json
@@ -45,7 +45,7 @@ def main():
     cfg = complete(yaml.safe_load((ROOT / "config/config.yaml").read_text()))
     res = Path(a.results)
     print("task\tpreset\tclass\tmetric\tfp32\tbf16\tdiff_mean\tdiff_sd\tseed_sd_fp32\tsteps_fp32\tsteps_bf16\t"
-          "loop_s_fp32\tloop_s_bf16")
+          "loop_s_fp32\tloop_s_bf16\tms_per_element_step_fp32\tms_per_element_step_bf16")
     for task in a.tasks.split(","):
         target = cfg["tasks"][task]["target"]
         data = res / "data" / cfg["tasks"][task]["dataset"]
@@ -73,6 +73,7 @@ def main():
                 vols = r.images.reshape((-1,) + tuple(ds.grid.shape))
                 units = [0, 1] * a.seeds
                 scores[amp] = score_volumes(truth, vols, units, r.region, True)
+            ms = {amp: 1000 * r.result.seconds / max(1, r.result.info["element_steps"]) for amp, r in runs.items()}
             for u, cls in enumerate(meta["classes"]):
                 idx = [s * 2 + u for s in range(a.seeds)]
                 for m in METRICS[truth.kind]:
@@ -83,7 +84,7 @@ def main():
                     print(f"{task}\t{name}\t{cls}\t{m}\t{np.nanmean(f):.3f}\t{np.nanmean(b):.3f}\t{np.nanmean(d):+.3f}\t"
                           f"{np.nanstd(d, ddof=1):.3f}\t{np.nanstd(f, ddof=1):.3f}\t{int(np.median(st[False]))}\t"
                           f"{int(np.median(st[True]))}\t{runs[False].result.seconds:.1f}\t"
-                          f"{runs[True].result.seconds:.1f}", flush=True)
+                          f"{runs[True].result.seconds:.1f}\t{ms[False]:.2f}\t{ms[True]:.2f}", flush=True)
 
 
 if __name__ == "__main__":

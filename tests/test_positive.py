@@ -191,7 +191,7 @@ def test_construct_sex_control_from_a_dataset_folder(toy, tmp_path):
     assert meta["classes"] == ["F", "M"] and meta["construction"]["cells_read"] == 1
     assert meta["construction"]["effect_corr_of_optimum"] > 0.9
     net, m2 = load_checkpoint(tmp_path / "m" / "model.pt")
-    assert m2["role"] == "positive control" and net.arch["head"] == "flatten"
+    assert m2["role"] == "positive control" and net.arch["head"] == "flatten" and m2["precision"] == "fp32"
     bright = np.zeros((1, 1, 12, 14, 12), np.float32)
     bright[..., 4:8, 4:8, 4:8] = 1.0
     with torch.no_grad():
@@ -266,7 +266,7 @@ def test_positive_controls_are_visualised_in_fp32_unless_asked():
     from brainfv.jobs.featviz import request_precision
 
     said = []
-    control = {"meta": {"role": "positive control"}}
+    control = {"meta": {"role": "positive control", "precision": "fp32"}}
     assert request_precision({"amp": None}, control, said.append) is False and "fp32" in said[0]
     assert request_precision({"amp": True}, control, said.append) is True  # asked for
     assert request_precision({"amp": None}, {"meta": {"role": "main"}}, said.append) is None  # the default

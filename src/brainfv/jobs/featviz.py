@@ -57,7 +57,8 @@ def visualize_job(job: Job) -> None:
                         dataset=f"the dataset {Path(job.input['volumes']).parent}")
     units = resolve_request_units(model, p, ds.grid.shape, device)
     data = {"real": split_volumes(ds, "train", p["n_real"]), "test": split_volumes(ds, "test"),
-            "init": split_volumes(ds, "val", 1)}  # init: subject starts here (the same image for every network)
+            "init": split_volumes(ds, "val", 1),  # init: subject starts here (the same image for every network)
+            "template": np.asarray(ds.reference.dataobj, np.float32)}  # read once, not per network
     data["positions"], data["labelled"] = request_probe(job, model, ds, device)
     networks = [("trained", model)]
     control_seed = stable_seed(replicate_seed(p), "randomized", p["task"])
@@ -74,11 +75,11 @@ def visualize_job(job: Job) -> None:
 
 
 def request_precision(p: dict, info: dict, log: Callable) -> bool | None:
-    """The request's ``amp`` (bf16 autocast; None: :func:`brainfv.device.autocast_default`), except that a hand-built
-    positive control (its checkpoint's ``role``) runs in fp32 unless asked otherwise: the sex control reads
-    ``x + SEX_OFFSET``, whose ``x`` bf16 would round away."""
-    if p.get("amp") is None and (info.get("meta") or {}).get("role") == "positive control":
-        log("positive-control network: optimised in fp32 (bf16 would round away what its construction reads)")
+    """The request's ``amp`` (bf16 autocast; None: :func:`brainfv.device.autocast_default`), unless the model's
+    checkpoint states the precision it needs (``precision: fp32``: the hand-built positive controls, whose sex
+    control reads ``x + SEX_OFFSET``, an ``x`` bf16 would round away) and the request does not ask otherwise."""
+    if p.get("amp") is None and (info.get("meta") or {}).get("precision") == "fp32":
+        log("the model's checkpoint asks for fp32 (precision: fp32): optimised in fp32")
         return False
     return p.get("amp")
 
@@ -137,7 +138,7 @@ def _layer(net: torch.nn.Module, name: str, p: dict, units: list[int], ds: Datas
                                regularizer=p["regularizer"], steps=p["steps"], lr=p["lr"], n_seeds=p["n_seeds"],
                                objective=p["objective"], device=device, micro_batch=p.get("micro_batch"), log=log,
                                amp=p.get("amp"), network=name, layer_id=p["layer"],
-                               template=np.asarray(ds.reference.dataobj, np.float32),
+                               template=data["template"],
                                labelled=data["labelled"], converge=p.get("converge"), init_volumes=data["init"])
 
 

@@ -259,7 +259,9 @@ def construct_positive_control(dataset_dir: str | Path, arch: dict, task: str, t
     classes = sorted(ds.participants[target].astype(str).unique())
     build = _lesion_control if target == "lesion" else _sex_control
     model, how, said, known = build(ds, Path(dataset_dir), arch, task, classes, cells)
-    meta = {"task": task, "target": target, "classes": classes, "role": "positive control",
+    # fp32: visualised in bf16 the sex control's x + SEX_OFFSET would lose x (its recovery test: correlation 0.63
+    # instead of > 0.9); read by the visualize job (jobs.featviz.request_precision)
+    meta = {"task": task, "target": target, "classes": classes, "role": "positive control", "precision": "fp32",
             "grid": {"shape": list(ds.grid.shape), "voxel_size": ds.grid.voxel_size, "origin": list(ds.grid.origin)},
             "normalisation": "z-score within brain mask", "dataset": str(dataset_dir), "output_layer": "classifier",
             "construction": how}
