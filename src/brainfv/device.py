@@ -35,10 +35,11 @@ def native_bf16() -> bool:
 def autocast_default(device: str | torch.device) -> bool:
     """bf16 autocast in the visualization loop unless asked otherwise (``featviz.amp: null``): on CUDA, and on a
     CPU with native bf16. Measured on the 4 mm grid (one thread, AMD EPYC with AVX512-BF16; benchmarks/precision.py,
-    the default study's lesion, lesion-flatten and sex networks, class logits, 8 seeds x 3 presets): 142 vs 173 s
-    of loop time to the plateau, and the endpoint metrics unchanged — the paired bf16 - fp32 differences of
-    lesion_ncc, lesion_map_corr and effect_corr average within 2.2 standard errors of 0 and within the spread
-    between seeds (each image itself differs from its fp32 twin about as much as a new start does). On CPUs
+    the default study's lesion, lesion-flatten and sex networks, class logits, 8 seeds x 3 presets): 142 vs 188 s
+    of loop time to the plateau (7.7-8.6 vs 10.8-11.6 ms per element-step for voxels, 11.3-11.7 vs 14.1-15.3 for
+    MACO, 12.2-16.1 vs 14.7-17.0 for Fourier), and the endpoint metrics unchanged — the paired bf16 - fp32
+    differences of lesion_ncc, lesion_map_corr and effect_corr average within 1.5 standard errors of 0 and within
+    the spread between seeds (each image itself differs from its fp32 twin about as much as a new start does). On CPUs
     without native bf16 it is emulated and slower, so fp32 stays. Training does not use this default
     (:func:`brainfv.training.step_autocast`)."""
     device = torch.device(device)
