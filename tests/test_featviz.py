@@ -426,3 +426,57 @@ def test_each_trained_replicate_draws_its_own_start_images_and_control():
     seeds = [replicate_seed({"seed": 7, "replicate": r, "task": t}) for r in range(3) for t in ("a", "b")]
     assert seeds[0] == seeds[1] == 7 and seeds[2] == seeds[3] and seeds[4] == seeds[5]
     assert len({seeds[0], seeds[2], seeds[4]}) == 3
+
+
+def test_large_kernels_run_by_fft_with_the_same_activations_and_gradients():
+    from brainfv.featviz.simplify import FFTConv3d, simplify_for_featviz
+    from brainfv.models.positive import narrowed, positive_control_network
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 2, 7, padding=3), nn.ReLU(), nn.Conv3d(2, 3, 7, padding=1, bias=False),
+                        nn.Conv3d(3, 2, 3, padding=1), nn.Conv3d(2, 2, 7, stride=2), nn.Conv3d(2, 2, 7, dilation=2),
+                        nn.Conv3d(2, 2, 7, groups=2, padding=3), nn.Conv3d(2, 2, 9, padding="same")).eval()
+    s, changes = simplify_for_featviz(net, keep=["2"])
+    kinds = [type(m).__name__ for m in s]
+    # kernels of >= 7^3 taps, stride 1, no dilation or groups, numeric padding: by FFT; a kept layer stays
+    assert kinds == ["FFTConv3d", "ReLU", "Conv3d", "Conv3d", "Conv3d", "Conv3d", "Conv3d", "Conv3d"], kinds
+    assert changes == ["0 (7x7x7 kernel) by FFT"]
+    x = torch.randn(2, 1, 19, 22, 17, requires_grad=True)
+    a, b = net[:3](x), s[:3](x)
+    ga, = torch.autograd.grad((a * torch.linspace(-1, 1, a.numel()).view_as(a)).sum(), x)
+    gb, = torch.autograd.grad((b * torch.linspace(-1, 1, b.numel()).view_as(b)).sum(), x)
+    assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-5 * float(ga.abs().max()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the FFT runs in fp32 under autocast
+        c = s[0](x)
+    ref = net[0](x)
+    assert c.dtype == torch.float32 and torch.allclose(c, ref, atol=1e-5 * float(ref.abs().max()))
+    # a positive control's lesion template (what it is for; 7^3 for 3 voxels): the same logits and input gradients
+    pc = positive_control_network(narrowed({"channels": [4, 4, 4], "head": "pool"}, 1), (24, 28, 24), 3.0)
+    sp, changes = simplify_for_featviz(pc)
+    assert isinstance(sp.block1.conv, FFTConv3d) and "block1.conv (7x7x7 kernel) by FFT" in changes
+    x = torch.randn(2, 1, 24, 28, 24, requires_grad=True)
+    ya, yb = pc(x), sp(x)
+    ga, = torch.autograd.grad(ya[:, 1].sum(), x)
+    gb, = torch.autograd.grad(yb[:, 1].sum(), x)
+    assert torch.allclose(ya, yb, rtol=1e-4, atol=1e-5) and torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_adam_is_torch_optim_adam_without_its_import_cost():
+    from brainfv.featviz.render import Adam
+
+    torch.manual_seed(0)
+    ours = [torch.randn(4, 3, 5, 6, 5), torch.randn(4, 7)]
+    ref, unfused = [p.clone() for p in ours], [p.clone() for p in ours]
+    a, b, c = Adam(ours, lr=0.2), torch.optim.Adam(ref, lr=0.2, fused=True), Adam(unfused, lr=0.2)
+    c.fused = False  # the path of a device without the fused kernel
+    for _ in range(20):
+        grads = [torch.randn_like(p) for p in ours]
+        for params in (ours, ref, unfused):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        a.step(), b.step(), c.step()
+    assert all(torch.equal(x, y) for x, y in zip(ours, ref))  # the same kernel: bit for bit
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(unfused, ref))
+    a.zero_grad()
+    assert all(p.grad is None for p in ours)

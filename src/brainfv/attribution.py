@@ -42,6 +42,7 @@ from torch import nn
 from .config import default
 from .data.grid import Grid
 from .errors import ConfigError, InputDataError
+from .featviz.simplify import fft_large_convs
 from .featviz.units import get_module, receptive_field
 from .models.cnn import frozen
 from .utils import Progress, atomic_path
@@ -63,7 +64,11 @@ def default_cam_layer(model: nn.Module) -> str:
 
 
 def _frozen_copy(model, device):
-    return frozen(model, device)
+    """A frozen copy whose large-kernel convolutions run by FFT (the same function: the positive controls'
+    lesion template, :func:`brainfv.featviz.simplify.fft_large_convs`)."""
+    net = frozen(model, device)
+    fft_large_convs(net)
+    return net
 
 
 def _baseline(baseline, shape, device):

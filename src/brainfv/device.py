@@ -62,4 +62,6 @@ def compute_settings(device: str | torch.device, deterministic_cpu: bool = False
         yield device
     finally:
         torch.backends.cudnn.benchmark = old_bench
-        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) \
+                != (old_det, old_warn):  # only when changed: the call imports torch._inductor (0.9 s, cProfile)
+            torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
