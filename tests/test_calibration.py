@@ -241,6 +241,28 @@ def test_hit_base_rate_counts_only_positions_a_match_can_take():
     assert base_rate(t.lesion_map, whole) > base_rate(t.lesion_map, t.mask)   # lesions sit centrally here
 
 
+def test_template_matching_on_fast_fft_sizes_is_the_linear_correlation():
+    from brainfv.report.metrics import TemplateBank
+    from brainfv.utils import fast_fft_size
+
+    assert [fast_fft_size(n) for n in (1, 7, 47, 56, 97)] == [1, 8, 48, 60, 100]
+    shape, templates = (23, 26, 21), lesion_templates(["sphere", "cube"], [12.0, 15.0], VS)
+    bank = TemplateBank(templates, shape)
+    m = max(max(x.shape) for _, _, x in templates)
+    exact = tuple(n + m - 1 for n in shape)  # the smallest size without wrap-around
+    assert bank.fft_shape != exact and all(f >= e and fast_fft_size(f) == f for f, e in zip(bank.fft_shape, exact))
+    ref = TemplateBank(templates, shape)
+    ref.fft_shape = exact
+    ref.spectra = [torch.fft.rfftn(torch.as_tensor(x[::-1, ::-1, ::-1] - x.mean(), dtype=torch.float64), s=exact)
+                   for _, _, x in templates]
+    ref.box = {size: torch.fft.rfftn(torch.ones(size, dtype=torch.float64), s=exact) for size in ref.box}
+    vols = np.random.default_rng(0).normal(size=(3,) + shape)
+    vols[0, 8:12, 9:13, 7:11] -= 3  # a dark cube: one clear best match
+    mask = np.ones(shape, bool)
+    for a, b in zip(bank.match(vols, mask=mask), ref.match(vols, mask=mask)):
+        assert a["position"] == b["position"] and a["shape"] == b["shape"] and a["ncc"] == pytest.approx(b["ncc"])
+
+
 def test_summary_counts_undefined_values_and_converged_share():
     """A metric that is undefined for a visualization (NaN: a constant image's correlation) is counted, not
     averaged in as 0; the converged share of the optimisations is reported beside the estimate."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "fast_fft_size",
     "atomic_path",
     "temporary_name",
     "remove_stale_temporaries",
@@ -215,6 +216,20 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def fast_fft_size(n: int) -> int:
+    """The smallest size >= ``n`` whose only prime factors are 2, 3 and 5: an FFT of a prime size is several times
+    slower (e.g. the comparison's template matching on the 4 mm grid: 47 x 56 x 47 against 48 x 60 x 48, 13.3 vs
+    3.8 ms per inverse transform of 8 volumes)."""
+    while True:
+        m = n
+        for f in (2, 3, 5):
+            while m % f == 0:
+                m //= f
+        if m == 1:
+            return n
+        n += 1
 
 
 def stable_seed(*keys: object) -> int:

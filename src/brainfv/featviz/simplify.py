@@ -30,6 +30,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..utils import fast_fft_size
+
 __all__ = ["simplify_for_featviz", "RedirectedReLU", "redirect_relus", "FFTConv3d", "FFT_MIN_TAPS", "fft_large_convs"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -48,18 +50,6 @@ class PoolThenAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.pool(x))
-
-
-def _fast_size(n: int) -> int:
-    """The smallest n' >= n whose only prime factors are 2, 3 and 5 (fast FFT sizes)."""
-    while True:
-        m = n
-        for f in (2, 3, 5):
-            while m % f == 0:
-                m //= f
-        if m == 1:
-            return n
-        n += 1
 
 
 class FFTConv3d(nn.Module):
@@ -96,7 +86,7 @@ class FFTConv3d(nn.Module):
             if any(pad):
                 x = nn.functional.pad(x, pad)
             out = [n - kk + 1 for n, kk in zip(x.shape[-3:], k)]
-            size = tuple(_fast_size(n) for n in x.shape[-3:])
+            size = tuple(fast_fft_size(n) for n in x.shape[-3:])
             spec = torch.fft.rfftn(x, s=size, dim=(-3, -2, -1))
             y = torch.einsum("bi...,oi...->bo...", spec, self._kernel_fft(size, x.device))
             y = torch.fft.irfftn(y, s=size, dim=(-3, -2, -1))

