@@ -429,37 +429,66 @@ def test_each_trained_replicate_draws_its_own_start_images_and_control():
 
 
 def test_large_kernels_run_by_fft_with_the_same_activations_and_gradients():
-    from brainfv.featviz.simplify import FFTConv3d, simplify_for_featviz
-    from brainfv.models.positive import narrowed, positive_control_network
+    from brainfv.featviz.simplify import simplify_for_featviz
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(1, 2, 7, padding=3), nn.ReLU(), nn.Conv3d(2, 3, 7, padding=1, bias=False),
-                        nn.Conv3d(3, 2, 3, padding=1), nn.Conv3d(2, 2, 7, stride=2), nn.Conv3d(2, 2, 7, dilation=2),
-                        nn.Conv3d(2, 2, 7, groups=2, padding=3), nn.Conv3d(2, 2, 9, padding="same")).eval()
+    net = nn.Sequential(nn.Conv3d(1, 2, 7, padding=3), nn.ReLU(), nn.Conv3d(2, 2, 7, padding=1, bias=False),
+                        nn.Conv3d(2, 2, 3, padding=1), nn.Conv3d(2, 2, 7, stride=2), nn.Conv3d(2, 2, 7, dilation=2),
+                        nn.Conv3d(2, 2, 7, groups=2, padding=3), nn.Conv3d(2, 2, 9, padding="same"),
+                        nn.Conv3d(2, 3, 7, padding=3)).eval().requires_grad_(False)
     s, changes = simplify_for_featviz(net, keep=["2"])
     kinds = [type(m).__name__ for m in s]
-    # kernels of >= 7^3 taps, stride 1, no dilation or groups, numeric padding: by FFT; a kept layer stays
-    assert kinds == ["FFTConv3d", "ReLU", "Conv3d", "Conv3d", "Conv3d", "Conv3d", "Conv3d", "Conv3d"], kinds
-    assert changes == ["0 (7x7x7 kernel) by FFT"]
-    x = torch.randn(2, 1, 19, 22, 17, requires_grad=True)
+    # >= 7^3 taps, stride 1, no dilation or groups, numeric padding, <= 4 channel pairs: by FFT; a kept layer stays
+    assert kinds == ["FFTConv3d", "ReLU"] + ["Conv3d"] * 7, kinds
+    assert changes == ["0 (7x7x7 kernel) by FFT"] and isinstance(s[0], nn.Conv3d)  # still a Conv3d (its geometry)
+    x = torch.randn(2, 1, 19, 22, 17)
+    x[:, :, :4] = 0  # a zero region: the direct convolution's exact zeros must stay exact
+    x.requires_grad_(True)
     a, b = net[:3](x), s[:3](x)
-    ga, = torch.autograd.grad((a * torch.linspace(-1, 1, a.numel()).view_as(a)).sum(), x)
-    gb, = torch.autograd.grad((b * torch.linspace(-1, 1, b.numel()).view_as(b)).sum(), x)
+    sparse = torch.zeros_like(a)
+    sparse[:, :, 5, 6, 7], sparse[:, :, -3, 2, 9] = 1.0, -0.5  # a gradient that reaches few voxels
+    ga, = torch.autograd.grad((a * sparse).sum(), x)
+    gb, = torch.autograd.grad((b * sparse).sum(), x)
     assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
     assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-5 * float(ga.abs().max()))
+    assert torch.equal(a == 0, b == 0) and torch.equal(ga == 0, gb == 0) and (ga == 0).float().mean() > 0.5
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the FFT runs in fp32 under autocast
         c = s[0](x)
     ref = net[0](x)
     assert c.dtype == torch.float32 and torch.allclose(c, ref, atol=1e-5 * float(ref.abs().max()))
-    # a positive control's lesion template (what it is for; 7^3 for 3 voxels): the same logits and input gradients
-    pc = positive_control_network(narrowed({"channels": [4, 4, 4], "head": "pool"}, 1), (24, 28, 24), 3.0)
-    sp, changes = simplify_for_featviz(pc)
-    assert isinstance(sp.block1.conv, FFTConv3d) and "block1.conv (7x7x7 kernel) by FFT" in changes
-    x = torch.randn(2, 1, 24, 28, 24, requires_grad=True)
+    assert s[0](x.double()).dtype == torch.float64
+
+
+def test_positive_control_by_fft_optimises_to_the_same_image(monkeypatch):
+    """The case FFT is for (a positive control's lesion template): the same logits and input gradients, the same
+    receptive fields and crops, and under plain gradient ascent (Adam normalises each voxel's step by its own
+    gradient) the voxels no gradient reaches stay where they started, as with the direct convolution."""
+    import brainfv.featviz.simplify as S
+    from brainfv.featviz.crop import plan_crop
+    from brainfv.featviz.units import receptive_field
+    from brainfv.models.positive import narrowed, positive_control_network
+
+    shape = (24, 28, 24)
+    pc = positive_control_network(narrowed({"channels": [4, 4, 4], "head": "pool"}, 1), shape, 3.0)
+    sp, changes = S.simplify_for_featviz(pc)
+    assert isinstance(sp.block1.conv, S.FFTConv3d) and "block1.conv (7x7x7 kernel) by FFT" in changes
+    rf = receptive_field(pc, "block2.norm", (1,) + shape)
+    assert rf is not None and receptive_field(sp, "block2.norm", (1,) + shape) == rf
+    neuron = O.neuron("block2.norm", [0], (3, 3, 3))
+    assert plan_crop(sp, neuron, shape) is not None and plan_crop(sp, neuron, shape) == plan_crop(pc, neuron, shape)
+    sp.requires_grad_(False)
+    x = torch.randn(2, 1, *shape, requires_grad=True)
     ya, yb = pc(x), sp(x)
     ga, = torch.autograd.grad(ya[:, 1].sum(), x)
     gb, = torch.autograd.grad(yb[:, 1].sum(), x)
     assert torch.allclose(ya, yb, rtol=1e-4, atol=1e-5) and torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
+    assert torch.equal(ga == 0, gb == 0)
+    obj = O.channel("classifier", [1, 1])  # the 'present' logit, two seeds
+    fft = render(pc, obj, shape, {}, steps=24, seeds=[0, 1], data_range=R, amp=False)
+    monkeypatch.setattr(S, "FFT_MIN_TAPS", 10 ** 9)  # the direct convolution
+    direct = render(pc, obj, shape, {}, steps=24, seeds=[0, 1], data_range=R, amp=False)
+    assert np.abs(fft.images - direct.images).max() < 1e-3
+    assert np.allclose(fft.objective_end, direct.objective_end, rtol=1e-4)
 
 
 def test_adam_is_torch_optim_adam_without_its_import_cost():
@@ -467,16 +496,20 @@ def test_adam_is_torch_optim_adam_without_its_import_cost():
 
     torch.manual_seed(0)
     ours = [torch.randn(4, 3, 5, 6, 5), torch.randn(4, 7)]
-    ref, unfused = [p.clone() for p in ours], [p.clone() for p in ours]
-    a, b, c = Adam(ours, lr=0.2), torch.optim.Adam(ref, lr=0.2, fused=True), Adam(unfused, lr=0.2)
-    c.fused = False  # the path of a device without the fused kernel
+    fused_ref, unfused, single_ref = ([p.clone() for p in ours] for _ in range(3))
+    opts = [Adam(ours, lr=0.2), torch.optim.Adam(fused_ref, lr=0.2, fused=True), Adam(unfused, lr=0.2),
+            torch.optim.Adam(single_ref, lr=0.2, foreach=False)]
+    opts[2].fused = False  # the path of a device (or torch) without the fused kernel
     for _ in range(20):
         grads = [torch.randn_like(p) for p in ours]
-        for params in (ours, ref, unfused):
+        for params in (ours, fused_ref, unfused, single_ref):
             for p, g in zip(params, grads):
                 p.grad = g.clone()
-        a.step(), b.step(), c.step()
-    assert all(torch.equal(x, y) for x, y in zip(ours, ref))  # the same kernel: bit for bit
-    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(unfused, ref))
-    a.zero_grad()
+        for o in opts:
+            o.step()
+    assert all(torch.equal(x, y) for x, y in zip(ours, fused_ref))  # the same kernels: bit for bit
+    assert all(torch.equal(x, y) for x, y in zip(unfused, single_ref))
+    opts[0].zero_grad()
     assert all(p.grad is None for p in ours)
+    opts[0].step()  # nothing to update: nothing happens
+    assert all(torch.equal(x, y) for x, y in zip(ours, fused_ref))

@@ -282,16 +282,18 @@ def optimize(net: torch.nn.Module, objective: object, pieces: Pieces, gens: list
 
 
 class Adam:
-    """Adam (``torch.optim.Adam``'s update, its fused kernel where the device has one: one pass over the
-    variables, 5x faster than the unfused update on the CPU, 1 vs 5 ms) without ``torch.optim``: constructing a
-    ``torch.optim`` optimiser imports ``torch._dynamo``, 1.4 s of every visualize job's start (cProfile)."""
+    """Adam (``torch.optim.Adam``'s update, by its fused kernel where this torch has one for the device: one pass
+    over the variables, 5x faster than the unfused update on the CPU, 1 vs 5 ms; else the single-tensor update)
+    without ``torch.optim``: constructing a ``torch.optim`` optimiser imports ``torch._dynamo``, 1.4 s of every
+    visualize job's start (cProfile)."""
 
     def __init__(self, params: list, lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
         self.params, self.lr, self.betas, self.eps = params, float(lr), tuple(betas), eps
         self.m = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         self.v = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         self.t = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
-        self.fused = hasattr(torch, "_fused_adam_") and all(p.device.type in ("cpu", "cuda") for p in params)
+        self.fused = hasattr(torch, "_fused_adam_") and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                                            for p in params)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -301,14 +303,19 @@ class Adam:
     def step(self) -> None:
         """One update of every variable with a gradient (``torch.optim.Adam``, no weight decay, no amsgrad)."""
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
         ps, gs = [self.params[i] for i in live], [self.params[i].grad for i in live]
         ms, vs, ts = ([x[i] for i in live] for x in (self.m, self.v, self.t))
         b1, b2 = self.betas
         torch._foreach_add_(ts, 1)
         if self.fused:
-            torch._fused_adam_(ps, gs, ms, vs, [], ts, lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0,
-                               eps=self.eps, amsgrad=False, maximize=False)
-            return
+            try:
+                torch._fused_adam_(ps, gs, ms, vs, [], ts, lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0,
+                                   eps=self.eps, amsgrad=False, maximize=False)
+                return
+            except (RuntimeError, NotImplementedError):  # no fused kernel for this device in this torch (CPU < 2.4)
+                self.fused = False
         for p, g, m, v, t in zip(ps, gs, ms, vs, ts):
             n = float(t)
             m.lerp_(g, 1 - b1)

@@ -10,13 +10,13 @@ rewrites give the same activations at every requested layer (up to float roundin
 - **Activation after max-pooling**: a monotone non-decreasing activation (ReLU, LeakyReLU, ELU)
   commutes with max-pooling, values and gradients alike (the max lands on the same voxel), so it runs
   on the pooled map, 8x smaller in 3D.
-- **Large kernels by FFT**: a 3D convolution with a kernel of at least :data:`FFT_MIN_TAPS` taps (7³; stride 1,
-  no dilation or groups, zero padding) is the same correlation computed as a product of Fourier transforms
-  (:class:`FFTConv3d`). The hand-built positive controls read the input through a 9³ lesion template: on the 4 mm
-  grid its direct convolution was nearly all of an optimisation step (fwd + bwd, 1 thread: 71 ms per volume
-  channels-last, 11 ms by FFT; ``benchmarks/featviz.py --fft``).
+- **Large kernels by FFT**: a frozen 3D convolution with a kernel of at least :data:`FFT_MIN_TAPS` taps (7³;
+  stride 1, no dilation or groups, zero padding, at most :data:`FFT_MAX_PAIRS` in × out channels) is the same
+  correlation computed as a product of Fourier transforms, with the direct convolution's exact zeros kept
+  (:class:`FFTConv3d`). The hand-built positive controls read the input through a 9³ lesion template, one
+  channel: on the 4 mm grid its direct convolution was nearly all of an optimisation step (``benchmarks/fft.py``).
 
-Neither touches a layer the objective reads: a Conv whose own output is requested keeps its BatchNorm,
+None touches a layer the objective reads: a Conv whose own output is requested keeps its BatchNorm,
 an activation whose output is requested stays in place. The pattern search uses ``torch.fx``; a model
 it cannot trace is used as it is. The caller's model is never modified (a copy is simplified).
 """
@@ -32,12 +32,14 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..utils import fast_fft_size
 
-__all__ = ["simplify_for_featviz", "RedirectedReLU", "redirect_relus", "FFTConv3d", "FFT_MIN_TAPS", "fft_large_convs"]
+__all__ = ["simplify_for_featviz", "RedirectedReLU", "redirect_relus", "FFTConv3d", "FFT_MIN_TAPS", "FFT_MAX_PAIRS",
+           "fft_large_convs"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 FFT_MIN_TAPS = 343  # 7 x 7 x 7: from here on a frozen 3D convolution runs by FFT (see the module docstring)
+FFT_MAX_PAIRS = 4   # in x out channels at most: the kernel's transforms hold that many padded volumes (x 4)
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)  # identity in eval
 
 
@@ -52,49 +54,98 @@ class PoolThenAct(nn.Module):
         return self.act(self.pool(x))
 
 
-class FFTConv3d(nn.Module):
-    """A frozen ``nn.Conv3d`` (stride 1, dilation 1, one group, zero padding) computed by FFT: the same output
-    (cross-correlation with the kernel, zero-padded; float rounding apart), in fp32 also under autocast (the
-    FFT has no bf16 kernel on the CPU). The kernel's transform is kept per input size."""
+class _FFTCorrelation(torch.autograd.Function):
+    """The correlation of a zero-padded input with a frozen kernel, forward and backward by FFT, with the exact
+    zeros of the direct convolution: an output (an input gradient) is set to 0 where no nonzero input (gradient)
+    meets a nonzero tap — counted by the FFT of the indicators, integers far from the 0.5 threshold. Without it the
+    transforms' rounding (~1e-9) would stand where the direct convolution gives exactly 0, and Adam, which divides
+    each variable's step by its own gradient's size, would move voxels no gradient reaches by a full step."""
+
+    @staticmethod
+    def forward(ctx: object, xp: torch.Tensor, conv: FFTConv3d) -> torch.Tensor:
+        ctx.conv, ctx.shape = conv, xp.shape
+        k = conv.kernel_size
+        out = [n - kk + 1 for n, kk in zip(xp.shape[-3:], k)]
+        if min(out) < 1:
+            raise ValueError(f"input {tuple(xp.shape[-3:])} (padded) smaller than the kernel {tuple(k)}")
+        size = tuple(fast_fft_size(n) for n in xp.shape[-3:])
+        spec = conv.spectra(size, xp.device, xp.dtype)
+        crop = (..., *[slice(kk - 1, kk - 1 + o) for kk, o in zip(k, out)])  # the linear part of the circular one
+        y = _fft_apply(xp, spec["fwd"], size, "bi...,oi...->bo...")[crop]
+        reached = _fft_apply((xp != 0).to(xp.dtype), spec["fwd_taps"], size, "bi...,oi...->bo...")[crop] > 0.5
+        return torch.where(reached, y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> tuple:
+        n = ctx.shape[-3:]
+        size = tuple(fast_fft_size(m) for m in n)
+        spec = ctx.conv.spectra(size, g.device, g.dtype)
+        crop = (..., *[slice(0, m) for m in n])  # the full convolution of g with the kernel: the padded input's size
+        gx = _fft_apply(g, spec["bwd"], size, "bo...,oi...->bi...")[crop]
+        reached = _fft_apply((g != 0).to(g.dtype), spec["bwd_taps"], size, "bo...,oi...->bi...")[crop] > 0.5
+        return torch.where(reached, gx, torch.zeros((), dtype=gx.dtype, device=gx.device)), None
+
+
+def _fft_apply(x: torch.Tensor, kernel_spectrum: torch.Tensor, size: tuple, channels: str) -> torch.Tensor:
+    """The circular convolution of ``x`` with a kernel given by its spectrum on an FFT grid of ``size``."""
+    return torch.fft.irfftn(torch.einsum(channels, torch.fft.rfftn(x, s=size, dim=(-3, -2, -1)), kernel_spectrum),
+                            s=size, dim=(-3, -2, -1))
+
+
+class FFTConv3d(nn.Conv3d):
+    """A frozen ``nn.Conv3d`` (stride 1, dilation 1, one group, zero padding) computed by FFT: the same output and
+    input gradient (float rounding apart, exact zeros kept: :class:`_FFTCorrelation`). Still an ``nn.Conv3d`` (its
+    kernel size and padding, for receptive fields and Grad-CAM), with the same weight and bias; while its weight
+    needs a gradient (training) it runs the direct convolution. In fp32 under autocast (no bf16 FFT on the CPU),
+    in fp64 for fp64 input. The kernel's transforms are kept for the latest input size."""
 
     def __init__(self, conv: nn.Conv3d):
-        super().__init__()
-        self.register_buffer("weight", conv.weight.detach().clone())
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-        self.padding = tuple(int(p) for p in conv.padding)
-        self._spectrum = {}
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                         bias=conv.bias is not None, device="meta")  # no initialisation drawn from the RNG
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=conv.weight.requires_grad)
+        if conv.bias is not None:
+            self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
+        self.train(conv.training)
+        self._spectra = {}
 
     @staticmethod
     def fits(conv: nn.Module) -> bool:
-        """Whether ``conv`` is a 3D convolution this computes, with a kernel large enough to pay."""
-        return (isinstance(conv, nn.Conv3d) and conv.groups == 1 and tuple(conv.stride) == (1, 1, 1)
+        """Whether ``conv`` is a plain 3D convolution this computes, with a kernel large enough to pay and few
+        channels (the kernel's transform holds in × out padded volumes)."""
+        return (type(conv) is nn.Conv3d and conv.groups == 1 and tuple(conv.stride) == (1, 1, 1)
                 and tuple(conv.dilation) == (1, 1, 1) and conv.padding_mode == "zeros"
-                and not isinstance(conv.padding, str) and conv.weight[0, 0].numel() >= FFT_MIN_TAPS)
+                and not isinstance(conv.padding, str) and conv.in_channels * conv.out_channels <= FFT_MAX_PAIRS
+                and conv.weight[0, 0].numel() >= FFT_MIN_TAPS)
 
-    def _kernel_fft(self, size: tuple, device: torch.device) -> torch.Tensor:
-        key = (size, device)
-        if key not in self._spectrum:
-            flipped = torch.flip(self.weight.to(device, torch.float32), dims=(-3, -2, -1))
-            self._spectrum = {key: torch.fft.rfftn(flipped, s=size, dim=(-3, -2, -1))}  # the latest size only
-        return self._spectrum[key]
+    def spectra(self, size: tuple, device: torch.device, dtype: torch.dtype) -> dict:
+        """The kernel's transforms on an FFT grid of ``size``: flipped (forward) and as it is (backward), of the
+        weights and of their nonzero taps."""
+        key = (size, device, dtype, self.weight._version)
+        if key not in self._spectra:
+            with torch.inference_mode(False), torch.no_grad():
+                w = self.weight.detach().to(device, dtype)
+                taps = (w != 0).to(dtype)
+                flip = (-3, -2, -1)
+                f = {name: torch.fft.rfftn(t, s=size, dim=flip) for name, t in (
+                    ("fwd", torch.flip(w, flip)), ("fwd_taps", torch.flip(taps, flip)), ("bwd", w), ("bwd_taps", taps))}
+            self._spectra = {key: f}  # the latest size only
+        return self._spectra[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.weight.shape[-3:]
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return super().forward(x)  # the weight's own gradient: the direct convolution
+        channels_last = x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        autocast = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            x = x.float()
             pad = [p for q in reversed(self.padding) for p in (q, q)]
-            if any(pad):
-                x = nn.functional.pad(x, pad)
-            out = [n - kk + 1 for n, kk in zip(x.shape[-3:], k)]
-            size = tuple(fast_fft_size(n) for n in x.shape[-3:])
-            spec = torch.fft.rfftn(x, s=size, dim=(-3, -2, -1))
-            y = torch.einsum("bi...,oi...->bo...", spec, self._kernel_fft(size, x.device))
-            y = torch.fft.irfftn(y, s=size, dim=(-3, -2, -1))
-            # the full linear correlation sits at offset k - 1 of the circular one
-            y = y[..., k[0] - 1:k[0] - 1 + out[0], k[1] - 1:k[1] - 1 + out[1], k[2] - 1:k[2] - 1 + out[2]]
+            xp = nn.functional.pad(x.to(dtype), pad) if any(pad) else x.to(dtype)
+            y = _FFTCorrelation.apply(xp, self)
             if self.bias is not None:
-                y = y + self.bias.float().view(1, -1, 1, 1, 1)
-        return y.contiguous()
+                y = y + self.bias.to(dtype).view(1, -1, 1, 1, 1)
+        if not autocast:
+            y = y.to(x.dtype)
+        return y.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
 
 
 def fft_large_convs(model: nn.Module, keep: Sequence[str] = ()) -> list:
