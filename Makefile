@@ -19,7 +19,10 @@ study: venv
 	$(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --report results/report.html
 
+# extra pytest arguments, e.g. PYTEST_ARGS='-m "not slurm"'
+PYTEST_ARGS ?=
+
 test: venv
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 .PHONY: venv study test

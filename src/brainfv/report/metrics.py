@@ -85,12 +85,13 @@ class TemplateBank:
         return full[(..., *[slice(hi, hi + n) for hi, n in zip(h, self.shape)])]
 
     def match(self, volumes: Sequence, region: tuple | None = None, mask: np.ndarray | None = None,
-              chunk: int = 8) -> list:
+              chunk: int = 2) -> list:
         """Best match of each volume in ``volumes`` (B, X, Y, Z): a list of dicts ``ncc, shape, diameter_mm,
         position`` (``ncc`` NaN when no template fits in ``region``). Template centres are searched inside
         ``mask`` and only where the whole template lies inside ``region`` (the optimised box). ``chunk`` volumes
         at a time (the spectra and local statistics are float64 arrays of the padded shape per volume: 48
-        volumes at once took 260 MB on the 4 mm grid)."""
+        volumes at once took 260 MB on the 4 mm grid; on the default run's comparison, 2 at a time peaked at
+        807 MB against 961 MB for 8, in the same time and with byte-identical tables)."""
         v = np.asarray(volumes)
         if v.ndim == 3:
             v = v[None]
