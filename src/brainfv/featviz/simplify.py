@@ -92,6 +92,13 @@ def _fft_apply(x: torch.Tensor, kernel_spectrum: torch.Tensor, size: tuple, chan
                             s=size, dim=(-3, -2, -1))
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 class FFTConv3d(nn.Conv3d):
     """A frozen ``nn.Conv3d`` (stride 1, dilation 1, one group, zero padding) computed by FFT: the same output and
     input gradient (float rounding apart, exact zeros kept: :class:`_FFTCorrelation`). Still an ``nn.Conv3d`` (its
@@ -120,7 +127,7 @@ class FFTConv3d(nn.Conv3d):
     def spectra(self, size: tuple, device: torch.device, dtype: torch.dtype) -> dict:
         """The kernel's transforms on an FFT grid of ``size``: flipped (forward) and as it is (backward), of the
         weights and of their nonzero taps."""
-        key = (size, device, dtype, self.weight._version)
+        key = (size, device, dtype, id(self.weight), self.weight.data_ptr(), self.weight._version)  # a new weight too
         if key not in self._spectra:
             with torch.inference_mode(False), torch.no_grad():
                 w = self.weight.detach().to(device, dtype)
@@ -136,7 +143,7 @@ class FFTConv3d(nn.Conv3d):
             return super().forward(x)  # the weight's own gradient: the direct convolution
         channels_last = x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = _autocast_on(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             pad = [p for q in reversed(self.padding) for p in (q, q)]
             xp = nn.functional.pad(x.to(dtype), pad) if any(pad) else x.to(dtype)
