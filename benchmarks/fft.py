@@ -83,27 +83,13 @@ def template_matching(rounds, repeats):
     m = max(max(t.shape) for _, _, t in templates)
     vols = np.random.default_rng(0).normal(size=(8,) + shape).astype(np.float32)
     exact_shape = tuple(n + m - 1 for n in shape)
-    exact = _bank_with_size(templates, shape, exact_shape)
+    exact = TemplateBank(templates, shape, fft_shape=exact_shape)
     t = interleaved({"exact": lambda: exact.match(vols), "fast": lambda: fast.match(vols)}, rounds, repeats)
     same = all(a["position"] == b["position"] and abs(a["ncc"] - b["ncc"]) < 1e-9
                for a, b in zip(exact.match(vols), fast.match(vols)))
     print(f"(b) template matching, 8 volumes, {len(templates)} templates: FFT size {exact_shape} "
           f"{t['exact'] * 1000:.0f} ms, {fast.fft_shape} {t['fast'] * 1000:.0f} ms -> {t['exact'] / t['fast']:.1f}x; "
           f"same best matches: {same}")
-
-
-def _bank_with_size(templates, shape, size):
-    """A TemplateBank whose transforms use ``size`` (what the bank did before it rounded sizes up)."""
-    import torch
-
-    from brainfv.report.metrics import TemplateBank
-
-    bank = TemplateBank(templates, shape)
-    bank.fft_shape = size
-    bank.spectra = [torch.fft.rfftn(torch.as_tensor((t - t.mean())[::-1, ::-1, ::-1].copy(), dtype=bank.dtype),
-                                    s=size) for _, _, t in templates]
-    bank.box = {s: torch.fft.rfftn(torch.ones(s, dtype=bank.dtype), s=size) for s in bank.box}
-    return bank
 
 
 def main():

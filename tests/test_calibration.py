@@ -251,11 +251,9 @@ def test_template_matching_on_fast_fft_sizes_is_the_linear_correlation():
     m = max(max(x.shape) for _, _, x in templates)
     exact = tuple(n + m - 1 for n in shape)  # the smallest size without wrap-around
     assert bank.fft_shape != exact and all(f >= e and fast_fft_size(f) == f for f, e in zip(bank.fft_shape, exact))
-    ref = TemplateBank(templates, shape)
-    ref.fft_shape = exact
-    ref.spectra = [torch.fft.rfftn(torch.as_tensor(x[::-1, ::-1, ::-1] - x.mean(), dtype=torch.float64), s=exact)
-                   for _, _, x in templates]
-    ref.box = {size: torch.fft.rfftn(torch.ones(size, dtype=torch.float64), s=exact) for size in ref.box}
+    ref = TemplateBank(templates, shape, fft_shape=exact)
+    with pytest.raises(ValueError, match="wrap around"):
+        TemplateBank(templates, shape, fft_shape=tuple(e - 1 for e in exact))
     vols = np.random.default_rng(0).normal(size=(3,) + shape)
     vols[0, 8:12, 9:13, 7:11] -= 3  # a dark cube: one clear best match
     mask = np.ones(shape, bool)

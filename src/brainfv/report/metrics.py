@@ -62,12 +62,16 @@ class TemplateBank:
     per template size and template.
     """
 
-    def __init__(self, templates, shape, dtype=torch.float64):
+    def __init__(self, templates, shape, dtype=torch.float64, fft_shape: tuple | None = None):
         self.templates = list(templates)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
         m = max(max(t.shape) for _, _, t in self.templates)
-        self.fft_shape = tuple(fast_fft_size(n + m - 1) for n in self.shape)  # 2,3,5-smooth: 3x faster
+        exact = tuple(n + m - 1 for n in self.shape)  # the smallest size without wrap-around
+        # 2,3,5-smooth by default (3x faster); ``fft_shape`` (at least ``exact``) for comparing sizes
+        self.fft_shape = tuple(fast_fft_size(n) for n in exact) if fft_shape is None else tuple(fft_shape)
+        if any(f < e for f, e in zip(self.fft_shape, exact)):
+            raise ValueError(f"fft_shape {self.fft_shape} smaller than {exact}: the correlation would wrap around")
         self.spectra, self.norms, self.sizes = [], [], []
         box = {}
         for _, _, t in self.templates:
