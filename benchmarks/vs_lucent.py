@@ -23,6 +23,7 @@ shares the cores with other work makes the Lucent-style loop (many small batch-1
 """
 import argparse
 import copy
+import functools
 import sys
 import time
 from pathlib import Path
@@ -117,10 +118,14 @@ def main():
     ap.add_argument("--lr", type=float, default=None, help="override every preset's lr")
     ap.add_argument("--requests", default="mid,logits")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--amp", default="off", choices=["off", "on", "auto"],
-                    help="bf16 autocast of brainfv's steps: off (default; fp32 like the Lucent-style loop, so the "
-                         "ratio is the engineering alone), on, or auto (the study's default, featviz.amp: null)")
+    ap.add_argument("--amp", default="off,auto",
+                    help="bf16 autocast of brainfv's steps, comma-separated, each printed: off (fp32 like the "
+                         "Lucent-style loop, so the ratio is the engineering alone), on, or auto (what the study "
+                         "runs, featviz.amp: null: bf16 on CUDA and on CPUs with native bf16)")
     a = ap.parse_args()
+    a.amp = a.amp.split(",")
+    if set(a.amp) - set(AMP):
+        ap.error(f"--amp: each of {sorted(AMP)}")
     if a.quick:
         a.grid, a.presets, a.rounds, a.step_steps = 4, "none,fourier", 3, 10
     torch.set_num_threads(a.threads)
@@ -145,8 +150,10 @@ def main():
             "logits": ("classifier", [c for c in range(n_cls) for _ in range(a.logit_seeds)],
                        list(range(n_cls * a.logit_seeds)), True)}
     reqs = {k: reqs[k] for k in a.requests.split(",")}
+    auto = render_amp_auto()
     print(f"model {a.model}; grid {shape}; budget {a.steps} steps; plateau {conv}; {a.threads} threads; "
-          f"{a.rounds} interleaved rounds after a warm-up: medians and median per-round ratios", flush=True)
+          f"{a.rounds} interleaved rounds after a warm-up: medians and median per-round ratios; brainfv with "
+          f"amp {', '.join(f'{m} ({label(m, auto)})' for m in a.amp)}, the Lucent-style loop in fp32", flush=True)
     per_step(model, reqs, shape, mask, real, drange, fv, a)
     for name in a.presets.split(","):
         preset = dict(fv["regularizers"][name])
@@ -157,9 +164,9 @@ def main():
             obj = O.channel(layer, units)
             out = {}
 
-            def ours():
+            def ours(amp):  # the whole render: its setup (network copy, objective scale) counts too
                 r = render(model, obj, shape, preset, steps=a.steps, lr=fv["lr"], seeds=seeds, mask=mask,
-                           real_volumes=real, data_range=drange, converge=fv["converge"], amp=AMP[a.amp])
+                           real_volumes=real, data_range=drange, converge=fv["converge"], amp=AMP[amp])
                 return r.info["steps_run"], r.info["converged"]
 
             def theirs():
@@ -167,15 +174,29 @@ def main():
                                        lr=lr, converge=conv, logit=logit) for u, s in zip(units, seeds)]
                 return np.array([r[0] for r in res]), np.array([r[1] for r in res])
 
-            rounds = interleave({"brainfv": ours, "lucent": theirs}, a.rounds, out)
-            med = {k: float(np.median([r[k] for r in rounds])) for k in ("brainfv", "lucent")}
-            ratio = float(np.median([r["lucent"] / r["brainfv"] for r in rounds]))
-            s_o, c_o = out["brainfv"]
+            fns = {**{m: functools.partial(ours, m) for m in a.amp}, "lucent": theirs}
+            rounds = interleave(fns, a.rounds, out)
+            med = {k: float(np.median([r[k] for r in rounds])) for k in fns}
             s_l, c_l = out["lucent"]
-            print(f"(b) {name:8s} {rname:6s} {layer} x{len(units)}: to convergence brainfv {med['brainfv']:.1f}s "
-                  f"(steps median {int(np.median(s_o))}, max {int(s_o.max())}, converged {c_o.mean():.2f}) vs "
-                  f"Lucent-style {med['lucent']:.1f}s (steps median {int(np.median(s_l))}, max {int(s_l.max())}, "
-                  f"converged {c_l.mean():.2f}) -> {ratio:.1f}x", flush=True)
+            for m in a.amp:
+                ratio = float(np.median([r["lucent"] / r[m] for r in rounds]))
+                s_o, c_o = out[m]
+                print(f"(b) {name:8s} {rname:6s} {layer} x{len(units)}, brainfv {label(m, auto)}: to convergence "
+                      f"brainfv {med[m]:.1f}s (steps median {int(np.median(s_o))}, max {int(s_o.max())}, sum "
+                      f"{int(s_o.sum())}, converged {c_o.mean():.2f}) vs Lucent-style {med['lucent']:.1f}s (steps "
+                      f"median {int(np.median(s_l))}, max {int(s_l.max())}, sum {int(s_l.sum())}, converged "
+                      f"{c_l.mean():.2f}) -> {ratio:.1f}x", flush=True)
+
+
+def render_amp_auto():
+    """What ``amp: auto`` (the study's ``featviz.amp: null``) runs on this machine's CPU."""
+    from brainfv.device import autocast_default
+
+    return autocast_default("cpu")
+
+
+def label(mode, auto):
+    return {"off": "fp32", "on": "bf16"}.get(mode) or ("bf16" if auto else "fp32")
 
 
 def interleave(fns, rounds, out):
@@ -200,12 +221,14 @@ def per_step(model, reqs, shape, mask, real, drange, fv, a):
 
     off = Converge(enabled=False)
     lucent_model = redirect_relus(copy.deepcopy(model))
+    auto = render_amp_auto()
     for rname, (layer, units, seeds, logit) in reqs.items():
         preset = dict(fv["regularizers"]["none"])
         obj = O.channel(layer, units)
-        def ours(n):  # the loop's own seconds (render's setup, e.g. the objective scale, is not a step)
+
+        def ours(n, amp):  # the loop's own seconds (render's setup, e.g. the objective scale, is not a step)
             return render(model, obj, shape, preset, steps=n, lr=fv["lr"], seeds=seeds, mask=mask, real_volumes=real,
-                          data_range=drange, converge=off, amp=AMP[a.amp]).seconds
+                          data_range=drange, converge=off, amp=AMP[amp]).seconds
 
         def theirs(n):
             t0 = time.perf_counter()
@@ -214,15 +237,16 @@ def per_step(model, reqs, shape, mask, real, drange, fv, a):
                                 converge=off, logit=logit)
             return time.perf_counter() - t0
 
-        fns = {"brainfv": ours, "lucent": theirs}
+        fns = {**{m: functools.partial(ours, amp=m) for m in a.amp}, "lucent": theirs}
         for fn in fns.values():
             fn(2)  # warm-up: kernel selection, allocation
         rounds = [{k: f(a.step_steps) for k, f in fns.items()} for _ in range(max(a.rounds, 3))]
         med = {k: float(np.median([r[k] for r in rounds])) for k in fns}
-        ratio = float(np.median([r["lucent"] / r["brainfv"] for r in rounds]))
-        print(f"(a) per step, preset none, {rname} {layer} x{len(units)}, {a.step_steps} steps: brainfv "
-              f"{1000 * med['brainfv'] / a.step_steps:.0f} ms/step vs Lucent-style "
-              f"{1000 * med['lucent'] / a.step_steps:.0f} ms/step -> {ratio:.2f}x", flush=True)
+        for m in a.amp:
+            ratio = float(np.median([r["lucent"] / r[m] for r in rounds]))
+            print(f"(a) per step, preset none, {rname} {layer} x{len(units)}, {a.step_steps} steps, brainfv "
+                  f"{label(m, auto)}: brainfv {1000 * med[m] / a.step_steps:.0f} ms/step vs Lucent-style "
+                  f"{1000 * med['lucent'] / a.step_steps:.0f} ms/step -> {ratio:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -265,3 +265,34 @@ def test_visualize_job_writes_steps_converged_and_the_cascade(tmp_path):
     assert c.groupby("cascade_step")["randomized_stages"].first().tolist() == [
         "classifier", "classifier,block2", "classifier,block2,block1"]
     assert nib.load(out["cascade"]).shape == (12, 14, 12, 3 * 2)  # steps x units, first seed
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_objective_scale_in_pairs_is_the_spread_of_each_volume_alone(crop):
+    """The scale's real volumes go through the network in pairs (one alone takes the CPU's slow convolution);
+    each volume's objective is still its own: the spread equals the one computed volume by volume, for an odd
+    number of volumes too, and for a neuron read on its receptive field (``box``)."""
+    from brainfv.featviz.crop import plan_crop
+    from brainfv.featviz.render import objective_scale, prepare_network
+    from brainfv.featviz.units import capture_activations
+
+    m = small_model()
+    obj = O.neuron("block2.norm", [0, 3], (2, 3, 2)) if crop else O.channel("block2.norm", [0, 3, 5])
+    net = prepare_network(m, obj.layers)
+    plan = plan_crop(net, obj, SHAPE, torch.device("cpu")) if crop else None
+    box = plan.box if plan is not None else None
+    if crop:
+        assert box is not None, "the test needs a cropped neuron"
+    vols = real_volumes(5)
+    B = len(obj.units[0][1])
+    got = objective_scale(net, obj, vols, B, device=torch.device("cpu"), plan=plan, box=box)
+    one = []
+    for v in vols:
+        x = torch.as_tensor(v[box] if box is not None else v)[None, None]
+        with torch.no_grad():
+            acts = capture_activations(net, x, obj.layers)
+        acts = {k: a.expand((B,) + tuple(a.shape[1:])) for k, a in acts.items()}
+        one.append(obj(plan.activations(acts) if plan is not None else acts, slice(0, B)))
+    want = torch.stack(one).std(0)
+    assert torch.allclose(got, want, rtol=1e-5)
+    assert len(set(np.round(got.numpy(), 6))) == B  # each element its own unit's spread
