@@ -118,14 +118,18 @@ def test_batched_equals_per_unit():
     m = small_model()
     preset = {"param": "fourier", "jitter": 2, "scale": 0.05, "rotate": 5, "tv": 0.1}
     seeds = [11, 12, 13]
-    # one element per forward pass: identical whether alone or in a batch
+    # one element per forward pass: identical whether alone or in a batch, up to the batched FFT's last bits — in
+    # fp32: in bf16 a last-bit difference of the image can flip a voxel's rounding, and a tie in a max-pool window
+    # (frequent among 8-bit mantissas) then sends a gradient to another voxel, so bf16 runs agree as images, not to 1e-5
     batched = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, micro_batch=1,
-                     data_range=R)
-    alone = render(m, O.channel("block2.norm", [3]), SHAPE, preset, steps=8, seeds=[12], micro_batch=1, data_range=R)
+                     data_range=R, amp=False)
+    alone = render(m, O.channel("block2.norm", [3]), SHAPE, preset, steps=8, seeds=[12], micro_batch=1, data_range=R,
+                   amp=False)
     assert np.allclose(batched.images[1], alone.images[0], atol=1e-5)
     assert np.isclose(batched.objective_end[1], alone.objective_end[0], rtol=1e-5, atol=1e-6)
     # default CPU micro-batches (2 elements): the same optimisation up to float-level kernel differences
-    fast = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, data_range=R)
+    fast = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, data_range=R,
+                  amp=False)
     assert corr(fast.images[1], alone.images[0]) > 0.95
     simple = {"param": "fourier", "jitter": 2}
     b2 = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, simple, steps=8, seeds=seeds, data_range=R)
@@ -133,8 +137,12 @@ def test_batched_equals_per_unit():
     # batch 2 and batch 1 convolutions differ in the last bits (both ~1e-6, with or without BatchNorm
     # folding); a max-pool near-tie can turn that into another voxel's gradient, so: the same image, not bits
     assert corr(b2.images[1], a2.images[0]) > 0.99
-    again = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, data_range=R)
+    again = render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, data_range=R,
+                   amp=False)
     assert np.array_equal(fast.images, again.images)  # reproducible
+    bf16 = [render(m, O.channel("block2.norm", [0, 3, 5]), SHAPE, preset, steps=8, seeds=seeds, data_range=R,
+                   amp=True).images for _ in range(2)]
+    assert np.array_equal(*bf16)  # in bf16 too
 
 
 def test_objectives_compose_and_increase():
@@ -276,7 +284,8 @@ def test_simplify_leaves_what_it_cannot_prove():
             return self.pool(self.act(self.norm(y) + y))
 
     r = Residual().eval()
-    assert simplify_for_featviz(r)[1] == []
+    assert simplify_for_featviz(r)[1] == [  # no fold, no move; what is exact whatever the graph is still done
+        "conv (one input channel) input gradient by a depthwise convolution", "pool in the input's precision"]
 
     class Branchy(nn.Module):  # data-dependent control flow: not traceable, used as it is
         def __init__(self):
@@ -513,3 +522,79 @@ def test_adam_is_torch_optim_adam_without_its_import_cost():
     assert all(p.grad is None for p in ours)
     opts[0].step()  # nothing to update: nothing happens
     assert all(torch.equal(x, y) for x, y in zip(ours, fused_ref))
+
+
+def test_max_pools_in_the_input_precision_are_bit_identical_under_autocast():
+    """Non-overlapping max-pools run on the bf16 map instead of autocast's fp32 copy: the same images, bit for bit,
+    after a run of bf16 steps (every value, tie and gradient the same); overlapping pools (sums in the gradient)
+    stay as they are; receptive fields are unchanged."""
+    import brainfv.featviz.simplify as S
+    from brainfv.featviz.units import receptive_field
+
+    m = small_model()
+    obj = O.channel("classifier", [0, 1])
+    kw = dict(steps=12, seeds=[0, 1], data_range=R, amp=True, converge={"enabled": False})
+    native = render(m, obj, SHAPE, {"jitter": 1}, **kw)
+    orig = S.native_max_pools
+    try:
+        S.native_max_pools = lambda model: []
+        plain = render(m, obj, SHAPE, {"jitter": 1}, **kw)
+    finally:
+        S.native_max_pools = orig
+    assert np.array_equal(native.images, plain.images)
+    assert np.array_equal(native.objective_end, plain.objective_end)
+    net, changes = S.simplify_for_featviz(m)
+    pools = [n for n, x in net.named_modules() if isinstance(x, nn.MaxPool3d)]
+    assert pools and all(isinstance(net.get_submodule(n), S.NativeMaxPool3d) for n in pools)
+    assert any("precision" in c for c in changes)
+    assert receptive_field(net, "block2.norm", (1,) + SHAPE) == receptive_field(m, "block2.norm", (1,) + SHAPE)
+    over = nn.Sequential(nn.Conv3d(1, 2, 3), nn.MaxPool3d(3, stride=2), nn.MaxPool3d(2, dilation=2)).eval()
+    assert S.native_max_pools(over) == []
+    x = torch.randn(2, 1, 9, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = S.NativeMaxPool3d(nn.MaxPool3d(2))(torch.nn.functional.conv3d(x, torch.randn(2, 1, 3, 3, 3)))
+    assert y.dtype == torch.bfloat16  # pooled in the input's precision, not autocast's fp32
+
+
+@pytest.mark.parametrize("kernel,padding,out", [(3, 1, 8), ((3, 5, 7), (0, 2, 3), 2), (1, 0, 4), (3, 0, 1)])
+def test_one_channel_conv_input_gradient_by_depthwise_convolution(kernel, padding, out):
+    """The first convolution's input gradient as a depthwise convolution and a channel sum: the same output and
+    gradient as ``nn.Conv3d`` (fp64 to 1e-12, fp32 to rounding), the exact zeros of a sparse gradient kept,
+    channels-last kept; under bf16 autocast the gradient of the bf16 forward pass, no worse than oneDNN's; with a
+    trainable weight the ordinary convolution (the weight gets its gradient)."""
+    from brainfv.featviz.simplify import OneChannelConv3d, one_channel_convs
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d(1, out, kernel, padding=padding).requires_grad_(False)
+    fast = OneChannelConv3d(conv)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        x = torch.randn(3, 1, 9, 10, 11, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+        c, f = conv.to(dtype), fast.to(dtype)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = c(xa), f(xb)
+        assert torch.equal(ya, yb)
+        g = torch.randn_like(ya) * (torch.rand_like(ya) < 0.02)  # sparse: most voxels get no gradient at all
+        ya.backward(g)
+        yb.backward(g)
+        assert xb.grad.dtype == dtype
+        assert torch.allclose(xa.grad, xb.grad, atol=tol * float(xa.grad.abs().max()))
+        assert torch.equal(xa.grad == 0, xb.grad == 0)  # Adam moves what has any gradient: the same voxels
+    conv, fast = conv.float(), fast.float()
+    x = torch.randn(2, 1, 9, 10, 11).contiguous(memory_format=torch.channels_last_3d)
+    grads = {}
+    for name, m in (("onednn", conv), ("depthwise", fast)):
+        xr = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xr)
+        assert y.dtype == torch.bfloat16
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        y.backward(g)
+        grads[name] = xr.grad
+    ref = nn.functional.conv_transpose3d(g.double(), conv.weight.to(torch.bfloat16).double(), None, 1, padding)
+    err = {k: float((v.double() - ref).abs().max()) for k, v in grads.items()}
+    assert err["depthwise"] <= err["onednn"] + 1e-6 * float(ref.abs().max())
+    trainable = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1))
+    assert one_channel_convs(trainable) == ["0 (one input channel) input gradient by a depthwise convolution"]
+    trainable(torch.randn(1, 1, 5, 5, 5)).sum().backward()
+    assert trainable[0].weight.grad is not None
+    assert one_channel_convs(nn.Sequential(nn.Conv3d(2, 2, 3), nn.Conv3d(1, 2, 3, stride=2))) == []

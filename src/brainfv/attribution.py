@@ -42,7 +42,7 @@ from torch import nn
 from .config import default
 from .data.grid import Grid
 from .errors import ConfigError, InputDataError
-from .featviz.simplify import fft_large_convs
+from .featviz.simplify import fft_large_convs, one_channel_convs
 from .featviz.units import get_module, receptive_field
 from .models.cnn import frozen
 from .utils import Progress, atomic_path
@@ -64,10 +64,13 @@ def default_cam_layer(model: nn.Module) -> str:
 
 
 def _frozen_copy(model, device):
-    """A frozen copy whose large-kernel convolutions run by FFT (the same function: the positive controls'
-    lesion template, :func:`brainfv.featviz.simplify.fft_large_convs`)."""
+    """A frozen copy whose large-kernel convolutions run by FFT (the positive controls' lesion template,
+    :func:`brainfv.featviz.simplify.fft_large_convs`) and whose one-channel input convolution takes its input
+    gradient by a depthwise convolution (:func:`~brainfv.featviz.simplify.one_channel_convs`): the same function
+    and gradients, float rounding apart."""
     net = frozen(model, device)
     fft_large_convs(net)
+    one_channel_convs(net)
     return net
 
 
