@@ -8,6 +8,7 @@ import torch
 
 from ..report.figures import learning_curve_figure
 from ..training import train_task
+from ..utils import retain_freed_memory
 from .base import Job
 
 __all__ = ["train_job"]
@@ -19,6 +20,7 @@ def train_job(job: Job) -> None:
     ``model_spec`` in ``workflow/rules/common.smk``) and ``checkpoint_dir``. Outputs: ``model``, ``metrics``,
     ``predictions``, ``history``, ``curve``."""
     torch.set_num_threads(job.threads)
+    retain_freed_memory()  # one job per process: freed maps reused, not taken from the system again
     s = job.params["spec"]
     out = Path(job.output["model"]).parent
     metrics = train_task(job.folder("volumes", "participants", "reference", "manifest"), s["task"], s["target"],
