@@ -126,9 +126,16 @@ def main():
     a.amp = a.amp.split(",")
     if set(a.amp) - set(AMP):
         ap.error(f"--amp: each of {sorted(AMP)}")
+    labels = {}
+    for m in a.amp:  # one run per precision (auto is fp32 on a CPU without native bf16)
+        labels.setdefault(label(m, render_amp_auto()), m)
+    a.amp = list(labels.values())
     if a.quick:
         a.grid, a.presets, a.rounds, a.step_steps = 4, "none,fourier", 3, 10
     torch.set_num_threads(a.threads)
+    from brainfv.utils import retain_freed_memory
+
+    retain_freed_memory()  # as the study's visualize jobs run (brainfv.jobs.base.run); both loops share the process
     cfg = complete({})
     fv = cfg["featviz"]
     conv = Converge.from_config(fv["converge"])

@@ -212,14 +212,15 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 
 
 def retain_freed_memory() -> bool:
-    """Keep the memory this process frees for its next allocations (glibc: allocations up to 32 MB from the heap,
-    the heap not trimmed on free; :func:`release_memory` still hands it back when asked), instead of returning it
-    to the system and taking it again — in a visualization step, every fresh full-resolution map zeroed or filled
-    page fault by page fault. For a process that runs one job: the workflow's steps that optimise or differentiate
-    volumes call it (visualization, training, attribution, exemplars); the library never does on its own.
-    Measured on the 4 mm grid (the trained sex model, class logits, 8 elements, 1 thread, median of 4 renders of
-    16 steps): bf16 50.3-51.6 -> 44.2-46.3 ms a step, fp32 57.1 -> 49.6, peak RSS 411 vs 413 MB. Returns whether
-    it applied (False without glibc's ``mallopt``)."""
+    """Keep the memory this process frees for its next allocations (glibc: allocations below 32 MB come from the
+    heap, which is trimmed only when over 1 GB lies free at its top; :func:`release_memory` still hands it back
+    when asked), instead of returning it to the system and taking it again — in a visualization step, every fresh
+    full-resolution map zeroed or filled page fault by page fault. For a process that runs one job: the workflow's
+    job runner calls it for the steps that optimise or differentiate volumes (``brainfv.jobs.base.run``,
+    ``retains_freed_memory``); the library's functions never change the allocator. Each thread's arena keeps its
+    own (the jobs allocate from their main thread). Measured on the 4 mm grid (the trained sex model, class
+    logits, 8 elements, 1 thread, median of 4 renders of 16 steps): bf16 50.3-51.6 -> 44.2-46.3 ms a step, fp32
+    57.1 -> 49.6, peak RSS 411 vs 413 MB. Returns whether it applied (False without glibc's ``mallopt``)."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False

@@ -15,17 +15,18 @@ rewrites give the same activations at every requested layer (up to float roundin
   correlation computed as a product of Fourier transforms, with the direct convolution's exact zeros kept
   (:class:`FFTConv3d`). The hand-built positive controls read the input through a 9³ lesion template, one
   channel: on the 4 mm grid its direct convolution was nearly all of an optimisation step (``benchmarks/fft.py``).
-- **One input channel, input gradient by a depthwise convolution**: the first convolution reads the one-channel
-  image at full resolution, and oneDNN computes its input gradient (a convolution to one output channel) slowly:
-  9.1 ms of an 82 ms fp32 step (2 volumes, 4 mm, 1 thread: 40 %), 4.8 ms in bf16. The same gradient is the
-  depthwise convolution of the output gradient with the flipped kernel, summed over the channels, in fp32 (or
-  fp64): 1.9 ms, equal to float rounding in fp32, and under bf16 autocast more precise than oneDNN's (no bf16
-  rounding of the sum) (:class:`OneChannelConv3d`).
-- **Max-pooling in the input's precision**: bf16 autocast runs max-pooling in fp32 (it is on autocast's fp32
-  list), so every pass cast the full-resolution map up and its gradient back down, and zeroed an fp32 gradient
-  twice the size. The maximum of bf16 values is one of them, and a non-overlapping pool's gradient is a copy
-  (no sums), so a non-overlapping max-pool run on the bf16 map gives the same values and gradients, bit for
-  bit (:class:`NativeMaxPool3d`); a forward and backward of the default model's first two blocks, bf16, 4 mm,
+- **One input channel, input gradient by a depthwise convolution** (CPU, fp32): the first convolution reads the
+  one-channel image at full resolution, and oneDNN computes its input gradient (a convolution to one output
+  channel) slowly: on the 4 mm grid, 1 thread, 9.1 ms per pass of 2 volumes in fp32 (the step's 4 passes: 36 of
+  82 ms). The same gradient is the depthwise convolution of the output gradient with the flipped kernel, summed
+  over the channels: 1.9 ms, equal to float rounding (:class:`OneChannelConv3d`; channels in chunks on large
+  grids, so its temporaries stay near 2 x 64 MB). Under bf16 autocast oneDNN's own gradient stays (see there).
+- **Max-pooling in the input's precision** (CPU): bf16 autocast runs max-pooling in fp32 (it is on autocast's
+  fp32 list), so every pass cast the full-resolution map up, its gradient back down, and zeroed an fp32 gradient
+  twice the size. The maximum of bf16 values is one of them, and a non-overlapping pool's gradient is a copy (no
+  sums), so a non-overlapping max-pool run on the bf16 map, its (8x smaller) output then cast to fp32 as autocast
+  would return it, gives the same values, dtypes and gradients, bit for bit, whatever reads it
+  (:class:`NativeMaxPool3d`); a forward and backward of the default model's first two blocks, bf16, 4 mm,
   2 volumes, 1 thread: 15.6 -> 11.9 ms.
 
 None touches a layer the objective reads: a Conv whose own output is requested keeps its BatchNorm,
@@ -53,6 +54,7 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 FFT_MIN_TAPS = 343  # 7 x 7 x 7: from here on a frozen 3D convolution runs by FFT (see the module docstring)
 FFT_MAX_PAIRS = 4   # in x out channels at most: the kernel's transforms hold that many padded volumes (x 4)
+ONE_CHANNEL_CHUNK = 2 ** 24  # OneChannelConv3d's backward: gradient values taken at a time (64 MB in fp32)
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)  # identity in eval
 
 
@@ -169,35 +171,38 @@ class FFTConv3d(nn.Conv3d):
 
 
 class _OneChannelInputGrad(torch.autograd.Function):
-    """``conv3d(x, weight, bias)`` for a one-channel ``x`` and a frozen kernel; the input gradient as the depthwise
-    correlation of the output gradient with the flipped kernel (one group per output channel), summed over the
-    channels, in fp32 (fp64 for fp64)."""
+    """``conv3d(x, weight, bias)`` for a one-channel ``x`` and a frozen kernel (no autocast); the input gradient as
+    the depthwise correlation of the output gradient with the flipped kernel (one group per output channel),
+    summed over the channels, in the input's precision."""
 
     @staticmethod
     def forward(ctx: object, x: torch.Tensor, conv: OneChannelConv3d) -> torch.Tensor:
-        ctx.conv, ctx.dtype = conv, x.dtype
-        ctx.autocast = _autocast_on(x.device.type)
+        ctx.conv = conv
         return nn.functional.conv3d(x, conv.weight, conv.bias, 1, conv.padding, 1, 1)
 
     @staticmethod
     def backward(ctx: object, g: torch.Tensor) -> tuple:
         conv = ctx.conv
-        dtype = torch.float64 if torch.float64 in (g.dtype, ctx.dtype) else torch.float32
-        w = conv.weight.detach()
-        if ctx.autocast and w.dtype == torch.float32:  # the kernel the forward pass ran with (autocast's cast)
-            w = w.to(g.dtype)
-        w = torch.flip(w.to(dtype), (-3, -2, -1)).contiguous(memory_format=torch.channels_last_3d)
-        g = g.to(dtype).contiguous(memory_format=torch.channels_last_3d)
+        w = torch.flip(conv.weight.detach().to(g.dtype), (-3, -2, -1)).contiguous(memory_format=torch.channels_last_3d)
         pad = tuple(k - 1 - p for k, p in zip(conv.kernel_size, conv.padding))
-        with torch.autocast(g.device.type, enabled=False):
-            gx = nn.functional.conv3d(g, w, None, 1, pad, 1, conv.out_channels).sum(1, keepdim=True)
-        return gx.to(ctx.dtype), None
+        step = max(1, ONE_CHANNEL_CHUNK // max(1, g[:, 0].numel()))  # channels at a time: bounded temporaries
+        gx = None
+        for c in range(0, g.shape[1], step):
+            gc = g[:, c:c + step].contiguous(memory_format=torch.channels_last_3d)
+            part = nn.functional.conv3d(gc, w[c:c + step], None, 1, pad, 1, gc.shape[1]).sum(1, keepdim=True)
+            gx = part if gx is None else gx.add_(part)
+        return gx, None
 
 
 class OneChannelConv3d(nn.Conv3d):
     """A frozen ``nn.Conv3d`` with one input channel (stride 1, dilation 1, one group, zero padding no wider than
-    the kernel) whose input gradient is computed by :class:`_OneChannelInputGrad`: the same output; the same input
-    gradient to float rounding. While its weight needs a gradient (training) it is ``nn.Conv3d``."""
+    the kernel) whose input gradient on the CPU in fp32 (fp64) is computed by :class:`_OneChannelInputGrad`: the
+    same output; the same input gradient to float rounding. While its weight needs a gradient (training), on CUDA
+    and under autocast it is ``nn.Conv3d``: in bf16 the depthwise gradient (fp32, not rounded to bf16) was 2.4 ms
+    faster a pass but not the same numbers, and bf16 trajectories amplify any difference (a rounding flip, a
+    max-pool tie): on the default study it moved 3 of 24 primary verdicts and the block-2 neurons' convergence
+    under Fourier (81 -> 60 % of 48), with no systematic effect we could show in 240 paired elements (95.0 vs
+    98.3 % converged, objective 10.99 vs 11.27) — not a change to make without showing it is neutral."""
 
     def __init__(self, conv: nn.Conv3d):
         super().__init__(1, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=conv.bias is not None,
@@ -216,7 +221,8 @@ class OneChannelConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad) \
-                or not (torch.is_grad_enabled() and x.requires_grad):
+                or not (torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu" \
+                or _autocast_on("cpu"):  # CUDA: not measured; bf16 autocast: see the class docstring
             return super().forward(x)
         return _OneChannelInputGrad.apply(x, self)
 
@@ -233,10 +239,12 @@ def one_channel_convs(model: nn.Module, keep: Sequence[str] = ()) -> list:
 
 
 class NativeMaxPool3d(nn.MaxPool3d):
-    """A non-overlapping ``nn.MaxPool3d`` (stride = kernel size, no dilation) that under autocast pools in its
-    input's precision instead of autocast's fp32: the same values and gradients, bit for bit (the maximum of bf16
-    values is one of them; each input voxel gets at most one output's gradient, copied, never summed), without the
-    casts of the full-size map and its gradient. Outside autocast, or on fp32 input, it is ``nn.MaxPool3d``."""
+    """A non-overlapping ``nn.MaxPool3d`` (stride = kernel size, no dilation) that under CPU autocast pools a bf16
+    or fp16 input in its own precision and returns the pooled map in fp32, as autocast's fp32 pooling does: the
+    same values, dtype and gradients, bit for bit (the maximum of bf16 values is one of them and exact in fp32;
+    each input voxel gets at most one output's gradient, copied, never summed, and rounding an fp32 gradient to
+    bf16 before or after that copy is the same), without casting the full-size map and its gradient. Elsewhere
+    (no autocast, fp32 input, CUDA: not measured there) it is ``nn.MaxPool3d``."""
 
     def __init__(self, pool: nn.MaxPool3d):
         super().__init__(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
@@ -252,9 +260,9 @@ class NativeMaxPool3d(nn.MaxPool3d):
             and _triple(pool.dilation) == (1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.bfloat16, torch.float16) and _autocast_on(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return super().forward(x)
+        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and _autocast_on("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x).float()
         return super().forward(x)
 
 
@@ -297,8 +305,8 @@ class _RedirectedReLUFn(torch.autograd.Function):
         relu = torch.ops.aten.threshold_backward(g, x, 0.0)  # the ordinary ReLU gradient, in one pass
         # an element none of whose gradient passes: let through what would raise a negative input
         # (g < 0: the loss, -objective, falls as the input rises), never what would push it lower
-        # (the largest |gradient| per element, over its own dimensions: no flattening copy of a channels-last map;
-        # 10x faster than the inf-norm on the CPU in bf16)
+        # (the largest |gradient| per element over its own dimensions, no flattening copy of the channels-last map:
+        # 0.04 instead of 0.39 ms on a (2, 8, 19, 24, 19) bf16 map, 1 thread)
         blocked = relu.abs().amax(dim=tuple(range(1, g.dim()))) == 0 if g.dim() > 1 else (relu.abs().amax() == 0)[None]
         if not bool(blocked.any()):
             return relu

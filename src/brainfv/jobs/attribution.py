@@ -9,13 +9,14 @@ import torch
 from ..attribution import RowView, attribution_table, class_attribution_maps, write_attribution_nifti
 from ..data.store import Dataset
 from ..device import pick_device
-from ..utils import atomic_path, retain_freed_memory
-from .base import Job
+from ..utils import atomic_path
+from .base import Job, retains_freed_memory
 from .models import task_model
 
 __all__ = ["attribution_job"]
 
 
+@retains_freed_memory
 def attribution_job(job: Job) -> None:
     """The ``attribute`` rule: attribution maps of a task's class logits on its test subjects.
 
@@ -26,7 +27,6 @@ def attribution_job(job: Job) -> None:
     Outputs: one 4D NIfTI per method (output name = method; volume ``c`` = class ``c``) and ``table``.
     """
     torch.set_num_threads(job.threads)
-    retain_freed_memory()  # one job per process: freed maps reused, not taken from the system again
     p, log = job.params, job.log
     device = pick_device(p["device"])
     model, _ = task_model(job, device)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BrainFVError
-from ..utils import get_logger, terminate_cleanly
+from ..utils import get_logger, retain_freed_memory, terminate_cleanly
 
 __all__ = ["Job", "run"]
 
@@ -48,12 +48,22 @@ class Job:
         return folders.pop()
 
 
+def retains_freed_memory(fn: Callable[[Job], None]) -> Callable[[Job], None]:
+    """Mark a job function whose step optimises or differentiates volumes: :func:`run` (the Snakemake script's
+    process, one job) lets the allocator keep freed memory for it (:func:`~brainfv.utils.retain_freed_memory`);
+    called directly (tests, the library) it changes nothing."""
+    fn.retains_freed_memory = True
+    return fn
+
+
 def run(fn: Callable[[Job], None], smk: object) -> None:
     """Run ``fn(job)`` for Snakemake's ``smk`` object, logging to the rule's log file; brainfv errors end
     the job with their one-line message instead of a traceback. SIGTERM (a cluster's time limit,
     ``snakemake`` being stopped) is turned into an exception, so temporary files are removed."""
     logger = get_logger("brainfv", smk.log[0] if len(smk.log) else None)
     logger.info(f"rule {smk.rule} {dict(smk.wildcards)} threads={smk.threads}")
+    if getattr(fn, "retains_freed_memory", False):
+        retain_freed_memory()  # this process runs this one job: freed maps are reused, not taken again
     job = Job.from_snakemake(smk, logger.info)
     try:
         with terminate_cleanly():

@@ -17,14 +17,15 @@ from ..featviz.exemplars import top_exemplars, write_exemplars
 from ..featviz.probes import request_position, request_positions
 from ..featviz.study import join_positions, preset_text, resolve_request_units, split_volumes, visualize_positions
 from ..models.checks import check_model_dataset
-from ..utils import atomic_path, retain_freed_memory, stable_seed
-from .base import Job
+from ..utils import atomic_path, stable_seed
+from .base import Job, retains_freed_memory
 from .models import task_model
 from .requests import VisualizeRequest
 
 __all__ = ["replicate_seed", "visualize_job", "exemplars_job"]
 
 
+@retains_freed_memory
 def visualize_job(job: Job) -> None:
     """The ``visualize`` / ``visualize_unit`` rule.
 
@@ -48,7 +49,6 @@ def visualize_job(job: Job) -> None:
     have ``position_index``), the trajectory is the first position's, the cascade has K × units volumes per step.
     """
     torch.set_num_threads(job.threads)
-    retain_freed_memory()  # one job per process: freed maps reused, not taken from the system again
     p = VisualizeRequest.from_dict(job.params["request"]).as_dict()
     device = pick_device(p["device"])
     model, info = task_model(job, device)
@@ -184,6 +184,7 @@ def _write_visualizations(job: Job, p: dict, grid: Grid, volumes: dict, tables: 
                                                        replicate=p["replicate"]).to_csv(tmp, sep="\t", index=False)
 
 
+@retains_freed_memory
 def exemplars_job(job: Job) -> None:
     """The ``exemplars`` rule: the real test volumes that activate each unit of one layer most.
 
@@ -192,7 +193,6 @@ def exemplars_job(job: Job) -> None:
     to the receptive field around each unit's maximum for spatial layers) and ``table``.
     """
     torch.set_num_threads(job.threads)
-    retain_freed_memory()  # one job per process: freed maps reused, not taken from the system again
     p, log = job.params["request"], job.log
     device = pick_device(p["device"])
     model, _ = task_model(job, device)

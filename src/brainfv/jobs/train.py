@@ -8,19 +8,18 @@ import torch
 
 from ..report.figures import learning_curve_figure
 from ..training import train_task
-from ..utils import retain_freed_memory
-from .base import Job
+from .base import Job, retains_freed_memory
 
 __all__ = ["train_job"]
 
 
+@retains_freed_memory
 def train_job(job: Job) -> None:
     """The ``train_model`` rule. Inputs: the task's dataset files (``volumes``, ``participants``,
     ``reference``). Params: ``spec`` (task, role, replicate, target, arch, training, seed, bootstrap; see
     ``model_spec`` in ``workflow/rules/common.smk``) and ``checkpoint_dir``. Outputs: ``model``, ``metrics``,
     ``predictions``, ``history``, ``curve``."""
     torch.set_num_threads(job.threads)
-    retain_freed_memory()  # one job per process: freed maps reused, not taken from the system again
     s = job.params["spec"]
     out = Path(job.output["model"]).parent
     metrics = train_task(job.folder("volumes", "participants", "reference", "manifest"), s["task"], s["target"],
