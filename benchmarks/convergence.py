@@ -16,7 +16,7 @@ time per step and the time to convergence of brainfv against a Lucent-style loop
 criterion, with their ratios (medians of interleaved rounds)::
 
     .venv/bin/python benchmarks/convergence.py --vs-lucent --model results/models/sex/main/model.pt \
-        --dataset results/data/cohort [--quick]   # --quick: 16 minutes on 2 shared cores
+        --dataset results/data/cohort [--quick]   # --quick: 7 minutes on 2 quiet cores (both precisions)
 """
 import argparse
 import sys

@@ -17,7 +17,7 @@ and the Lucent-style loop (the units one after the other, each to its plateau) r
 printed: medians, the median of the per-round ratios, steps per element and the share converged.
 ``--grid 4`` resamples the volumes to 4 mm (the laptop grid, 39x48x39; trilinear; nothing to do on the laptop
 study's own data; a pooled-head model accepts any grid), ``--grid 3`` to 3 mm.
-``--quick`` (16 minutes on 2 shared cores): 4 mm,
+``--quick`` (7 minutes on 2 quiet cores, fp32 and bf16): 4 mm,
 presets none and fourier, 3 rounds, 10 steps for the per-step figure. One round is not enough: a round that
 shares the cores with other work makes the Lucent-style loop (many small batch-1 calls) several times slower.
 """
