@@ -564,6 +564,11 @@ def test_max_pools_in_the_input_precision_are_bit_identical_under_autocast():
                 y = tail(pool(conv(x)))
             y.float().pow(2).sum().backward()
             out[type(pool).__name__] = (y, x.grad)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pooled = pool(conv(x))
+            if isinstance(pool, S.NativeMaxPool3d):  # pooled in bf16, then cast: not autocast's fp32 pool
+                assert type(pooled.grad_fn).__name__ == "ToCopyBackward0"
+                assert type(pooled.grad_fn.next_functions[0][0]).__name__.startswith("MaxPool3DWithIndicesBackward")
         (ya, ga), (yb, gb) = out.values()
         assert ya.dtype == yb.dtype and torch.equal(ya, yb) and torch.equal(ga, gb)
 
@@ -584,20 +589,30 @@ def test_one_channel_conv_input_gradient_by_depthwise_convolution(kernel, paddin
         xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         ya, yb = c(xa), f(xb)
         assert torch.equal(ya, yb)
+        assert type(yb.grad_fn).__name__ == "_OneChannelInputGradBackward"  # the depthwise path did run
         g = torch.randn_like(ya) * (torch.rand_like(ya) < 0.02)  # sparse: most voxels get no gradient at all
         ya.backward(g)
         yb.backward(g)
         assert xb.grad.dtype == dtype
         assert torch.allclose(xa.grad, xb.grad, atol=tol * float(xa.grad.abs().max()))
         assert torch.equal(xa.grad == 0, xb.grad == 0)  # Adam moves what has any gradient: the same voxels
-        if dtype == torch.float64:  # one channel at a time (large grids): the same gradient
+        if dtype == torch.float64 and out > 1:  # one channel at a time (large grids): the same gradient
             import brainfv.featviz.simplify as S
+            calls = []
+            conv3d = torch.nn.functional.conv3d
+
+            def counting(*a, **k):
+                calls.append(a[0].shape[1])
+                return conv3d(*a, **k)
+
             chunk, S.ONE_CHANNEL_CHUNK = S.ONE_CHANNEL_CHUNK, 1
             try:
+                torch.nn.functional.conv3d = counting
                 xc = x.clone().requires_grad_(True)
                 f(xc).backward(g)
             finally:
-                S.ONE_CHANNEL_CHUNK = chunk
+                S.ONE_CHANNEL_CHUNK, torch.nn.functional.conv3d = chunk, conv3d
+            assert calls[1:] == [1] * out  # the forward, then one depthwise convolution per channel
             assert torch.allclose(xc.grad, xb.grad, atol=1e-12 * float(xb.grad.abs().max()))
     conv, fast = conv.float(), fast.float()
     x = torch.randn(2, 1, 9, 10, 11).contiguous(memory_format=torch.channels_last_3d)

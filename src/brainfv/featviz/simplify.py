@@ -243,8 +243,10 @@ class NativeMaxPool3d(nn.MaxPool3d):
     or fp16 input in its own precision and returns the pooled map in fp32, as autocast's fp32 pooling does: the
     same values, dtype and gradients, bit for bit (the maximum of bf16 values is one of them and exact in fp32;
     each input voxel gets at most one output's gradient, copied, never summed, and rounding an fp32 gradient to
-    bf16 before or after that copy is the same), without casting the full-size map and its gradient. Elsewhere
-    (no autocast, fp32 input, CUDA: not measured there) it is ``nn.MaxPool3d``."""
+    bf16 before or after that copy is the same), without casting the full-size map and its gradient. (One
+    exception, never met with finite activations: a window that is entirely -inf sends its gradient to index 0,
+    where several windows' gradients add, in bf16 instead of fp32.) Elsewhere (no autocast, fp32 input, CUDA: not
+    measured there) it is ``nn.MaxPool3d``."""
 
     def __init__(self, pool: nn.MaxPool3d):
         super().__init__(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,

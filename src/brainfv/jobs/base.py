@@ -62,8 +62,8 @@ def run(fn: Callable[[Job], None], smk: object) -> None:
     ``snakemake`` being stopped) is turned into an exception, so temporary files are removed."""
     logger = get_logger("brainfv", smk.log[0] if len(smk.log) else None)
     logger.info(f"rule {smk.rule} {dict(smk.wildcards)} threads={smk.threads}")
-    if getattr(fn, "retains_freed_memory", False):
-        retain_freed_memory()  # this process runs this one job: freed maps are reused, not taken again
+    if getattr(fn, "retains_freed_memory", False) and retain_freed_memory():
+        logger.info("freed memory kept for reuse (one job in this process: utils.retain_freed_memory)")
     job = Job.from_snakemake(smk, logger.info)
     try:
         with terminate_cleanly():
