@@ -1,5 +1,8 @@
 """A fair optimisation: bounded images, a plateau criterion, normalised objectives, cascading controls and
 the same start image for every network (issue 18, part A)."""
+import copy
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -296,3 +299,58 @@ def test_objective_scale_in_pairs_is_the_spread_of_each_volume_alone(crop):
     want = torch.stack(one).std(0)
     assert torch.allclose(got, want, rtol=1e-5)
     assert len(set(np.round(got.numpy(), 6))) == B  # each element its own unit's spread
+
+
+@pytest.mark.parametrize("kind", ["voxel", "fourier", "maco"])
+def test_parametrisations_make_a_subset_of_their_batch_as_in_the_whole_batch(kind):
+    from brainfv.featviz.param import takes_rows
+
+    gens = [torch.Generator().manual_seed(s) for s in range(5)]
+    common = dict(value_range="data", data=(LO, HI))
+    if kind == "voxel":
+        p = VoxelParam(SHAPE, gens, init_std=3.0, project=True, **common)
+    elif kind == "fourier":
+        p = FourierParam(SHAPE, gens, init_std=3.0, project=True, **common)
+    else:
+        p = MacoParam(SHAPE, gens, torch.rand(SHAPE[:2] + (SHAPE[2] // 2 + 1,)) * 50, **common)
+    assert takes_rows(p)
+    full = p().detach()
+    for rows in ([1, 3], [0, 2, 4], [2, 2]):
+        r = torch.tensor(rows)
+        assert torch.equal(p(rows=r).detach(), full[r])
+    if kind != "maco":  # a projection of some rows leaves the others as they were, and projects those as a whole one
+        with torch.no_grad():
+            next(p.parameters()).mul_(1.7)
+        q = next(p.parameters()).detach().clone()
+        other = copy.deepcopy(p)
+        p.project_(rows=torch.tensor([1, 3]))
+        after_rows = next(p.parameters()).detach()
+        other.project_()
+        whole = next(other.parameters()).detach()
+        assert not torch.equal(whole, q)  # the projection had something to do
+        assert torch.equal(after_rows[[0, 2, 4]], q[[0, 2, 4]])
+        assert torch.equal(after_rows[[1, 3]], whole[[1, 3]])
+
+
+@pytest.mark.parametrize("preset", [{"param": "fourier", "jitter": 1, "lr": 0.05}, {"param": "maco", "jitter": 1},
+                                    {"jitter": 1}])
+def test_only_the_active_elements_images_are_made_and_nothing_changes(preset, monkeypatch):
+    """Once elements stop, the loop makes the images of the active ones only (a Fourier image is three FFTs a step):
+    the same optimisation, bit for bit, as transforming the whole batch and dropping the stopped elements."""
+    R = importlib.import_module("brainfv.featviz.render")  # the module (the package exports its function render)
+
+    m = small_model()
+    conv = dict(rtol=0.2, every=4, min_steps=8)  # lenient, so elements stop at different steps
+    kw = dict(steps=40, lr=0.1, data_range=(LO, HI), real_volumes=real_volumes(), converge=conv)
+    obj = O.channel("block2.norm", [0, 3, 5, 1])
+    made = []
+    orig = R.takes_rows
+    monkeypatch.setattr(R, "takes_rows", lambda p: made.append(orig(p)) or orig(p))
+    rows = render(m, obj, SHAPE, preset, seeds=[11, 12, 13, 14], **kw)
+    monkeypatch.setattr(R, "takes_rows", lambda p: False)
+    whole = render(m, obj, SHAPE, preset, seeds=[11, 12, 13, 14], **kw)
+    run = rows.info["steps_run"]
+    assert made == [True] and np.sort(run)[-2] < run.max()  # elements stopped at different steps, one ran on alone
+    assert np.array_equal(run, whole.info["steps_run"])
+    assert np.array_equal(rows.images, whole.images)
+    assert np.array_equal(rows.trajectory, whole.trajectory)

@@ -1,6 +1,9 @@
 """Image parametrisations: the optimised variables and how they become a batch of volumes.
 
-Every parametrisation is an ``nn.Module`` whose ``forward()`` returns ``(B, 1, X, Y, Z)``.
+Every parametrisation is an ``nn.Module`` whose ``forward()`` returns ``(B, 1, X, Y, Z)``. Those here also take
+``forward(rows=idx)`` (and ``project_(rows=idx)``): only the batch elements ``idx`` (a 1-D index tensor), each
+computed exactly as in the whole batch, so the loop transforms only the elements still optimised
+(:func:`takes_rows`).
 
 - :class:`VoxelParam`   one variable per voxel.
 - :class:`FourierParam` the 3D real FFT spectrum, scaled by ``1 / max(f, 1/max(size))^decay``
@@ -44,8 +47,24 @@ from ..config import Preset, default
 from ..errors import ConfigError
 
 __all__ = ["Squash", "data_range", "VoxelParam", "FourierParam", "MacoParam", "frequencies", "spectrum_scale",
-           "mean_amplitude_spectrum",
+           "mean_amplitude_spectrum", "takes_rows",
            "build_param"]
+
+
+def takes_rows(param: nn.Module) -> bool:
+    """Whether ``param`` computes a subset of its batch: ``forward(rows=idx)`` (and ``project_(rows=idx)`` when it
+    projects). A user's parametrisation without it is run on the whole batch."""
+    import inspect
+
+    def has(name):
+        fn = getattr(param, name, None)
+        return fn is not None and "rows" in inspect.signature(fn).parameters
+
+    return has("forward") and (not hasattr(param, "project_") or has("project_"))
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
 
 
 def _noise(gens, shape, std):
@@ -147,14 +166,18 @@ class VoxelParam(_Ranged):
         self.x = nn.Parameter(x[:, None].contiguous())
         self.project_()
 
-    def forward(self) -> torch.Tensor:
-        return self.constrain(self.x)
+    def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.constrain(_rows(self.x, rows))
 
     @torch.no_grad()
-    def project_(self) -> None:
-        """With hard bounds (``bound_by: project``): the variables back into the range (projected Adam)."""
+    def project_(self, rows: torch.Tensor | None = None) -> None:
+        """With hard bounds (``bound_by: project``): the variables (of the elements ``rows``) back into the range
+        (projected Adam)."""
         if self.squash.project:
-            self.x.clamp_(self.squash.lo, self.squash.hi)
+            if rows is None:
+                self.x.clamp_(self.squash.lo, self.squash.hi)
+            else:
+                self.x.index_copy_(0, rows, self.x[rows].clamp(self.squash.lo, self.squash.hi))
 
     @torch.no_grad()
     def blur_(self, sigma: float) -> None:
@@ -208,14 +231,19 @@ class FourierParam(_Ranged):
         self.project_()
 
     @torch.no_grad()
-    def project_(self) -> None:
+    def project_(self, rows: torch.Tensor | None = None) -> None:
         """With hard bounds: the spectrum of the image clipped to the range (an exact projection in image
-        space: the spectrum is a linear, invertible function of the image)."""
+        space: the spectrum is a linear, invertible function of the image); of the elements ``rows`` only."""
         if self.squash.project:
-            img = torch.fft.irfftn(torch.view_as_complex(self.spectrum) * self.scale, s=self.shape, dim=(-3, -2, -1))
+            spec = _rows(self.spectrum, rows)
+            img = torch.fft.irfftn(torch.view_as_complex(spec) * self.scale, s=self.shape, dim=(-3, -2, -1))
             # every step, whether or not a voxel left the range: a test per element would depend on the last
             # bits of the batched FFT, and an element would then not compute the same alone and in a batch
-            self.spectrum.copy_(self.to_spectrum(img.clamp(self.squash.lo, self.squash.hi)))
+            new = self.to_spectrum(img.clamp(self.squash.lo, self.squash.hi))
+            if rows is None:
+                self.spectrum.copy_(new)
+            else:
+                self.spectrum.index_copy_(0, rows, new)
 
     def unit_noise_std(self) -> float:
         """Standard deviation of the image made from unit white noise in the spectrum variables (fixed
@@ -229,8 +257,8 @@ class FourierParam(_Ranged):
         spec = torch.fft.rfftn(volume, s=self.shape, dim=(-3, -2, -1)) / self.scale
         return torch.view_as_real(spec)
 
-    def forward(self) -> torch.Tensor:
-        spec = torch.view_as_complex(self.spectrum) * self.scale
+    def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        spec = torch.view_as_complex(_rows(self.spectrum, rows)) * self.scale
         return self.constrain(torch.fft.irfftn(spec, s=self.shape, dim=(-3, -2, -1)))
 
 
@@ -268,9 +296,10 @@ class MacoParam(_Ranged):
             phase = torch.stack([(torch.rand(mag.shape, generator=g) * 2 - 1) * math.pi for g in gens])
         self.phase = nn.Parameter(phase[:, None].contiguous())
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         # the same as torch.polar(magnitude, phase), whose backward is twice as slow on the CPU
-        spec = torch.complex(self.magnitude * torch.cos(self.phase), self.magnitude * torch.sin(self.phase))
+        phase = _rows(self.phase, rows)
+        spec = torch.complex(self.magnitude * torch.cos(phase), self.magnitude * torch.sin(phase))
         return self.constrain(torch.fft.irfftn(spec, s=self.shape, dim=(-3, -2, -1)))
 
 
