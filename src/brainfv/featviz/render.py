@@ -245,7 +245,9 @@ def optimize(net: torch.nn.Module, objective: object, pieces: Pieces, gens: list
     stay chunk-sized); every chunk gets its own elements' generators for the random transforms. A converged
     element leaves the batch (the work per step shrinks) and its variables are restored after every later
     Adam step, so they stay exactly as they were: every parameter of ``pieces.param`` must hold the batch
-    in its first dimension. ``mask`` (``(1, 1, X, Y, Z)`` tensor) zeroes the image outside the brain.
+    in its first dimension. A parametrisation that makes a subset of its batch (``forward(rows=idx)``,
+    :func:`~brainfv.featviz.param.takes_rows`: brainfv's own) is asked for the active elements only.
+    ``mask`` (``(1, 1, X, Y, Z)`` tensor) zeroes the image outside the brain.
     """
     loop = _Loop(net, objective, pieces, gens, device=device, mask=mask, plan=plan, micro_batch=micro_batch, amp=amp,
                  truncate=truncate, scale=scale, lr=lr, betas=betas, steps=steps)
