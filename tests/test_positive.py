@@ -262,7 +262,7 @@ def test_template_kernel_is_the_smallest_that_holds_the_template(d):
 
 
 def test_positive_controls_are_visualised_in_fp32_unless_asked():
-    from brainfv.device import autocast_default
+    from brainfv.device import autocast_default, native_bf16
     from brainfv.jobs.featviz import request_precision
 
     said = []
@@ -270,4 +270,5 @@ def test_positive_controls_are_visualised_in_fp32_unless_asked():
     assert request_precision({"amp": None}, control, said.append) is False and "fp32" in said[0]
     assert request_precision({"amp": True}, control, said.append) is True  # asked for
     assert request_precision({"amp": None}, {"meta": {"role": "main"}}, said.append) is None  # the default
-    assert autocast_default("cuda") and not autocast_default("cpu")  # fp32 on the CPU: as fast now, and exact
+    assert autocast_default("cuda") and autocast_default("cpu") == native_bf16()
+    assert isinstance(native_bf16(), bool)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["pick_device", "compute_settings", "autocast_default"]
+__all__ = ["pick_device", "compute_settings", "native_bf16", "autocast_default"]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -21,18 +21,32 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast_default(device: str | torch.device) -> bool:
-    """bf16 autocast in the visualization loop unless asked otherwise (``featviz.amp: null``): on CUDA only.
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so oneDNN's bf16 convolutions are faster than
+    fp32 ones rather than emulated; False where torch cannot tell."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(bool(c()) for c in checks if c is not None)
+    except (RuntimeError, AttributeError):
+        return False
 
-    On the CPU fp32 is now as fast and exact: with the first convolution's input gradient computed as a depthwise
-    convolution in fp32 (:class:`~brainfv.featviz.simplify.OneChannelConv3d`; oneDNN's bf16 gradient stays slow),
-    the default study's class logits to the plateau (``benchmarks/precision.py``, one thread, AMD EPYC with
-    AVX512-BF16, lesion and sex networks, 8 seeds x 3 presets) took 79.9 s of loop time in fp32 and 85.9 s in bf16
-    (per element-step fp32 faster in 5 of 6 task x preset cells, 0.97-1.24x); before that rewrite bf16 saved a
-    quarter (142 vs 188 s), which is why the CPU ran bf16 until this release. CPUs with AMX were not measured:
-    ``featviz.amp: true`` asks for bf16 anywhere. Training does not use this default
-    (:func:`brainfv.training.step_autocast`)."""
-    return torch.device(device).type == "cuda"
+
+def autocast_default(device: str | torch.device) -> bool:
+    """bf16 autocast in the visualization loop unless asked otherwise (``featviz.amp: null``): on CUDA, and on a
+    CPU with native bf16. Adopted when it saved a quarter of the loop time (4 mm grid, one thread, AMD EPYC with
+    AVX512-BF16; ``benchmarks/precision.py``, the default study's lesion, lesion-flatten and sex networks, class
+    logits, 8 seeds x 3 presets: 142 vs 188 s to the plateau) with the endpoint metrics unchanged (the paired
+    bf16 - fp32 differences of lesion_ncc, lesion_map_corr and effect_corr within 1.5 standard errors of 0 and within
+    the spread between seeds). Since the fp32 loop computes the first convolution's input gradient as a depthwise
+    convolution (:class:`~brainfv.featviz.simplify.OneChannelConv3d`) the two cost the same on that CPU: 85.9 s bf16
+    vs 79.9 s fp32 in the same benchmark (one run), and the whole default study's visualize jobs 1,262 s in bf16 vs
+    1,314 s in fp32 (one fresh-clone run each; its other jobs ran 3-18 % slower too). bf16 stays the default because
+    switching would change the study's results (2 of 24 primary verdicts moved, each within its interval) for no
+    measured gain; ``featviz.amp: false`` asks for fp32. On CPUs without native bf16 it is emulated and slower, so
+    fp32 stays. Training does not use this default (:func:`brainfv.training.step_autocast`)."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and native_bf16())
 
 
 @contextlib.contextmanager
