@@ -9,6 +9,7 @@ import torch
 from conftest import small_model
 from torch import nn
 
+from brainfv.config import Preset
 from brainfv.featviz import objectives as O
 from brainfv.featviz import render
 from brainfv.featviz.controls import cascade, cascade_stages, randomized_copy
@@ -301,56 +302,119 @@ def test_objective_scale_in_pairs_is_the_spread_of_each_volume_alone(crop):
     assert len(set(np.round(got.numpy(), 6))) == B  # each element its own unit's spread
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind", ["voxel", "fourier", "maco"])
-def test_parametrisations_make_a_subset_of_their_batch_as_in_the_whole_batch(kind):
+def test_parametrisations_make_a_subset_of_their_batch_as_in_the_whole_batch(kind, threads):
     from brainfv.featviz.param import takes_rows
 
-    gens = [torch.Generator().manual_seed(s) for s in range(5)]
-    common = dict(value_range="data", data=(LO, HI))
-    if kind == "voxel":
-        p = VoxelParam(SHAPE, gens, init_std=3.0, project=True, **common)
-    elif kind == "fourier":
-        p = FourierParam(SHAPE, gens, init_std=3.0, project=True, **common)
-    else:
-        p = MacoParam(SHAPE, gens, torch.rand(SHAPE[:2] + (SHAPE[2] // 2 + 1,)) * 50, **common)
-    assert takes_rows(p)
-    full = p().detach()
-    for rows in ([1, 3], [0, 2, 4], [2, 2]):
-        r = torch.tensor(rows)
-        assert torch.equal(p(rows=r).detach(), full[r])
-    if kind != "maco":  # a projection of some rows leaves the others as they were, and projects those as a whole one
-        with torch.no_grad():
-            next(p.parameters()).mul_(1.7)
-        q = next(p.parameters()).detach().clone()
-        other = copy.deepcopy(p)
-        p.project_(rows=torch.tensor([1, 3]))
-        after_rows = next(p.parameters()).detach()
-        other.project_()
-        whole = next(other.parameters()).detach()
-        assert not torch.equal(whole, q)  # the projection had something to do
-        assert torch.equal(after_rows[[0, 2, 4]], q[[0, 2, 4]])
-        assert torch.equal(after_rows[[1, 3]], whole[[1, 3]])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # a lone FFT differed from the batch's at 1 thread on this grid
+    try:
+        gens = [torch.Generator().manual_seed(s) for s in range(5)]
+        common = dict(value_range="data", data=(LO, HI))
+        if kind == "voxel":
+            p = VoxelParam(SHAPE, gens, init_std=3.0, project=True, **common)
+        elif kind == "fourier":
+            p = FourierParam(SHAPE, gens, init_std=3.0, project=True, **common)
+        else:
+            p = MacoParam(SHAPE, gens, torch.rand(SHAPE[:2] + (SHAPE[2] // 2 + 1,)) * 50, **common)
+        assert takes_rows(p)
+        full = p().detach()
+        for rows in ([1, 3], [0, 2, 4], [2], [4]):
+            r = torch.tensor(rows)
+            assert torch.equal(p(rows=r).detach(), full[r])
+        if kind != "maco":  # projecting some rows leaves the others as they were, and those as the whole batch's
+            with torch.no_grad():
+                next(p.parameters()).mul_(1.7)
+            q = next(p.parameters()).detach().clone()
+            whole = copy.deepcopy(p)
+            whole.project_()
+            for rows in ([1, 3], [2]):
+                part = copy.deepcopy(p)
+                part.project_(rows=torch.tensor(rows))
+                after, others = next(part.parameters()).detach(), [i for i in range(5) if i not in rows]
+                assert torch.equal(after[others], q[others])
+                assert torch.equal(after[rows], next(whole.parameters()).detach()[rows])
+            assert not torch.equal(next(whole.parameters()).detach(), q)  # the projection had something to do
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_only_parametrisations_that_take_rows_are_asked_for_some():
+    from brainfv.featviz.param import takes_rows
+
+    class Plain(nn.Module):
+        def forward(self):
+            return torch.zeros(1)
+
+    class RowsNoProjection(nn.Module):
+        def forward(self, rows=None):
+            return torch.zeros(1)
+
+    class RowsButWholeProjection(RowsNoProjection):
+        def project_(self):
+            pass
+
+    assert not takes_rows(Plain()) and takes_rows(RowsNoProjection()) and not takes_rows(RowsButWholeProjection())
+
+
+def _stopping(**extra):
+    conv = dict(rtol=0.2, every=4, min_steps=8)  # lenient, so elements stop at different steps
+    return dict(steps=40, lr=0.1, data_range=(LO, HI), real_volumes=real_volumes(), converge=conv, **extra)
 
 
 @pytest.mark.parametrize("preset", [{"param": "fourier", "jitter": 1, "lr": 0.05}, {"param": "maco", "jitter": 1},
                                     {"jitter": 1}])
 def test_only_the_active_elements_images_are_made_and_nothing_changes(preset, monkeypatch):
-    """Once elements stop, the loop makes the images of the active ones only (a Fourier image is three FFTs a step):
-    the same optimisation, bit for bit, as transforming the whole batch and dropping the stopped elements."""
+    """Once elements stop, the loop makes the images of the active ones only (a Fourier step is four FFTs): the
+    same optimisation, bit for bit, as transforming the whole batch and dropping the stopped elements."""
     R = importlib.import_module("brainfv.featviz.render")  # the module (the package exports its function render)
 
     m = small_model()
-    conv = dict(rtol=0.2, every=4, min_steps=8)  # lenient, so elements stop at different steps
-    kw = dict(steps=40, lr=0.1, data_range=(LO, HI), real_volumes=real_volumes(), converge=conv)
     obj = O.channel("block2.norm", [0, 3, 5, 1])
-    made = []
-    orig = R.takes_rows
-    monkeypatch.setattr(R, "takes_rows", lambda p: made.append(orig(p)) or orig(p))
-    rows = render(m, obj, SHAPE, preset, seeds=[11, 12, 13, 14], **kw)
+    asked = []
+    for cls in (VoxelParam, FourierParam, MacoParam):
+        def spy(self, rows=None, _orig=cls.forward):
+            asked.append(None if rows is None else rows.numel())
+            return _orig(self, rows)
+        monkeypatch.setattr(cls, "forward", spy)
+    some = render(m, obj, SHAPE, preset, seeds=[11, 12, 13, 14], **_stopping())
     monkeypatch.setattr(R, "takes_rows", lambda p: False)
-    whole = render(m, obj, SHAPE, preset, seeds=[11, 12, 13, 14], **kw)
-    run = rows.info["steps_run"]
-    assert made == [True] and np.sort(run)[-2] < run.max()  # elements stopped at different steps, one ran on alone
+    n_some = len(asked)
+    whole = render(m, obj, SHAPE, preset, seeds=[11, 12, 13, 14], **_stopping())
+    run = some.info["steps_run"]
+    assert np.sort(run)[-2] < run.max()  # elements stopped at different steps, one ran on alone
+    sizes = set(asked[:n_some]) - {None}  # subsets asked for (a lone element too), and never on the whole path
+    assert 1 in sizes and sizes <= {1, 2, 3} and set(asked[n_some:]) == {None}
     assert np.array_equal(run, whole.info["steps_run"])
-    assert np.array_equal(rows.images, whole.images)
-    assert np.array_equal(rows.trajectory, whole.trajectory)
+    assert np.array_equal(some.images, whole.images)
+    assert np.array_equal(some.trajectory, whole.trajectory)
+
+
+def test_a_parametrisation_without_rows_runs_on_its_whole_batch():
+    from brainfv.featviz.param import takes_rows
+    from brainfv.featviz.render import preset_pieces
+
+    class Plain(nn.Module):  # a user's parametrisation: forward() and project_() of the whole batch only
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self):
+            return self.inner()
+
+        def project_(self):
+            self.inner.project_()
+
+    def pieces(shape, gens, box):
+        pc = preset_pieces(Preset.from_config({"jitter": 1}), shape, gens, None, None, box, (LO, HI))
+        pc.param = Plain(pc.param)
+        assert not takes_rows(pc.param)
+        return pc
+
+    m = small_model()
+    obj = O.channel("block2.norm", [0, 3, 5, 1])
+    plain = render(m, obj, SHAPE, {"jitter": 1}, seeds=[11, 12, 13, 14], pieces=pieces, **_stopping())
+    own = render(m, obj, SHAPE, {"jitter": 1}, seeds=[11, 12, 13, 14], **_stopping())
+    assert plain.info["steps_run"].min() < plain.info["steps_run"].max()
+    assert np.array_equal(plain.images, own.images)

@@ -56,7 +56,8 @@ class RenderResult:
 
 @dataclass
 class Pieces:
-    """What is optimised and how: ``param`` (module -> (B, 1, X, Y, Z)), ``transforms`` (list of
+    """What is optimised and how: ``param`` (module -> (B, 1, X, Y, Z); with ``forward(rows=idx)``, see
+    :func:`~brainfv.featviz.param.takes_rows`, the loop asks it for the active elements only), ``transforms`` (list of
     ``t(x, gens) -> x``), ``penalty`` (``x -> (B,)``) and ``after_step`` (``f(param, step)``, e.g. a blur
     of the variables every k steps; may be None)."""
 
@@ -348,9 +349,9 @@ class _Loop:
         if len(self.batched) != len(list(self.param.parameters())):
             raise ConfigError("every parameter of the parametrisation must hold the batch in its first dimension")
         self.opt = Adam(list(self.param.parameters()), lr=lr, betas=betas)
-        # once elements stop, make the images of the active ones only (a Fourier image is an inverse FFT and its
-        # projection two more; per element exactly as in the whole batch, so nothing else changes)
-        self.rows = takes_rows(self.param)
+        # once elements stop, make the images of the active ones only (a Fourier step is four FFTs: the image, its
+        # gradient and the projection's two; per element as in the whole batch, so nothing else changes)
+        self.subset = takes_rows(self.param)
         self.hist = np.zeros((steps, B))         # J per step and element (what is maximised)
         self.active = np.ones(B, bool)
         self.converged = np.zeros(B, bool)
@@ -390,11 +391,8 @@ class _Loop:
         """One Adam step of the active elements: chunked forward and backward, then projection and freezing."""
         idx = np.flatnonzero(self.active)
         some = torch.as_tensor(idx, device=self.device) if len(idx) < self.B else None
-        if some is not None and self.rows:  # only the active elements' images
-            # one element alone twice: MKL transforms a batch of one differently from a batch (last bits; from two
-            # on, every subset matched the whole batch bit for bit, 1-4 threads, 12 grids); the copy is dropped
-            some = some.repeat(2) if len(idx) == 1 else some
-            img = sub = self.image(some)[:len(idx)]
+        if some is not None and self.subset:  # only the active elements' images
+            img = sub = self.image(some)
         else:
             img = self.image()
             sub = img if some is None else img[some]
@@ -420,7 +418,7 @@ class _Loop:
             grad = torch.zeros_like(img).index_copy_(0, some, grad)
         img.backward(grad)  # gradients meet at the image, then the variables
         self.opt.step()
-        self._after_step(step, some if self.rows else None)
+        self._after_step(step, some if self.subset else None)
         self.last_obj[idx] = torch.cat(objs).float().cpu().numpy()
         self.hist[step, idx] = torch.cat(js).float().cpu().numpy()
         self.steps_run[idx] += 1
