@@ -39,8 +39,8 @@ def autocast_default(device: str | torch.device) -> bool:
     logits, 8 seeds x 3 presets: 142 vs 188 s to the plateau) with the endpoint metrics unchanged (the paired
     bf16 - fp32 differences of lesion_ncc, lesion_map_corr and effect_corr within 1.5 standard errors of 0 and within
     the spread between seeds). Since the fp32 loop computes the first convolution's input gradient as a depthwise
-    convolution (:class:`~brainfv.featviz.simplify.OneChannelConv3d`) the two cost the same on that CPU: 85.9 s bf16
-    vs 79.9 s fp32 in the same benchmark (one run), and the whole default study's visualize jobs 1,262 s in bf16 vs
+    convolution (:class:`~brainfv.featviz.simplify.OneChannelConv3d`) the two cost about the same on that CPU: 85.9 s
+    bf16 vs 79.9 s fp32 in the same benchmark (one run), and the whole default study's visualize jobs 1,262 s in bf16 vs
     1,314 s in fp32 (one fresh-clone run each; its other jobs ran 3-18 % slower too). bf16 stays the default because
     switching would change the study's results (2 of 24 primary verdicts moved, each within its interval) for no
     measured gain; ``featviz.amp: false`` asks for fp32. On CPUs without native bf16 it is emulated and slower, so
