@@ -22,18 +22,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main():
     import torch
+    from common import mid_and_logits, study_inputs
 
-    from brainfv.config import complete
-    from brainfv.data.store import Dataset
-    from brainfv.featviz import objectives as O
     from brainfv.featviz import render
-    from brainfv.featviz.param import data_range, takes_rows
-    from brainfv.featviz.study import split_volumes
-    from brainfv.models import load_checkpoint
+    from brainfv.featviz.param import takes_rows
     from brainfv.utils import retain_freed_memory
 
     ap = argparse.ArgumentParser()
@@ -47,14 +44,8 @@ def main():
     torch.set_num_threads(a.threads)
     retain_freed_memory()  # as the study's visualize jobs run
     R = importlib.import_module("brainfv.featviz.render")
-    fv = complete({})["featviz"]
-    model, _ = load_checkpoint(a.model)
-    model.eval()
-    ds = Dataset(a.dataset)
-    real, mask = split_volumes(ds, "train", fv["n_real"]), np.asarray(ds.mask, bool)
-    shape = tuple(ds.grid.shape)
-    drange = data_range(real, mask, 0.5)
-    reqs = {"mid": O.channel(a.mid, list(range(8))), "logits": O.channel("classifier", [0] * 4 + [1] * 4)}
+    fv, model, real, mask, shape, drange = study_inputs(a.model, a.dataset)
+    reqs = mid_and_logits(a.mid)
     print(f"model {a.model}; grid {shape}; {a.threads} threads; {a.rounds} rounds, alternating order; precision "
           f"as the study (featviz.amp: null)", flush=True)
     for name in a.presets.split(","):

@@ -13,8 +13,8 @@ objective at the fine stage's start and end against direct's end (per element, t
 untransformed image), and the share converged. Voxel and Fourier parametrisations (MACO's phase-only variables
 cannot take a start image's amplitude).
 
-Measured (the default study's sex model, 4 mm, 2 threads, 2026-11-28): 0.53-0.84x on a quiet machine (one round
-of this script's first version), 0.26-0.90x with ``--rounds 2`` in a run that shared the cores; the upsampled
+Measured (the default study's sex model, 4 mm, 2 threads, 2026-11-28): 0.53-0.94x on a quiet machine (one round
+each of this script and its first version), 0.26-0.90x with ``--rounds 2`` in a run that shared the cores; the upsampled
 coarse optimum starts the fine stage barely above noise (block 3: objective 0.10 against 2.76 at the end), and
 the fine stage then runs about as many element-steps as direct does
 from noise (1,072 vs 1,136 for block 3 without a parametrisation, 1,384 vs 1,200 for the logits, 736 vs 680 and
@@ -36,16 +36,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def main():
     import torch
     import torch.nn.functional as F
-    from vs_lucent import resample
+    from common import mid_and_logits, resample, study_inputs
 
-    from brainfv.config import Preset, complete
-    from brainfv.data.store import Dataset
-    from brainfv.featviz import objectives as O
+    from brainfv.config import Preset
     from brainfv.featviz import render
-    from brainfv.featviz.param import data_range
     from brainfv.featviz.render import preset_pieces
-    from brainfv.featviz.study import split_volumes
-    from brainfv.models import load_checkpoint
     from brainfv.utils import retain_freed_memory
 
     ap = argparse.ArgumentParser()
@@ -55,20 +50,14 @@ def main():
     ap.add_argument("--mid", default="block3.norm")
     ap.add_argument("--factor", type=float, default=2.0, help="coarse voxel size / the study's")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="2 as measured; the study's jobs run 1")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     retain_freed_memory()  # as the study's visualize jobs run
-    fv = complete({})["featviz"]
-    model, _ = load_checkpoint(a.model)
-    model.eval()
-    ds = Dataset(a.dataset)
-    real, mask = split_volumes(ds, "train", fv["n_real"]), np.asarray(ds.mask, bool)
-    shape = tuple(ds.grid.shape)
-    drange = data_range(real, mask, 0.5)
+    fv, model, real, mask, shape, drange = study_inputs(a.model, a.dataset)
     cshape = tuple(int(round(s / a.factor)) for s in shape)
     creal, cmask = resample(real, mask, cshape)
-    reqs = {"mid": O.channel(a.mid, list(range(8))), "logits": O.channel("classifier", [0] * 4 + [1] * 4)}
+    reqs = mid_and_logits(a.mid)
     kw = dict(lr=fv["lr"], seeds=list(range(8)), data_range=drange, converge=fv["converge"], steps=fv["steps"])
     msk = torch.as_tensor(mask, dtype=torch.float32)
     print(f"model {a.model}; study grid {shape}, coarse grid {cshape}; plateau {fv['converge']}; {a.threads} "

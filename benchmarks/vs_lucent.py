@@ -77,18 +77,6 @@ def lucent_converge(model, layer, unit, preset, seed, shape, mask, real, data_ra
     return steps, bool(converge.check(hist, steps)[0])
 
 
-def resample(volumes, mask, shape):
-    """Volumes (trilinear) and mask (nearest) on ``shape``."""
-    import torch
-    import torch.nn.functional as F
-
-    v = torch.as_tensor(np.stack([np.asarray(x, np.float32) for x in volumes]))[:, None]
-    v = F.interpolate(v, size=shape, mode="trilinear", align_corners=False)[:, 0].numpy()
-    mk = F.interpolate(torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None, None], size=shape,
-                       mode="nearest")[0, 0].numpy() > 0.5
-    return list(v), mk
-
-
 def main():
     import torch
 
@@ -133,6 +121,8 @@ def main():
     if a.quick:
         a.grid, a.presets, a.rounds, a.step_steps = 4, "none,fourier", 3, 10
     torch.set_num_threads(a.threads)
+    from common import resample
+
     from brainfv.utils import retain_freed_memory
 
     retain_freed_memory()  # as the study's visualize jobs run (brainfv.jobs.base.run); both loops share the process

@@ -426,8 +426,8 @@ class _Loop:
     def _after_step(self, step, rows=None):
         if self.pieces.after_step is not None:
             self.pieces.after_step(self.param, step)
-        if hasattr(self.param, "project_"):  # hard bounds: back into the range (projected Adam); stopped elements
-            self.param.project_() if rows is None else self.param.project_(rows=rows)  # are restored below anyway
+        if hasattr(self.param, "project_"):  # hard bounds: back into the range (projected Adam); of the active
+            self.param.project_(**({} if rows is None else {"rows": rows}))  # elements (the stopped are restored)
         if self.frozen:
             with torch.no_grad():
                 done = torch.as_tensor(~self.active, device=self.device)
