@@ -204,3 +204,25 @@ def test_a_replaced_given_model_is_not_checked_against_its_old_description(tmp_p
     shutil.copyfile(other, ck)
     os.utime(ck, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p leaves it
     check_requests(cfg)  # the old description no longer speaks for the file: describe_model judges it
+
+
+def test_request_keys_default_to_the_schema_in_one_place():
+    """A featviz.layers entry's optional keys (objective, position, positions, units, replicates) are read
+    through ``layer_key``, whose default is the schema's; the job request's fields default to the same."""
+    from brainfv.jobs.requests import VisualizeRequest
+
+    entry = C.node("featviz.layers")["items"]["properties"]
+    for key in ("objective", "position", "positions", "units", "replicates"):
+        assert C.layer_key({}, key) == entry[key]["default"], key
+        assert C.layer_key({key: "given"}, key) == "given"
+    fields = {f.name: f.default for f in dataclasses.fields(VisualizeRequest)}
+    assert (fields["position"], fields["positions"]) == (entry["position"]["default"], entry["positions"]["default"])
+    assert C.layer_id({"layer": "block3.norm"}) == "block3.norm"  # the default objective reads the layer's units
+    with pytest.raises(ConfigError, match="no key 'featviz.layers.nope'"):
+        C.default("featviz.layers.nope")
+    # nothing below the config spells these defaults again
+    literal = re.compile(r"""\.get\(\s*["'](objective|position|positions|units|replicates)["']\s*,""")
+    files = [*(ROOT / "src").rglob("*.py"), *(ROOT / "workflow").rglob("*.smk")]
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in files
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert not offenders, offenders

@@ -24,7 +24,7 @@ from typing import ClassVar
 from .errors import ConfigError
 
 __all__ = ["SCHEMA_PATH", "schema", "node", "default", "complete", "check", "check_source",
-           "layer_id", "Section", "AugmentConfig",
+           "layer_key", "layer_id", "Section", "AugmentConfig",
            "TrainingConfig", "ModelConfig", "Preset", "SexEffectConfig", "VariabilityConfig", "LesionConfig",
            "task_training", "task_replicates", "task_arch", "task_head", "task_model_kind", "transfer_model"]
 
@@ -52,7 +52,8 @@ def _resolve(n):
 
 def node(path: str) -> dict:
     """The schema node of a dotted config path: ``"training"``, ``"training.augment"``; a first part naming a
-    ``$defs`` entry (``"preset"``) selects it."""
+    ``$defs`` entry (``"preset"``) selects it; after an array, a part names a key of its entries
+    (``"featviz.layers.positions"``)."""
     s = schema()
     parts = [p for p in path.split(".") if p]
     if parts and parts[0] in s.get("$defs", {}):
@@ -61,6 +62,8 @@ def node(path: str) -> dict:
         n = s
     for p in parts:
         n = _resolve(n)
+        if "properties" not in n and isinstance(n.get("items"), dict):  # an array: the keys of its entries
+            n = _resolve(n["items"])
         props = n.get("properties", {})
         if p not in props:
             raise ConfigError(f"config schema has no key {path!r} (at {p!r}; keys: {sorted(props)})")
@@ -202,12 +205,18 @@ def check_source(cohort_cfg: dict) -> None:
             raise ConfigError(f"cohort.csv.table: table not found: {path}")
 
 
+def layer_key(spec: dict, key: str) -> object:
+    """``key`` of a ``featviz.layers`` entry, or of a request made from one: its value, else the schema default
+    (``objective``, ``position``, ``positions``, ``replicates``; defined there once)."""
+    return spec[key] if key in spec else default(f"featviz.layers.{key}")
+
+
 def layer_id(spec: dict) -> str:
     """The name of a featviz request (``featviz.layers[]``) in paths and tables: its ``name``, else the layer,
     with ``-<objective>`` for objectives that read a layer differently than its units (probability, contrast)."""
     if spec.get("name"):
         return spec["name"]
-    obj = spec.get("objective", "channel")
+    obj = layer_key(spec, "objective")
     return spec["layer"] if obj in ("channel", "neuron") else f"{spec['layer']}-{obj}"
 
 

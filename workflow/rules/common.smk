@@ -285,7 +285,7 @@ def visualize_request(wc, unit=None):
 def probe_inputs(wc):
     """Input function: the lesion frequency map a request probing at ``position: lesions`` reads."""
     spec = layer_spec(wc.task, wc.layer)
-    if spec.get("position") != "lesions":
+    if bfv_config.layer_key(spec, "position") != "lesions":
         return {}
     if "lesions" not in {t["dataset"] for t in config["tasks"].values()}:
         raise ValueError(f"config key featviz.layers ({wc.layer}): position 'lesions' needs a task on the lesion "

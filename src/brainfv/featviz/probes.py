@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import layer_key
 from ..data.grid import Grid
 from ..errors import ConfigError
 
@@ -64,7 +65,7 @@ def probe_positions(model: nn.Module, layer: str, shape: Sequence[int], grid: Gr
     """The ``k`` map positions that request ``spec`` probes (``[None]`` for the centre), most lesion-rich first
     for ``lesions`` (see the module docstring: receptive fields inside the grid, centres at least half a receptive
     field apart); ``key`` names the config key in the error when fewer than ``k`` qualify."""
-    where = spec if not isinstance(spec, dict) else spec.get("position", "centre")
+    where = spec if not isinstance(spec, dict) else layer_key(spec, "position")
     k = int(k)
     if k < 1:
         raise ConfigError(f"{key} must be at least 1; got {k}")
@@ -137,8 +138,8 @@ def request_positions(request: dict, position_map: str | Path | None, model: nn.
                       log: Callable[[str], object] | None = None) -> list[tuple[int, ...] | None]:
     """The map positions a job's request probes (its ``positions``, default 1; :func:`probe_positions`):
     ``[None]`` for the centre or an objective other than neuron."""
-    k = int(request.get("positions") or 1)
-    if request["objective"] != "neuron" or request.get("position", "centre") == "centre":
+    k = int(layer_key(request, "positions"))
+    if request["objective"] != "neuron" or layer_key(request, "position") == "centre":
         return [None]
     freq = None
     if position_map:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..config import layer_key
 from ..data.grid import Grid
 from ..data.store import Dataset
 from ..device import pick_device
@@ -202,7 +203,7 @@ def exemplars_job(job: Job) -> None:
     units = resolve_request_units(model, p, ds.grid.shape, device)
     kind = "neuron" if p["objective"] == "neuron" else "channel"
     position = request_position(p, job.input.get("position_map"), model, ds.grid, device, log)
-    if int(p.get("positions") or 1) > 1:
+    if int(layer_key(p, "positions")) > 1:
         log(f"exemplars read the first (most lesion-rich) of the request's {p['positions']} probe positions, "
             f"map index {position}")
     res = top_exemplars(model, ds.volumes, rows, p["module"], units, k=p["k"], kind=kind, device=device, log=log,

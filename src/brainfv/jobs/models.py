@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..config import task_requests
+from ..config import layer_key, task_requests
 from ..data.grid import Grid
 from ..errors import ConfigError
 from ..featviz.units import describe_units
@@ -90,7 +90,7 @@ def _check_requested_layers(job: Job, where: str, rows: list, names: set, info: 
     n_units = {r["layer"]: r["channels"] for r in rows if r["channels"]}
     for lid, spec in requests.items():  # and the units, against the layer's real channel count
         if spec["layer"] in n_units:
-            resolve_units(spec.get("units", "all"), n_units[spec["layer"]], where=(
+            resolve_units(layer_key(spec, "units"), n_units[spec["layer"]], where=(
                 f"featviz.layers[{lid}].units (layer {spec['layer']!r} of {where} has {n_units[spec['layer']]} units)"))
 
 

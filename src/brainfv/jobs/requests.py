@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import task_arch, task_replicates, task_requests
+from ..config import default, layer_key, task_arch, task_replicates, task_requests
 from ..errors import ConfigError
 from ..models.arch import layer_units, resolve_units
 
@@ -54,8 +54,10 @@ class VisualizeRequest:
     seed: int
     randomized: bool
     converge: dict = dataclasses.field(default_factory=dict)  # the plateau criterion (featviz.converge)
-    position: object = "centre"  # where a neuron objective reads: centre, lesions or [x, y, z] mm (featviz.probes)
-    positions: int = 1  # how many probe positions (position: lesions; featviz.probes.probe_positions)
+    # where a neuron objective reads: centre, lesions or [x, y, z] mm (featviz.probes)
+    position: object = default("featviz.layers.position")
+    # how many probe positions (position: lesions; featviz.probes.probe_positions)
+    positions: int = default("featviz.layers.positions")
     replicate: int = 0  # the task's trained network (training.replicates)
     amp: bool | None = None  # bf16 autocast (featviz.amp; None: brainfv.device.autocast_default)
 
@@ -94,14 +96,14 @@ def visualize_request(cfg: dict, *, task: str, layer: str, spec: dict, regulariz
         steps=pick(steps, fv["steps"]), lr=pick(lr, fv["lr"]), n_seeds=pick(n_seeds, spec.get("seeds", fv["seeds"])),
         n_real=fv["n_real"], micro_batch=fv["micro_batch"], device=pick(device, fv["device"]),
         seed=pick(seed, cfg["seed"]), randomized=pick(randomized, cfg["compare"]["randomized"]),
-        converge=fv["converge"], position=spec.get("position", "centre"), positions=spec.get("positions", 1),
+        converge=fv["converge"], position=layer_key(spec, "position"), positions=layer_key(spec, "positions"),
         replicate=replicate, amp=fv["amp"])
 
 
 def layer_replicates(cfg: dict, task: str, layer: str) -> list[int]:
     """The trained replicates of ``task`` the request ``layer`` (an id) is visualised on: every one
     (``replicates: all``, :func:`brainfv.config.task_replicates`) or replicate 0 (``first``)."""
-    if layer_spec(cfg, task, layer).get("replicates", "all") == "first":
+    if layer_key(layer_spec(cfg, task, layer), "replicates") == "first":
         return [0]
     return list(range(task_replicates(cfg, task)))
 
@@ -111,7 +113,7 @@ def exemplars_request(cfg: dict, task: str, layer: str) -> dict:
     spec = layer_spec(cfg, task, layer)
     return {"task": task, "layer": layer, "module": spec["layer"], "units": spec["units"],
             "objective": spec["objective"], "k": cfg["featviz"]["exemplars"], "device": cfg["featviz"]["device"],
-            "position": spec.get("position", "centre"), "positions": spec.get("positions", 1)}
+            "position": layer_key(spec, "position"), "positions": layer_key(spec, "positions")}
 
 
 def provided(cfg: dict, task: str) -> bool:
@@ -183,11 +185,11 @@ def check_requests(cfg: dict) -> None:
     that many positions fit is known once the model and the lesion frequency map exist: the job says).
     """
     for i, spec in enumerate(cfg["featviz"]["layers"]):
-        k = spec.get("positions", 1)
-        if k != 1 and (spec.get("objective", "channel") != "neuron" or spec.get("position", "centre") != "lesions"):
+        k, objective, position = (layer_key(spec, key) for key in ("positions", "objective", "position"))
+        if k != 1 and (objective != "neuron" or position != "lesions"):
             raise ConfigError(f"config key featviz.layers[{i}].positions: {k} probe positions need objective: neuron "
-                              f"with position: lesions (this request: objective {spec.get('objective', 'channel')}, "
-                              f"position {spec.get('position', 'centre')!r}, one place)")
+                              f"with position: lesions (this request: objective {objective}, "
+                              f"position {position!r}, one place)")
         for task in spec.get("tasks", list(cfg["tasks"])):
             tcfg = cfg["tasks"][task]
             if "model" in tcfg:
@@ -205,7 +207,7 @@ def check_requests(cfg: dict) -> None:
                 raise ConfigError(f"config key featviz.layers[{i}].layer: {layer!r} is not a layer of {what} "
                                   f"(task {task!r}); layers (units): {', '.join(shown)}")
             if units[layer] is not None:
-                resolve_units(spec.get("units", "all"), units[layer], where=(
+                resolve_units(layer_key(spec, "units"), units[layer], where=(
                     f"config key featviz.layers[{i}].units (layer {layer!r} of {what} has {units[layer]} units, "
                     f"task {task!r})"))
 
