@@ -385,3 +385,27 @@ def test_each_probe_position_is_scored_in_its_own_region():
         assert np.allclose(rand["lesion_ncc"], ctl_q[ctl_q["control"] == "randomized"]["lesion_ncc"], equal_nan=True)
     assert tr.groupby("position_index")["lesion_hit_base_rate"].first().nunique() == 2
     assert len(ctl[ctl["control"] == "surrogate"]) == 8
+
+
+def test_each_probe_position_is_read_against_its_own_controls():
+    """m_z and m_pct: the randomized/other controls of the same probe position only (each position reads another
+    crop of the brain, so its null differs), paired by the visualization's keys (seeds are unique across positions)."""
+    rng = np.random.default_rng(0)
+    rows, ctrl = [], []
+    for unit in range(4):
+        for seed in range(6):
+            pos = seed // 2  # two seeds per position, three positions
+            base = 10.0 * pos  # the nulls sit far apart by position
+            rows.append({"task": "lesion", "layer": "b", "regularizer": "none", "unit": unit, "seed": seed,
+                         "position_index": pos, "lesion_ncc": base + 1.0})
+            for kind in ("randomized", "other"):
+                ctrl.append({"task": "lesion", "layer": "b", "regularizer": "none", "unit": unit, "seed": seed,
+                             "control": kind, "lesion_ncc": base + rng.normal()})
+    paired = paired_table(pd.DataFrame(rows), pd.DataFrame(ctrl), ["lesion_ncc"])
+    for pos, g in paired.groupby("position_index"):
+        null = pd.DataFrame(ctrl)[[s // 2 == pos for s in pd.DataFrame(ctrl)["seed"]]]["lesion_ncc"].to_numpy()
+        want = (1.0 + 10.0 * pos - null.mean()) / null.std(ddof=1)
+        np.testing.assert_allclose(g["lesion_ncc_z"], want, rtol=1e-9)
+        assert g["lesion_ncc_pct"].between(0, 1).all()
+    # each sits one unit above its own position's null; pooled over positions, position 0's would read below it
+    assert (paired["lesion_ncc_z"] > 0).all()

@@ -63,7 +63,8 @@ def paired_table(trained: pd.DataFrame, controls: pd.DataFrame, metrics: Sequenc
     training seed, metrics...). ``controls``: rows with the same
     keys plus ``control`` in :data:`CONTROLS` (surrogates may have several rows per visualization: they are
     averaged). Adds, per metric ``m``: ``m_<control>`` (the paired control's value), ``m_z`` (distance from
-    the pooled randomized/other control values of the same task, layer and preset, in their SD) and
+    the pooled randomized/other control values of the same task, layer, preset, class and probe position
+    (``position_index``, where ``trained`` has one), in their SD) and
     ``m_pct`` (the share of those control values below it).
     """
     keys = ["task", "layer", "regularizer", "unit", "seed"]
@@ -81,13 +82,20 @@ def paired_table(trained: pd.DataFrame, controls: pd.DataFrame, metrics: Sequenc
         out = out.merge(avg, on=keys, how="left")
     pooled = _with_class(controls[controls["control"].isin(["randomized", "other"])])
     out = _with_class(out)
+    group = list(GROUP)
+    if stats.POSITION in out:  # a probe position is its own null: each reads a different crop of the brain
+        where = out[keys + [stats.POSITION]].drop_duplicates(keys)
+        pooled = pooled.drop(columns=stats.POSITION, errors="ignore").merge(where, on=keys, how="left")
+        group.append(stats.POSITION)
     for m in metrics:
         z = np.full(len(out), np.nan)
         pct = np.full(len(out), np.nan)
         if m in pooled:
-            for (t, lay, r, c), idx in out.groupby(GROUP).groups.items():
-                null = pooled.loc[(pooled["task"] == t) & (pooled["layer"] == lay) & (pooled["regularizer"] == r)
-                                  & (pooled["class"] == c), m].to_numpy(float)
+            for values, idx in out.groupby(group, dropna=False).groups.items():
+                same = np.ones(len(pooled), bool)
+                for col, v in zip(group, values):
+                    same &= (pooled[col].isna() if pd.isna(v) else pooled[col] == v).to_numpy()
+                null = pooled.loc[same, m].to_numpy(float)
                 null = null[np.isfinite(null)]
                 if len(null) < 2:
                     continue
