@@ -52,10 +52,11 @@ def main():
 
     import torch
 
-    from brainfv.config import complete
+    from brainfv.config import complete, layer_key
     from brainfv.data.store import Dataset
     from brainfv.featviz.study import split_volumes, visualize_layer
     from brainfv.models import load_checkpoint
+    from brainfv.models.arch import resolve_units
 
     torch.set_num_threads(a.threads)
     cfg = complete({})
@@ -79,7 +80,7 @@ def main():
             from brainfv.featviz.units import layer_output_shape
 
             n = layer_output_shape(model, spec["layer"], (1,) + tuple(ds.grid.shape))[0]
-            units = list(range(n)) if spec.get("units", "all") == "all" else list(range(min(n, spec["units"])))
+            units = resolve_units(layer_key(spec, "units"), n)
             seeds = a.seeds or spec.get("seeds", fv["seeds"])
             conv = dict(fv["converge"], enabled=not a.no_stop)
             if a.rtol is not None:
@@ -88,12 +89,12 @@ def main():
             r = visualize_layer(model, spec["layer"], units, preset, shape=ds.grid.shape, mask=ds.mask,
                                 real_volumes=real, test_volumes=val, seed=cfg["seed"], task="lesion",
                                 regularizer=name, steps=a.steps, lr=fv["lr"], n_seeds=seeds,
-                                objective=spec.get("objective", "channel"), converge=conv,
+                                objective=layer_key(spec, "objective"), converge=conv,
                                 log=lambda m: print("#", m, file=sys.stderr, flush=True))
             secs = time.perf_counter() - t0
             t = r.table
             info = r.result.info
-            print(f"{spec['layer']}-{spec.get('objective', 'channel')}\t{name}\t{a.variant}\t"
+            print(f"{spec['layer']}-{layer_key(spec, 'objective')}\t{name}\t{a.variant}\t"
                   f"{t['converged'].mean():.2f}\t{int(t['steps'].median())}\t{int(t['steps'].max())}\t"
                   f"{r.result.seconds / max(1, int(t['steps'].max())):.3f}\t{info['element_steps']}\t"
                   f"{np.median(t['objective_end']):.3f}", flush=True)

@@ -385,27 +385,60 @@ def test_each_probe_position_is_scored_in_its_own_region():
         assert np.allclose(rand["lesion_ncc"], ctl_q[ctl_q["control"] == "randomized"]["lesion_ncc"], equal_nan=True)
     assert tr.groupby("position_index")["lesion_hit_base_rate"].first().nunique() == 2
     assert len(ctl[ctl["control"] == "surrogate"]) == 8
+    # every control row says the position of the visualization it pairs with
+    pos_of = dict(zip(table["seed"], table["position_index"]))
+    assert (ctl["position_index"] == ctl["seed"].map(pos_of)).all()
 
 
-def test_each_probe_position_is_read_against_its_own_controls():
-    """m_z and m_pct: the randomized/other controls of the same probe position only (each position reads another
-    crop of the brain, so its null differs), paired by the visualization's keys (seeds are unique across positions)."""
-    rng = np.random.default_rng(0)
+
+def _positions_tables(rng, own_position):
+    """A 3-position request (two seeds each, seeds unique across positions, two trained replicates) and a
+    single-position one (no position_index: NaN once concatenated) in one table, with their controls."""
     rows, ctrl = [], []
-    for unit in range(4):
-        for seed in range(6):
-            pos = seed // 2  # two seeds per position, three positions
-            base = 10.0 * pos  # the nulls sit far apart by position
-            rows.append({"task": "lesion", "layer": "b", "regularizer": "none", "unit": unit, "seed": seed,
-                         "position_index": pos, "lesion_ncc": base + 1.0})
-            for kind in ("randomized", "other"):
-                ctrl.append({"task": "lesion", "layer": "b", "regularizer": "none", "unit": unit, "seed": seed,
-                             "control": kind, "lesion_ncc": base + rng.normal()})
-    paired = paired_table(pd.DataFrame(rows), pd.DataFrame(ctrl), ["lesion_ncc"])
-    for pos, g in paired.groupby("position_index"):
-        null = pd.DataFrame(ctrl)[[s // 2 == pos for s in pd.DataFrame(ctrl)["seed"]]]["lesion_ncc"].to_numpy()
-        want = (1.0 + 10.0 * pos - null.mean()) / null.std(ddof=1)
-        np.testing.assert_allclose(g["lesion_ncc_z"], want, rtol=1e-9)
-        assert g["lesion_ncc_pct"].between(0, 1).all()
+    for rep in range(2):
+        for unit in range(4):
+            for seed in range(6):
+                pos = seed // 2
+                base = 10.0 * pos  # the nulls sit far apart by position
+                rows.append({"task": "lesion", "layer": "b", "regularizer": "none", "unit": unit, "seed": seed,
+                             "replicate": rep, "position_index": pos, "lesion_ncc": base + 1.0})
+                for kind in ("randomized", "other", "surrogate"):
+                    ctrl.append({"task": "lesion", "layer": "b", "regularizer": "none", "unit": unit, "seed": seed,
+                                 "replicate": rep, "control": kind, "lesion_ncc": base + rng.normal(),
+                                 **({"position_index": pos} if own_position else {})})
+            for seed in range(2):
+                rows.append({"task": "lesion", "layer": "c", "regularizer": "none", "unit": 0, "seed": seed,
+                             "replicate": rep, "lesion_ncc": 0.5})
+                for kind in ("randomized", "other"):
+                    ctrl.append({"task": "lesion", "layer": "c", "regularizer": "none", "unit": 0, "seed": seed,
+                                 "replicate": rep, "control": kind, "lesion_ncc": rng.normal()})
+    return pd.DataFrame(rows), pd.DataFrame(ctrl)
+
+
+@pytest.mark.parametrize("own_position", [True, False], ids=["controls-say", "from-the-trained-row"])
+def test_each_probe_position_is_read_against_its_own_controls(own_position):
+    """m_z and m_pct: the randomized/other controls of the same probe position only (each position reads another
+    crop of the brain, so its null differs); a request with one position keeps its own null; controls carry
+    their position (compare_entries) or take that of the visualization with their keys."""
+    trained, controls = _positions_tables(np.random.default_rng(0), own_position)
+    paired = paired_table(trained, controls, ["lesion_ncc"])
+    assert len(paired) == len(trained)
+    ctrl = controls[controls["control"].isin(["randomized", "other"])]
+    for (layer, pos), g in paired.groupby(["layer", paired["position_index"].fillna(-1)]):
+        c = ctrl[ctrl["layer"] == layer]
+        null = (c[c["seed"] // 2 == pos] if layer == "b" else c)["lesion_ncc"].to_numpy()
+        x = g["lesion_ncc"].to_numpy()
+        np.testing.assert_allclose(g["lesion_ncc_z"], (x - null.mean()) / null.std(ddof=1), rtol=1e-9)
+        np.testing.assert_allclose(g["lesion_ncc_pct"], [(null < v).mean() for v in x])
     # each sits one unit above its own position's null; pooled over positions, position 0's would read below it
-    assert (paired["lesion_ncc_z"] > 0).all()
+    assert (paired.loc[paired["layer"] == "b", "lesion_ncc_z"] > 0).all()
+    # the paired control values stay the visualization's own (replicate and seed name one position)
+    b = paired[paired["layer"] == "b"]
+    assert ((b["lesion_ncc_randomized"] - 10.0 * b["position_index"]).abs() < 5).all()
+
+
+def test_a_visualization_at_two_probe_positions_cannot_be_paired():
+    trained, controls = _positions_tables(np.random.default_rng(0), False)
+    trained.loc[trained["seed"] == 2, "seed"] = 0  # position 1's first seed now repeats position 0's
+    with pytest.raises(ValueError, match="several probe positions"):
+        paired_table(trained, controls, ["lesion_ncc"])

@@ -221,8 +221,9 @@ def test_request_keys_default_to_the_schema_in_one_place():
     with pytest.raises(ConfigError, match="no key 'featviz.layers.nope'"):
         C.default("featviz.layers.nope")
     # nothing below the config spells these defaults again
-    literal = re.compile(r"""\.get\(\s*["'](objective|position|positions|units|replicates)["']\s*,""")
-    files = [*(ROOT / "src").rglob("*.py"), *(ROOT / "workflow").rglob("*.smk")]
+    literal = re.compile(r"""\.get\(\s*["'](objective|position|positions|units|replicates)["']\s*[,)]""")
+    files = [*(ROOT / "src").rglob("*.py"), *(ROOT / "workflow").rglob("*.smk"), *(ROOT / "workflow").rglob("*.py"),
+             ROOT / "workflow/Snakefile", *(ROOT / "benchmarks").rglob("*.py")]
     offenders = [f"{p.relative_to(ROOT)}:{i}" for p in files
                  for i, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
     assert not offenders, offenders

@@ -96,9 +96,11 @@ def _add_visualize_command(sub: argparse._SubParsersAction) -> None:
                      help="a brainfv dataset folder (e.g. results/data/cohort): participants.tsv, volumes.npy, "
                           "mask.nii.gz, reference.nii.gz")
     vis.add_argument("--layer", required=True, help="module name (see 'brainfv units')")
-    vis.add_argument("--units", default="all", type=_units_spec, metavar="SPEC",
-                     help="'all', a count N (the first N) or a comma-separated list of channels (default: all)")
-    vis.add_argument("--objective", default="channel", choices=["channel", "neuron", "probability", "contrast"])
+    vis.add_argument("--units", type=_units_spec, metavar="SPEC",
+                     help="'all', a count N (the first N) or a comma-separated list of channels (default: the "
+                          "config's featviz.layers default, all)")
+    vis.add_argument("--objective", choices=["channel", "neuron", "probability", "contrast"],
+                     help="(default: the config's featviz.layers default, channel)")
     vis.add_argument("--preset", default="fourier", metavar="NAME",
                      help="a preset of the config's featviz.regularizers (default: fourier), or JSON such as "
                           "'{\"param\": \"maco\", \"jitter\": 2}'")
@@ -268,7 +270,9 @@ def _cmd_visualize(args):
     _check_writable(args.out, "--out")
     name = args.preset if not args.preset.lstrip().startswith("{") else "custom"
     request = visualize_request(cfg, task="cli", layer=args.layer, regularizer=name, preset=preset,
-                                spec={"layer": args.layer, "units": args.units, "objective": args.objective},
+                                spec={"layer": args.layer, **{k: v for k, v in (("units", args.units),
+                                                                                   ("objective", args.objective))
+                                                               if v is not None}},
                                 steps=args.steps, lr=args.lr, n_seeds=args.seeds, device=args.device, seed=args.seed,
                                 randomized=args.randomized)
     out = args.out

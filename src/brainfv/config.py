@@ -7,7 +7,8 @@ way:
 - :func:`complete` fills in the defaults and validates a config (errors name the config key);
 - :func:`check` adds the cross-key checks the schema cannot express;
 - :func:`default` reads one default (``default("training.epochs")``, ``default("preset.param")`` for
-  a ``$defs`` entry);
+  a ``$defs`` entry, ``default("featviz.layers.positions")`` for a key of an array's entries);
+  :func:`layer_key` reads a ``featviz.layers`` entry's key or its default;
 - typed sections (:class:`TrainingConfig`, :class:`ModelConfig`, :class:`Preset`, ...) are
   dataclasses whose field defaults are read from the schema, built with ``from_config(dict)``.
 
@@ -207,7 +208,7 @@ def check_source(cohort_cfg: dict) -> None:
 
 def layer_key(spec: dict, key: str) -> object:
     """``key`` of a ``featviz.layers`` entry, or of a request made from one: its value, else the schema default
-    (``objective``, ``position``, ``positions``, ``replicates``; defined there once)."""
+    (``objective``, ``position``, ``positions``, ``units``, ``replicates``; defined there once)."""
     return spec[key] if key in spec else default(f"featviz.layers.{key}")
 
 

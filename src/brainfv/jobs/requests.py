@@ -92,7 +92,8 @@ def visualize_request(cfg: dict, *, task: str, layer: str, spec: dict, regulariz
 
     return VisualizeRequest(
         only_unit=only_unit, task=task, layer=layer, module=spec["layer"], regularizer=regularizer,
-        units=spec["units"], objective=spec["objective"], preset=pick(preset, fv["regularizers"].get(regularizer)),
+        units=layer_key(spec, "units"), objective=layer_key(spec, "objective"),
+        preset=pick(preset, fv["regularizers"].get(regularizer)),
         steps=pick(steps, fv["steps"]), lr=pick(lr, fv["lr"]), n_seeds=pick(n_seeds, spec.get("seeds", fv["seeds"])),
         n_real=fv["n_real"], micro_batch=fv["micro_batch"], device=pick(device, fv["device"]),
         seed=pick(seed, cfg["seed"]), randomized=pick(randomized, cfg["compare"]["randomized"]),
@@ -111,8 +112,9 @@ def layer_replicates(cfg: dict, task: str, layer: str) -> list[int]:
 def exemplars_request(cfg: dict, task: str, layer: str) -> dict:
     """What an exemplars job needs: the request ``layer`` (id) of ``task`` and how many volumes per unit."""
     spec = layer_spec(cfg, task, layer)
-    return {"task": task, "layer": layer, "module": spec["layer"], "units": spec["units"],
-            "objective": spec["objective"], "k": cfg["featviz"]["exemplars"], "device": cfg["featviz"]["device"],
+    return {"task": task, "layer": layer, "module": spec["layer"], "units": layer_key(spec, "units"),
+            "objective": layer_key(spec, "objective"), "k": cfg["featviz"]["exemplars"],
+            "device": cfg["featviz"]["device"],
             "position": layer_key(spec, "position"), "positions": layer_key(spec, "positions")}
 
 
@@ -143,7 +145,7 @@ def layer_unit_count(cfg: dict, task: str, layer: str) -> int:
     a given model a count or list is taken as it is and "all" counts :data:`UNKNOWN_UNIT_COUNT`."""
     spec = layer_spec(cfg, task, layer)
     if provided(cfg, task):
-        units = spec["units"]
+        units = layer_key(spec, "units")
         if isinstance(units, list):
             return len(units)
         return units if isinstance(units, int) else UNKNOWN_UNIT_COUNT
@@ -151,7 +153,7 @@ def layer_unit_count(cfg: dict, task: str, layer: str) -> int:
     if spec["layer"] not in known:
         raise ConfigError(f"config key featviz.layers: layer {spec['layer']!r} is not in the model; layers: "
                           f"{list(known)}")
-    return len(resolve_units(spec["units"], known[spec["layer"]], where=f"featviz.layers[{layer}].units"))
+    return len(resolve_units(layer_key(spec, "units"), known[spec["layer"]], where=f"featviz.layers[{layer}].units"))
 
 
 def exemplar_layers(cfg: dict, task: str) -> list[str]:

@@ -64,12 +64,20 @@ def paired_table(trained: pd.DataFrame, controls: pd.DataFrame, metrics: Sequenc
     keys plus ``control`` in :data:`CONTROLS` (surrogates may have several rows per visualization: they are
     averaged). Adds, per metric ``m``: ``m_<control>`` (the paired control's value), ``m_z`` (distance from
     the pooled randomized/other control values of the same task, layer, preset, class and probe position
-    (``position_index``, where ``trained`` has one), in their SD) and
+    (``position_index``, where ``trained`` has one: a control's own, else that of the visualization with its
+    keys; a position's null is then about 1/K of the request's controls, so ``m_z`` is noisier), in their SD) and
     ``m_pct`` (the share of those control values below it).
     """
     keys = ["task", "layer", "regularizer", "unit", "seed"]
     if "replicate" in trained and "replicate" in controls:
         keys.append("replicate")
+    where = None
+    if stats.POSITION in trained:  # the pairing needs a visualization's keys to name one probe position
+        where = trained[keys + [stats.POSITION]].drop_duplicates()
+        twice = where[where.duplicated(keys, keep=False)]
+        if len(twice):
+            raise ValueError(f"paired_table: the same {', '.join(keys)} at several probe positions "
+                             f"({twice.head(3).to_dict('records')}): seeds must be unique across positions")
     out = trained.copy()
     for kind in CONTROLS:
         sub = controls[controls["control"] == kind]
@@ -83,9 +91,9 @@ def paired_table(trained: pd.DataFrame, controls: pd.DataFrame, metrics: Sequenc
     pooled = _with_class(controls[controls["control"].isin(["randomized", "other"])])
     out = _with_class(out)
     group = list(GROUP)
-    if stats.POSITION in out:  # a probe position is its own null: each reads a different crop of the brain
-        where = out[keys + [stats.POSITION]].drop_duplicates(keys)
-        pooled = pooled.drop(columns=stats.POSITION, errors="ignore").merge(where, on=keys, how="left")
+    if where is not None:  # a probe position is its own null: each reads a different crop of the brain
+        if stats.POSITION not in pooled:  # controls that do not say: the position of the visualization they pair with
+            pooled = pooled.merge(where, on=keys, how="left")
         group.append(stats.POSITION)
     for m in metrics:
         z = np.full(len(out), np.nan)
@@ -117,10 +125,11 @@ def summarise(paired: pd.DataFrame, metrics: Sequence[str], n_boot: int = 2000, 
     ``ci_high``), each control's mean (``null_<control>``), the paired gain over each control with its
     interval and one-sided p (``gain_<control>``, ``_low``, ``_high``, ``p_gain_<control>``), the smallest of
     those gains over every control present (``controls``) with its interval and intersection–union p
-    (``min_gain``, ``min_gain_lo``, ``min_gain_hi``, ``p_min_gain``), ``z`` (mean distance from the pooled
-    controls in their SD) and the randomization check. Intervals and p: :mod:`brainfv.report.stats`
-    (``method`` t or bootstrap), over trained replicates (a ``replicate`` column), units and seeds (and probe
-    positions between units and seeds where a ``position_index`` column has several: ``n_positions``).
+    (``min_gain``, ``min_gain_lo``, ``min_gain_hi``, ``p_min_gain``), ``z`` (the mean of ``m_z``: distance
+    from the pooled controls in their SD, see :func:`paired_table`) and the randomization check. Intervals and
+    p: :mod:`brainfv.report.stats` (``method`` t or bootstrap), over trained replicates (a ``replicate``
+    column), units and seeds (and probe positions between units and seeds where a ``position_index`` column
+    has several: ``n_positions``).
 
     ``class`` is the intended class of class-logit units (``intended_class``; its visualizations are read on
     their own: a 'present' and an 'absent' logit answer different questions) and empty for other units."""

@@ -55,6 +55,7 @@ from .metrics import (
     region_slices,
     sex_effect_fidelity,
 )
+from .stats import POSITION
 
 __all__ = ["GT_METRICS", "Truth", "score_volumes", "compare_entries", "task_truth", "transfer_agreement"]
 
@@ -345,13 +346,19 @@ def _trained_rows(e, c):
 def _control_rows(e, c, kind, volumes, units_, seeds_, source, pair=None):
     """Rows of one kind of control, scored like the trained visualizations they pair with (``volumes[i]`` with
     trained volume ``i``, or with ``pair[i]`` when given: the surrogates' several copies of each), in the region
-    of that visualization's probe position."""
+    of that visualization's probe position (its ``position_index``)."""
     sc = _grouped(c, volumes, units_, lambda v, u, g: score_volumes(c["truth"], v, u, g["region"], c["is_output"],
                                                                       preferred=g["preferred"]), pair)
     pr = _transfer_probs(c["transfer"], volumes, units_) if c["is_output"] else [np.nan] * len(volumes)
+    of = range(len(volumes)) if pair is None else pair
     return [{"task": e["task"], "layer": e["layer"], "regularizer": e["regularizer"], "unit": u, "seed": s,
              "control": kind, "source": source, **v_sc, "transfer_prob": p, "intended_class": _class_of(c, u),
-             **_replicate(e)} for v_sc, p, u, s in zip(sc, pr, units_, seeds_)]
+             **_replicate(e), **_position(c, i)} for v_sc, p, u, s, i in zip(sc, pr, units_, seeds_, of)]
+
+
+def _position(c, i):
+    """The probe position (``position_index``) of trained volume ``i``, where the entry has the column."""
+    return {POSITION: c["tt"][POSITION].iloc[i]} if POSITION in c["tt"] else {}
 
 
 def _surrogate_rows(e, c, n_surrogates, seed):
