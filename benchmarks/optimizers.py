@@ -5,24 +5,29 @@
 
 On the study's ``none`` preset (one variable per voxel, bounded to the data range by projection after each step,
 no transforms: a deterministic objective), 8 units of ``--mid`` (channel objective) and the class logits x 4
-seeds, each batch element from the study's seeded start: the study's optimiser (**adam**, Adam at the given
-learning rate) against projected **sign** ascent (every voxel moves by ``lr`` in the direction of its gradient's
-sign for 20 steps, then by ``lr * 20 / (step + 1)``: a step for an optimum with many voxels at a bound).
-Every element runs the whole ``--budget`` (fp32, the full network read by a hook, as
-benchmarks/vs_lucent.py's loop); printed per variant: the element-steps to the plateau criterion (the schema's
-``featviz.converge``, on each element's own objective history), the objective at its plateau and at the budget, both
-as the median per-element ratio to adam's at the budget (the reference: 1.00 is as high as the study's optimiser
-gets in the whole budget), and the share of brain voxels at a bound at the end.
+seeds, each batch element from the study's initialisation with seeds 0-7: Adam at the none preset's learning rate
+(featviz.lr), as the study sets it up, in an fp32 reference loop (the full network read by a hook, batch 8, as
+benchmarks/vs_lucent.py's; the study's own loop runs bf16 on this CPU, a simplified network and micro-batches of 2,
+and took 1,136 / 1,200 element-steps on the same requests and seeds, benchmarks/coarse_to_fine.py: 4-6 % more than
+this loop's Adam) against projected **sign** ascent (every voxel moves by ``lr`` in the direction of its
+gradient's sign for 20 steps, then by ``lr * 20 / (step + 1)``: a step for an optimum with many voxels at a bound).
+Every element runs the whole ``--budget`` (default twice featviz.steps); printed per variant: the element-steps to
+the plateau criterion (the schema's ``featviz.converge`` on each element's own objective history, as the study's
+loop applies it) and against adam's per element, the gain (objective minus its value at the start, which all
+variants share) of the image the study would freeze at the plateau and of the last image, as a share of adam's
+gain at the budget, and the share of brain voxels at a bound at the budget.
 
-Measured (the default study's sex model, 4 mm, 2 threads, 2026-11-28; the step counts are deterministic, they
-matched a first version of this script to the step): element-steps to the plateau, 8 units of block 3 / the logits:
-adam 0.2 1,096 / 1,136; sign 0.2 920 / 752 (-16 % / -34 %), its objective at the plateau 0.949 / 0.936 of adam's
-at the budget against adam's own 0.957 / 0.945 (slightly lower); sign 0.5 1,032 / 880 (-6 % / -23 %) at 0.980 /
-0.969 (slightly higher; at the budget 1.024 / 1.012). So a sign step buys at most a third fewer steps — far from
-the halving that the 10x time-to-convergence target would need — and every image of the study would change; not
-adopted (a lead: sign 0.5 is both a little faster and a little higher on this preset; Fourier and MACO not tried).
-Adam's plateau (rtol 0.02) sits at about 95 % of what it reaches in 512 steps; 41 % / 46 % of brain voxels end at
-a bound, so the optimum is not bang-bang.
+Measured (the default study's sex model, 4 mm, 2 threads, budget 1,024, 2026-11-28; the step counts repeated
+to the step in three runs here), 8 units of block 3 / the logits: adam 1,096 / 1,136 element-steps, its plateau
+at 0.940 / 0.933 of its gain at the budget; sign 0.2 920 / 752 (-16 % / -34 %; fewer steps for 6 / 8 of the 8
+elements, more for 1 / 0) at a slightly lower gain at the plateau, 0.933 / 0.924; sign 0.5 1,032 / 880 (-6 % /
+-23 %; fewer for 6 / 8, more for 2 / 0) at a slightly higher one, 0.967 / 0.959 (per element 0.89-1.03 /
+0.91-0.98; at the budget 1.019 / 1.007). Not adopted: the two settings tried cut 6-34 % of the steps, where 10x to
+convergence (3.9-4.4x now for `none`) would need 2.3-2.6x fewer, and every image of the study would change; on block
+3 the cut is within the 4-6 % by which two versions of the same Adam differ (bf16 study loop vs this fp32 loop),
+and whether sign steps cut steps in the study's bf16 loop, or on Fourier and MACO, was not tested. Adam's learning
+rate and schedule were not varied here (schedules: the README). Adam's images at the budget have 42 % / 47 % of
+brain voxels at a bound (sign 0.5, at a higher objective, 32 % / 37 %): the images are not bang-bang.
 """
 import argparse
 import copy
@@ -36,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def run(model, mask, pieces, layer, units, logit, variant, lr, budget, converge):
-    """One batch: ``(element-steps to the plateau per element, J history (budget, B), share at a bound)``."""
+    """One batch: ``(steps to the plateau per element, J history (budget + 1, B), share at a bound)``; row ``k``
+    of the history is J before update ``k`` (row ``budget``: after the last), so row ``stop`` is the image the
+    study would freeze at the plateau."""
     import torch
 
     from brainfv.featviz.units import get_module
@@ -47,13 +54,17 @@ def run(model, mask, pieces, layer, units, logit, variant, lr, budget, converge)
     store = {}
     hook = get_module(model, layer).register_forward_hook(lambda mod, i, o: store.__setitem__("a", o))
     B = len(units)
-    hist, stop = np.zeros((budget, B)), np.full(B, budget)
+    hist, stop = np.zeros((budget + 1, B)), np.full(B, budget)
     rows, cols = torch.arange(B), torch.as_tensor(units)
+
+    def objective():
+        model(pieces.param() * m)
+        a = store["a"][rows, cols]
+        return a if logit else a.flatten(1).mean(1)
+
     try:
         for step in range(budget):
-            model(pieces.param() * m)
-            a = store["a"][rows, cols]
-            j = a if logit else a.flatten(1).mean(1)
+            j = objective()
             grad, = torch.autograd.grad(j.sum(), params)
             with torch.no_grad():
                 if opt is not None:
@@ -66,6 +77,8 @@ def run(model, mask, pieces, layer, units, logit, variant, lr, budget, converge)
             n = step + 1
             if n % converge.every == 0 and n >= converge.min_steps:
                 stop[(stop == budget) & converge.check(hist, n)] = n
+        with torch.no_grad():
+            hist[budget] = objective().numpy()  # after the last update
     finally:
         hook.remove()
     with torch.no_grad():
@@ -87,19 +100,23 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--mid", default="block3.norm")
-    ap.add_argument("--variants", default="adam:0.2,sign:0.2,sign:0.5", help="name:lr, comma-separated (adam first)")
-    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--variants", default="adam,sign:0.2,sign:0.5",
+                    help="name[:lr], comma-separated, adam first (lr default: the none preset's, featviz.lr)")
+    ap.add_argument("--budget", type=int, default=None, help="steps every element runs (default: featviz.steps x 2)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    variants = [(v.split(":")[0], float(v.split(":")[1])) for v in a.variants.split(",")]
-    if variants[0][0] != "adam" or any(v not in ("adam", "sign") for v, _ in variants):
-        ap.error("--variants: adam first (the reference), then adam or sign")
     torch.set_num_threads(a.threads)
     fv, model, real, mask, shape, drange = study_inputs(a.model, a.dataset)
+    lr0 = fv["regularizers"]["none"].get("lr") or fv["lr"]
+    variants = [(v.split(":")[0], float(v.split(":")[1]) if ":" in v else lr0) for v in a.variants.split(",")]
+    if variants[0][0] != "adam" or any(v not in ("adam", "sign") for v, _ in variants):
+        ap.error("--variants: adam first (the reference), then adam or sign")
+    a.budget = a.budget or 2 * fv["steps"]
     model = redirect_relus(copy.deepcopy(model))  # the study's network gradient
     conv = Converge.from_config(fv["converge"])
     preset = Preset.from_config(fv["regularizers"]["none"])
-    print(f"model {a.model}; grid {shape}; preset none; budget {a.budget}; plateau {conv}; {a.threads} threads")
+    print(f"model {a.model}; grid {shape}; preset none; seeds 0-7; budget {a.budget}; plateau {conv}; "
+          f"{a.threads} threads; gains (J - J at the start) as a share of adam's gain at the budget", flush=True)
     for rname, obj in mid_and_logits(a.mid).items():
         (layer, units), = obj.units
         ref = None
@@ -108,13 +125,16 @@ def main():
             pieces = preset_pieces(preset, shape, gens, real, None, None, drange)
             t0 = time.perf_counter()
             stop, hist, at = run(model, mask, pieces, layer, units, rname == "logits", variant, lr, a.budget, conv)
-            end = hist[-1]
-            ref = end if ref is None else ref
-            at_stop = hist[stop - 1, np.arange(len(units))]
+            gain = hist - hist[0]  # the same start for every variant (same seeds)
+            end, at_stop = gain[-1], gain[stop, np.arange(len(units))]
+            if ref is None:
+                ref, ref_stop = end, stop
+            r_stop = at_stop / ref
+            fewer, more = int((stop < ref_stop).sum()), int((stop > ref_stop).sum())
             print(f"{rname:6s} {variant:4s} lr {lr}: element-steps to the plateau {int(stop.sum())} "
-                  f"(per element {stop.tolist()}); objective at the plateau {np.median(at_stop / ref):.3f}, at the "
-                  f"budget {np.median(end / ref):.3f} of adam's at the budget (per element at the plateau "
-                  f"{np.min(at_stop / ref):.2f}-{np.max(at_stop / ref):.2f}); at a bound {at:.2f}; "
+                  f"(per element {stop.tolist()}; fewer than adam for {fewer}, more for {more}); gain at the "
+                  f"plateau {np.median(r_stop):.3f} (per element {r_stop.min():.2f}-{r_stop.max():.2f}), at the "
+                  f"budget {np.median(end / ref):.3f}; at a bound at the budget {at:.2f}; "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 
