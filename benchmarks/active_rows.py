@@ -14,32 +14,21 @@ subset: above 1 is a gain), and whether the images are bit-identical. ``--thread
 """
 import argparse
 import importlib
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main():
     import torch
-    from common import mid_and_logits, study_inputs
+    from common import mid_and_logits, study_arguments, study_inputs
 
     from brainfv.featviz import render
     from brainfv.featviz.param import takes_rows
     from brainfv.utils import retain_freed_memory
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "results/models/sex/main/model.pt"))
-    ap.add_argument("--dataset", default=str(ROOT / "results/data/cohort"))
-    ap.add_argument("--presets", default="fourier,maco")
-    ap.add_argument("--mid", default="block3.norm")
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=1)
+    study_arguments(ap, threads=1, presets="fourier,maco", rounds=6)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     retain_freed_memory()  # as the study's visualize jobs run

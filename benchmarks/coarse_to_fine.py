@@ -22,21 +22,15 @@ from noise (1,072 vs 1,136 for block 3 without a parametrisation, 1,384 vs 1,200
 on a coarser grid first; a coarse parametrisation on the study grid was not tried.
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main():
     import torch
     import torch.nn.functional as F
-    from common import mid_and_logits, resample, study_inputs
+    from common import mid_and_logits, resample, study_arguments, study_inputs
 
     from brainfv.config import Preset
     from brainfv.featviz import render
@@ -44,13 +38,8 @@ def main():
     from brainfv.utils import retain_freed_memory
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "results/models/sex/main/model.pt"))
-    ap.add_argument("--dataset", default=str(ROOT / "results/data/cohort"))
-    ap.add_argument("--presets", default="none,fourier")
-    ap.add_argument("--mid", default="block3.norm")
+    study_arguments(ap, threads=2, presets="none,fourier", rounds=3)  # 2 threads as measured; the study's jobs run 1
     ap.add_argument("--factor", type=float, default=2.0, help="coarse voxel size / the study's")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="2 as measured; the study's jobs run 1")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     retain_freed_memory()  # as the study's visualize jobs run

@@ -8,6 +8,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
+def study_arguments(ap, *, threads: int, presets: str | None = None, rounds: int | None = None) -> None:
+    """The options of a benchmark on a finished study's sex model: ``--model``, ``--dataset``, ``--mid`` (the mid
+    layer of :func:`mid_and_logits`), ``--threads`` and, where given a default, ``--presets`` and ``--rounds``."""
+    ap.add_argument("--model", default=str(ROOT / "results/models/sex/main/model.pt"))
+    ap.add_argument("--dataset", default=str(ROOT / "results/data/cohort"))
+    ap.add_argument("--mid", default="block3.norm")
+    ap.add_argument("--threads", type=int, default=threads)
+    if presets is not None:
+        ap.add_argument("--presets", default=presets)
+    if rounds is not None:
+        ap.add_argument("--rounds", type=int, default=rounds)
+
+
 def study_inputs(model_path: str, dataset_path: str) -> tuple:
     """``(featviz config, frozen eval model, real training volumes, brain mask, grid shape, data range)`` as a
     visualize job of the default study sees them."""

@@ -90,20 +90,17 @@ def run(model, mask, pieces, layer, units, logit, variant, lr, budget, converge)
 
 def main():
     import torch
-    from common import mid_and_logits, study_inputs
+    from common import mid_and_logits, study_arguments, study_inputs
 
     from brainfv.config import Preset
     from brainfv.featviz.render import Converge, preset_pieces
     from brainfv.featviz.simplify import redirect_relus
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--dataset", required=True)
-    ap.add_argument("--mid", default="block3.norm")
+    study_arguments(ap, threads=2)
     ap.add_argument("--variants", default="adam,sign:0.2,sign:0.5",
                     help="name[:lr], comma-separated, adam first (lr default: the none preset's, featviz.lr)")
     ap.add_argument("--budget", type=int, default=None, help="steps every element runs (default: featviz.steps x 2)")
-    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     fv, model, real, mask, shape, drange = study_inputs(a.model, a.dataset)
