@@ -270,8 +270,8 @@ def _cmd_visualize(args):
     _check_writable(args.out, "--out")
     name = args.preset if not args.preset.lstrip().startswith("{") else "custom"
     given = {"units": args.units, "objective": args.objective}  # the others: the config's featviz.layers defaults
-    spec = {"layer": args.layer, **{k: v for k, v in given.items() if v is not None}}
-    request = visualize_request(cfg, task="cli", layer=args.layer, regularizer=name, preset=preset, spec=spec,
+    entry = {"layer": args.layer, **{k: v for k, v in given.items() if v is not None}}
+    request = visualize_request(cfg, task="cli", layer=args.layer, regularizer=name, preset=preset, spec=entry,
                                 steps=args.steps, lr=args.lr, n_seeds=args.seeds, device=args.device, seed=args.seed,
                                 randomized=args.randomized)
     out = args.out
