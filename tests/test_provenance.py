@@ -21,18 +21,16 @@ def test_editing_a_module_changes_the_hash_of_the_steps_that_run_it_only(tmp_pat
     pkg = tmp_path / "brainfv"
     shutil.copytree(ROOT / "src/brainfv", pkg, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(P, "ROOT", pkg)
-    P._closure.cache_clear()
-    P._file_digest.cache_clear()
+    P._forget()
     scripts = {s: ROOT / f"workflow/scripts/{s}.py" for s in ("visualize", "prepare_cohort", "train_model")}
     before = {s: P.code_hash(f) for s, f in scripts.items()}
     render = pkg / "featviz/render.py"
-    render.write_text(render.read_text() + "\n# an edit\n")
-    P._file_digest.cache_clear()
+    render.write_text(render.read_text() + "\nCHANGED = 1\n")
+    P._forget()
     after = {s: P.code_hash(f) for s, f in scripts.items()}
     assert after["visualize"] != before["visualize"]
     assert after["prepare_cohort"] == before["prepare_cohort"] and after["train_model"] == before["train_model"]
-    P._closure.cache_clear()
-    P._file_digest.cache_clear()
+    P._forget()
 
 
 @pytest.mark.parametrize("module", ["brainfv.training", "brainfv.featviz.study", "brainfv.jobs.featviz"])
@@ -49,3 +47,44 @@ def test_excluded_modules_leave_the_hash_alone():
 def test_training_code_reaches_no_plot():
     """The training checkpoint is keyed on the training code; its learning-curve plot is the job's."""
     assert not any(m.startswith("brainfv.report") for m in P.modules_used("brainfv.training"))
+
+
+def test_comments_docstrings_and_layout_leave_the_hash_alone(tmp_path, monkeypatch):
+    """A doc-only edit of a module every step imports (brainfv.config) reruns nothing; a code edit there, even
+    a string that is not a docstring, reruns every step that imports it."""
+    pkg = tmp_path / "brainfv"
+    shutil.copytree(ROOT / "src/brainfv", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(P, "ROOT", pkg)
+    P._forget()
+    script = ROOT / "workflow/scripts/visualize.py"
+    cfg = pkg / "config.py"
+    text = cfg.read_text()
+    before = P.code_hash(script)
+
+    def hash_of(new):
+        cfg.write_text(new)
+        P._forget()
+        return P.code_hash(script)
+
+    head, sep, rest = text.partition('"""')  # the module docstring's opening quotes
+    assert sep
+    doc_edit = head + sep + "An edited sentence. " + rest
+    comment_edit = text.replace("\n\n\n", "\n\n\n# a new comment\n\n\n", 1)
+    def_line = next(line for line in text.splitlines() if line.startswith("def "))  # code, not a docstring
+    layout_edit = text.replace(def_line, def_line.replace("(", "(  ", 1).replace(",", " ,"), 1) + "\n\n"
+    assert doc_edit != text and comment_edit != text and layout_edit != text
+    assert hash_of(doc_edit) == before
+    assert hash_of(comment_edit) == before
+    assert hash_of(layout_edit) == before
+    assert hash_of(text + '\nMESSAGE = "not a docstring"\n') != before
+    assert hash_of(text.replace("def ", "def _renamed_", 1)) != before
+    P._forget()
+
+
+def test_code_text_drops_docstrings_only():
+    src = '"""Module doc."""\nimport os  # why\n\n\nclass A:\n    """Class doc."""\n\n\ndef f(x):\n' \
+          '    """Function doc."""\n    return "kept"  # a comment\n'
+    out = P.code_text(src)
+    assert "doc" not in out and "why" not in out and "comment" not in out
+    assert "'kept'" in out and "import os" in out and "class A:\n    pass" in out
+    assert P.code_text(src.replace('"kept"', '"other"')) != out

@@ -3,9 +3,11 @@
 The workflow's scripts are thin calls into this library, so Snakemake's own code trigger (a rule's script
 changed) does not see an edit of the logic. :func:`code_hash` follows a script's (or module's) imports of
 ``brainfv`` statically — no import is executed, so it is cheap enough for every DAG build — and hashes the
-source of every module reached. A rule passes it as a param: editing a module reruns exactly the steps that
-run it (``--rerun-triggers mtime input`` keeps cached results after a cosmetic edit). Training keys its
-resumable checkpoint on the same hash, so a resumed run never mixes two versions of the training code.
+code of every module reached, without its comments, docstrings and layout (:func:`code_text`). A rule passes
+it as a param: editing a module's code reruns exactly the steps that run it, and a comment or docstring edit
+reruns nothing (``--rerun-triggers mtime input`` keeps cached results after any other edit you know to be
+cosmetic). Training keys its resumable checkpoint on the same hash, so a resumed run never mixes two versions of
+the training code.
 
 Standard library only: Snakemake evaluates this in every job.
 """
@@ -16,7 +18,7 @@ import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["code_hash", "modules_used"]
+__all__ = ["code_hash", "code_text", "modules_used"]
 
 PACKAGE = "brainfv"
 ROOT = Path(__file__).resolve().parent  # src/brainfv
@@ -40,7 +42,7 @@ def _with_parents(module):
 
 def _imports(path, module):
     """``brainfv`` modules imported anywhere in ``path`` (module name ``module``; None for a script)."""
-    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    tree = _tree(path)
     if module is None:
         package = ""
     else:
@@ -86,17 +88,48 @@ def modules_used(entry: str | Path) -> list[str]:
     return sorted(set().union(*(_closure(m) for m in start)) if start else set())
 
 
+def code_text(source: str, filename: str = "<source>") -> str:
+    """``source``'s code without what cannot change a result: comments, docstrings and layout (the syntax tree,
+    its docstrings dropped, written back by :func:`ast.unparse`). Anything else — a name, a literal, an error
+    message, an import — is in it."""
+    return ast.unparse(_without_docstrings(ast.parse(source, filename=filename)))
+
+
+def _without_docstrings(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+@lru_cache(maxsize=None)
+def _tree(path):
+    """A file's syntax tree without docstrings, parsed once for both its imports and its digest."""
+    return _without_docstrings(ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path)))
+
+
 @lru_cache(maxsize=None)
 def _file_digest(path):
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    return hashlib.blake2b(ast.unparse(_tree(path)).encode(), digest_size=16).hexdigest()
 
 
 def code_hash(entry: str | Path, exclude: tuple[str, ...] = ()) -> str:
-    """A short hash of the source of every ``brainfv`` module ``entry`` runs (see :func:`modules_used`),
-    leaving out modules under the ``exclude`` prefixes (e.g. plotting, for a training checkpoint). The
-    config's values are not in it: the workflow passes them to each job as params of their own."""
+    """A short hash of the code (:func:`code_text`: comments, docstrings and layout left out) of every
+    ``brainfv`` module ``entry`` runs (see :func:`modules_used`), leaving out modules under the ``exclude``
+    prefixes (e.g. plotting, for a training checkpoint). The config's values are not in it: the workflow passes
+    them to each job as params of their own. (The text comes from :func:`ast.unparse`: a Python release that
+    writes some construct differently changes the hash once, and the steps rerun.)"""
     h = hashlib.blake2b(digest_size=8)
     mods = [m for m in modules_used(str(entry)) if not any(m == e or m.startswith(e + ".") for e in exclude)]
     for f in sorted(_file_of(m) for m in mods):
         h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + _file_digest(f).encode())
     return h.hexdigest()
+
+
+def _forget() -> None:
+    """Drop every cached parse and digest (after files changed within one process: the tests)."""
+    for f in (_closure, _tree, _file_digest):
+        f.cache_clear()
