@@ -9,7 +9,11 @@ thing as brainfv, so only the engineering differs: the same parametrisation, tra
 preset's :func:`~brainfv.featviz.render.preset_pieces`, built for that one element from the same seed), the
 same Adam and learning rate, the same brain mask, and it stops at the same plateau criterion
 (:class:`~brainfv.featviz.render.Converge`, the schema's ``featviz.converge``) on its own objective history.
-(The per-step figure (a) uses the same loop with the convergence test off, as in benchmarks/featviz.py.)
+(The per-step figure (a) uses the same loop with the convergence test off, as in benchmarks/featviz.py. Beside
+it, (a) times brainfv's network alone — the simplified, truncated network's forward and backward, as many passes
+of the loop's CPU micro-batch as a step makes, on fixed random images — against the same Lucent-style steps: the
+ratio a loop that did nothing but run this network would reach, so the per-step figure's ceiling; and, since both
+loops run about the same number of steps to the same criterion, the ceiling of the ratio to convergence too.)
 
 Requests: 8 units of a mid layer (``--mid``, channel objective) and the class logits (every class x
 ``--logit-seeds`` seeds). Per preset and request, brainfv (one batch, every element stopping at its plateau)
@@ -206,10 +210,13 @@ def interleave(fns, rounds, out):
 
 def per_step(model, reqs, shape, mask, real, drange, fv, a):
     """(a) seconds per step of a fixed number of steps (no stopping), brainfv vs the Lucent-style loop."""
+    import torch
+
     from brainfv.featviz import objectives as O
     from brainfv.featviz import render
-    from brainfv.featviz.render import Converge
+    from brainfv.featviz.render import CPU_MICRO_BATCH, Converge, prepare_network
     from brainfv.featviz.simplify import redirect_relus
+    from brainfv.featviz.units import capture_activations
 
     off = Converge(enabled=False)
     lucent_model = redirect_relus(copy.deepcopy(model))
@@ -229,16 +236,42 @@ def per_step(model, reqs, shape, mask, real, drange, fv, a):
                                 converge=off, logit=logit)
             return time.perf_counter() - t0
 
-        fns = {**{m: functools.partial(ours, amp=m) for m in a.amp}, "lucent": theirs}
+        net = prepare_network(model, [layer])  # the loop's own network (simplified, channels-last, redirected)
+        lo, hi = drange
+        m_t = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+
+        def network(n, amp):  # the network's forward and backward alone, as the loop runs it: a ceiling
+            bf16 = AMP[amp] if AMP[amp] is not None else auto
+            gen = torch.Generator().manual_seed(0)
+            mb = CPU_MICRO_BATCH
+            xs = [(lo + (hi - lo) * torch.rand((min(mb, len(units) - i), 1) + shape, generator=gen)) * m_t
+                  for i in range(0, len(units), mb)]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                for i, x in zip(range(0, len(units), mb), xs):
+                    leaf = x.requires_grad_(True)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        acts = capture_activations(net, leaf.contiguous(memory_format=torch.channels_last_3d),
+                                                   obj.layers)
+                    obj(acts, slice(i, i + len(x))).sum().backward()
+                    leaf.grad = None
+            return time.perf_counter() - t0
+
+        fns = {**{m: functools.partial(ours, amp=m) for m in a.amp}, "lucent": theirs,
+               **{f"net {m}": functools.partial(network, amp=m) for m in a.amp}}
         for fn in fns.values():
             fn(2)  # warm-up: kernel selection, allocation
         rounds = [{k: f(a.step_steps) for k, f in fns.items()} for _ in range(max(a.rounds, 3))]
         med = {k: float(np.median([r[k] for r in rounds])) for k in fns}
         for m in a.amp:
             ratio = float(np.median([r["lucent"] / r[m] for r in rounds]))
+            ceiling = float(np.median([r["lucent"] / r[f"net {m}"] for r in rounds]))
+            net_ms = 1000 * med[f"net {m}"] / a.step_steps
             print(f"(a) per step, preset none, {rname} {layer} x{len(units)}, {a.step_steps} steps, brainfv "
                   f"{label(m, auto)}: brainfv {1000 * med[m] / a.step_steps:.0f} ms/step vs Lucent-style "
-                  f"{1000 * med['lucent'] / a.step_steps:.0f} ms/step -> {ratio:.2f}x", flush=True)
+                  f"{1000 * med['lucent'] / a.step_steps:.0f} ms/step -> {ratio:.2f}x; its network alone (forward "
+                  f"and backward, {CPU_MICRO_BATCH} volumes a pass) {net_ms:.0f} ms/step -> {ceiling:.2f}x, the most "
+                  f"a loop around this network at this pass size could reach", flush=True)
 
 
 if __name__ == "__main__":
