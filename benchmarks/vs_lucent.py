@@ -11,9 +11,10 @@ same Adam and learning rate, the same brain mask, and it stops at the same plate
 (:class:`~brainfv.featviz.render.Converge`, the schema's ``featviz.converge``) on its own objective history.
 (The per-step figure (a) uses the same loop with the convergence test off, as in benchmarks/featviz.py. Beside
 it, (a) times brainfv's network alone — the simplified, truncated network's forward and backward, as many passes
-of the loop's CPU micro-batch as a step makes, on fixed random images — against the same Lucent-style steps: the
-ratio a loop that did nothing but run this network would reach, so the per-step figure's ceiling; and, since both
-loops run about the same number of steps to the same criterion, the ceiling of the ratio to convergence too.)
+of the loop's CPU micro-batch as a step makes, on fixed random images — as a share of brainfv's step (what is
+left for the loop to win) and against the same round's Lucent-style steps: about the ratio a loop that did
+nothing but run this network would reach. That ceiling moves with the Lucent-style loop's own time, which varies
+between runs far more than brainfv's; the share does not.)
 
 Requests: 8 units of a mid layer (``--mid``, channel objective) and the class logits (every class x
 ``--logit-seeds`` seeds). Per preset and request, brainfv (one batch, every element stopping at its plateau)
@@ -250,10 +251,13 @@ def per_step(model, reqs, shape, mask, real, drange, fv, a):
             for _ in range(n):
                 for i, x in zip(range(0, len(units), mb), xs):
                     leaf = x.requires_grad_(True)
+                    v, rows = leaf, slice(i, i + len(x))
+                    if len(x) == 1:  # as the loop runs a lone volume (_Loop.score: a detached copy beside it)
+                        v, rows = torch.cat([leaf, leaf.detach()]), [i, i]
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        acts = capture_activations(net, leaf.contiguous(memory_format=torch.channels_last_3d),
+                        acts = capture_activations(net, v.contiguous(memory_format=torch.channels_last_3d),
                                                    obj.layers)
-                    obj(acts, slice(i, i + len(x))).sum().backward()
+                    obj(acts, rows)[:len(x)].sum().backward()
                     leaf.grad = None
             return time.perf_counter() - t0
 
@@ -266,12 +270,14 @@ def per_step(model, reqs, shape, mask, real, drange, fv, a):
         for m in a.amp:
             ratio = float(np.median([r["lucent"] / r[m] for r in rounds]))
             ceiling = float(np.median([r["lucent"] / r[f"net {m}"] for r in rounds]))
+            share = float(np.median([r[f"net {m}"] / r[m] for r in rounds]))
             net_ms = 1000 * med[f"net {m}"] / a.step_steps
             print(f"(a) per step, preset none, {rname} {layer} x{len(units)}, {a.step_steps} steps, brainfv "
                   f"{label(m, auto)}: brainfv {1000 * med[m] / a.step_steps:.0f} ms/step vs Lucent-style "
                   f"{1000 * med['lucent'] / a.step_steps:.0f} ms/step -> {ratio:.2f}x; its network alone (forward "
-                  f"and backward, {CPU_MICRO_BATCH} volumes a pass) {net_ms:.0f} ms/step -> {ceiling:.2f}x, the most "
-                  f"a loop around this network at this pass size could reach", flush=True)
+                  f"and backward, {min(len(units), CPU_MICRO_BATCH)} volumes a pass) {net_ms:.0f} ms/step, "
+                  f"{share:.2f} of the loop's time -> {ceiling:.2f}x against this run's Lucent-style steps, about "
+                  f"the most a loop around this network at this pass size could reach", flush=True)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,25 @@ def test_code_text_drops_docstrings_only():
     assert "doc" not in out and "why" not in out and "comment" not in out
     assert "'kept'" in out and "import os" in out and "class A:\n    pass" in out
     assert P.code_text(src.replace('"kept"', '"other"')) != out
+
+
+def test_a_coding_declaration_is_read_as_python_reads_it():
+    body = '"caf\u00e9"\nX = "caf\u00e9"\n'.encode("utf-8")
+    assert P.code_text(b"# -*- coding: utf-8 -*-\n" + body) != P.code_text(b"# -*- coding: latin-1 -*-\n" + body)
+
+
+def test_the_schema_is_in_the_hash_of_every_step_that_reads_the_config(tmp_path, monkeypatch):
+    """Library functions take their defaults from the schema where a job passes no value: a schema edit reruns
+    the steps that import brainfv.config (byte for byte: a description edit too)."""
+    pkg = tmp_path / "brainfv"
+    shutil.copytree(ROOT / "src/brainfv", pkg, ignore=shutil.ignore_patterns("__pycache__"))  # the link's target
+    monkeypatch.setattr(P, "ROOT", pkg)
+    P._forget()
+    script = ROOT / "workflow/scripts/visualize.py"
+    assert "brainfv.config" in P.modules_used(script)
+    before = P.code_hash(script)
+    schema = pkg / "config.schema.yaml"
+    schema.write_text(schema.read_text().replace("default: 512", "default: 256", 1))
+    P._forget()
+    assert P.code_hash(script) != before
+    P._forget()

@@ -3,10 +3,11 @@
 The workflow's scripts are thin calls into this library, so Snakemake's own code trigger (a rule's script
 changed) does not see an edit of the logic. :func:`code_hash` follows a script's (or module's) imports of
 ``brainfv`` statically — no import is executed, so it is cheap enough for every DAG build — and hashes the
-code of every module reached, without its comments, docstrings and layout (:func:`code_text`). A rule passes
-it as a param: editing a module's code reruns exactly the steps that run it, and a comment or docstring edit
-reruns nothing (``--rerun-triggers mtime input`` keeps cached results after any other edit you know to be
-cosmetic). Training keys its resumable checkpoint on the same hash, so a resumed run never mixes two versions of
+code of every module reached, without its comments, docstrings and layout (:func:`code_text`), with the
+files those modules read (the config schema). A rule passes it as a param: editing a module's code reruns
+exactly the steps that run it, and a comment or docstring edit of a library module reruns nothing (a workflow
+script's own edits rerun its step by Snakemake's code trigger; ``--rerun-triggers mtime input`` keeps cached
+results after any other edit you know to be cosmetic). Training keys its resumable checkpoint on the same hash, so a resumed run never mixes two versions of
 the training code.
 
 Standard library only: Snakemake evaluates this in every job.
@@ -22,6 +23,9 @@ __all__ = ["code_hash", "code_text", "modules_used"]
 
 PACKAGE = "brainfv"
 ROOT = Path(__file__).resolve().parent  # src/brainfv
+# files a module reads, hashed byte for byte with it: the schema's defaults reach library functions a job calls
+# without passing every value (a description edit reruns the steps too: the file is not parsed here)
+DATA_FILES = {"brainfv.config": ("config.schema.yaml",)}
 
 
 def _file_of(module):
@@ -88,10 +92,10 @@ def modules_used(entry: str | Path) -> list[str]:
     return sorted(set().union(*(_closure(m) for m in start)) if start else set())
 
 
-def code_text(source: str, filename: str = "<source>") -> str:
+def code_text(source: str | bytes, filename: str = "<source>") -> str:
     """``source``'s code without what cannot change a result: comments, docstrings and layout (the syntax tree,
     its docstrings dropped, written back by :func:`ast.unparse`). Anything else — a name, a literal, an error
-    message, an import — is in it."""
+    message, an import — is in it; given as bytes, a coding declaration decodes the literals as Python would."""
     return ast.unparse(_without_docstrings(ast.parse(source, filename=filename)))
 
 
@@ -108,7 +112,7 @@ def _without_docstrings(tree):
 @lru_cache(maxsize=None)
 def _tree(path):
     """A file's syntax tree without docstrings, parsed once for both its imports and its digest."""
-    return _without_docstrings(ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path)))
+    return _without_docstrings(ast.parse(Path(path).read_bytes(), filename=str(path)))  # bytes: the coding line
 
 
 @lru_cache(maxsize=None)
@@ -118,18 +122,26 @@ def _file_digest(path):
 
 def code_hash(entry: str | Path, exclude: tuple[str, ...] = ()) -> str:
     """A short hash of the code (:func:`code_text`: comments, docstrings and layout left out) of every
-    ``brainfv`` module ``entry`` runs (see :func:`modules_used`), leaving out modules under the ``exclude``
-    prefixes (e.g. plotting, for a training checkpoint). The config's values are not in it: the workflow passes
-    them to each job as params of their own. (The text comes from :func:`ast.unparse`: a Python release that
-    writes some construct differently changes the hash once, and the steps rerun.)"""
+    ``brainfv`` module ``entry`` runs (see :func:`modules_used`) and of the files they read (:data:`DATA_FILES`,
+    byte for byte), leaving out modules under the ``exclude`` prefixes (e.g. plotting, for a training
+    checkpoint). The config's values are not in it: the workflow passes them to each job as params of their own.
+    (The text comes from :func:`ast.unparse`: a Python release that writes some construct differently changes
+    the hash once, and the steps rerun.)"""
     h = hashlib.blake2b(digest_size=8)
     mods = [m for m in modules_used(str(entry)) if not any(m == e or m.startswith(e + ".") for e in exclude)]
     for f in sorted(_file_of(m) for m in mods):
         h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + _file_digest(f).encode())
+    for name in sorted(n for m in mods for n in DATA_FILES.get(m, ())):
+        h.update(name.encode() + b"\0" + _data_digest(ROOT / name).encode())
     return h.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def _data_digest(path):
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
 
 
 def _forget() -> None:
     """Drop every cached parse and digest (after files changed within one process: the tests)."""
-    for f in (_closure, _tree, _file_digest):
+    for f in (_closure, _tree, _file_digest, _data_digest):
         f.cache_clear()
