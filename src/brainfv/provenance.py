@@ -7,8 +7,8 @@ code of every module reached, without its comments, docstrings and layout (:func
 files those modules read (the config schema). A rule passes it as a param: editing a module's code reruns
 exactly the steps that run it, and a comment or docstring edit of a library module reruns nothing (a workflow
 script's own edits rerun its step by Snakemake's code trigger; ``--rerun-triggers mtime input`` keeps cached
-results after any other edit you know to be cosmetic). Training keys its resumable checkpoint on the same hash, so a resumed run never mixes two versions of
-the training code.
+results after any other edit you know to be cosmetic). Training keys its resumable checkpoint on the same
+hash, so a resumed run never mixes two versions of the training code.
 
 Standard library only: Snakemake evaluates this in every job.
 """
