@@ -9,6 +9,18 @@ from brainfv import provenance as P
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def pkg(tmp_path, monkeypatch):
+    """A copy of the package (the schema link's target copied) that provenance reads instead of src/brainfv;
+    the caches are emptied before and after, so no other test sees the copy's parses."""
+    copy = tmp_path / "brainfv"
+    shutil.copytree(ROOT / "src/brainfv", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(P, "ROOT", copy)
+    P._forget()
+    yield copy
+    P._forget()
+
+
 def test_scripts_reach_the_modules_that_hold_their_logic():
     vis = P.modules_used(ROOT / "workflow/scripts/visualize.py")
     assert {"brainfv.featviz.study", "brainfv.featviz.render", "brainfv.featviz.objectives", "brainfv.config",
@@ -17,11 +29,7 @@ def test_scripts_reach_the_modules_that_hold_their_logic():
     assert "brainfv.data.cohort" in prep and "brainfv.featviz.render" not in prep
 
 
-def test_editing_a_module_changes_the_hash_of_the_steps_that_run_it_only(tmp_path, monkeypatch):
-    pkg = tmp_path / "brainfv"
-    shutil.copytree(ROOT / "src/brainfv", pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(P, "ROOT", pkg)
-    P._forget()
+def test_editing_a_module_changes_the_hash_of_the_steps_that_run_it_only(pkg):
     scripts = {s: ROOT / f"workflow/scripts/{s}.py" for s in ("visualize", "prepare_cohort", "train_model")}
     before = {s: P.code_hash(f) for s, f in scripts.items()}
     render = pkg / "featviz/render.py"
@@ -30,7 +38,6 @@ def test_editing_a_module_changes_the_hash_of_the_steps_that_run_it_only(tmp_pat
     after = {s: P.code_hash(f) for s, f in scripts.items()}
     assert after["visualize"] != before["visualize"]
     assert after["prepare_cohort"] == before["prepare_cohort"] and after["train_model"] == before["train_model"]
-    P._forget()
 
 
 @pytest.mark.parametrize("module", ["brainfv.training", "brainfv.featviz.study", "brainfv.jobs.featviz"])
@@ -49,13 +56,9 @@ def test_training_code_reaches_no_plot():
     assert not any(m.startswith("brainfv.report") for m in P.modules_used("brainfv.training"))
 
 
-def test_comments_docstrings_and_layout_leave_the_hash_alone(tmp_path, monkeypatch):
+def test_comments_docstrings_and_layout_leave_the_hash_alone(pkg):
     """A doc-only edit of a module every step imports (brainfv.config) reruns nothing; a code edit there, even
     a string that is not a docstring, reruns every step that imports it."""
-    pkg = tmp_path / "brainfv"
-    shutil.copytree(ROOT / "src/brainfv", pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(P, "ROOT", pkg)
-    P._forget()
     script = ROOT / "workflow/scripts/visualize.py"
     cfg = pkg / "config.py"
     text = cfg.read_text()
@@ -78,7 +81,6 @@ def test_comments_docstrings_and_layout_leave_the_hash_alone(tmp_path, monkeypat
     assert hash_of(layout_edit) == before
     assert hash_of(text + '\nMESSAGE = "not a docstring"\n') != before
     assert hash_of(text.replace("def ", "def _renamed_", 1)) != before
-    P._forget()
 
 
 def test_code_text_drops_docstrings_only():
@@ -95,13 +97,12 @@ def test_a_coding_declaration_is_read_as_python_reads_it():
     assert P.code_text(b"# -*- coding: utf-8 -*-\n" + body) != P.code_text(b"# -*- coding: latin-1 -*-\n" + body)
 
 
-def test_the_schema_is_in_the_hash_of_every_step_that_reads_the_config(tmp_path, monkeypatch):
+def test_the_schema_is_in_the_hash_of_every_step_that_reads_the_config(pkg):
     """Library functions take their defaults from the schema where a job passes no value: a schema edit reruns
     the steps that import brainfv.config (byte for byte: a description edit too)."""
-    pkg = tmp_path / "brainfv"
-    shutil.copytree(ROOT / "src/brainfv", pkg, ignore=shutil.ignore_patterns("__pycache__"))  # the link's target
-    monkeypatch.setattr(P, "ROOT", pkg)
-    P._forget()
+    from brainfv.config import SCHEMA_PATH
+
+    assert P.DATA_FILES["brainfv.config"] == (SCHEMA_PATH.name,)  # the file brainfv.config reads
     script = ROOT / "workflow/scripts/visualize.py"
     assert "brainfv.config" in P.modules_used(script)
     before = P.code_hash(script)
@@ -109,4 +110,3 @@ def test_the_schema_is_in_the_hash_of_every_step_that_reads_the_config(tmp_path,
     schema.write_text(schema.read_text().replace("default: 512", "default: 256", 1))
     P._forget()
     assert P.code_hash(script) != before
-    P._forget()

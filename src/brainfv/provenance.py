@@ -115,9 +115,13 @@ def _tree(path):
     return _without_docstrings(ast.parse(Path(path).read_bytes(), filename=str(path)))  # bytes: the coding line
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 @lru_cache(maxsize=None)
 def _file_digest(path):
-    return hashlib.blake2b(ast.unparse(_tree(path)).encode(), digest_size=16).hexdigest()
+    return _digest(ast.unparse(_tree(path)).encode())
 
 
 def code_hash(entry: str | Path, exclude: tuple[str, ...] = ()) -> str:
@@ -132,16 +136,11 @@ def code_hash(entry: str | Path, exclude: tuple[str, ...] = ()) -> str:
     for f in sorted(_file_of(m) for m in mods):
         h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + _file_digest(f).encode())
     for name in sorted(n for m in mods for n in DATA_FILES.get(m, ())):
-        h.update(name.encode() + b"\0" + _data_digest(ROOT / name).encode())
+        h.update(name.encode() + b"\0" + _digest((ROOT / name).read_bytes()).encode())
     return h.hexdigest()
-
-
-@lru_cache(maxsize=None)
-def _data_digest(path):
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
 
 
 def _forget() -> None:
     """Drop every cached parse and digest (after files changed within one process: the tests)."""
-    for f in (_closure, _tree, _file_digest, _data_digest):
+    for f in (_closure, _tree, _file_digest):
         f.cache_clear()
